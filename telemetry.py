@@ -604,10 +604,14 @@ class CaddyParser:
         return n
 
 
+#: Reader states that are not a fault ("finished": a command like `cat FILE` ended with code 0).
+READER_OK = ("off", "running", "starting", "finished")
+
+
 class CaddyReader:
     """Runs one command whose stdout is Caddy JSON log lines and feeds them to the parser.
 
-    The command is restarted with backoff if it exits, and ended (SIGTERM, then SIGKILL) by stop().
+    The command is restarted with backoff if it fails (a zero exit means it is done), and ended (SIGTERM, then SIGKILL) by stop().
     It is started in its own session, so a terminal's Ctrl-C reaches Sanic, which stops it in
     order; on Linux it also gets SIGTERM if this process dies, so no orphan outlives us. stderr
     lines that are not access lines (Caddy's runtime log) go to this module's logger.
@@ -650,7 +654,8 @@ class CaddyReader:
                 delay = 0.5
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
-        self.state = "stopped"
+        if self.state != "finished":
+            self.state = "stopped"
 
     async def _run_once(self) -> None:
         self.state = "starting"
@@ -663,7 +668,10 @@ class CaddyReader:
         await asyncio.gather(self._pump(proc.stdout, access=True), self._pump(proc.stderr, access=False))
         self.last_exit = await proc.wait()
         self.pid = None
-        if not self._stopping:
+        if self.last_exit == 0 and not self._stopping:  # `cat FILE` is done: a rerun would count it twice
+            self.state = "finished"
+            self._stopping = True
+        elif not self._stopping:
             self.last_error = f"reader exited with code {self.last_exit}"
             log.warning("telemetry: %s; restarting", self.last_error)
 
@@ -671,13 +679,16 @@ class CaddyReader:
         parse, add = self.parser.parse, self.add
         while stream is not None:
             try:
-                line = await stream.readline()
-            except ValueError:  # over LINE_LIMIT: asyncio drops it up to the newline
+                line = await stream.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:  # EOF; a last line without newline counts
+                line = exc.partial
+                if not line:
+                    return
+            except asyncio.LimitOverrunError as exc:
+                await _discard_line(stream, exc.consumed)
                 if access:
                     self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
                 continue
-            if not line:
-                return
             if access or b'"logger":"http.log.access' in line:
                 sample = parse(line)
                 if sample is not None:
@@ -707,6 +718,19 @@ class CaddyReader:
                 "last_exit": self.last_exit, "last_error": self.last_error,
                 "lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
                 "last_line_at": st.last_line_at or None}
+
+
+async def _discard_line(stream: asyncio.StreamReader, consumed: int) -> None:
+    """Drop an over-long line through its newline (asyncio's readline would split it in two)."""
+    while True:
+        await stream.readexactly(consumed)
+        try:
+            await stream.readuntil(b"\n")
+            return
+        except asyncio.IncompleteReadError:
+            return
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
 
 
 def _signal_pid(pid: int, sig: int) -> None:
@@ -1410,7 +1434,7 @@ class Telemetry:
         reader = self.reader.health() if self.reader is not None else {"state": "off"}
         if self.reader is None and self.parser.stats.lines:
             reader.update(lines=self.parser.stats.lines, malformed=self.parser.stats.malformed)
-        ok = store["ok"] and reader["state"] in ("off", "running", "starting")
+        ok = store["ok"] and reader["state"] in READER_OK
         return {"ok": ok, "instance": self.instance, "store": store, "reader": reader,
                 "writer": self.writer.health(),
                 "aggregator": {"samples": self.aggregator.samples, "collapsed_routes": self.aggregator.collapsed,
@@ -1625,7 +1649,7 @@ def _banners(health: dict[str, Any], store_error: str) -> list[dict[str, str]]:
     if store_error or not health["store"]["ok"]:
         out.append({"level": "err", "text": f"Store unavailable: {store_error or health['store'].get('error', '')}"})
     reader = health["reader"]
-    if reader["state"] not in ("off", "running", "starting"):
+    if reader["state"] not in READER_OK:
         out.append({"level": "warn", "text": f"Caddy reader {reader['state']}: {reader.get('last_error', '')}"})
     if health["writer"]["queued"] > 5:
         out.append({"level": "warn", "text": f"Writer behind: {health['writer']['queued']} batches queued; "

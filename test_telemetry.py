@@ -429,3 +429,31 @@ def test_dashboard_ingest_and_limits_without_caddy(tmp_path):
             assert http("GET", f"{demo.app}/telemetry/?range={rng}")[0] == 200
     finally:
         assert demo.stop() == 0
+
+
+def test_reader_command_counts_bad_lines_and_finishes(tmp_path):
+    now = time.time()
+    log_file = tmp_path / "access.log"
+    good = [access_line(now - 3, uri=f"/api/items/{i}") for i in range(30)]
+    lines = good[:10] + ["{broken", '{"level":"info","ts":1.7e9,"logger":"admin","msg":"x"}',
+                         access_line(now - 3, uri="/x" + "a" * (2 << 20))] + good[10:] + ["tail garbage"]
+    log_file.write_text("\n".join(lines) + "\n")
+    demo = Demo(tmp_path, "--caddy-log-command", f"cat {log_file}", caddy=False)
+    try:
+        health = wait_for(lambda: (lambda h: h if h["reader"]["state"] == "finished" else None)(demo.health()),
+                          10, "the reader to finish the file")
+        assert health["ok"] and health["reader"]["malformed"] == 3  # broken, over 1 MiB, garbage
+        s = wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == 30 else None)(demo.summary()),
+                     2.0, "30 caddy requests")
+        assert [r["route"] for r in s["routes"] if r["source"] == "caddy"] == ["/api/items/<id:int>"]
+    finally:
+        assert demo.stop() == 0
+
+
+def test_readme_commands_match_ci():
+    readme = (HERE / "README.md").read_text().splitlines()
+    commands = [line.strip() for line in readme[:8] if line.startswith("    pip install")]
+    assert len(commands) == 2 and commands[0].endswith("&& python telemetry.py")
+    assert commands[1].endswith("python -m pytest -q test_telemetry.py")
+    ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
+    assert commands[1] in ci
