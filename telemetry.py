@@ -1211,7 +1211,10 @@ def svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int
         run: list[str] = []
         for t, v in pts + [(t1, None)]:
             if v is None:
-                if run:
+                if len(run) == 1:  # a lone point: a dot, or it would not show at all
+                    cx, cy = run[0].split(",")
+                    parts.append(f'<circle class="{_esc(cls)}" cx="{cx}" cy="{cy}" r="2.5"/>')
+                elif run:
                     parts.append(f'<polyline class="{_esc(cls)}" fill="none" points="{" ".join(run)}"/>')
                 run = []
             else:
@@ -1377,6 +1380,7 @@ class Telemetry:
         self._flusher: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self.route_names: dict[str, str] = {}
+        self.caught_up_at: float | None = None
 
     async def start(self) -> None:
         await self.store.open()
@@ -1398,6 +1402,8 @@ class Telemetry:
         batch = self.aggregator.flush()
         if batch is not None:
             self.writer.put(batch)
+        elif not self.writer.queue:  # nothing new and nothing unwritten: the store is current
+            self.caught_up_at = time.time()
 
     async def stop(self) -> None:
         """Stop the reader, flush the last samples, write what is queued (bounded: 8 s)."""
@@ -1427,7 +1433,10 @@ class Telemetry:
     async def summary(self, range_name: str) -> dict[str, Any]:
         seconds, tier = RANGES[range_name]
         now = time.time()
-        return summarize(await self.store.read(seconds, tier, now), range_name, now)
+        data = await self.store.read(seconds, tier, now)
+        if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
+            data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
+        return summarize(data, range_name, now)
 
     async def health(self) -> dict[str, Any]:
         store = await self.store.health()
