@@ -357,8 +357,8 @@ def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
         assert routes[("/api/error", "sanic")]["errors"] == 5
         slow = routes[("/api/slow", "sanic")]["latency_ms"]
         assert 150 <= slow["max"] < 1000 and slow["p95"] >= 145
-        # edge latency includes the app's
-        assert routes[("/api/slow", "caddy")]["latency_ms"]["max"] >= slow["max"]
+        # edge latency includes the app's (the two clocks stop a hair apart: allow 5%)
+        assert routes[("/api/slow", "caddy")]["latency_ms"]["max"] >= 0.95 * slow["max"]
         health = demo.health()
         assert health["reader"]["state"] == "running" and health["reader"]["malformed"] == 0
         caddy_pid = health["reader"]["pid"]
@@ -400,7 +400,7 @@ def test_e2e_two_workers_count_once(tmp_path):
         expected["200"] += probe
         wait_for(lambda: counts_match(demo, expected), 2.0, f"summary to show {expected} once")
         instances = demo.health()["instance"]
-        assert instances.endswith(("-w0-0", "-w0-1"))
+        assert instances.endswith(("-w0-0", "-w1-0"))
     finally:
         assert demo.stop() == 0
 
