@@ -35,6 +35,8 @@ import argparse
 import asyncio
 import bisect
 import ctypes
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -53,7 +55,7 @@ import time
 import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, astuple
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -177,6 +179,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("influxdb_org", "INFLUXDB_ORG", None, str, "InfluxDB organization (required with INFLUXDB_URL)"),
     Setting("influxdb_bucket", "INFLUXDB_BUCKET", None, str, "InfluxDB bucket (required with INFLUXDB_URL)",
             lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v))),
+    Setting("slow_ms", "TELEMETRY_SLOW_MS", "--slow-ms", float,
+            "requests at least this slow (ms) are kept as events for the 'slowest' table", lambda v: v > 0),
+    Setting("token", "TELEMETRY_TOKEN", None, str,
+            "when set, the dashboard, JSON, metrics and ingest require it (bearer header or login cookie)"),
     Setting("instance", "TELEMETRY_INSTANCE", "--instance", str,
             "name of this deployment in stored batches; the worker number is appended (default: host name)"),
 )
@@ -205,6 +211,8 @@ class Config:
     influxdb_token: str = field(default="", repr=False)
     influxdb_org: str = ""
     influxdb_bucket: str = ""
+    slow_ms: float = 500.0
+    token: str = field(default="", repr=False)
     instance: str = ""
 
     @classmethod
@@ -226,7 +234,7 @@ class Config:
     def __post_init__(self) -> None:
         for s in SETTINGS:
             if not s.check(getattr(self, s.name)):
-                shown = "***" if "token" in s.name else repr(getattr(self, s.name))
+                shown = "***" if s.name.endswith("token") else repr(getattr(self, s.name))
                 raise ConfigError(f"{s.env}: bad value {shown} ({s.help})")
         if self.influxdb_url:
             for name in ("influxdb_token", "influxdb_org", "influxdb_bucket"):
@@ -376,6 +384,25 @@ class Rollup:
 
 
 @dataclass
+class Event:
+    """One raw request kept for the 'recent errors' (5xx) and 'slowest' tables.
+
+    The path is kept without its query string (which may carry secrets) and cut to 300
+    characters; it is shown escaped, like every logged value.
+    """
+
+    ts: float
+    kind: str  # "error" | "slow"
+    source: str
+    method: str
+    route: str
+    path: str
+    status: int
+    ms: float
+    request_id: str = ""
+
+
+@dataclass
 class Batch:
     """What one flush hands to the writer. (instance, seq) makes a replayed write idempotent."""
 
@@ -383,6 +410,7 @@ class Batch:
     seq: int
     rows: list[Rollup]
     created: float = field(default_factory=time.time)
+    events: list[Event] = field(default_factory=list)
 
 
 class Aggregator:
@@ -393,6 +421,8 @@ class Aggregator:
     """
 
     FOLD_EVERY = 1024
+    #: Events kept per flush; more are counted in events_dropped (an error storm stays bounded).
+    MAX_EVENTS = 50
 
     def __init__(self, instance: str, max_routes: int = 200) -> None:
         self.instance = instance
@@ -406,6 +436,17 @@ class Aggregator:
         self.seq = time.time_ns() // 1000
         self.samples = 0
         self.collapsed = 0
+        self.events: list[Event] = []
+        self.events_dropped = 0
+
+    def event(self, ev: Event) -> None:
+        if ev.route in self.skip:
+            return
+        if len(self.events) < self.MAX_EVENTS:
+            ev.path = ev.path.split("?", 1)[0][:300]
+            self.events.append(ev)
+        else:
+            self.events_dropped += 1
 
     def add(self, sample: tuple) -> None:
         pending = self.pending
@@ -448,11 +489,12 @@ class Aggregator:
     def flush(self) -> Batch | None:
         """All rollups folded so far, as one batch; None when there is nothing new."""
         self.fold()
-        if not self.rollups:
+        if not self.rollups and not self.events:
             return None
         rows, self.rollups = list(self.rollups.values()), {}
+        events, self.events = self.events, []
         self.seq += 1
-        return Batch(self.instance, self.seq, rows)
+        return Batch(self.instance, self.seq, rows, events=events)
 
 
 # ================================================================================================
@@ -506,6 +548,8 @@ _RX_TS = re.compile(r'"ts":(-?[0-9][0-9.eE+-]*)')
 _RX_METHOD = re.compile(r'"method":"([A-Za-z-]{1,20})"')
 _RX_URI = re.compile(r'"uri":"((?:[^"\\]|\\.)*)"')
 _RX_TAIL = re.compile(r'"duration":([0-9][0-9.eE+-]*),"size":([0-9]+),"status":([0-9]+)')
+#: The request id: our Caddyfile's log_append field, else Caddy's own "uuid" (2.11+).
+_RX_REQUEST_ID = re.compile(r'"(?:request_id|uuid)":"([A-Za-z0-9._:-]{1,64})"')
 
 
 @dataclass
@@ -526,8 +570,11 @@ class CaddyParser:
     durations are refused as malformed rather than guessed at.
     """
 
-    def __init__(self, resolve: Callable[[str, str], str]) -> None:
+    def __init__(self, resolve: Callable[[str, str], str], on_event: Callable[[Event], None] | None = None,
+                 slow_ms: float = 500.0) -> None:
         self.resolve = resolve
+        self.on_event = on_event
+        self.slow_ms = slow_ms
         self.stats = ParseStats()
 
     def parse(self, line: str | bytes) -> tuple | None:
@@ -579,7 +626,8 @@ class CaddyParser:
                 return None
         try:
             return self._sample(float(m_ts.group(1)), m_method.group(1), uri,
-                                float(m_tail.group(1)), int(m_tail.group(2)), int(m_tail.group(3)))
+                                float(m_tail.group(1)), int(m_tail.group(2)), int(m_tail.group(3)),
+                                line, m_tail.end())
         except (ValueError, OverflowError):
             return None
 
@@ -598,19 +646,30 @@ class CaddyParser:
                     or isinstance(dur, bool) or type(status) is not int or type(size) is not int \
                     or not isinstance(method, str) or not isinstance(uri, str):
                 raise TypeError("field types")
-            return self._sample(float(ts), method, uri, float(dur), size, status)
+            rid = obj.get("request_id") or obj.get("uuid") or ""
+            return self._sample(float(ts), method, uri, float(dur), size, status,
+                                request_id=rid[:64] if isinstance(rid, str) else "")
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             return self._malformed(line, str(exc) or type(exc).__name__)
 
-    def _sample(self, ts: float, method: str, uri: str, dur_s: float, size: int, status: int) -> tuple | None:
+    def _sample(self, ts: float, method: str, uri: str, dur_s: float, size: int, status: int,
+                line: str = "", tail: int = 0, request_id: str | None = None) -> tuple | None:
+        """Checked values -> a sample; an event too when it is a 5xx or slow. The request id is
+        looked up in the line (after `tail`) only then, so the common case pays nothing for it."""
         # Seconds since 1970 and a duration under a day: anything else is not Caddy's default
         # encoding (e.g. unix_nano timestamps) and would corrupt the slots.
         if not (1e8 < ts < 1e10) or not (0 <= dur_s < 86400) or size < 0:
             raise ValueError("ts/duration not float seconds")
         path = uri.split("?", 1)[0].split("#", 1)[0] or "/"
         method = norm_method(method.upper())
-        return (ts, "caddy", self.resolve(method, path), method, norm_status(status),
-                dur_s * 1000.0, size)
+        route, status, ms = self.resolve(method, path), norm_status(status), dur_s * 1000.0
+        if (status >= 500 or ms >= self.slow_ms) and self.on_event is not None:
+            if request_id is None:
+                m = _RX_REQUEST_ID.search(line, tail)
+                request_id = m.group(1) if m else ""
+            self.on_event(Event(ts, "error" if status >= 500 else "slow", "caddy", method, route, path,
+                                status, ms, request_id))
+        return (ts, "caddy", route, method, status, ms, size)
 
     def _malformed(self, line: str, why: str) -> None:
         self.stats.malformed += 1
@@ -628,6 +687,9 @@ class CaddyParser:
                 n += 1
         return n
 
+
+#: A worker's published status older than this is a dead worker's, and ignored.
+STATUS_FRESH_S = 10.0
 
 #: Reader states that are not a fault ("finished": a command like `cat FILE` ended with code 0).
 READER_OK = ("off", "running", "starting", "finished")
@@ -1120,8 +1182,13 @@ class Writer:
 #: Storage tiers of the embedded store: slot width (s) -> how long its rows are kept (s); the
 #: coarsest tier's retention is the `retention` setting. RANGES picks one tier per range.
 TIERS: dict[int, float] = {10: 2 * 3600.0, 60: 8 * 3600.0, 600: 0.0}
+#: Tier 0 holds one all-time row per series (slot 0), never trimmed: the monotonic counters that
+#: /metrics exposes. Bounded like the series themselves.
+TOTALS = 0
 #: How long written batch ids are remembered, to drop a replayed batch.
 BATCH_MEMORY_S = 2 * 86400
+#: Events kept per kind in the embedded store, and shown per table on the page.
+EVENTS_KEPT, EVENTS_SHOWN = 1000, 15
 
 
 @dataclass
@@ -1133,6 +1200,7 @@ class RangeData:
     route_lanes: dict[tuple[str, str, str], int]  # (source, route, method) -> histogram lanes
     slot_lanes: dict[tuple[int, str], int]  # (slot, source) -> histogram lanes
     as_of: float | None  # when the newest batch was written
+    events: list[Event] = field(default_factory=list)  # newest errors, slowest requests
 
 
 _SCHEMA = """
@@ -1150,6 +1218,10 @@ CREATE TABLE IF NOT EXISTS batch (
     instance TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (instance, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batch_at ON batch (at);
+CREATE TABLE IF NOT EXISTS event (
+    ts REAL NOT NULL, kind TEXT NOT NULL, source TEXT NOT NULL, method TEXT NOT NULL, route TEXT NOT NULL,
+    path TEXT NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL, request_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS event_kind_ts ON event (kind, ts);
 """
 
 _UPSERT_ROLLUP = """
@@ -1206,6 +1278,7 @@ class SQLiteStore:
         self.path = path
         self.retention = retention
         self.tiers = {t: (keep or retention) for t, keep in TIERS.items()}
+        self._write_tiers = [*self.tiers, TOTALS]
         self._w = _DBThread(path, "telemetry-sqlite-w")
         self._r = _DBThread(path, "telemetry-sqlite-r")
         self._last_trim = 0.0
@@ -1224,7 +1297,7 @@ class SQLiteStore:
         await self._w.run(lambda c: self._write(c, batch))
 
     def _write(self, conn: sqlite3.Connection, batch: Batch) -> None:
-        rollups, hists = _tier_rows(batch.rows, self.tiers)
+        rollups, hists = _tier_rows(batch.rows, self._write_tiers)
         conn.execute("BEGIN IMMEDIATE")
         try:
             cur = conn.execute("INSERT OR IGNORE INTO batch VALUES (?,?,?)",
@@ -1232,6 +1305,8 @@ class SQLiteStore:
             if cur.rowcount:
                 conn.executemany(_UPSERT_ROLLUP, rollups)
                 conn.executemany(_UPSERT_HIST, hists)
+                conn.executemany("INSERT INTO event VALUES (?,?,?,?,?,?,?,?,?)",
+                                 [astuple(e) for e in batch.events])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -1247,10 +1322,17 @@ class SQLiteStore:
                 for table in ("rollup", "hist"):
                     conn.execute(f"DELETE FROM {table} WHERE tier = ? AND slot < ?", (tier, int(now - keep)))
             conn.execute("DELETE FROM batch WHERE at < ?", (now - BATCH_MEMORY_S,))
+            for kind in ("error", "slow"):  # the newest EVENTS_KEPT of each kind
+                conn.execute("DELETE FROM event WHERE kind = ? AND ts < COALESCE((SELECT ts FROM event"
+                             " WHERE kind = ? ORDER BY ts DESC LIMIT 1 OFFSET ?), 0)", (kind, kind, EVENTS_KEPT))
 
     async def read(self, seconds: int, tier: int, now: float) -> RangeData:
         start = _range_start(now, seconds, tier)
         return await self._r.run(lambda c: self._read(c, tier, start))
+
+    async def read_totals(self) -> RangeData:
+        """All-time sums per series (for /metrics): monotonic, whatever the retention."""
+        return await self._r.run(lambda c: self._read(c, TOTALS, 0))
 
     @staticmethod
     def _read(conn: sqlite3.Connection, tier: int, start: int) -> RangeData:
@@ -1274,9 +1356,13 @@ class SQLiteStore:
                 k2 = (slot, source)
                 slot_lanes[k2] = slot_lanes.get(k2, 0) + lanes
             as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
+            events = [Event(*row) for row in conn.execute(
+                "SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? ORDER BY ts DESC LIMIT ?)"
+                " UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ?"
+                " ORDER BY ms DESC LIMIT ?)", (start, EVENTS_SHOWN, start, EVENTS_SHOWN))]
         finally:
             conn.execute("COMMIT")
-        return RangeData(series, slots, route_lanes, slot_lanes, as_of)
+        return RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
 
     async def health(self) -> dict[str, Any]:
         try:
@@ -1287,8 +1373,8 @@ class SQLiteStore:
             return {"ok": False, "kind": self.kind, "path": self.path, "error": f"{type(exc).__name__}: {exc}"}
 
 
-#: InfluxDB: the measurement all rollups are written to.
-MEASUREMENT = "requests"
+#: InfluxDB: the measurements rollups and events are written to.
+MEASUREMENT, EVENTS_MEASUREMENT = "requests", "events"
 
 
 def flux_string(value: str) -> str:
@@ -1323,17 +1409,32 @@ def line_protocol(batch: Batch) -> str:
         out.append(f"{MEASUREMENT},instance={inst},method={_lp_tag(r.method)},route={_lp_tag(r.route)},"
                    f"source={_lp_tag(r.source)},status={r.status} {','.join(fields)} "
                    f"{r.slot * 1_000_000_000 + offset}")
+    for e in batch.events:
+        out.append(f"{EVENTS_MEASUREMENT},instance={inst},kind={_lp_tag(e.kind)},source={_lp_tag(e.source)} "
+                   f"method={_lp_str(e.method)},route={_lp_str(e.route)},path={_lp_str(e.path)},"
+                   f"status={e.status}i,ms={float(e.ms)!r},request_id={_lp_str(e.request_id)} "
+                   f"{round(e.ts * 1e6) * 1000}")
     return "\n".join(out)
 
 
-def flux_queries(bucket: str, seconds: int, tier: int, now: float) -> dict[str, str]:
+def _lp_str(value: str) -> str:
+    """A line-protocol string field: quoted, with backslash and quote escaped, newlines flattened."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+
+
+def flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None) -> dict[str, str]:
     """The Flux of one range read, by name. Built only from allow-listed values: the bucket (checked
     at start-up, and quoted), a start time and window computed here, fixed field names."""
-    start = datetime.fromtimestamp(_range_start(now, seconds, tier), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    start_ts = _range_start(now, seconds, tier) if start_ts is None else start_ts
+    start = datetime.fromtimestamp(start_ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     src = (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
            f'  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}"')
     every = f"{tier}s"
     hist = src + ' and r._field =~ /^b[0-9]+$/)\n'
+    events = (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
+              f'  |> filter(fn: (r) => r._measurement == "{EVENTS_MEASUREMENT}")\n')
+    pivot = ('  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")\n'
+             '  |> group()\n')
     return {
         # sums per series and field; count() would count rows per field, so sum() the count field
         "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
@@ -1348,6 +1449,10 @@ def flux_queries(bucket: str, seconds: int, tier: int, now: float) -> dict[str, 
                      f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
         "as_of": src + ' and r._field == "count")\n  |> group()\n  |> keep(columns: ["_time"])\n'
                  '  |> max(column: "_time")\n',
+        "errors": events + '  |> filter(fn: (r) => r.kind == "error")\n' + pivot
+                  + f'  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {EVENTS_SHOWN})\n',
+        "slowest": events + '  |> filter(fn: (r) => r.kind == "slow")\n' + pivot
+                   + f'  |> sort(columns: ["ms"], desc: true)\n  |> limit(n: {EVENTS_SHOWN})\n',
     }
 
 
@@ -1411,15 +1516,21 @@ class InfluxStore:
     async def _query(self, text: str) -> list[dict[str, str]]:
         return parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
 
-    async def read(self, seconds: int, tier: int, now: float) -> RangeData:
-        queries = flux_queries(self.bucket, seconds, tier, now)
-        names = list(queries)
+    async def read(self, seconds: int, tier: int, now: float, names: Sequence[str] | None = None,
+                   start_ts: int | None = None) -> RangeData:
+        queries = flux_queries(self.bucket, seconds, tier, now, start_ts)
+        names = list(names or queries)
         results = dict(zip(names, await asyncio.gather(*(self._query(queries[n]) for n in names))))
         return self.fold(results)
+
+    async def read_totals(self) -> RangeData:
+        """All-time sums per series (for /metrics): the range reads from the Unix epoch."""
+        return await self.read(0, 1, time.time(), names=("series_sum", "series_max", "route_hist"), start_ts=0)
 
     @staticmethod
     def fold(results: dict[str, list[dict[str, str]]]) -> RangeData:
         """Flux result rows -> RangeData (kept apart from the I/O so it can be tested alone)."""
+        results = {"slots": [], "slot_hist": [], "as_of": [], **results}
         sums: dict[tuple, dict[str, float]] = {}
         for r in results["series_sum"]:
             key = (r["source"], r["route"], r["method"], int(r["status"]))
@@ -1446,7 +1557,11 @@ class InfluxStore:
             key = (int(_rfc3339(r["_time"])), r["source"])
             slot_lanes[key] = slot_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
         as_of = max((_rfc3339(r["_time"]) for r in results["as_of"] if r.get("_time")), default=None)
-        return RangeData(series, slots, route_lanes, slot_lanes, as_of)
+        events = [Event(_rfc3339(r["_time"]), r["kind"], r["source"], r.get("method", ""), r.get("route", ""),
+                        r.get("path", ""), int(r.get("status") or 0), float(r.get("ms") or 0),
+                        r.get("request_id", ""))
+                  for name in ("errors", "slowest") for r in results.get(name, [])]
+        return RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
 
     async def health(self) -> dict[str, Any]:
         try:
@@ -1470,7 +1585,7 @@ def _tier_rows(rows: list[Rollup], tiers: Iterable[int]) -> tuple[list[tuple], l
     for r in rows:
         lanes = Histogram.from_counts(r.hist)
         for tier in tiers:
-            slot = r.slot - r.slot % tier
+            slot = r.slot - r.slot % tier if tier else 0
             key = (tier, slot, r.source, r.route, r.method, r.status)
             acc = rollups.get(key)
             if acc is None:
@@ -1553,10 +1668,26 @@ def summarize(data: RangeData, range_name: str, now: float) -> dict[str, Any]:
          "latency_ms": _latency(data.route_lanes.get((source, route, method), 0), c, s, m)}
         for (source, route, method), (c, e, s, m) in routes.items()]
     route_rows.sort(key=lambda r: (-r["requests"], r["route"], r["method"], r["source"]))
+    edge_only: dict[str, int] = {}
+    for source, _route, _method, status, count, *_ in data.series:
+        if source == "caddy" and status in EDGE_ONLY_STATUSES:
+            edge_only[str(status)] = edge_only.get(str(status), 0) + count
     return {"range": range_name, "range_seconds": seconds, "step_seconds": tier,
             "as_of": _iso(data.as_of), "generated_at": _iso(now),
             "sources": sources, "routes": route_rows,
-            "timeseries": _timeseries(data, seconds, tier, now)}
+            "edge_only": {"requests": sum(edge_only.values()), "status": dict(sorted(edge_only.items()))},
+            "timeseries": _timeseries(data, seconds, tier, now),
+            "events": {"errors": [_event_doc(e) for e in data.events if e.kind == "error"],
+                       "slowest": [_event_doc(e) for e in data.events if e.kind == "slow"]}}
+
+
+#: Statuses Caddy answers itself when the app cannot (bad gateway, gateway timeout).
+EDGE_ONLY_STATUSES = (502, 504)
+
+
+def _event_doc(e: Event) -> dict[str, Any]:
+    return {"time": _iso(e.ts), "source": e.source, "method": e.method, "route": e.route, "path": e.path,
+            "status": e.status, "latency_ms": round(e.ms, 3), "request_id": e.request_id}
 
 
 def _timeseries(data: RangeData, seconds: int, tier: int, now: float) -> list[dict[str, Any]]:
@@ -1613,6 +1744,15 @@ def fmt_num(v: float | None, unit: str = "") -> str:
     else:
         text = f"{v:.3g}" if abs(v) >= 1 else f"{v:.2g}"
     return f"{text} {unit}".strip()
+
+
+def fmt_bytes(v: float | None) -> str:
+    if v is None:
+        return "–"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= size:
+            return fmt_num(v / size, unit)
+    return fmt_num(v, "B")
 
 
 def fmt_ms(v: float | None) -> str:
@@ -1688,12 +1828,18 @@ def dashboard_charts(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per (route, method): the caddy and sanic figures side by side, busiest first."""
+    """Per (route, method): caddy and sanic side by side, and edge minus app at p50 and p95 (the
+    time spent in the proxy, the network and queueing), busiest first."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in summary["routes"]:
         row = rows.setdefault((r["route"], r["method"]), {"route": r["route"], "method": r["method"], "total": 0})
         row[r["source"]] = r
         row["total"] += r["requests"]
+    for row in rows.values():
+        edge, app = row.get("caddy"), row.get("sanic")
+        for q in ("p50", "p95"):
+            e, a = (edge or {}).get("latency_ms", {}).get(q), (app or {}).get("latency_ms", {}).get(q)
+            row[f"diff_{q}"] = e - a if e is not None and a is not None else None
     return sorted(rows.values(), key=lambda r: (-r["total"], r["route"], r["method"]))
 
 
@@ -1706,30 +1852,105 @@ def status_bar(status: dict[str, int]) -> list[tuple[str, float, int]]:
     return [(cls, round(100 * n / total, 2), n) for cls, n in sorted(classes.items())] if total else []
 
 
+#: Prometheus histogram bounds (seconds) the log-scale buckets are folded into for /metrics.
+PROM_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+#: For each bound, the last histogram bucket whose representative value is within it.
+_PROM_LAST_BUCKET = tuple(max((i for i in range(Histogram.BUCKETS) if Histogram.value(i) / 1000 <= le), default=-1)
+                          for le in PROM_BOUNDS)
+
+
+def _prom_label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom_labels(**labels: Any) -> str:
+    return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def prometheus_text(totals: RangeData, health: dict[str, Any]) -> str:
+    """The all-time rollups and the pipeline counters in Prometheus' text format (0.0.4).
+
+    Histogram buckets come from the log-scale histogram: a bucket counts toward `le` when its
+    representative value is at most `le`, so a bound is exact to within the histogram's ~1%.
+    """
+    out = ["# HELP telemetry_requests_total Requests by source (caddy = edge, sanic = app), route, method, status.",
+           "# TYPE telemetry_requests_total counter"]
+    by_route: dict[tuple[str, str, str], list[float]] = {}
+    for source, route, method, status, count, dur_sum, _max, nbytes in sorted(totals.series):
+        out.append(f"telemetry_requests_total{_prom_labels(source=source, route=route, method=method, status=status)}"
+                   f" {count}")
+        acc = by_route.setdefault((source, route, method), [0, 0.0, 0])
+        acc[0] += count
+        acc[1] += dur_sum
+        acc[2] += nbytes
+    out += ["# HELP telemetry_request_duration_seconds Request latency by source, route and method.",
+            "# TYPE telemetry_request_duration_seconds histogram"]
+    for (source, route, method), (count, dur_sum, _nbytes) in sorted(by_route.items()):
+        labels = dict(source=source, route=route, method=method)
+        cum = list(itertools.accumulate(Histogram.counts(totals.route_lanes.get((source, route, method), 0))))
+        for le, last in zip(PROM_BOUNDS, _PROM_LAST_BUCKET):
+            n = cum[min(last, len(cum) - 1)] if cum and last >= 0 else 0
+            out.append(f"telemetry_request_duration_seconds_bucket{_prom_labels(**labels, le=le)} {n}")
+        out.append(f'telemetry_request_duration_seconds_bucket{_prom_labels(**labels, le="+Inf")} {count}')
+        out.append(f"telemetry_request_duration_seconds_sum{_prom_labels(**labels)} {dur_sum / 1000!r}")
+        out.append(f"telemetry_request_duration_seconds_count{_prom_labels(**labels)} {count}")
+    out += ["# HELP telemetry_response_size_bytes_total Response body bytes by source, route and method.",
+            "# TYPE telemetry_response_size_bytes_total counter"]
+    for (source, route, method), (_count, _sum, nbytes) in sorted(by_route.items()):
+        out.append(f"telemetry_response_size_bytes_total{_prom_labels(source=source, route=route, method=method)}"
+                   f" {nbytes}")
+    ingest, writer = health["ingest"], health["writer"]
+    for name, kind, value, help_ in (
+            ("telemetry_ingest_lines_total", "counter", ingest["lines"], "Caddy log lines read by live workers."),
+            ("telemetry_ingest_malformed_lines_total", "counter", ingest["malformed"], "Malformed lines skipped."),
+            ("telemetry_writer_batches_written_total", "counter", writer["written"], "Batches the store took."),
+            ("telemetry_writer_retries_total", "counter", writer["retried"], "Store writes retried."),
+            ("telemetry_writer_batches_dropped_total", "counter", writer["dropped"], "Batches lost (counted)."),
+            ("telemetry_writer_batches_rejected_total", "counter", writer["rejected"], "Batches the store refused."),
+            ("telemetry_writer_queue_batches", "gauge", writer["queued"], "Batches waiting in memory."),
+            ("telemetry_writer_spool_batches", "gauge", writer["spool_files"], "Batches waiting on disk."),
+            ("telemetry_store_up", "gauge", int(health["store"]["ok"]), "1 when the store answers.")):
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(out) + "\n"
+
+
 #: The dashboard page. Rendered with autoescape on: every value, above all logged paths, is escaped.
 DASHBOARD_TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-{% if refresh %}<meta http-equiv="refresh" content="{{ refresh }}">{% endif %}
-<title>telemetry · {{ s.range }}</title>
+{% if s and refresh %}<meta http-equiv="refresh" content="{{ refresh }}">{% endif %}
+<title>telemetry{% if s %} · {{ s.range }}{% endif %}</title>
 <link rel="stylesheet" href="{{ prefix }}/dashboard.css">
 </head>
 <body>
+{% if login %}
+<form class="login" method="post" action="{{ prefix }}/login">
+  <h1>Request telemetry</h1>
+  {% if error %}<p class="bad" role="alert">{{ error }}</p>{% endif %}
+  <label for="token">Token (TELEMETRY_TOKEN)</label>
+  <input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+  <button type="submit">Sign in</button>
+</form>
+{% else %}
+{% set r, w, i = health.reader, health.writer, health.ingest %}
 <header class="top">
   <h1>Request telemetry</h1>
   <p>data as of <time datetime="{{ s.as_of or '' }}">{{ s.as_of or 'never' }}</time>
-  {% if lag_ms is not none %}(lag {{ lag_ms }} ms){% endif %} · range {{ s.range }} in {{ s.step_seconds }} s steps
-  · reader <span class="{{ 'ok' if reader_state in ('running', 'off') else 'bad' }}">{{ reader_state }}</span></p>
+  {% if lag_ms is not none %}(lag {{ fmt_num(lag_ms) }} ms){% endif %} · range {{ s.range }} in {{ s.step_seconds }} s steps
+  · reader <span class="{{ 'ok' if r.state in ('running', 'off', 'finished') else 'bad' }}">{{ r.state }}</span>
+  {% if token %} · <a href="{{ prefix }}/logout">sign out</a>{% endif %}</p>
 </header>
 <nav class="choices" aria-label="Time range"><span>Range</span>
-{% for r in ranges %}<a href="?range={{ r }}&amp;refresh={{ refresh }}"{% if r == s.range %} class="on" aria-current="page"{% endif %}>{{ r }}</a>{% endfor %}
+{% for x in ranges %}<a href="?range={{ x }}&amp;refresh={{ refresh }}"{% if x == s.range %} class="on" aria-current="page"{% endif %}>{{ x }}</a>{% endfor %}
 </nav>
 <nav class="choices" aria-label="Auto refresh"><span>Refresh</span>
-{% for r in refresh_choices %}<a href="?range={{ s.range }}&amp;refresh={{ r }}"{% if r == refresh %} class="on" aria-current="page"{% endif %}>{{ r ~ 's' if r else 'off' }}</a>{% endfor %}
+{% for x in refresh_choices %}<a href="?range={{ s.range }}&amp;refresh={{ x }}"{% if x == refresh %} class="on" aria-current="page"{% endif %}>{{ x ~ 's' if x else 'off' }}</a>{% endfor %}
 </nav>
-{% for b in banners %}<div class="banner {{ b.level }}">{{ b.text }}</div>{% endfor %}
+{% for b in banners %}<div class="banner {{ b.level }}" role="status">{{ b.text }}</div>{% endfor %}
 {% if empty %}
 <div class="empty"><strong>No requests in the last {{ s.range }} yet</strong>
 Send a request through Caddy or the app and it shows up here within a second.</div>
@@ -1737,9 +1958,9 @@ Send a request through Caddy or the app and it shows up here within a second.</d
 <section class="cards" aria-label="Per source">
 {% for name, src in s.sources.items() %}
   <article class="card src-{{ name }}">
-    <h2>{{ name }}</h2>
+    <h2>{{ name }} <span class="muted">{{ 'edge' if name == 'caddy' else 'app' }}</span></h2>
     <div class="big">{{ fmt_num(src.requests) }}<span class="unit">req</span></div>
-    <div class="bar" title="status classes">{% for cls, pct, n in status_bar(src.status) %}<span class="{{ cls }}" style="width:{{ pct }}%" title="{{ cls[1:] }}: {{ n }}"></span>{% endfor %}</div>
+    <div class="bar" role="img" aria-label="status classes: {% for cls, pct, n in status_bar(src.status) %}{{ cls[1:] }} {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}">{% for cls, pct, n in status_bar(src.status) %}<span class="{{ cls }}" style="width:{{ pct }}%" title="{{ cls[1:] }}: {{ n }}"></span>{% endfor %}</div>
     <dl class="kv">
       <dt>req/s</dt><dd>{{ fmt_num(src.rps) }}</dd>
       <dt>5xx</dt><dd class="{{ 'bad' if src.errors else 'ok' }}">{{ fmt_num(src.errors) }} ({{ fmt_num(100 * src.error_rate) }} %)</dd>
@@ -1748,44 +1969,86 @@ Send a request through Caddy or the app and it shows up here within a second.</d
       <dt>p95</dt><dd>{{ fmt_ms(src.latency_ms.p95) }}</dd>
       <dt>p99</dt><dd>{{ fmt_ms(src.latency_ms.p99) }}</dd>
       <dt>max</dt><dd>{{ fmt_ms(src.latency_ms.max) }}</dd>
+      <dt>sent</dt><dd>{{ fmt_bytes(src.bytes) }}</dd>
     </dl>
-    <p class="muted">{% for code, n in src.status.items() %}{{ code }}: {{ n }}{% if not loop.last %} · {% endif %}{% endfor %}</p>
+    <p class="muted">{% for code, n in src.status.items() %}{{ code }}: {{ fmt_num(n) }}{% if not loop.last %} · {% endif %}{% endfor %}</p>
   </article>
 {% endfor %}
+  <article class="card">
+    <h2>pipeline</h2>
+    <dl class="kv">
+      <dt>reader</dt><dd class="{{ 'ok' if r.state in ('running', 'off', 'finished') else 'bad' }}">{{ r.state }}</dd>
+      <dt>last line</dt><dd>{{ iso(i.last_line_at) or 'none yet' }}</dd>
+      <dt>lines/s</dt><dd>{{ fmt_num(i.lines_per_s) }}</dd>
+      <dt>malformed</dt><dd class="{{ 'bad' if i.malformed else '' }}">{{ fmt_num(i.malformed) }}</dd>
+      <dt>queue</dt><dd>{{ fmt_num(w.queued) }} batches</dd>
+      <dt>retries</dt><dd>{{ fmt_num(w.retried) }}</dd>
+      <dt>spooled</dt><dd>{{ fmt_num(w.spooled) }} ({{ fmt_num(w.spool_files) }} on disk)</dd>
+      <dt>dropped</dt><dd class="{{ 'bad' if w.dropped or w.rejected else 'ok' }}">{{ fmt_num(w.dropped) }}{% if w.rejected %} + {{ fmt_num(w.rejected) }} refused{% endif %}</dd>
+      <dt>write</dt><dd>{{ fmt_ms(w.write_ms) }}</dd>
+      <dt>store</dt><dd class="{{ 'ok' if health.store.ok else 'bad' }}">{{ health.store.kind }} {{ 'up' if health.store.ok else 'down' }}</dd>
+    </dl>
+    {% if i.last_malformed %}<p class="muted path">last malformed: {{ i.last_malformed[:120] }}</p>{% endif %}
+  </article>
 </section>
 {% if charts %}
 <figure class="chart">
-  <figcaption>Requests <span class="muted">· req/s per {{ s.step_seconds }} s step</span></figcaption>
+  <figcaption>Requests <span class="muted">· req/s per {{ s.step_seconds }} s step, UTC</span></figcaption>
   {{ charts.rps }}
   <ul class="legend"><li class="src-caddy">caddy</li><li class="src-sanic">sanic</li></ul>
 </figure>
 <figure class="chart">
-  <figcaption>Latency <span class="muted">· ms, p50 solid, p95 dashed</span></figcaption>
+  <figcaption>Latency <span class="muted">· ms, p50 solid, p95 dashed, UTC</span></figcaption>
   {{ charts.latency }}
   <ul class="legend"><li class="src-caddy">caddy</li><li class="src-sanic">sanic</li><li class="p95">p95</li></ul>
 </figure>
 {% endif %}
 <div class="scroll" tabindex="0" role="region" aria-label="Routes">
 <table class="data">
-  <caption>Routes: edge (caddy) and app (sanic) side by side</caption>
+  <caption>Routes: edge (caddy) and app (sanic) side by side; edge − app is proxy, network and queueing time</caption>
   <thead><tr><th>Route</th><th>Method</th>
   <th class="num">caddy req</th><th class="num">5xx</th><th class="num">p50</th><th class="num">p95</th>
-  <th class="num">sanic req</th><th class="num">5xx</th><th class="num">p50</th><th class="num">p95</th></tr></thead>
+  <th class="num">sanic req</th><th class="num">5xx</th><th class="num">p50</th><th class="num">p95</th>
+  <th class="num">edge − app p50</th><th class="num">p95</th></tr></thead>
   <tbody>
   {% for row in routes %}
   <tr{% if row.route == unmatched %} class="unmatched"{% endif %}><td class="path">{{ row.route }}</td><td>{{ row.method }}</td>
-  {% for src in ('caddy', 'sanic') %}{% set r = row.get(src) %}
-    {% if r %}<td class="num">{{ fmt_num(r.requests) }}</td><td class="num{{ ' bad' if r.errors }}">{{ fmt_num(r.errors) }}</td>
-    <td class="num">{{ fmt_ms(r.latency_ms.p50) }}</td><td class="num">{{ fmt_ms(r.latency_ms.p95) }}</td>
+  {% for src in ('caddy', 'sanic') %}{% set x = row.get(src) %}
+    {% if x %}<td class="num">{{ fmt_num(x.requests) }}</td><td class="num{{ ' bad' if x.errors }}">{{ fmt_num(x.errors) }}</td>
+    <td class="num">{{ fmt_ms(x.latency_ms.p50) }}</td><td class="num">{{ fmt_ms(x.latency_ms.p95) }}</td>
     {% else %}<td class="num muted">–</td><td class="num muted">–</td><td class="num muted">–</td><td class="num muted">–</td>{% endif %}
-  {% endfor %}</tr>
-  {% else %}<tr><td colspan="10" class="muted">no routes yet</td></tr>
+  {% endfor %}
+    <td class="num">{{ fmt_ms(row.diff_p50) }}</td><td class="num">{{ fmt_ms(row.diff_p95) }}</td></tr>
+  {% else %}<tr><td colspan="12" class="muted">no routes yet</td></tr>
+  {% endfor %}
+  {% if s.edge_only.requests %}
+  <tr class="unmatched"><td class="path">(answered by Caddy, never reached the app)</td><td>–</td>
+    <td class="num">{{ fmt_num(s.edge_only.requests) }}</td><td class="num bad">{{ fmt_num(s.edge_only.requests) }}</td>
+    <td colspan="8" class="muted">{% for code, n in s.edge_only.status.items() %}{{ code }}: {{ fmt_num(n) }} {% endfor %}(bad gateway / gateway timeout)</td></tr>
+  {% endif %}
+  </tbody>
+</table>
+</div>
+{% for title, rows, empty_text in (('Recent errors (5xx)', s.events.errors, 'No 5xx in this range.'),
+                                   ('Slowest requests', s.events.slowest, 'No request over the slow threshold in this range.')) %}
+<div class="scroll" tabindex="0" role="region" aria-label="{{ title }}">
+<table class="data">
+  <caption>{{ title }}</caption>
+  <thead><tr><th>Time (UTC)</th><th>Source</th><th>Method</th><th>Path</th><th class="num">Status</th><th class="num">Latency</th><th>Request id</th></tr></thead>
+  <tbody>
+  {% for e in rows %}
+  <tr><td><time datetime="{{ e.time }}">{{ e.time[11:23] }}</time></td><td><span class="src-{{ e.source }}">{{ e.source }}</span></td>
+  <td>{{ e.method }}</td><td class="path">{{ e.path }}</td><td class="num{{ ' bad' if e.status >= 500 }}">{{ e.status }}</td>
+  <td class="num">{{ fmt_ms(e.latency_ms) }}</td><td class="path">{{ e.request_id or '–' }}</td></tr>
+  {% else %}<tr><td colspan="7" class="muted">{{ empty_text }}</td></tr>
   {% endfor %}
   </tbody>
 </table>
 </div>
-<footer>pipeline: {{ pipeline }} · <a href="{{ prefix }}/api/summary?range={{ s.range }}">JSON</a>
-· <a href="{{ prefix }}/healthz">health</a> · rendered in {{ render_ms }} ms</footer>
+{% endfor %}
+<footer><a href="{{ prefix }}/api/summary?range={{ s.range }}">JSON</a> · <a href="{{ prefix }}/metrics">metrics</a>
+· <a href="{{ prefix }}/healthz">health</a> · {{ health.workers }} worker(s) · rendered in {{ render_ms }} ms</footer>
+{% endif %}
 </body>
 </html>
 """
@@ -1826,7 +2089,9 @@ class Telemetry:
         self.prefix = config.prefix
         self.instance = worker_instance(config.instance)
         self.aggregator = Aggregator(self.instance, config.max_routes)
-        self.parser = CaddyParser(RouteResolver(app.router if app is not None else None))
+        self.parser = CaddyParser(RouteResolver(app.router if app is not None else None),
+                                  self.aggregator.event, config.slow_ms)
+        self.slow_s = config.slow_ms / 1000.0
         self.store = make_store(config)
         spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
         self.writer = Writer(self.store, config.queue_batches, spool)
@@ -1837,6 +2102,9 @@ class Telemetry:
         self._stop = asyncio.Event()
         self.route_names: dict[str, str] = {}
         self.caught_up_at: float | None = None
+        self.open_without_token = False
+        self.status_dir = Path(config.db).parent / (Path(config.db).name + ".status")
+        self._lines_mark: tuple[float, int] | None = None
 
     async def start(self) -> None:
         await self.store.open()
@@ -1847,12 +2115,16 @@ class Telemetry:
 
     async def _flush_loop(self) -> None:
         interval = self.config.flush_interval
+        published = 0.0
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
             except asyncio.TimeoutError:
                 pass
             self.flush()
+            if time.monotonic() - published >= 1.0:
+                published = time.monotonic()
+                self._publish_status()
 
     def flush(self) -> None:
         batch = self.aggregator.flush()
@@ -1870,6 +2142,8 @@ class Telemetry:
             await asyncio.gather(self._flusher, return_exceptions=True)
         self.flush()
         await self.writer.close(timeout=8.0)
+        with _suppress(OSError):
+            (self.status_dir / f"{self.instance}.json").unlink()
 
     async def close(self) -> None:
         await self.store.close()
@@ -1883,8 +2157,12 @@ class Telemetry:
             name = self.route_names.get(route.path)
             if name is None:
                 name = self.route_names[route.path] = f"/{route.path}"
-        self.aggregator.add((time.time(), "sanic", name, norm_method(request.method),
-                             norm_status(status), seconds * 1000.0, nbytes))
+        ts, method, status = time.time(), norm_method(request.method), norm_status(status)
+        self.aggregator.add((ts, "sanic", name, method, status, seconds * 1000.0, nbytes))
+        if status >= 500 or seconds >= self.slow_s:  # rare: the only per-request work beyond the tuple
+            self.aggregator.event(Event(ts, "error" if status >= 500 else "slow", "sanic", method, name,
+                                        request.path, status, seconds * 1000.0,
+                                        request.headers.get("x-request-id", "")[:64]))
 
     async def summary(self, range_name: str) -> dict[str, Any]:
         seconds, tier = RANGES[range_name]
@@ -1894,16 +2172,74 @@ class Telemetry:
             data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
         return summarize(data, range_name, now)
 
-    async def health(self) -> dict[str, Any]:
-        store = await self.store.health()
-        reader = self.reader.health() if self.reader is not None else {"state": "off"}
-        if self.reader is None and self.parser.stats.lines:
-            reader.update(lines=self.parser.stats.lines, malformed=self.parser.stats.malformed)
-        ok = store["ok"] and reader["state"] in READER_OK
-        return {"ok": ok, "instance": self.instance, "store": store, "reader": reader,
+    def local_status(self) -> dict[str, Any]:
+        """This worker's part of the pipeline: reader, ingest counters, writer, aggregator."""
+        st, now = self.parser.stats, time.time()
+        rate = 0.0
+        if self._lines_mark is not None:
+            t0, n0 = self._lines_mark
+            rate = (st.lines - n0) / (now - t0) if now > t0 else 0.0
+        if self._lines_mark is None or now - self._lines_mark[0] >= 5:
+            self._lines_mark = (now, st.lines)
+        return {"instance": self.instance, "pid": os.getpid(), "at": now,
+                "reader": self.reader.health() if self.reader is not None else None,
+                "ingest": {"lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
+                           "ignored": st.ignored, "lines_per_s": round(rate, 1),
+                           "last_line_at": st.last_line_at or None, "last_malformed": st.last_malformed},
                 "writer": self.writer.health(),
-                "aggregator": {"samples": self.aggregator.samples, "collapsed_routes": self.aggregator.collapsed,
-                               "pending": len(self.aggregator.pending)}}
+                "aggregator": {"samples": self.aggregator.samples, "pending": len(self.aggregator.pending),
+                               "collapsed_routes": self.aggregator.collapsed,
+                               "events_dropped": self.aggregator.events_dropped}}
+
+    def _publish_status(self) -> None:
+        """Write local_status() where the other workers read it: the page shows the whole pipeline,
+        whichever worker serves it (the reader runs in one of them)."""
+        try:
+            self.status_dir.mkdir(parents=True, exist_ok=True)
+            path = self.status_dir / f"{self.instance}.json"
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.local_status()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("telemetry: cannot write status to %s: %s", self.status_dir, exc)
+
+    def _peer_statuses(self) -> list[dict[str, Any]]:
+        out = [self.local_status()]
+        now = time.time()
+        for p in self.status_dir.glob("*.json") if self.status_dir.is_dir() else []:
+            if p.stem == self.instance:
+                continue
+            with _suppress(OSError, ValueError):
+                status = json.loads(p.read_text())
+                if now - status.get("at", 0) < STATUS_FRESH_S:
+                    out.append(status)
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        """The deployment's pipeline (all live workers) and the store: healthz and the page."""
+        store = await self.store.health()
+        statuses = self._peer_statuses()
+        readers = [st["reader"] for st in statuses if st.get("reader")]
+        reader = readers[0] if readers else {"state": "off" if not self.config.caddy_log_command else "unknown"}
+        ingest: dict[str, Any] = {k: sum(st["ingest"][k] for st in statuses)
+                                  for k in ("lines", "access_lines", "malformed", "ignored", "lines_per_s")}
+        ingest["last_line_at"] = max((st["ingest"]["last_line_at"] or 0 for st in statuses), default=0) or None
+        ingest["last_malformed"] = next((st["ingest"]["last_malformed"] for st in statuses
+                                         if st["ingest"]["last_malformed"]), "")
+        writer: dict[str, Any] = {k: sum(st["writer"][k] for st in statuses)
+                                  for k in ("queued", "written", "rows", "retried", "spooled", "replayed",
+                                            "dropped", "rejected")}
+        writer["spool_files"] = max(st["writer"]["spool_files"] for st in statuses)
+        writer["write_ms"] = max(st["writer"]["write_ms"] for st in statuses)
+        writer["last_error"] = next((st["writer"]["last_error"] for st in statuses if st["writer"]["down_since"]),
+                                    "")
+        writer["down_since"] = min((st["writer"]["down_since"] for st in statuses if st["writer"]["down_since"]),
+                                   default=None)
+        aggregator = {k: sum(st["aggregator"][k] for st in statuses)
+                      for k in ("samples", "pending", "collapsed_routes", "events_dropped")}
+        ok = store["ok"] and reader["state"] in READER_OK and writer["down_since"] is None
+        return {"ok": ok, "instance": self.instance, "workers": len(statuses), "store": store,
+                "reader": reader, "ingest": ingest, "writer": writer, "aggregator": aggregator}
 
 
 def _record(app: Any, request: Any, response: Any, status: int | None) -> None:
@@ -2001,7 +2337,7 @@ def _template() -> Any:
     if _JINJA is None:
         import jinja2
         env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        env.globals.update(fmt_num=fmt_num, fmt_ms=fmt_ms, status_bar=status_bar)
+        env.globals.update(fmt_num=fmt_num, fmt_ms=fmt_ms, fmt_bytes=fmt_bytes, status_bar=status_bar)
         _JINJA = env.from_string(DASHBOARD_TEMPLATE)
     return _JINJA
 
@@ -2034,9 +2370,42 @@ async def _read_summary(tel: Telemetry, range_name: str) -> tuple[dict[str, Any]
         return _empty_summary(range_name, time.time()), f"{type(exc).__name__}: {exc}"
 
 
+#: The login cookie: an HMAC of the token (never the token itself), HttpOnly, SameSite=Strict.
+SESSION_COOKIE = "telemetry_session"
+
+
+def _session_value(token: str) -> str:
+    return hmac.new(token.encode(), b"telemetry-session-v1", hashlib.sha256).hexdigest()
+
+
+def authorized(request: Any, token: str) -> bool:
+    """True without a token, else for a matching bearer header or login cookie (constant time)."""
+    if not token:
+        return True
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
+        return True
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    return hmac.compare_digest(cookie.encode(), _session_value(token).encode())
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _attach_routes(app: Any, config: Config) -> None:
     p = config.prefix
     css = _css()
+    denied = _error(401, "authorization required (Authorization: Bearer TELEMETRY_TOKEN)")
+    denied.headers["www-authenticate"] = 'Bearer realm="telemetry"'
+
+    def guard(handler: Callable, page: bool = False) -> Callable:
+        async def guarded(request: Any, *args: Any) -> Any:
+            if not authorized(request, config.token):
+                return _resp.redirect(f"{p}/login") if page else denied
+            return await handler(request, *args)
+        guarded.__name__ = handler.__name__
+        return guarded
 
     async def dashboard(request: Any) -> Any:
         t0 = time.perf_counter()
@@ -2052,9 +2421,9 @@ def _attach_routes(app: Any, config: Config) -> None:
         (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name), tel.health())
         html = _template().render(
             s=s, prefix=p, refresh=refresh, ranges=list(RANGES), refresh_choices=REFRESH_CHOICES,
-            banners=_banners(health, store_error), charts=dashboard_charts(s), routes=route_table(s),
-            empty=not any(src["requests"] for src in s["sources"].values()), unmatched=UNMATCHED,
-            lag_ms=_lag_ms(s), reader_state=health["reader"]["state"], pipeline=_pipeline_text(health),
+            banners=_banners(health, store_error, tel.open_without_token), charts=dashboard_charts(s),
+            routes=route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
+            unmatched=UNMATCHED, lag_ms=_lag_ms(s), health=health, iso=_iso, token=bool(config.token),
             render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
         return _resp.html(html)
 
@@ -2066,8 +2435,18 @@ def _attach_routes(app: Any, config: Config) -> None:
         s, store_error = await _read_summary(request.app.ctx.telemetry, range_name)
         return _error(503, f"store unavailable: {store_error}") if store_error else _json(s)
 
+    async def metrics(request: Any) -> Any:
+        tel: Telemetry = request.app.ctx.telemetry
+        try:
+            totals, health = await asyncio.gather(tel.store.read_totals(), tel.health())
+        except Exception as exc:
+            return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")
+        return _resp.text(prometheus_text(totals, health), content_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def healthz(request: Any) -> Any:
         health = await request.app.ctx.telemetry.health()
+        if not authorized(request, config.token):
+            health = {"ok": health["ok"]}  # details (paths, errors) only with the token
         return _json(health, status=200 if health["ok"] else 503)
 
     async def ingest(request: Any) -> Any:
@@ -2091,13 +2470,37 @@ def _attach_routes(app: Any, config: Config) -> None:
         return _json({"accepted": accepted, "ignored": st.ignored - before[0],
                       "malformed": st.malformed - before[1]})
 
+    async def login(request: Any) -> Any:
+        if not config.token:
+            return _resp.redirect(f"{p}/")
+        error = ""
+        if request.method == "POST":
+            given = (request.form.get("token") or "") if request.form else ""
+            if hmac.compare_digest(given.encode(), config.token.encode()):
+                resp = _resp.redirect(f"{p}/", status=303)
+                secure = request.headers.get("x-forwarded-proto", request.scheme) == "https"
+                resp.add_cookie(SESSION_COOKIE, _session_value(config.token), path=p, httponly=True,
+                                samesite="Strict", secure=secure, max_age=30 * 86400)
+                return resp
+            error = "Wrong token."
+        html = _template().render(login=True, error=error, prefix=p, s=None)
+        return _resp.html(html, status=401 if error else 200)
+
+    async def logout(request: Any) -> Any:
+        resp = _resp.redirect(f"{p}/login", status=303)
+        resp.delete_cookie(SESSION_COOKIE, path=p)
+        return resp
+
     async def stylesheet(request: Any) -> Any:
         return _resp.text(css, content_type="text/css; charset=utf-8", headers={"cache-control": "max-age=300"})
 
-    app.add_route(dashboard, f"{p}/", methods=["GET"], name="telemetry_dashboard")
-    app.add_route(summary, f"{p}/api/summary", methods=["GET"], name="telemetry_summary")
+    app.add_route(guard(dashboard, page=True), f"{p}/", methods=["GET"], name="telemetry_dashboard")
+    app.add_route(guard(summary), f"{p}/api/summary", methods=["GET"], name="telemetry_summary")
+    app.add_route(guard(metrics), f"{p}/metrics", methods=["GET"], name="telemetry_metrics")
     app.add_route(healthz, f"{p}/healthz", methods=["GET"], name="telemetry_healthz")
-    app.add_route(ingest, f"{p}/ingest", methods=["POST"], name="telemetry_ingest", stream=True)
+    app.add_route(guard(ingest), f"{p}/ingest", methods=["POST"], name="telemetry_ingest", stream=True)
+    app.add_route(login, f"{p}/login", methods=["GET", "POST"], name="telemetry_login")
+    app.add_route(logout, f"{p}/logout", methods=["GET"], name="telemetry_logout")
     app.add_route(stylesheet, f"{p}/dashboard.css", methods=["GET"], name="telemetry_css")
 
 
@@ -2109,24 +2512,25 @@ def _lag_ms(s: dict[str, Any]) -> int | None:
     return max(0, round((now - as_of) * 1000))
 
 
-def _banners(health: dict[str, Any], store_error: str) -> list[dict[str, str]]:
+def _banners(health: dict[str, Any], store_error: str, open_without_token: bool) -> list[dict[str, str]]:
     out = []
     if store_error or not health["store"]["ok"]:
-        out.append({"level": "err", "text": f"Store unavailable: {store_error or health['store'].get('error', '')}"})
+        out.append({"level": "err", "text": f"Store unavailable: {store_error or health['store'].get('error', '')}"
+                                            " (the writer keeps and retries what arrives meanwhile)"})
     reader = health["reader"]
     if reader["state"] not in READER_OK:
-        out.append({"level": "warn", "text": f"Caddy reader {reader['state']}: {reader.get('last_error', '')}"})
-    if health["writer"]["queued"] > 5:
-        out.append({"level": "warn", "text": f"Writer behind: {health['writer']['queued']} batches queued; "
-                                             f"last error: {health['writer']['last_error']}"})
+        out.append({"level": "err", "text": f"Caddy reader {reader['state']}: {reader.get('last_error', '')}"})
+    w = health["writer"]
+    if w["down_since"]:
+        out.append({"level": "warn", "text": f"Store writes failing since {_iso(w['down_since'])}: {w['last_error']}; "
+                                             f"{w['queued']} batches queued, {w['spool_files']} spooled to disk"})
+    if w["dropped"] or w["rejected"]:
+        out.append({"level": "warn", "text": f"Data lost: {w['dropped']} batches dropped, {w['rejected']} refused "
+                                             "by the store"})
+    if open_without_token:
+        out.append({"level": "warn", "text": "No TELEMETRY_TOKEN is set and the app listens beyond loopback: "
+                                             "anyone who can reach it sees this page. Set TELEMETRY_TOKEN."})
     return out
-
-
-def _pipeline_text(health: dict[str, Any]) -> str:
-    r, w = health["reader"], health["writer"]
-    return (f"reader {r['state']}, {r.get('access_lines', r.get('lines', 0))} access lines, "
-            f"{r.get('malformed', 0)} malformed · writer {w['queued']} queued, {w['retried']} retried, "
-            f"{w['dropped']} dropped, last write {w['write_ms']} ms")
 
 
 def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
@@ -2144,6 +2548,11 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
 
     async def before_start(app: Any, _loop: Any = None) -> None:
         tel = Telemetry(config, app, reader=_is_reader_worker())
+        host = getattr(app.state, "host", "") or config.host
+        tel.open_without_token = not config.token and not _is_loopback(host)
+        if tel.open_without_token and _is_reader_worker():
+            log.warning("telemetry: WARNING: no TELEMETRY_TOKEN is set and the app listens on %s: the dashboard, "
+                        "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
         tel.aggregator.skip = frozenset(f"/{r.path}" for r in app.router.routes
                                         if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
         await tel.start()

@@ -426,7 +426,7 @@ def test_dashboard_ingest_and_limits_without_caddy(tmp_path):
         s = wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == 2 else None)(demo.summary()),
                      2.0, "ingested lines")
         assert s["sources"]["caddy"]["status"] == {"200": 1, "503": 1}  # the refused body added nothing
-        assert demo.health()["reader"]["malformed"] == 1
+        assert demo.health()["ingest"]["malformed"] == 1
         for rng in t.RANGES:
             assert http("GET", f"{demo.app}/telemetry/?range={rng}")[0] == 200
     finally:
