@@ -602,3 +602,96 @@ def test_caddyfile_validates_for_local_and_compose_and_is_formatted(tmp_path):
     r = subprocess.run([caddy, "fmt", "--diff", str(HERE / "Caddyfile")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# dashboard features: events, edge-only requests, /metrics, auth
+
+def test_events_edge_only_and_metrics_parse(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+    demo = Demo(tmp_path, "--slow-ms", "100", caddy=False)
+    try:
+        now = time.time()
+        lines = [access_line(now, uri="/api/items/1", status=200, duration=0.004),
+                 access_line(now, uri="/api/items/2?secret=1", status=502, duration=0.001,
+                             request_id="req-123"),
+                 access_line(now, uri="/api/ping", status=504, duration=0.3),
+                 access_line(now, uri="/api/slow", status=200, duration=0.25)]
+        assert http("POST", demo.app + "/telemetry/ingest", "\n".join(lines).encode())[0] == 200
+        assert http("GET", demo.app + "/api/slow?ms=150")[0] == 200
+        assert http("GET", demo.app + "/api/error")[0] == 500
+        s = wait_for(lambda: (lambda s: s if len(s["events"]["errors"]) == 3 and len(s["events"]["slowest"]) == 2
+                              else None)(demo.summary()), 2.0, "events")
+        assert s["edge_only"] == {"requests": 2, "status": {"502": 1, "504": 1}}
+        err = {e["path"]: e for e in s["events"]["errors"]}
+        assert err["/api/items/2"]["request_id"] == "req-123"  # the query string is not kept
+        assert err["/api/error"]["source"] == "sanic" and err["/api/error"]["status"] == 500
+        slow = [(e["source"], e["path"]) for e in s["events"]["slowest"]]
+        assert slow == [("caddy", "/api/slow"), ("sanic", "/api/slow")]  # slowest first
+        page = http("GET", demo.app + "/telemetry/?range=5m&refresh=0")[1].decode()
+        assert "never reached the app" in page and "req-123" in page
+        status, body, headers = http("GET", demo.app + "/telemetry/metrics")
+        assert status == 200 and headers["content-type"].startswith("text/plain")
+        fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        reqs = {(s.labels["source"], s.labels["route"], s.labels["status"]): s.value
+                for s in fams["telemetry_requests"].samples}
+        assert reqs[("caddy", "/api/items/<id:int>", "502")] == 1
+        assert reqs[("sanic", "/api/error", "500")] == 1
+        hist = [s for s in fams["telemetry_request_duration_seconds"].samples
+                if s.labels.get("route") == "/api/slow" and s.labels["source"] == "sanic"]
+        buckets = {s.labels["le"]: s.value for s in hist if s.name.endswith("_bucket")}
+        assert buckets["0.1"] == 0 and buckets["0.25"] == 1 and buckets["+Inf"] == 1
+        assert fams["telemetry_store_up"].samples[0].value == 1
+    finally:
+        assert demo.stop() == 0
+
+
+def test_token_guards_everything_but_health_and_login(tmp_path):
+    token = "s3cret-token-123"
+    # healthz answers {"ok"} without the token, so Demo's readiness probe works unchanged
+    demo = Demo(tmp_path, caddy=False, env={"TELEMETRY_TOKEN": token})
+    try:
+        base = demo.app + "/telemetry"
+        for method, path in (("GET", "/api/summary?range=5m"), ("GET", "/metrics"), ("POST", "/ingest")):
+            status, _, headers = http(method, base + path, b"" if method == "POST" else None)
+            assert status == 401 and headers.get("www-authenticate", "").startswith("Bearer"), path
+        req = urllib.request.Request(base + "/?range=5m")
+        opener = urllib.request.build_opener(NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            opener.open(req, timeout=10)
+        assert exc.value.code in (302, 303) and exc.value.headers["location"].endswith("/telemetry/login")
+        assert set(get_json(base + "/healthz")) == {"ok"}  # no details without the token
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert http("GET", base + "/api/summary?range=5m", headers=bearer)[0] == 200
+        assert http("GET", base + "/api/summary?range=5m", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert "writer" in json.loads(http("GET", base + "/healthz", headers=bearer)[1])
+        # the login form: a wrong token is refused, the right one sets an HttpOnly SameSite cookie
+        assert http("POST", base + "/login", b"token=wrong",
+                    {"Content-Type": "application/x-www-form-urlencoded"})[0] == 401
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            opener.open(urllib.request.Request(base + "/login", data=f"token={token}".encode(), method="POST",
+                                               headers={"Content-Type": "application/x-www-form-urlencoded"}),
+                        timeout=10)
+        cookie = exc.value.headers["set-cookie"]
+        assert exc.value.code == 303 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert token not in cookie
+        session = cookie.split(";", 1)[0]
+        status, page, _ = http("GET", base + "/?range=5m", headers={"Cookie": session})
+        assert status == 200 and b"Request telemetry" in page
+    finally:
+        assert demo.stop() == 0
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def test_open_dashboard_warns_loudly(tmp_path):
+    demo = Demo(tmp_path, "--host", "0.0.0.0", caddy=False)
+    try:
+        page = http("GET", demo.app + "/telemetry/?range=5m")[1].decode()
+        assert "No TELEMETRY_TOKEN is set" in page
+    finally:
+        demo.stop()
+    assert "WARNING: no TELEMETRY_TOKEN" in demo.output()
