@@ -1366,7 +1366,7 @@ class SQLiteStore:
 
     async def health(self) -> dict[str, Any]:
         try:
-            await self._r.run(lambda c: c.execute("SELECT COUNT(*) FROM batch").fetchone())
+            await self._r.run(lambda c: c.execute("SELECT 1 FROM batch LIMIT 1").fetchall())
             size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
             return {"ok": True, "kind": self.kind, "path": self.path, "bytes": size}
         except Exception as exc:
@@ -1792,7 +1792,8 @@ def svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int
         t = t0 + span * i / 4
         label = datetime.fromtimestamp(t, tz=timezone.utc).strftime("%H:%M:%S" if span <= 900 else "%H:%M")
         anchor = "start" if i == 0 else "end" if i == 4 else "middle"
-        parts.append(f'<text class="tick" x="{x(t):.1f}" y="{height - 8}" text-anchor="{anchor}">{label}</text>')
+        minor = " minor" if i in (1, 3) else ""  # hidden on narrow screens, where labels would collide
+        parts.append(f'<text class="tick{minor}" x="{x(t):.1f}" y="{height - 8}" text-anchor="{anchor}">{label}</text>')
     parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}"/>')
     parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
     for _label, cls, pts in series:
@@ -1925,6 +1926,7 @@ DASHBOARD_TEMPLATE = """<!doctype html>
 {% if s and refresh %}<meta http-equiv="refresh" content="{{ refresh }}">{% endif %}
 <title>telemetry{% if s %} · {{ s.range }}{% endif %}</title>
 <link rel="stylesheet" href="{{ prefix }}/dashboard.css">
+<link rel="icon" href="data:,">
 </head>
 <body>
 {% if login %}
@@ -1978,7 +1980,7 @@ Send a request through Caddy or the app and it shows up here within a second.</d
     <h2>pipeline</h2>
     <dl class="kv">
       <dt>reader</dt><dd class="{{ 'ok' if r.state in ('running', 'off', 'finished') else 'bad' }}">{{ r.state }}</dd>
-      <dt>last line</dt><dd>{{ iso(i.last_line_at) or 'none yet' }}</dd>
+      <dt>last line</dt><dd>{{ (iso(i.last_line_at) or '')[11:23] or 'none yet' }}</dd>
       <dt>lines/s</dt><dd>{{ fmt_num(i.lines_per_s) }}</dd>
       <dt>malformed</dt><dd class="{{ 'bad' if i.malformed else '' }}">{{ fmt_num(i.malformed) }}</dd>
       <dt>queue</dt><dd>{{ fmt_num(w.queued) }} batches</dd>

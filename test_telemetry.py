@@ -6,24 +6,32 @@ Run: python -m pytest -q test_telemetry.py   (the README's command; .ci/run inst
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import html as htmlmod
 import json
 import math
 import os
+import queue
 import random
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
+from collections import Counter
 from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
 
 import telemetry as t
 
@@ -695,3 +703,346 @@ def test_open_dashboard_warns_loudly(tmp_path):
     finally:
         demo.stop()
     assert "WARNING: no TELEMETRY_TOKEN" in demo.output()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a person sees: headless Chromium, JavaScript off, driven over the DevTools protocol
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install -y chromium)")
+BAD_EVENTS = ("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
+
+
+class Chrome:
+    """Headless Chromium (a child, stopped by PID) and one CDP session on its page target."""
+
+    def __init__(self, tmp: Path, timeout: float = 20.0):
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", f"--user-data-dir={tmp}", "--remote-debugging-port=0"]
+        self.proc = subprocess.Popen([CHROMIUM, *flags, "about:blank"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        lines: queue.Queue = queue.Queue()  # a thread drains stderr, so chromium never blocks on it
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stderr], daemon=True).start()
+        self.stack = contextlib.ExitStack()
+        try:
+            self._start(lines, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, lines: queue.Queue, timeout: float):
+        deadline, port = time.monotonic() + timeout, None
+        while port is None:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01)).decode(errors="replace")
+            except queue.Empty:
+                raise AssertionError(f"no 'DevTools listening' line from chromium within {timeout} s") from None
+            if m := re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line):
+                port = int(m[1])
+        page = wait_for(lambda: [x for x in get_json(f"http://127.0.0.1:{port}/json") if x["type"] == "page"],
+                        timeout, "chromium's page target")[0]
+        self.ws = self.stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None,
+                                                   open_timeout=timeout))
+        self.ids, self.events = 0, []
+        for method in ("Page.enable", "Runtime.enable", "Log.enable"):
+            self.send(method)
+        # BUG (reported): the page declares no icon, so Chromium asks the app for /favicon.ico, a 404
+        # the app counts; answered here, in the browser, so the counts and the console stay clean.
+        # test_browser_page_declares_an_icon (xfail) tracks the fix.
+        self.send("Fetch.enable", patterns=[{"urlPattern": "*/favicon.ico"}])
+
+    def _command(self, method: str, **params) -> int:
+        self.ids += 1
+        self.ws.send(json.dumps({"id": self.ids, "method": method, "params": params}))
+        return self.ids
+
+    def _pump(self, timeout: float) -> dict:
+        msg = json.loads(self.ws.recv(timeout=timeout))
+        if "method" in msg:
+            self.events.append((msg["method"], msg.get("params", {})))
+            if msg["method"] == "Fetch.requestPaused":  # only /favicon.ico is intercepted
+                self._command("Fetch.fulfillRequest", requestId=msg["params"]["requestId"], responseCode=204)
+        return msg
+
+    def send(self, method: str, timeout: float = 15.0, **params):
+        sent, deadline = self._command(method, **params), time.monotonic() + timeout
+        while (msg := self._pump(max(deadline - time.monotonic(), 0.01))).get("id") != sent:
+            pass
+        if "error" in msg:
+            raise RuntimeError(f"{method}: {msg['error']}")
+        return msg["result"]
+
+    def wait_event(self, name: str, since: int, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for method, params in self.events[since:]:
+                if method == name:
+                    return params
+            try:
+                self._pump(max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                raise AssertionError(f"no {name} within {timeout} s") from None
+
+    def viewport(self, width: int, height: int = 1200):
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=width < 600)
+
+    def load(self, url: str) -> int:
+        """Navigate and wait for the load event; returns the index of this page's first event."""
+        since = len(self.events)
+        assert "errorText" not in self.send("Page.navigate", url=url)
+        self.wait_event("Page.loadEventFired", since)
+        return since
+
+    def problems(self, since: int) -> list:
+        """Console errors, uncaught exceptions, error log entries and dialogs since `since`."""
+        return [(m, p) for m, p in self.events[since:] if m in BAD_EVENTS
+                or (m == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"))
+                or (m == "Log.entryAdded" and p["entry"]["level"] == "error")]
+
+    def query(self, selector: str) -> list[int]:
+        root = self.send("DOM.getDocument", depth=0)["root"]["nodeId"]
+        return self.send("DOM.querySelectorAll", nodeId=root, selector=selector)["nodeIds"]
+
+    def texts(self, selector: str) -> list[str]:
+        """Text of each match, read from the serialised DOM (no page JS runs)."""
+        return [htmlmod.unescape(re.sub(r"<[^>]*>", "", self.send("DOM.getOuterHTML", nodeId=n)["outerHTML"])).strip()
+                for n in self.query(selector)]
+
+    def box(self, node: int) -> tuple[float, float, float, float]:
+        q = self.send("DOM.getBoxModel", nodeId=node)["model"]["border"]
+        return min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])
+
+    def click(self, node: int):
+        x0, y0, x1, y1 = self.box(node)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=(x0 + x1) / 2, y=(y0 + y1) / 2, button="left",
+                      clickCount=1)
+
+    def screenshot(self, path: Path, full: bool = False) -> bytes:
+        clip = {}
+        if full:  # the whole page, not only the viewport
+            size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+            clip = dict(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": size["width"],
+                                                          "height": min(size["height"], 8000), "scale": 1})
+        png = base64.b64decode(self.send("Page.captureScreenshot", format="png", optimizeForSpeed=True,
+                                         **clip)["data"])
+        path.write_bytes(png)
+        print(f"screenshot: {path}")
+        return png
+
+    def close(self):
+        self.stack.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the group is ours alone
+                self.proc.wait(5)
+
+
+def png_pixels(png: bytes) -> tuple[int, int, list[bytes]]:
+    """Decode an 8-bit RGB/RGBA PNG (all five scanline filters): width, height, rows of RGB(A) bytes."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, hdr = 8, [], None
+    while pos < len(png):
+        n, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        if kind == b"IHDR":
+            hdr = struct.unpack(">IIBBBBB", png[pos + 8:pos + 21])
+        elif kind == b"IDAT":
+            idat.append(png[pos + 8:pos + 8 + n])
+        pos += 12 + n
+    w, h, depth, ctype, _, _, interlace = hdr
+    assert depth == 8 and ctype in (2, 6) and interlace == 0, hdr
+    bpp = 3 if ctype == 2 else 4
+    raw, stride, rows, prev = zlib.decompress(b"".join(idat)), w * bpp, [], bytearray(w * bpp)
+    lo7, hi1 = int.from_bytes(b"\x7f" * stride, "big"), int.from_bytes(b"\x80" * stride, "big")
+    for y in range(h):
+        ftype, row = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        if ftype == 2:  # Up (all Chromium's rows): bytewise add of two big ints, no carries across bytes
+            x, z = int.from_bytes(row, "big"), int.from_bytes(prev, "big")
+            row, ftype = bytearray((((x & lo7) + (z & lo7)) ^ ((x ^ z) & hi1)).to_bytes(stride, "big")), 0
+        for i in range(stride) if ftype else ():
+            a = row[i - bpp] if i >= bpp else 0
+            b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+            if ftype == 1:
+                row[i] = (row[i] + a) & 255
+            elif ftype == 2:
+                row[i] = (row[i] + b) & 255
+            elif ftype == 3:
+                row[i] = (row[i] + (a + b) // 2) & 255
+            else:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(row))
+        prev = row
+    return w, h, rows
+
+
+def colour_stats(png: bytes) -> tuple[Counter, int, int]:
+    """(colour counts, rows with more than one colour, height)."""
+    _w, h, rows = png_pixels(png)
+    bpp = len(rows[0]) // _w
+    colours, mixed = Counter(), 0
+    for row in rows:
+        c = Counter(zip(row[0::bpp], row[1::bpp], row[2::bpp]))
+        colours.update(c)
+        mixed += len(c) > 1
+    return colours, mixed, h
+
+
+def assert_not_blank(png: bytes):
+    colours, mixed, h = colour_stats(png)
+    assert len(colours) >= 50 and mixed >= h // 4, (len(colours), mixed, h)
+    return colours
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("no chromium (apt-get install -y chromium)")
+    c = Chrome(tmp_path_factory.mktemp("chromium-profile"))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def page(chrome):
+    """The one tab, reset: JS off, light scheme, 1280 px wide, no cookies (they ignore the port)."""
+    chrome.send("Network.clearBrowserCookies")
+    chrome.send("Emulation.setScriptExecutionDisabled", value=True)
+    chrome.send("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "light"}])
+    chrome.viewport(1280)
+    return chrome
+
+
+@pytest.fixture
+def demo(tmp_path):
+    d = Demo(tmp_path)
+    yield d
+    d.stop()
+
+
+def _card_requests(page: Chrome, name: str) -> int:
+    (text,) = page.texts(f".card.src-{name} .big")
+    return int(text.removesuffix("req").replace(",", "").strip())
+
+
+@needs_chromium
+@needs_caddy
+def test_browser_dashboard_numbers_no_js(page, demo):
+    want = sum(send_mix(demo.edge).values()) + 1  # + Demo's readiness probe
+    s = wait_for(lambda: (lambda s: s if all(s["sources"][x]["requests"] == want for x in ("caddy", "sanic"))
+                          else None)(demo.summary()), 2.0, f"{want} requests in the summary")
+    since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
+    for name in ("caddy", "sanic"):
+        assert _card_requests(page, name) == s["sources"][name]["requests"] == want, name
+    assert "/api/items/<id:int>" in page.texts('[aria-label="Routes"] td.path')
+    assert page.query("script") == [] and page.problems(since) == []
+
+
+@needs_chromium
+@needs_caddy
+def test_browser_hostile_path_is_text(page, demo):
+    uri = "/<script>alert(1)</script><img src=x onerror=alert(2)>"
+    body = access_line(time.time(), uri=uri, status=502).encode()
+    assert http("POST", demo.app + "/telemetry/ingest", body)[0] == 200
+    wait_for(lambda: any(e["path"] == uri for e in demo.summary()["events"]["errors"]), 2.0, "the 502 event")
+    since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
+    assert uri in page.texts('[aria-label="Recent errors (5xx)"] td.path')
+    assert page.query("script") == [] and page.query("img") == []
+    assert page.problems(since) == []
+
+
+def _overflowing(page: Chrome, width: float) -> list[str]:
+    out = []
+    for node in page.query("body *"):
+        try:
+            x0, _, x1, _ = page.box(node)
+        except RuntimeError:  # no box (display: none, <title> ...)
+            continue
+        if x1 > width + 1 or x0 < -1:
+            out.append(f"{page.send('DOM.getOuterHTML', nodeId=node)['outerHTML'][:100]} [{x0:.0f}..{x1:.0f}]")
+    return out
+
+
+@pytest.fixture(scope="module")
+def busy_demo(tmp_path_factory):
+    """One Demo with the request mix, shared by the (read-only) screenshot tests."""
+    d = Demo(tmp_path_factory.mktemp("busy"))
+    try:
+        want = sum(send_mix(d.edge).values()) + 1
+        wait_for(lambda: d.summary()["sources"]["sanic"]["requests"] == want, 2.0, "the mix in the summary")
+        yield d
+    finally:
+        d.stop()
+
+
+@needs_chromium
+@needs_caddy
+@pytest.mark.parametrize("width", [1280, 375])
+def test_browser_screenshot_not_blank_and_no_overflow(page, busy_demo, tmp_path, width):
+    page.viewport(width)
+    since = page.load(busy_demo.app + "/telemetry/?range=5m&refresh=0")
+    assert_not_blank(page.screenshot(tmp_path / f"dashboard-{width}.png"))
+    page.screenshot(tmp_path / f"dashboard-{width}-full.png", full=True)  # for a person to look at
+    content = page.send("Page.getLayoutMetrics")["cssContentSize"]["width"]
+    assert content <= width + 2, (width, content, _overflowing(page, width)[:10])
+    assert page.problems(since) == []
+
+
+@needs_chromium
+@needs_caddy
+def test_browser_dark_mode_changes_the_dominant_colour(page, busy_demo, tmp_path):
+    page.viewport(375)
+    url = busy_demo.app + "/telemetry/?range=5m&refresh=0"
+    page.load(url)
+    light = assert_not_blank(page.screenshot(tmp_path / "dashboard-375-light.png")).most_common(1)[0][0]
+    page.send("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}])
+    since = page.load(url)
+    dark = assert_not_blank(page.screenshot(tmp_path / "dashboard-375-dark.png")).most_common(1)[0][0]
+    assert dark != light and sum(dark) < sum(light), (light, dark)
+    assert page.problems(since) == []
+
+
+@needs_chromium
+def test_browser_page_declares_an_icon(page, busy_demo):
+    page.load(busy_demo.app + "/telemetry/?range=5m&refresh=0")
+    assert page.query('link[rel~="icon"]')
+
+
+@needs_chromium
+@needs_caddy
+def test_browser_login_form_without_js(page, tmp_path):
+    token = "s3cret-token-123"
+    demo = Demo(tmp_path, env={"TELEMETRY_TOKEN": token})
+    try:
+        auth = {"Authorization": f"Bearer {token}"}
+        for i in range(4):
+            assert http("GET", f"{demo.edge}/api/items/{i}")[0] == 200
+
+        def summary():
+            return json.loads(http("GET", demo.app + "/telemetry/api/summary?range=5m", headers=auth)[1])
+        s = wait_for(lambda: (lambda s: s if s["sources"]["sanic"]["requests"] == 5 else None)(summary()), 2.0,
+                     "5 requests (4 + the readiness probe)")
+        since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
+        assert page.query("form.login") and page.query("script") == [], "no login form"
+        (field,) = page.query("input#token")
+        page.send("DOM.focus", nodeId=field)
+        page.send("Input.insertText", text=token)
+        mark = len(page.events)
+        page.click(page.query("form.login button")[0])
+        page.wait_event("Page.loadEventFired", mark)
+        assert page.query("form.login") == [] and page.query(".card.src-sanic"), "still on the login form"
+        cookies = page.send("Network.getCookies", urls=[demo.app + "/telemetry/"])["cookies"]
+        (c,) = [c for c in cookies if c["name"] == "telemetry_session"]
+        assert c["httpOnly"] and c["sameSite"] == "Strict" and c["path"] == "/telemetry" and token not in c["value"]
+        page.load(demo.app + "/telemetry/?range=5m&refresh=0")  # typed URL: the Strict cookie is sent
+        for name in ("caddy", "sanic"):
+            assert _card_requests(page, name) == s["sources"][name]["requests"] == 5, name
+        assert page.problems(since) == []
+    finally:
+        assert demo.stop() == 0
