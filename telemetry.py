@@ -50,9 +50,7 @@ import signal
 import socket
 import sqlite3
 import sys
-import threading
 import time
-import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict, astuple
@@ -61,7 +59,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from sanic import Sanic, response as _resp
-from sanic.exceptions import SanicException
 
 try:  # ujson ships with Sanic on CPython; only the slow fallback parser needs it
     import ujson as _fastjson
@@ -879,7 +876,8 @@ class Spool:
     def _release_stale_claims(self) -> None:
         for p in self.folder.glob("*.claimed-*"):
             pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            # a new Spool has no claims of its own yet: ours are left from an earlier Writer
+            if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
                 with _suppress(OSError):
                     p.rename(p.with_name(p.name.split(".claimed-")[0]))
 
@@ -905,13 +903,13 @@ class Spool:
 
     def save(self, batch: Batch) -> None:
         data = batch_to_json(batch)
-        self._fresh()
-        while self._names and self._bytes + len(data) > self.max_bytes:
-            self._drop_file(self.folder / self._names.pop(0))
-        if len(data) > self.max_bytes:
+        if len(data) > self.max_bytes:  # could never fit: drop it alone, keep what is spooled
             self.dropped += 1
             self.dropped_rows += len(batch.rows)
             return
+        self._fresh()
+        while self._names and self._bytes + len(data) > self.max_bytes:
+            self._drop_file(self.folder / self._names.pop(0))
         name = f"{batch.seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', batch.instance)}.batch"
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.{os.getpid()}.tmp"
@@ -1092,6 +1090,10 @@ class Writer:
             t0 = time.perf_counter()
             try:
                 await self.store.write(batch)
+            except asyncio.CancelledError:  # shutdown: a claimed spool file must go back, not stay claimed
+                if path is not None:
+                    self.spool.release(path)  # type: ignore[union-attr]
+                raise
             except Exception as exc:
                 verdict, hint = classify_error(exc)
                 self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
@@ -1150,8 +1152,10 @@ class Writer:
         self._closing = True
         self._wake.set()
         budget = timeout - 1.0 if self.spool is not None else timeout  # keep a second to spool
+        if self.down_since is not None and self.spool is not None:
+            budget = 0.0  # the store is down: spool now rather than wait out the budget
         with _suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), max(budget, 0.1))
+            await asyncio.wait_for(self._idle.wait(), max(budget, 0.01))
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
