@@ -456,12 +456,12 @@ def bench_render(quick: bool, tmp: Path) -> None:
             clients[rate].close()
             servers[rate].stop()
     for rate in rates:
-        m = re.search(rb"rendered in ([\d.]+) ms", last[rate, "page"])
+        m = re.search(rb"data read in ([\d.]+) ms", last[rate, "page"])
         shown = json.loads(last[rate, "json"])["sources"]["caddy"]["requests"]
         print(f"  {rate:>5} req/s history, range=1h ({shown:,} caddy requests shown), {n} GETs each:")
         for kind in paths:
             ts = times[rate, kind]
-            note = f", last 'rendered in' {m.group(1).decode() if m else '?'} ms" if kind == "page" else ""
+            note = f", last 'data read in' {m.group(1).decode() if m else '?'} ms" if kind == "page" else ""
             print(f"         {kind}  p50 {statistics.median(ts) * 1e3:6.1f} ms  p95 {pct(ts, 0.95) * 1e3:6.1f} ms  "
                   f"({len(last[rate, kind]) / 1e3:.0f} kB{note})")
     p95 = {r: pct(times[r, "page"], 0.95) for r in rates}
@@ -477,13 +477,18 @@ def bench_render(quick: bool, tmp: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
-    quick = ap.parse_args().quick
+    ap.add_argument("--only", action="append", choices=["hot", "ingest", "freshness", "render"],
+                    help="run only these parts (repeatable)")
+    args = ap.parse_args()
+    quick = args.quick
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
     pinning = f"servers on CPU {CPUS[0]}, wrk on CPU {CPUS[1]}" if len(CPUS) > 1 else "no pinning (one CPU)"
     print(f"bench_telemetry.py{' --quick' if quick else ''}: {pinning}; scratch {tmp}")
     parts = [("hot path", lambda: bench_hot_path(quick, tmp)), ("ingest", lambda: bench_ingest(quick)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp))]
+    if args.only:
+        parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:
         print(f"\n== {name}")
         try:

@@ -51,6 +51,7 @@ import socket
 import sqlite3
 import sys
 import time
+import zlib
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict, astuple
@@ -323,17 +324,20 @@ class Histogram:
 
     @staticmethod
     def encode(lanes: int) -> bytes:
+        """lane int -> stored form: zlib of (lowest lane: 2 bytes, the lanes from there up). Counts
+        are small numbers in 8-byte lanes, so this is ~5x smaller than the raw lanes."""
         if lanes <= 0:
             return b""
         lo = ((lanes & -lanes).bit_length() - 1) // 64
         hi = (lanes.bit_length() - 1) // 64
-        return lo.to_bytes(2, "little") + (lanes >> (lo * 64)).to_bytes((hi - lo + 1) * 8, "little")
+        return zlib.compress(lo.to_bytes(2, "little") + (lanes >> (lo * 64)).to_bytes((hi - lo + 1) * 8, "little"), 1)
 
     @staticmethod
     def decode(blob: bytes | None) -> int:
         if not blob:
             return 0
-        return int.from_bytes(blob[2:], "little") << (int.from_bytes(blob[:2], "little") * 64)
+        raw = zlib.decompress(blob)
+        return int.from_bytes(raw[2:], "little") << (int.from_bytes(raw[:2], "little") * 64)
 
     @staticmethod
     def merge_blobs(a: bytes | None, b: bytes | None) -> bytes:
@@ -349,17 +353,32 @@ class Histogram:
         out.frombytes(lanes.to_bytes(((lanes.bit_length() + 63) // 64) * 8, "little"))
         return out
 
+    _memo: dict[tuple, list] = {}
+    MEMO_SIZE = 8192
+
     @classmethod
     def quantiles(cls, lanes: int, qs: Sequence[float], cap: float | None = None) -> list[float | None]:
-        """Nearest-rank quantiles (ms) of the merged histogram; None when it is empty."""
-        cum = list(itertools.accumulate(cls.counts(lanes)))
-        total = cum[-1] if cum else 0
-        if not total:
+        """Nearest-rank quantiles (ms) of the merged histogram; None when it is empty. Memoised:
+        a page asks again, every refresh, for the slots that have not changed."""
+        key = (lanes, tuple(qs), cap)
+        hit = cls._memo.get(key)
+        if hit is None:
+            if len(cls._memo) >= cls.MEMO_SIZE:
+                cls._memo.clear()
+            hit = cls._memo[key] = cls._quantiles(lanes, qs, cap)
+        return list(hit)
+
+    @classmethod
+    def _quantiles(cls, lanes: int, qs: Sequence[float], cap: float | None) -> list[float | None]:
+        if lanes <= 0:
             return [None for _ in qs]
+        lo = ((lanes & -lanes).bit_length() - 1) // 64  # skip the empty buckets below the lowest
+        cum = list(itertools.accumulate(cls.counts(lanes >> (lo * 64))))
+        total = cum[-1]
         out = []
         for q in qs:
             rank = max(1, math.ceil(q * total))
-            v = cls.value(bisect.bisect_left(cum, rank))
+            v = cls.value(lo + bisect.bisect_left(cum, rank))
             out.append(min(v, cap) if cap is not None else v)
         return out
 
@@ -1222,6 +1241,9 @@ CREATE TABLE IF NOT EXISTS batch (
     instance TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (instance, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batch_at ON batch (at);
+CREATE TABLE IF NOT EXISTS slot_version (
+    tier INTEGER NOT NULL, slot INTEGER NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (tier, slot)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS event (
     ts REAL NOT NULL, kind TEXT NOT NULL, source TEXT NOT NULL, method TEXT NOT NULL, route TEXT NOT NULL,
     path TEXT NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL, request_id TEXT NOT NULL);
@@ -1285,6 +1307,8 @@ class SQLiteStore:
         self._write_tiers = [*self.tiers, TOTALS]
         self._w = _DBThread(path, "telemetry-sqlite-w")
         self._r = _DBThread(path, "telemetry-sqlite-r")
+        self._cache: dict[int, dict[int, _Slot]] = {}  # tier -> slot -> _Slot; used on the read thread only
+        self._closed: dict[int, tuple[tuple, _Sums]] = {}  # tier -> (slot versions, their sums)
         self._last_trim = 0.0
 
     async def open(self) -> None:
@@ -1309,6 +1333,9 @@ class SQLiteStore:
             if cur.rowcount:
                 conn.executemany(_UPSERT_ROLLUP, rollups)
                 conn.executemany(_UPSERT_HIST, hists)
+                conn.executemany("INSERT INTO slot_version VALUES (?, ?, 1)"
+                                 " ON CONFLICT DO UPDATE SET version = version + 1",
+                                 list({(r[0], r[1]) for r in rollups}))
                 conn.executemany("INSERT INTO event VALUES (?,?,?,?,?,?,?,?,?)",
                                  [astuple(e) for e in batch.events])
             conn.execute("COMMIT")
@@ -1323,7 +1350,7 @@ class SQLiteStore:
         self._last_trim = now
         with conn:
             for tier, keep in self.tiers.items():
-                for table in ("rollup", "hist"):
+                for table in ("rollup", "hist", "slot_version"):
                     conn.execute(f"DELETE FROM {table} WHERE tier = ? AND slot < ?", (tier, int(now - keep)))
             conn.execute("DELETE FROM batch WHERE at < ?", (now - BATCH_MEMORY_S,))
             for kind in ("error", "slow"):  # the newest EVENTS_KEPT of each kind
@@ -1338,27 +1365,19 @@ class SQLiteStore:
         """All-time sums per series (for /metrics): monotonic, whatever the retention."""
         return await self._r.run(lambda c: self._read(c, TOTALS, 0))
 
-    @staticmethod
-    def _read(conn: sqlite3.Connection, tier: int, start: int) -> RangeData:
-        conn.execute("BEGIN")  # one snapshot for all four reads
+    def _read(self, conn: sqlite3.Connection, tier: int, start: int) -> RangeData:
+        """One range read. Slots come from a per-slot cache, checked against slot_version: a page
+        re-reads only the slots written since it last looked (the newest, normally), so its cost
+        follows series x slots in memory, not the rows and histograms on disk."""
+        conn.execute("BEGIN")  # one snapshot for all reads
         try:
-            series = conn.execute(
-                "SELECT source, route, method, status, SUM(count), SUM(dur_sum), MAX(dur_max), SUM(bytes_sum)"
-                " FROM rollup WHERE tier = ? AND slot >= ? GROUP BY source, route, method, status",
-                (tier, start)).fetchall()
-            slots = conn.execute(
-                "SELECT slot, source, SUM(count), SUM(CASE WHEN status >= 500 THEN count ELSE 0 END), SUM(dur_sum)"
-                " FROM rollup WHERE tier = ? AND slot >= ? GROUP BY slot, source", (tier, start)).fetchall()
-            route_lanes: dict[tuple[str, str, str], int] = {}
-            slot_lanes: dict[tuple[int, str], int] = {}
-            decode = Histogram.decode
-            for slot, source, route, method, h in conn.execute(
-                    "SELECT slot, source, route, method, h FROM hist WHERE tier = ? AND slot >= ?", (tier, start)):
-                lanes = decode(h)
-                k1 = (source, route, method)
-                route_lanes[k1] = route_lanes.get(k1, 0) + lanes
-                k2 = (slot, source)
-                slot_lanes[k2] = slot_lanes.get(k2, 0) + lanes
+            versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ?",
+                                    (tier, start)).fetchall()
+            cache = self._cache.setdefault(tier, {})
+            for slot, version in versions:
+                hit = cache.get(slot)
+                if hit is None or hit.version != version:
+                    cache[slot] = _load_slot(conn, tier, slot, version)
             as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
             events = [Event(*row) for row in conn.execute(
                 "SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? ORDER BY ts DESC LIMIT ?)"
@@ -1366,7 +1385,33 @@ class SQLiteStore:
                 " ORDER BY ms DESC LIMIT ?)", (start, EVENTS_SHOWN, start, EVENTS_SHOWN))]
         finally:
             conn.execute("COMMIT")
-        return RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
+        self._evict(tier)
+        return self._sum(tier, versions).data(as_of, events)
+
+    def _sum(self, tier: int, versions: list[tuple[int, int]]) -> _Sums:
+        """All slots but the newest are summed once and kept while none of them changes (a window
+        moves one slot per tier step); each read then adds only the newest slot to a copy."""
+        cache = self._cache[tier]
+        closed, newest = versions[:-1], versions[-1:]
+        key = tuple(closed)
+        kept = self._closed.get(tier)
+        if kept is None or kept[0] != key:
+            sums = _Sums()
+            for slot, _ in closed:
+                sums.add(slot, cache[slot])
+            kept = self._closed[tier] = (key, sums)
+        out = kept[1].copy()
+        for slot, _ in newest:
+            out.add(slot, cache[slot])
+        return out
+
+    def _evict(self, tier: int) -> None:
+        """Forget slots older than the longest range that reads this tier."""
+        longest = max((sec for sec, t in RANGES.values() if t == tier), default=0)
+        cache = self._cache.get(tier, {})
+        oldest = time.time() - longest - 2 * max(tier, 1) if tier else 0
+        for slot in [s for s in cache if s < oldest]:
+            del cache[slot]
 
     async def health(self) -> dict[str, Any]:
         try:
@@ -1574,6 +1619,79 @@ class InfluxStore:
         except Exception as exc:
             return {"ok": False, "kind": self.kind, "url": self.url, "bucket": self.bucket,
                     "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+@dataclass
+class _Slot:
+    """One stored slot of one tier, summed per series, as the read cache keeps it."""
+
+    version: int
+    series: dict[tuple, list]  # (source, route, method, status) -> [count, dur_sum, dur_max, bytes]
+    sources: dict[str, list]  # source -> [count, errors, dur_sum]
+    route_lanes: dict[tuple[str, str, str], int]
+    source_lanes: dict[str, int]
+
+
+def _load_slot(conn: sqlite3.Connection, tier: int, slot: int, version: int) -> _Slot:
+    series: dict[tuple, list] = {}
+    sources: dict[str, list] = {}
+    for source, route, method, status, count, dur_sum, dur_max, nbytes in conn.execute(
+            "SELECT source, route, method, status, count, dur_sum, dur_max, bytes_sum FROM rollup"
+            " WHERE tier = ? AND slot = ?", (tier, slot)):
+        series[(source, route, method, status)] = [count, dur_sum, dur_max, nbytes]
+        acc = sources.setdefault(source, [0, 0, 0.0])
+        acc[0] += count
+        acc[1] += count if status >= 500 else 0
+        acc[2] += dur_sum
+    route_lanes: dict[tuple[str, str, str], int] = {}
+    source_lanes: dict[str, int] = {}
+    for source, route, method, h in conn.execute(
+            "SELECT source, route, method, h FROM hist WHERE tier = ? AND slot = ?", (tier, slot)):
+        lanes = Histogram.decode(h)
+        route_lanes[(source, route, method)] = lanes
+        source_lanes[source] = source_lanes.get(source, 0) + lanes
+    return _Slot(version, series, sources, route_lanes, source_lanes)
+
+
+class _Sums:
+    """Slots summed in memory (big-int adds for the histograms); copy() then add() the newest."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple, list] = {}
+        self.route_lanes: dict[tuple[str, str, str], int] = {}
+        self.slot_rows: list[tuple] = []
+        self.slot_lanes: dict[tuple[int, str], int] = {}
+
+    def add(self, slot: int, sd: _Slot) -> None:
+        series, route_lanes = self.series, self.route_lanes
+        for key, (count, dur_sum, dur_max, nbytes) in sd.series.items():
+            acc = series.get(key)
+            if acc is None:
+                series[key] = [count, dur_sum, dur_max, nbytes]
+            else:
+                acc[0] += count
+                acc[1] += dur_sum
+                if dur_max > acc[2]:
+                    acc[2] = dur_max
+                acc[3] += nbytes
+        for key, lanes in sd.route_lanes.items():
+            route_lanes[key] = route_lanes.get(key, 0) + lanes
+        for source, (count, errors, dur_sum) in sd.sources.items():
+            self.slot_rows.append((slot, source, count, errors, dur_sum))
+        for source, lanes in sd.source_lanes.items():
+            self.slot_lanes[(slot, source)] = lanes
+
+    def copy(self) -> "_Sums":
+        out = _Sums()
+        out.series = {k: list(v) for k, v in self.series.items()}
+        out.route_lanes = dict(self.route_lanes)
+        out.slot_rows = list(self.slot_rows)
+        out.slot_lanes = dict(self.slot_lanes)
+        return out
+
+    def data(self, as_of: float | None, events: list[Event]) -> RangeData:
+        return RangeData([(*k, *v) for k, v in self.series.items()], self.slot_rows, self.route_lanes,
+                         self.slot_lanes, as_of, events)
 
 
 def _range_start(now: float, seconds: int, tier: int) -> int:
@@ -1853,7 +1971,8 @@ def status_bar(status: dict[str, int]) -> list[tuple[str, float, int]]:
     total = sum(status.values())
     classes: dict[str, int] = {}
     for code, n in status.items():
-        classes[f"s{code[0]}xx" if code != "0" else "s5xx"] = classes.get(f"s{code[0]}xx", 0) + n
+        cls = f"s{code[0]}xx" if code != "0" else "s5xx"  # 0: no valid status, shown with the errors
+        classes[cls] = classes.get(cls, 0) + n
     return [(cls, round(100 * n / total, 2), n) for cls, n in sorted(classes.items())] if total else []
 
 
@@ -2053,7 +2172,7 @@ Send a request through Caddy or the app and it shows up here within a second.</d
 </div>
 {% endfor %}
 <footer><a href="{{ prefix }}/api/summary?range={{ s.range }}">JSON</a> · <a href="{{ prefix }}/metrics">metrics</a>
-· <a href="{{ prefix }}/healthz">health</a> · {{ health.workers }} worker(s) · rendered in {{ render_ms }} ms</footer>
+· <a href="{{ prefix }}/healthz">health</a> · {{ health.workers }} worker(s) · data read in {{ render_ms }} ms</footer>
 {% endif %}
 </body>
 </html>
