@@ -298,15 +298,15 @@ class Histogram:
     G = 1.02
     MIN_MS = 0.01
     BUCKETS = 1024  # covers 0.01 ms .. ~6.3e6 ms (G**1024 * 0.01); larger values land in the last
-    _LOG_G = math.log(G)
-    _LANE = 64
+    INV_LOG_G = 1 / math.log(G)
+    LOG_MIN = math.log(MIN_MS)
     _HALF = math.sqrt(G)
 
     @classmethod
     def index(cls, ms: float) -> int:
         if ms <= cls.MIN_MS:
             return 0
-        i = int(math.log(ms / cls.MIN_MS) / cls._LOG_G)
+        i = int((math.log(ms) - cls.LOG_MIN) * cls.INV_LOG_G)
         return i if i < cls.BUCKETS else cls.BUCKETS - 1
 
     @classmethod
@@ -473,12 +473,14 @@ class Aggregator:
     def fold(self) -> None:
         pending, self.pending = self.pending, []
         rollups = self.rollups
-        index = Histogram.index
-        skip = self.skip
+        skip, routes, bounded = self.skip, self.routes, self._bounded_route
+        log, off, k, top = math.log, Histogram.LOG_MIN, Histogram.INV_LOG_G, Histogram.BUCKETS - 1
         for ts, source, route, method, status, ms, nbytes in pending:
             if route in skip:
                 continue
-            route = self._bounded_route(source, route)
+            known = routes.get(source)
+            if known is None or route not in known:
+                route = bounded(source, route)
             key = (int(ts), source, route, method, status)
             r = rollups.get(key)
             if r is None:
@@ -488,7 +490,9 @@ class Aggregator:
             if ms > r.dur_max:
                 r.dur_max = ms
             r.bytes_sum += nbytes
-            b = index(ms)
+            b = int((log(ms) - off) * k) if ms > Histogram.MIN_MS else 0  # Histogram.index, inlined
+            if b > top:
+                b = top
             r.hist[b] = r.hist.get(b, 0) + 1
         self.samples += len(pending)
 
@@ -557,13 +561,6 @@ class RouteResolver:
         return f"/{route.path}" if route is not None else UNMATCHED
 
 
-#: Fast-path patterns over Caddy's fixed field order (see logRequest in Caddy's server.go). Inside
-#: JSON strings every quote is escaped, so an unescaped `"key":` is always structural; header
-#: values are arrays, so none of these can match inside the headers objects.
-_RX_TS = re.compile(r'"ts":(-?[0-9][0-9.eE+-]*)')
-_RX_METHOD = re.compile(r'"method":"([A-Za-z-]{1,20})"')
-_RX_URI = re.compile(r'"uri":"((?:[^"\\]|\\.)*)"')
-_RX_TAIL = re.compile(r'"duration":([0-9][0-9.eE+-]*),"size":([0-9]+),"status":([0-9]+)')
 #: The request id: our Caddyfile's log_append field, else Caddy's own "uuid" (2.11+).
 _RX_REQUEST_ID = re.compile(r'"(?:request_id|uuid)":"([A-Za-z0-9._:-]{1,64})"')
 
@@ -595,55 +592,104 @@ class CaddyParser:
 
     def parse(self, line: str | bytes) -> tuple | None:
         """One line -> a sample tuple, or None (ignored or malformed; both are counted)."""
+        out: list[tuple] = []
+        self.feed((line,), out.append)
+        return out[0] if out else None
+
+    def feed(self, lines: Iterable[str | bytes], add: Callable[[tuple], None]) -> int:
+        """Parse many lines into add(); returns how many were access lines. Counters are kept
+        once per call, not per line: this loop is the reader's whole per-line cost."""
+        seen = n = 0
+        fast, other = self._fast, self._other
+        for line in lines:
+            if line.__class__ is bytes:
+                try:
+                    line = line.decode("utf-8")  # type: ignore[union-attr]
+                except UnicodeDecodeError:
+                    seen += 1
+                    self._malformed(line[:200].decode("utf-8", "replace"), "not UTF-8")  # type: ignore[union-attr]
+                    continue
+            line = line.strip()  # type: ignore[union-attr]
+            if not line:
+                continue
+            seen += 1
+            sample = fast(line) or other(line)
+            if sample is not None:
+                add(sample)
+                n += 1
         st = self.stats
-        st.lines += 1
-        st.last_line_at = time.time()
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError:
-                return self._malformed(line[:200].decode("utf-8", "replace"), "not UTF-8")
-        line = line.strip()
-        if not line:
-            st.lines -= 1
-            return None
+        st.lines += seen
+        st.access += n
+        if seen:
+            st.last_line_at = time.time()
+        return n
+
+    def _other(self, line: str) -> tuple | None:
+        """Lines the fast path did not take: other loggers are ignored, the rest parsed as JSON."""
         if "http.log.access" not in line:  # cheap pre-filter: Caddy's runtime log, other noise
             if line[0] == "{" and line[-1] == "}":
-                st.ignored += 1
+                self.stats.ignored += 1
                 return None
             return self._malformed(line, "not a JSON object")
-        sample = self._fast(line)
-        if sample is None:
-            sample = self._slow(line)
-        if sample is not None:
-            st.access += 1
-        return sample
+        return self._slow(line)
 
     def _fast(self, line: str) -> tuple | None:
-        """Caddy's own compact encoding, read with four anchored regexes (~3x json.loads)."""
-        if line[0] != "{" or line[-1] != "}" or '"logger":"http.log.access' not in line \
-                or '"msg":"handled request"' not in line:
+        """Caddy's own compact encoding, read by position with str.find (several times faster
+        than json.loads).
+
+        Caddy writes the fields in a fixed order (logRequest in server.go): level, ts, logger,
+        msg, request {..., method, host, uri, headers}, bytes_read, user_id, duration, size,
+        status, resp_headers, then log_append fields. Inside JSON strings every quote is
+        escaped, so an unescaped `"key":` is structural; header names are canonical ("Status")
+        and their values arrays; the tail is found from the end, so the headers are never
+        scanned. Anything unexpected returns None, and the line goes to the JSON parser.
+        """
+        find = line.find
+        i = find('"ts":', 0, 64)
+        j = find(",", i)
+        if i < 0 or line[-1] != "}" or not line.startswith(',"logger":"http.log.access', j) \
+                or find('"msg":"handled request"', j, j + 120) < 0:
             return None
-        m_ts = _RX_TS.search(line)
-        m_method = _RX_METHOD.search(line)
-        if m_ts is None or m_method is None:
+        k = find('"method":"', j)
+        m = find('"', k + 10)
+        u = find('"uri":"', m)
+        v = find('"', u + 7)
+        rfind = line.rfind
+        f = rfind(',"status":')
+        e = rfind(',"size":', v, f)
+        d = rfind(',"duration":', v, e)
+        if min(k, m, u, v, d, e, f) < 0 or line[v - 1] == "\\":
             return None
-        m_uri = _RX_URI.search(line, m_method.end())
-        if m_uri is None:
+        g = f + 10
+        while line[g].isdigit():
+            g += 1
+        dot = find(".", i, j)
+        try:  # the sample needs whole seconds only (its slot): int() is cheaper than float()
+            sec, dur, size, status = int(line[i + 5:dot if dot > 0 else j]), float(line[d + 12:e]), \
+                int(line[e + 8:f]), int(line[f + 10:g])
+        except ValueError:
             return None
-        m_tail = _RX_TAIL.search(line, m_uri.end())
-        if m_tail is None:
-            return None
-        uri = m_uri.group(1)
+        uri, method = line[u + 7:v], line[k + 10:m]
+        if "\\" in uri or "?" in uri or "#" in uri or method not in METHODS or not (100_000_000 < sec < 10**10) \
+                or not (0 <= dur < 86400) or size < 0 or not (100 <= status <= 599) or dur * 1000 >= self.slow_ms \
+                or status >= 500:
+            try:
+                ts = float(line[i + 5:j])
+            except ValueError:
+                return None
+            return self._sample_checked(line, ts, method, uri, dur, size, status, g)
+        return (sec, "caddy", self.resolve(method, uri), method, status, dur * 1000.0, size)
+
+    def _sample_checked(self, line: str, ts: float, method: str, uri: str, dur: float, size: int, status: int,
+                        tail: int) -> tuple | None:
+        """The fast path's uncommon cases (escapes, query strings, odd methods, events) in full."""
         if "\\" in uri:
             try:
                 uri = json.loads(f'"{uri}"')
             except ValueError:
                 return None
         try:
-            return self._sample(float(m_ts.group(1)), m_method.group(1), uri,
-                                float(m_tail.group(1)), int(m_tail.group(2)), int(m_tail.group(3)),
-                                line, m_tail.end())
+            return self._sample(ts, method, uri, dur, size, status, line, tail)
         except (ValueError, OverflowError):
             return None
 
@@ -692,16 +738,6 @@ class CaddyParser:
         self.stats.last_malformed = f"{why}: {line[:200]}"
         return None
 
-    def feed(self, lines: Iterable[str | bytes], add: Callable[[tuple], None]) -> int:
-        """Parse many lines into add(); returns how many were access lines."""
-        n = 0
-        parse = self.parse
-        for line in lines:
-            sample = parse(line)
-            if sample is not None:
-                add(sample)
-                n += 1
-        return n
 
 
 #: A worker's published status older than this is a dead worker's, and ignored.
@@ -764,7 +800,7 @@ class CaddyReader:
         self.state = "starting"
         self._proc = proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env, limit=self.LINE_LIMIT,
+            stderr=asyncio.subprocess.PIPE, env=self.env,
             start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = proc.pid
         self.state = "running"
@@ -779,24 +815,39 @@ class CaddyReader:
             log.warning("telemetry: %s; restarting", self.last_error)
 
     async def _pump(self, stream: asyncio.StreamReader | None, access: bool) -> None:
-        parse, add = self.parser.parse, self.add
-        while stream is not None:
-            try:
-                line = await stream.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:  # EOF; a last line without newline counts
-                line = exc.partial
-                if not line:
-                    return
-            except asyncio.LimitOverrunError as exc:
-                await _discard_line(stream, exc.consumed)
-                if access:
+        """Read in chunks (whatever is there, up to 64 KiB: no wait for a full chunk) and parse the
+        complete lines of each chunk in one call: a readline() per line would cost more than the
+        parse. A line longer than LINE_LIMIT is skipped through its newline and counted."""
+        if stream is None:
+            return
+        rest, skipping = b"", False
+        while True:
+            chunk = await stream.read(1 << 16)
+            if not chunk:
+                if rest and not skipping:
+                    self._lines([rest], access)
+                return
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            if skipping and lines:  # the end of an over-long line
+                lines.pop(0)
+                skipping = False
+            if len(rest) > self.LINE_LIMIT:
+                if not skipping:
                     self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
-                continue
-            if access or b'"logger":"http.log.access' in line:
-                sample = parse(line)
-                if sample is not None:
-                    add(sample)
-            else:
+                    self.parser.stats.lines += 1
+                rest, skipping = b"", True
+            if lines:
+                self._lines(lines, access)
+
+    def _lines(self, lines: list[bytes], access: bool) -> None:
+        if access:
+            self.parser.feed(lines, self.add)
+            return
+        for line in lines:  # stderr: Caddy's runtime log, unless someone logs access lines there
+            if b'"logger":"http.log.access' in line:
+                self.parser.feed((line,), self.add)
+            elif line.strip():
                 log.info("telemetry: reader: %s", line.decode("utf-8", "replace").rstrip()[:500])
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -821,19 +872,6 @@ class CaddyReader:
                 "last_exit": self.last_exit, "last_error": self.last_error,
                 "lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
                 "last_line_at": st.last_line_at or None}
-
-
-async def _discard_line(stream: asyncio.StreamReader, consumed: int) -> None:
-    """Drop an over-long line through its newline (asyncio's readline would split it in two)."""
-    while True:
-        await stream.readexactly(consumed)
-        try:
-            await stream.readuntil(b"\n")
-            return
-        except asyncio.IncompleteReadError:
-            return
-        except asyncio.LimitOverrunError as exc:
-            consumed = exc.consumed
 
 
 def _signal_pid(pid: int, sig: int) -> None:
