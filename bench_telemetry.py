@@ -198,6 +198,12 @@ app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd
 """
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(port: int, seconds: int) -> tuple[float, int, int]:
     """(req/s, requests completed, non-2xx + socket errors) of one wrk run."""
     argv = pinned(1, [WRK, "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/api/ping"])
@@ -220,10 +226,13 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
         wrk(ports["bare"], 1)  # warm-ups, not timed; the instrumented app counts its requests too
         sent = wrk(ports["instrumented"], 1)[1]
         rps: dict[str, list[float]] = {"bare": [], "instrumented": []}
+        cpu: dict[str, list[float]] = {"bare": [], "instrumented": []}  # server CPU µs per request
         bad = 0
         for i in range(rounds):
             for m in (("bare", "instrumented") if i % 2 == 0 else ("instrumented", "bare")):
+                c0 = cpu_seconds(servers[m].proc.pid)
                 r, n, b = wrk(ports[m], secs)
+                cpu[m].append((cpu_seconds(servers[m].proc.pid) - c0) / max(n, 1) * 1e6)
                 rps[m].append(r)
                 bad += b
                 sent += n if m == "instrumented" else 0
@@ -238,10 +247,14 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
         print(f"  median of {rounds} x {secs} s: bare {bare:,.0f}, instrumented {inst:,.0f} req/s; "
               f"ratio {inst / bare:.3f}; per-round ratios {min(pairs):.2f}..{max(pairs):.2f}, "
               f"median {statistics.median(pairs):.3f}; wrk errors {bad}")
+        cb, ci = statistics.median(cpu["bare"]), statistics.median(cpu["instrumented"])
+        print(f"  server CPU per request (all its threads, incl. the SQLite writer): bare {cb:.1f} µs, "
+              f"instrumented {ci:.1f} µs; bare/instrumented {cb / ci:.3f} (throughput the CPU allows)")
         print(f"  telemetry counted {seen[-1]:,} sanic requests; wrk completed {sent:,} against it "
               f"(difference {seen[-1] - sent:+,}: requests in flight when wrk stopped)")
         SUMMARY["hot path"] = (f"instrumented/bare throughput   {inst / bare:.2f}   (goal >= 0.95)   bare "
-                               f"{bare:,.0f} req/s, instrumented {inst:,.0f} req/s, counted {seen[-1]:,} of {sent:,}")
+                               f"{bare:,.0f} req/s, instrumented {inst:,.0f} req/s; CPU per request ratio "
+                               f"{cb / ci:.2f} ({cb:.0f} vs {ci:.0f} µs); counted {seen[-1]:,} of {sent:,}")
     finally:
         for s in servers.values():
             s.stop()

@@ -383,7 +383,7 @@ class Histogram:
         return out
 
 
-@dataclass
+@dataclass(slots=True)  # slots: the fold updates these fields once per sample
 class Rollup:
     """One series in one 1 s slot. The histogram is {bucket: n} while it is being filled."""
 
@@ -2312,7 +2312,7 @@ class Telemetry:
         await self.store.close()
 
     def record(self, request: Any, status: int, seconds: float, nbytes: int) -> None:
-        """The hot path: one tuple into the aggregator."""
+        """The hot path: one tuple into the aggregator (Aggregator.add and norm_*, inlined)."""
         route = request.route
         if route is None:
             name = UNMATCHED
@@ -2320,8 +2320,15 @@ class Telemetry:
             name = self.route_names.get(route.path)
             if name is None:
                 name = self.route_names[route.path] = f"/{route.path}"
-        ts, method, status = time.time(), norm_method(request.method), norm_status(status)
-        self.aggregator.add((ts, "sanic", name, method, status, seconds * 1000.0, nbytes))
+        method = request.method
+        if method not in METHODS:
+            method = "OTHER"
+        if not 100 <= status <= 599:
+            status = 0
+        ts, pending = time.time(), self.aggregator.pending
+        pending.append((ts, "sanic", name, method, status, seconds * 1000.0, nbytes))
+        if len(pending) >= Aggregator.FOLD_EVERY:
+            self.aggregator.fold()
         if status >= 500 or seconds >= self.slow_s:  # rare: the only per-request work beyond the tuple
             self.aggregator.event(Event(ts, "error" if status >= 500 else "slow", "sanic", method, name,
                                         request.path, status, seconds * 1000.0,
@@ -2709,7 +2716,7 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     app.__class__ = _instrumented_class(type(app))
     _attach_routes(app, config)
 
-    async def before_start(app: Any, _loop: Any = None) -> None:
+    async def before_start(app: Any) -> None:
         tel = Telemetry(config, app, reader=_is_reader_worker())
         host = getattr(app.state, "host", "") or config.host
         tel.open_without_token = not config.token and not _is_loopback(host)
@@ -2721,12 +2728,12 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
         await tel.start()
         app.ctx.telemetry = tel
 
-    async def before_stop(app: Any, _loop: Any = None) -> None:
+    async def before_stop(app: Any) -> None:
         tel = getattr(app.ctx, "telemetry", None)
         if tel is not None:
             await tel.stop()
 
-    async def after_stop(app: Any, _loop: Any = None) -> None:
+    async def after_stop(app: Any) -> None:
         tel = getattr(app.ctx, "telemetry", None)
         if tel is not None:
             await tel.close()

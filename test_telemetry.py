@@ -2783,3 +2783,34 @@ def test_flux_queries_pass_flux_check_and_the_checker_bites(tmp_path):
         r = subprocess.run([str(FLUX_CHECK), str(tmp_path / f"bad-{name}.flux")], capture_output=True, text=True,
                            timeout=600)
         assert r.returncode != 0 and "FAIL" in r.stdout, (name, r.stdout + r.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# instrument() on a user's own app: a Sanic subclass, sanic-testing's client (listeners per request)
+
+class ShopApp(t.Sanic):  # module level, like a user's app class (workers unpickle it by name)
+    pass
+
+
+def test_instrument_user_subclass_with_test_client(tmp_path):
+    from sanic import response
+    app = ShopApp("shop_under_test")
+    app.config.ACCESS_LOG = False
+
+    @app.get("/orders/<oid:int>")
+    async def order(request, oid):
+        if oid == 0:
+            raise RuntimeError("no order 0")
+        return response.json({"id": oid})
+
+    t.instrument(app, t.Config(db=str(tmp_path / "shop.db"), spool_dir="off"), prefix="/ops")
+    assert isinstance(app, ShopApp) and isinstance(app, t.TelemetryMixin)
+    assert type(app).__name__ in dir(t)  # published under its name, so spawned workers find it
+    app.test_client.get("/orders/7")  # each call starts and stops a server: the stop flushes
+    app.test_client.get("/orders/0")
+    app.test_client.get("/nope")
+    _, resp = app.test_client.get("/ops/api/summary?range=5m")
+    sanic = resp.json["sources"]["sanic"]
+    assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
+    routes = {r["route"] for r in resp.json["routes"]}
+    assert routes == {"/orders/<oid:int>", t.UNMATCHED}  # the /ops routes are not counted
