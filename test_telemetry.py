@@ -362,6 +362,8 @@ def counts_match(demo: Demo, expected: dict[str, int]):
 
 @needs_caddy
 def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
+    import tempfile
+    state_dirs = set(Path(tempfile.gettempdir()).glob("telemetry-caddy-*"))
     demo = Demo(tmp_path)
     try:
         http("GET", demo.edge + "/telemetry/healthz")  # the dashboard's own routes are not counted
@@ -388,6 +390,7 @@ def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
         code = demo.stop()
     assert code == 0, demo.output()[-2000:]
     assert not pid_alive(caddy_pid), "Caddy outlived the app"
+    assert set(Path(tempfile.gettempdir()).glob("telemetry-caddy-*")) == state_dirs, "Caddy's state dir was left"
 
 
 @needs_caddy
