@@ -14,19 +14,25 @@ Three ways to use it
    lifecycle listeners, attached in one call.
 3. ``docker compose up`` -- see README.md.
 
-Every setting has a command-line flag and/or a ``TELEMETRY_*`` environment variable (see
-``SETTINGS`` below and the README); a bad value stops start-up with a one-line error naming it.
+Every setting has a command-line flag and/or an environment variable (``SETTINGS`` below, and the
+README); a bad value stops start-up with a one-line error naming it. With ``INFLUXDB_URL`` set the
+store is InfluxDB 2; with ``TELEMETRY_TOKEN`` set every route but /healthz needs the token.
+``python telemetry.py flux [--range R]`` prints the Flux queries the InfluxDB store runs.
 
 Sections, in the order data flows (grep for the banner):
     # === Config          settings, validation
-    # === Model           samples, series keys, the log-scale histogram, rollups, aggregator
-    # === Sources         Caddy line parser, route resolver, per-request hook, Caddy reader
-    # === Writer          bounded queue between the aggregator and a store, retry with backoff
-    # === Stores          SQLiteStore (embedded default)
-    # === Queries         ranges, the summary view model both the page and the JSON use
-    # === Dashboard       inline SVG charts and the inline Jinja2 template (autoescaped)
-    # === Wiring          Telemetry (per worker), instrument(app), create_app() (demo)
-    # === Command line    main()
+    # === Model           samples, events, series keys, the log-scale histogram, rollups, aggregator
+    # === Sources         route resolver, Caddy line parser, Caddy reader (subprocess)
+    # === Writer          bounded queue, retry with backoff, disk spool, counters
+    # === Stores          SQLiteStore (embedded default, read cache), InfluxStore (line protocol, Flux)
+    # === Queries         ranges, summarize(): the view model of both the page and the JSON
+    # === Dashboard       SVG charts, Prometheus text, the inline Jinja2 template (autoescaped)
+    # === Wiring          Telemetry (per worker), the per-request hook, routes and auth, instrument(),
+    #                     create_app() (the demo)
+    # === Command line    main(), `flux`
+
+Where to start reading: instrument() (Wiring) attaches everything; Telemetry.record() is the
+per-request hook's work; CaddyParser.feed() is the reader's; Writer._run() moves batches to a store.
 """
 
 from __future__ import annotations
@@ -72,7 +78,10 @@ __all__ = [
     "Histogram",
     "Aggregator",
     "CaddyParser",
+    "Writer",
+    "Spool",
     "SQLiteStore",
+    "InfluxStore",
     "Telemetry",
     "TelemetrySanic",
     "instrument",
