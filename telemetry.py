@@ -31,7 +31,7 @@ Sections, in the order data flows (grep for the banner):
     #                     create_app() (the demo)
     # === Command line    main(), `flux`
 
-Where to start reading: instrument() (Wiring) attaches everything; Telemetry.record() is the
+Where to start reading: instrument() (Wiring) attaches everything; Telemetry.observe() is the
 per-request hook's work; CaddyParser.feed() is the reader's; Writer._run() moves batches to a store.
 """
 
@@ -2274,6 +2274,7 @@ class Telemetry:
         self._stop = asyncio.Event()
         self.route_names: dict[str, str] = {}
         self.caught_up_at: float | None = None
+        self.wall_offset = time.time() - time.perf_counter()
         self.open_without_token = False
         self.status_dir = Path(config.db).parent / (Path(config.db).name + ".status")
         self._lines_mark: tuple[float, int] | None = None
@@ -2299,6 +2300,7 @@ class Telemetry:
                 self._publish_status()
 
     def flush(self) -> None:
+        self.wall_offset = time.time() - time.perf_counter()  # the hook adds it to perf_counter()
         batch = self.aggregator.flush()
         if batch is not None:
             self.writer.put(batch)
@@ -2320,8 +2322,13 @@ class Telemetry:
     async def close(self) -> None:
         await self.store.close()
 
-    def record(self, request: Any, status: int, seconds: float, nbytes: int) -> None:
-        """The hot path: one tuple into the aggregator (Aggregator.add and norm_*, inlined)."""
+    def observe(self, request: Any, response: Any, status: int | None = None) -> None:
+        """The per-request work: one tuple into the aggregator (its add() and norm_*, inlined).
+
+        The duration runs from the protocol's request-start time to now (the response has been
+        written); bytes are the body's length, or the declared length of a streamed response."""
+        t1 = time.perf_counter()
+        t0 = getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", t1)
         route = request.route
         if route is None:
             name = UNMATCHED
@@ -2329,12 +2336,27 @@ class Telemetry:
             name = self.route_names.get(route.path)
             if name is None:
                 name = self.route_names[route.path] = f"/{route.path}"
+                if name in self.aggregator.skip:
+                    name = self.route_names[route.path] = ""
+            if not name:
+                return  # the dashboard's own routes
+        nbytes = 0
+        if response is not None and request.method != "HEAD":
+            body = response.body
+            if body:
+                nbytes = len(body)
+            else:
+                length = response.headers.get("content-length")
+                nbytes = int(length) if length and length.isdigit() else 0
+        if status is None:
+            status = response.status if response is not None else 499
         method = request.method
         if method not in METHODS:
             method = "OTHER"
         if not 100 <= status <= 599:
             status = 0
-        ts, pending = time.time(), self.aggregator.pending
+        seconds = t1 - t0
+        ts, pending = t1 + self.wall_offset, self.aggregator.pending
         pending.append((ts, "sanic", name, method, status, seconds * 1000.0, nbytes))
         if len(pending) >= Aggregator.FOLD_EVERY:
             self.aggregator.fold()
@@ -2421,26 +2443,6 @@ class Telemetry:
                 "reader": reader, "ingest": ingest, "writer": writer, "aggregator": aggregator}
 
 
-def _record(app: Any, request: Any, response: Any, status: int | None) -> None:
-    tel = getattr(app.ctx, "telemetry", None)
-    if tel is None:
-        return
-    stream = request.stream
-    t0 = getattr(stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", None)
-    seconds = time.perf_counter() - t0 if t0 else 0.0
-    nbytes = 0
-    if response is not None and request.method != "HEAD":
-        body = response.body
-        if body:
-            nbytes = len(body)
-        else:  # streamed: only a declared length is known without wrapping the stream
-            length = response.headers.get("content-length")
-            nbytes = int(length) if length and length.isdigit() else 0
-    if status is None:
-        status = response.status if response is not None else 499
-    tel.record(request, status, seconds, nbytes)
-
-
 #: Frames from which handle_exception is called inside handle_request: those requests are
 #: recorded once, by handle_request. Direct calls (400, 408, 413, 503 from the protocol) are not.
 _NESTED = frozenset({"handle_request", "handle_exception"})
@@ -2458,27 +2460,32 @@ class TelemetryMixin:
     __slots__ = ()
 
     async def handle_request(self, request: Any) -> None:  # type: ignore[override]
-        if request.stream is None or getattr(request.stream, "perft0", None) is None:
+        stream = request.stream
+        if getattr(stream, "perft0", None) is None:
             request.ctx._telemetry_t0 = time.perf_counter()  # ASGI: no protocol timestamp
         try:
             await super().handle_request(request)  # type: ignore[misc]
         except BaseException:  # CancelledError family: handle_exception may not see it
-            stream = request.stream
             conn = getattr(getattr(stream, "protocol", None), "conn_info", None)
-            if stream is not None and (_stage_name(stream) != "HANDLER" or conn is None or conn.lost):
-                _record(self, request, stream.response, None)
+            tel = self.ctx.telemetry  # type: ignore[attr-defined]
+            if tel is not None and stream is not None and (_stage_name(stream) != "HANDLER" or conn is None
+                                                           or conn.lost):
+                tel.observe(request, stream.response)
             raise
-        stream = request.stream
-        if stream is not None and stream.response is not None:
-            _record(self, request, stream.response, None)
+        response = stream.response if stream is not None else None
+        if response is not None:  # None: a websocket, or the protocol's own error path (below)
+            tel = self.ctx.telemetry  # type: ignore[attr-defined]
+            if tel is not None:
+                tel.observe(request, response)
 
     async def handle_exception(self, request: Any, exception: BaseException,  # type: ignore[override]
                                run_middleware: bool = True) -> None:
         nested = sys._getframe(1).f_code.co_name in _NESTED
         await super().handle_exception(request, exception, run_middleware)  # type: ignore[misc]
-        if not nested:
+        tel = self.ctx.telemetry  # type: ignore[attr-defined]
+        if not nested and tel is not None:
             stream = request.stream
-            _record(self, request, stream.response if stream is not None else None, None)
+            tel.observe(request, stream.response if stream is not None else None)
 
 
 def _stage_name(stream: Any) -> str:
@@ -2723,6 +2730,7 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     if settings:
         config = Config(**{**asdict(config), **settings})
     app.__class__ = _instrumented_class(type(app))
+    app.ctx.telemetry = None  # set per worker in before_server_start; the hook checks it
     _attach_routes(app, config)
 
     async def before_start(app: Any) -> None:
