@@ -189,11 +189,14 @@ app.config.ACCESS_LOG = False
 async def ping(request):
     return response.json({"pong": True})
 
-if mode == "instrumented":
+if mode in ("instrumented", "hookonly"):
     sys.path.insert(0, here)
     import telemetry
-    spool = {"spool_dir": db + "-spool"} if "spool_dir" in telemetry.Config.__dataclass_fields__ else {}
-    telemetry.instrument(app, telemetry.Config(db=db, flush_interval=0.2, **spool))
+    telemetry.instrument(app, telemetry.Config(db=db, flush_interval=0.2, spool_dir=db + "-spool"))
+    if mode == "hookonly":  # callgrind: the per-request work only (see callgrind_per_request)
+        async def _idle(self):
+            await self._stop.wait()
+        telemetry.Telemetry._flush_loop = _idle
 app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
 """
 
@@ -258,6 +261,48 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
     finally:
         for s in servers.values():
             s.stop()
+
+
+def callgrind_per_request(mode: str, tmp: Path, n1: int, n2: int) -> float:
+    """Main-thread instructions per request of the bench server under valgrind's callgrind: the
+    difference between a run of n2 and one of n1 requests, divided by n2 - n1 (start-up cancels).
+    Instruction counts do not depend on what else the machine is doing. The instrumented server's
+    flush loop is replaced by an idle one: under valgrind a flush would cover a handful of requests
+    instead of thousands, so its cost per request would be inflated many times over."""
+    totals = []
+    for n in (n1, n2):
+        port, out = free_port(), tmp / f"cg-{mode}-{n}"
+        child = Child(["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}.%p",
+                       sys.executable, str(tmp / "server.py"), mode, str(port), str(tmp / f"cg-{mode}.db"), str(HERE)],
+                      tmp / f"cg-{mode}.log")
+        try:
+            if not answers(port, "/api/ping", timeout=300):
+                raise RuntimeError(f"{mode} under valgrind did not answer:\n{child.tail()}")
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            for _ in range(n):
+                conn.request("GET", "/api/ping")
+                conn.getresponse().read()
+            conn.close()
+        finally:
+            child.stop(timeout=300)
+        counts = [int(m.group(1)) for f in tmp.glob(f"cg-{mode}-{n}.*")
+                  if (m := re.search(r"^summary: (\d+)", f.read_text(errors="replace"), re.M))]
+        totals.append(max(counts))  # the main thread's file is the largest
+    return (totals[1] - totals[0]) / (n2 - n1)
+
+
+def bench_instructions(quick: bool, tmp: Path) -> None:
+    if not shutil.which("valgrind"):
+        SUMMARY["instructions"] = "skipped: no valgrind (apt-get install valgrind)"
+        return
+    (tmp / "server.py").write_text(SERVER_SRC)
+    n1, n2 = (100, 400) if quick else (300, 1300)
+    bare = callgrind_per_request("bare", tmp, n1, n2)
+    inst = callgrind_per_request("hookonly", tmp, n1, n2)
+    print(f"  instructions per request (main thread): bare {bare:,.0f}, instrumented {inst:,.0f} "
+          f"(+{inst - bare:,.0f}); bare/instrumented {bare / inst:.3f}")
+    SUMMARY["instructions"] = (f"bare/instrumented per request  {bare / inst:.3f}  (goal >= 0.95)   {bare:,.0f} vs "
+                               f"{inst:,.0f} instructions (callgrind, main thread, flush loop excluded)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +535,7 @@ def bench_render(quick: bool, tmp: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
-    ap.add_argument("--only", action="append", choices=["hot", "ingest", "freshness", "render"],
+    ap.add_argument("--only", action="append", choices=["hot", "instructions", "ingest", "freshness", "render"],
                     help="run only these parts (repeatable)")
     args = ap.parse_args()
     quick = args.quick
@@ -498,7 +543,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
     pinning = f"servers on CPU {CPUS[0]}, wrk on CPU {CPUS[1]}" if len(CPUS) > 1 else "no pinning (one CPU)"
     print(f"bench_telemetry.py{' --quick' if quick else ''}: {pinning}; scratch {tmp}")
-    parts = [("hot path", lambda: bench_hot_path(quick, tmp)), ("ingest", lambda: bench_ingest(quick)),
+    parts = [("hot path", lambda: bench_hot_path(quick, tmp)),
+             ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
