@@ -2833,9 +2833,16 @@ def _serve(config: Config) -> None:
     from sanic.worker.loader import AppLoader
     loader = AppLoader(factory=partial(create_app, config))
     app = loader.load()
+    # One worker runs in this process: no manager. Sanic's manager can hang for good when SIGINT
+    # lands between a worker serving and its start-up acknowledgement (seen in ~1 of 16 quick
+    # start/stop cycles); with several workers that window remains, and is Sanic's.
+    single = config.workers == 1
     app.prepare(host=config.host, port=config.port, workers=config.workers, motd=False,
-                access_log=False, single_process=False)
-    Sanic.serve(primary=app, app_loader=loader)
+                access_log=False, single_process=single)
+    if single:
+        Sanic.serve_single(primary=app)
+    else:
+        Sanic.serve(primary=app, app_loader=loader)
 
 
 def print_flux(argv: Sequence[str]) -> int:

@@ -418,6 +418,8 @@ def test_e2e_hostile_path_is_escaped(tmp_path):
 @needs_caddy
 def test_e2e_two_workers_count_once(tmp_path):
     demo = Demo(tmp_path, "--workers", "2")
+    # both workers up (each publishes its status): past Sanic's start-up acknowledgement window
+    wait_for(lambda: demo.health()["workers"] == 2, 10, "both workers")
     try:
         probe = 1
         expected = send_mix(demo.edge)
