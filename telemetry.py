@@ -1082,7 +1082,7 @@ class Writer:
     under Docker's 10 s) and spools what is left.
     """
 
-    BACKOFF_START, BACKOFF_MAX = 0.2, 30.0
+    BACKOFF_START, BACKOFF_MAX = 0.2, 10.0  # a store that is back is written to within ~10 s
 
     def __init__(self, store: Any, max_batches: int = 10_000, spool: Spool | None = None) -> None:
         self.store = store
