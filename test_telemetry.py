@@ -1210,15 +1210,9 @@ def parse_line(line: str, precision: str, now_ns: int) -> tuple[str, dict[str, s
 
 
 def _lp_kind(v: Any) -> str:
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, UInt):
-        return "unsigned"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "float"
-    return "string"
+    """A field's line-protocol type (a change of type is a 422), named from its CSV datatype."""
+    return {"boolean": "boolean", "unsignedLong": "unsigned", "long": "integer",
+            "double": "float"}.get(_datatype(v) or "", "string")
 
 
 # =============================================================================================
