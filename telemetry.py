@@ -31,8 +31,9 @@ Sections, in the order data flows (grep for the banner):
     #                     create_app() (the demo)
     # === Command line    main(), `flux`
 
-Where to start reading: instrument() (Wiring) attaches everything; Telemetry.observe() is the
-per-request hook's work; CaddyParser.feed() is the reader's; Writer._run() moves batches to a store.
+Where to start reading: instrument() (Wiring) attaches everything; _hooks() is the per-request
+hook; Telemetry.fold() and Aggregator.merge() turn its samples into rollups; CaddyParser.feed() is
+the reader's work; Writer._run() moves batches to a store.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -66,6 +68,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from sanic import Sanic, response as _resp
+from sanic.http.http1 import Http as _Http1
 
 try:  # ujson ships with Sanic on CPython; only the slow fallback parser needs it
     import ujson as _fastjson
@@ -287,6 +290,9 @@ UNMATCHED = "(unmatched)"
 OVERFLOW = "(other)"
 
 
+_FIRST = operator.itemgetter(0)
+
+
 def norm_method(method: str) -> str:
     return method if method in METHODS else "OTHER"
 
@@ -307,16 +313,16 @@ class Histogram:
     G = 1.02
     MIN_MS = 0.01
     BUCKETS = 1024  # covers 0.01 ms .. ~6.3e6 ms (G**1024 * 0.01); larger values land in the last
-    INV_LOG_G = 1 / math.log(G)
-    LOG_MIN = math.log(MIN_MS)
     _HALF = math.sqrt(G)
+
+    #: BOUNDS[i] is where bucket i + 1 starts (filled in below the class). A bisection over it is
+    #: the bucket, and map(bisect_right, repeat(BOUNDS), column) buckets a whole column in C.
+    BOUNDS: list[float] = []
+    BOUNDS_S: list[float] = []
 
     @classmethod
     def index(cls, ms: float) -> int:
-        if ms <= cls.MIN_MS:
-            return 0
-        i = int((math.log(ms) - cls.LOG_MIN) * cls.INV_LOG_G)
-        return i if i < cls.BUCKETS else cls.BUCKETS - 1
+        return bisect.bisect_right(cls.BOUNDS, ms)
 
     @classmethod
     def value(cls, i: int) -> float:
@@ -392,7 +398,11 @@ class Histogram:
         return out
 
 
-@dataclass(slots=True)  # slots: the fold updates these fields once per sample
+Histogram.BOUNDS = [Histogram.MIN_MS * Histogram.G ** (i + 1) for i in range(Histogram.BUCKETS - 1)]
+Histogram.BOUNDS_S = [b / 1000.0 for b in Histogram.BOUNDS]  # the same, for durations in seconds
+
+
+@dataclass(slots=True)
 class Rollup:
     """One series in one 1 s slot. The histogram is {bucket: n} while it is being filled."""
 
@@ -438,11 +448,38 @@ class Batch:
     events: list[Event] = field(default_factory=list)
 
 
+def _count_sorted(values: list[float], bounds: list[float], hist: dict[int, int]) -> None:
+    """Add sorted values to hist ({bucket: n}, bucket = bisect_right(bounds, value)).
+
+    Walks the occupied buckets, not the values: the end of each bucket's run is found by
+    bisection unless the run is a single value, and the next bucket by a look at the adjacent
+    bound before any search (latencies cluster, so it is usually the next one or close)."""
+    n, last, i = len(values), len(bounds), 0
+    right, left = bisect.bisect_right, bisect.bisect_left
+    b = right(bounds, values[0]) if n else last
+    while i < n:
+        if b >= last:  # the top bucket takes the rest
+            hist[last] = hist.get(last, 0) + n - i
+            return
+        edge = bounds[b]
+        j = i + 1
+        if j < n and values[j] < edge:
+            j = left(values, edge, j + 1)
+        hist[b] = hist.get(b, 0) + j - i
+        if j >= n:
+            return
+        i, b = j, b + 1
+        if b < last and values[i] >= bounds[b]:
+            b = right(bounds, values[i], b)
+
+
 class Aggregator:
     """Folds samples into per-slot, per-series rollups; flush() hands them over as a Batch.
 
-    The hot path is add(): one tuple appended to a list. Folding happens in batches of FOLD_EVERY
-    and before every flush, which halves the per-request cost against folding each sample.
+    Samples arrive as tuples (add(), the Caddy parser) or, from the Sanic hook, as raw tuples that
+    Telemetry.fold() groups itself. Either way a series' durations are gathered into a list and
+    merged once per fold: the histogram is counted from the sorted list, so the per-sample cost
+    is an append, not a bucket computation.
     """
 
     FOLD_EVERY = 1024
@@ -480,40 +517,59 @@ class Aggregator:
             self.fold()
 
     def fold(self) -> None:
+        """The pending sample tuples, grouped into series and merged."""
         pending, self.pending = self.pending, []
-        rollups = self.rollups
-        skip, routes, bounded = self.skip, self.routes, self._bounded_route
-        log, off, k, top = math.log, Histogram.LOG_MIN, Histogram.INV_LOG_G, Histogram.BUCKETS - 1
+        groups: dict[tuple, list] = {}
+        get = groups.get
         for ts, source, route, method, status, ms, nbytes in pending:
-            if route in skip:
-                continue
-            known = routes.get(source)
-            if known is None or route not in known:
-                route = bounded(source, route)
             key = (int(ts), source, route, method, status)
-            r = rollups.get(key)
-            if r is None:
-                r = rollups[key] = Rollup(int(ts), source, route, method, status)
-            r.count += 1
-            r.dur_sum += ms
-            if ms > r.dur_max:
-                r.dur_max = ms
-            r.bytes_sum += nbytes
-            b = int((log(ms) - off) * k) if ms > Histogram.MIN_MS else 0  # Histogram.index, inlined
-            if b > top:
-                b = top
-            r.hist[b] = r.hist.get(b, 0) + 1
-        self.samples += len(pending)
+            g = get(key)
+            if g is None:
+                g = groups[key] = [0, []]
+            g[0] += nbytes
+            g[1].append(ms)
+        for (slot, source, route, method, status), (nbytes, durations) in groups.items():
+            self.merge(slot, source, route, method, status, durations, nbytes)
 
-    def _bounded_route(self, source: str, route: str) -> str:
+    def merge(self, slot: int, source: str, route: str, method: str, status: int, durations: list[float],
+              nbytes: int, seconds: bool = False) -> None:
+        """One series' samples in one slot: durations (ms, or s with seconds=True; sorted here)
+        and their bytes in total. The histogram is counted from the sorted run, with two
+        bisections per occupied bucket rather than one per sample."""
+        n = len(durations)
+        r = self._rollup(source, (slot, route, method, status), n)
+        if r is None or not n:
+            return
+        durations.sort()
+        scale = 1000.0 if seconds else 1.0
+        r.count += n
+        r.dur_sum += sum(durations) * scale
+        top = durations[-1] * scale
+        if top > r.dur_max:
+            r.dur_max = top
+        r.bytes_sum += nbytes
+        _count_sorted(durations, Histogram.BOUNDS_S if seconds else Histogram.BOUNDS, r.hist)
+        self.samples += n
+
+    def _rollup(self, source: str, key: tuple, size: int) -> Rollup | None:
+        """The rollup of (slot, route, method, status) for source; None for a skipped route.
+        A route beyond max_routes for its source is folded into OVERFLOW (its size samples are
+        counted in collapsed)."""
+        slot, route, method, status = key
+        if route in self.skip or not route:
+            return None
         known = self.routes.setdefault(source, set())
-        if route in known:
-            return route
-        if len(known) >= self.max_routes:
-            self.collapsed += 1
-            return OVERFLOW
-        known.add(route)
-        return route
+        if route not in known:
+            if len(known) >= self.max_routes:
+                self.collapsed += size
+                route = OVERFLOW
+            else:
+                known.add(route)
+        full = (slot, source, route, method, status)
+        r = self.rollups.get(full)
+        if r is None:
+            r = self.rollups[full] = Rollup(slot, source, route, method, status)
+        return r
 
     def flush(self) -> Batch | None:
         """All rollups folded so far, as one batch; None when there is nothing new."""
@@ -2253,6 +2309,20 @@ def worker_instance(base: str) -> str:
     return f"{base or socket.gethostname()[:48]}-w{worker}"
 
 
+def _group_raw(raw: list[tuple], start: int, end: int) -> dict[tuple, tuple[list[float], list[int]]]:
+    """raw[start:end] -> {(route path, method, status): ([durations in s], [bytes])}."""
+    groups: dict[tuple, tuple[list[float], list[int]]] = {}
+    get = groups.get
+    for _, seconds, path, method, status, nbytes in itertools.islice(raw, start, end):
+        key = (path, method, status)
+        g = get(key)
+        if g is None:
+            g = groups[key] = ([], [])
+        g[0].append(seconds)
+        g[1].append(nbytes)
+    return groups
+
+
 class Telemetry:
     """Everything one worker process needs; app.ctx.telemetry while the server runs."""
 
@@ -2272,10 +2342,14 @@ class Telemetry:
             self.reader = CaddyReader(config.caddy_log_command, self.parser, self.aggregator.add)
         self._flusher: asyncio.Task | None = None
         self._stop = asyncio.Event()
-        self.route_names: dict[str, str] = {}
+        #: The hook's samples, (end, seconds, route path, method, status, bytes), folded by fold().
+        self.raw: list[tuple] = []
+        #: Route path (None: no route matched) -> the route value kept; see _route_name().
+        self.route_names: dict[str | None, str] = {None: UNMATCHED}
         self.caught_up_at: float | None = None
         self.wall_offset = time.time() - time.perf_counter()
         self.open_without_token = False
+        self.hook_errors, self.hook_error = 0, ""  # exceptions inside the hook (a handler's odd response)
         self.status_dir = Path(config.db).parent / (Path(config.db).name + ".status")
         self._lines_mark: tuple[float, int] | None = None
 
@@ -2300,7 +2374,8 @@ class Telemetry:
                 self._publish_status()
 
     def flush(self) -> None:
-        self.wall_offset = time.time() - time.perf_counter()  # the hook adds it to perf_counter()
+        self.fold()
+        self.wall_offset = time.time() - time.perf_counter()  # fold() adds it to perf_counter() times
         batch = self.aggregator.flush()
         if batch is not None:
             self.writer.put(batch)
@@ -2323,47 +2398,66 @@ class Telemetry:
         await self.store.close()
 
     def observe(self, request: Any, response: Any, status: int | None = None) -> None:
-        """The per-request work: one tuple into the aggregator (its add() and norm_*, inlined).
+        """Record one request that the hook's fast path did not (exceptions, cancellations).
 
+        Appends the same raw sample as the hook: (end, seconds, route path, method, status, bytes).
         The duration runs from the protocol's request-start time to now (the response has been
         written); bytes are the body's length, or the declared length of a streamed response."""
         t1 = time.perf_counter()
-        t0 = getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", t1)
-        route = request.route
-        if route is None:
-            name = UNMATCHED
-        else:
-            name = self.route_names.get(route.path)
-            if name is None:
-                name = self.route_names[route.path] = f"/{route.path}"
-                if name in self.aggregator.skip:
-                    name = self.route_names[route.path] = ""
-            if not name:
-                return  # the dashboard's own routes
-        nbytes = 0
-        if response is not None and request.method != "HEAD":
-            body = response.body
-            if body:
-                nbytes = len(body)
-            else:
-                length = response.headers.get("content-length")
-                nbytes = int(length) if length and length.isdigit() else 0
+        seconds = t1 - (getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", t1))
+        nbytes = _body_bytes(response) if response is not None else 0
         if status is None:
             status = response.status if response is not None else 499
+        route = request.route
+        self.raw.append((t1, seconds, route.path if route is not None else None, request.method, status, nbytes))
+        if status >= 500 or seconds >= self.slow_s:
+            self.event(request, status, seconds)
+
+    def event(self, request: Any, status: int, seconds: float) -> None:
+        """A 5xx or slow request, kept with its path and request id for the events tables."""
+        route = request.route
+        name = self._route_name(route.path) if route is not None else UNMATCHED
         method = request.method
-        if method not in METHODS:
-            method = "OTHER"
-        if not 100 <= status <= 599:
-            status = 0
-        seconds = t1 - t0
-        ts, pending = t1 + self.wall_offset, self.aggregator.pending
-        pending.append((ts, "sanic", name, method, status, seconds * 1000.0, nbytes))
-        if len(pending) >= Aggregator.FOLD_EVERY:
-            self.aggregator.fold()
-        if status >= 500 or seconds >= self.slow_s:  # rare: the only per-request work beyond the tuple
-            self.aggregator.event(Event(ts, "error" if status >= 500 else "slow", "sanic", method, name,
-                                        request.path, status, seconds * 1000.0,
-                                        request.headers.get("x-request-id", "")[:64]))
+        self.aggregator.event(Event(time.time() - seconds, "error" if status >= 500 else "slow", "sanic",
+                                    method if method in METHODS else "OTHER", name, request.path, status,
+                                    seconds * 1000.0, request.headers.get("x-request-id", "")[:64]))
+
+    def _route_name(self, path: str | None) -> str:
+        """A route's path -> the route value kept ('' for the dashboard's own routes)."""
+        name = self.route_names.get(path)
+        if name is None:
+            name = f"/{path}"
+            self.route_names[path] = name = "" if name in self.aggregator.skip else name
+        return name
+
+    def fold(self) -> None:
+        """The hook's raw samples -> series per wall-clock second -> the aggregator.
+
+        Samples are appended as requests end, so their end times ascend: each second is one
+        contiguous run, found by bisection, and no slot is computed per sample."""
+        raw, self.raw = self.raw, []
+        start, n, offset = 0, len(raw), self.wall_offset
+        while start < n:
+            slot = int(raw[start][0] + offset)
+            end = max(bisect.bisect_left(raw, slot + 1 - offset, start, n, key=_FIRST), start + 1)
+            try:
+                groups = _group_raw(raw, start, end)
+            except TypeError:  # an unhashable status from a handler: kept as 0, like any other bad one
+                raw[start:end] = [(*x[:4], norm_status(x[4]), x[5]) for x in raw[start:end]]
+                groups = _group_raw(raw, start, end)
+            for (path, method, status), (durations, sizes) in groups.items():
+                nbytes = sum(sizes)
+                name = self.route_names.get(path)
+                if name is None:
+                    name = self._route_name(path)
+                if method not in METHODS:
+                    method = "OTHER"
+                elif method == "HEAD":  # a HEAD response carries no body
+                    nbytes = 0
+                self.aggregator.merge(slot, "sanic", name, method, norm_status(status), durations, nbytes,
+                                      seconds=True)
+            start = end
+
 
     async def summary(self, range_name: str) -> dict[str, Any]:
         seconds, tier = RANGES[range_name]
@@ -2388,9 +2482,11 @@ class Telemetry:
                            "ignored": st.ignored, "lines_per_s": round(rate, 1),
                            "last_line_at": st.last_line_at or None, "last_malformed": st.last_malformed},
                 "writer": self.writer.health(),
-                "aggregator": {"samples": self.aggregator.samples, "pending": len(self.aggregator.pending),
+                "aggregator": {"samples": self.aggregator.samples,
+                               "pending": len(self.aggregator.pending) + len(self.raw),
                                "collapsed_routes": self.aggregator.collapsed,
-                               "events_dropped": self.aggregator.events_dropped}}
+                               "events_dropped": self.aggregator.events_dropped,
+                               "hook_errors": self.hook_errors, "last_hook_error": self.hook_error}}
 
     def _publish_status(self) -> None:
         """Write local_status() where the other workers read it: the page shows the whole pipeline,
@@ -2436,8 +2532,10 @@ class Telemetry:
                                     "")
         writer["down_since"] = min((st["writer"]["down_since"] for st in statuses if st["writer"]["down_since"]),
                                    default=None)
-        aggregator = {k: sum(st["aggregator"][k] for st in statuses)
-                      for k in ("samples", "pending", "collapsed_routes", "events_dropped")}
+        aggregator = {k: sum(st["aggregator"].get(k, 0) for st in statuses)
+                      for k in ("samples", "pending", "collapsed_routes", "events_dropped", "hook_errors")}
+        aggregator["last_hook_error"] = next((st["aggregator"].get("last_hook_error") for st in statuses
+                                              if st["aggregator"].get("last_hook_error")), "")
         ok = store["ok"] and reader["state"] in READER_OK and writer["down_since"] is None
         return {"ok": ok, "instance": self.instance, "workers": len(statuses), "store": store,
                 "reader": reader, "ingest": ingest, "writer": writer, "aggregator": aggregator}
@@ -2448,44 +2546,89 @@ class Telemetry:
 _NESTED = frozenset({"handle_request", "handle_exception"})
 
 
-class TelemetryMixin:
-    """The per-request hook: handle_request / handle_exception overrides.
+def _hooks(base: type) -> dict[str, Any]:
+    """handle_request / handle_exception overrides for a subclass of base.
 
     Measured against the other hooks Sanic offers (request + response middleware 0.89-0.91 of bare
-    throughput, signals 0.67-0.78), an override of handle_request costs least (0.95-0.97): one
-    call, one tuple appended, no middleware dispatch. Requests that never reach handle_request
-    (malformed 400s, timeouts) are recorded from handle_exception.
+    throughput, signals 0.67-0.78), an override of handle_request costs least: one call, no
+    middleware dispatch. Its fast path below appends one tuple and compares twice; the fold does
+    the rest in batches. base's methods are looked up per call (not captured): Sanic rewrites
+    Sanic.handle_request at start-up. Requests that never reach handle_request (malformed 400s,
+    timeouts) are recorded from handle_exception.
     """
+    perf_counter = time.perf_counter
+    fold_every = Aggregator.FOLD_EVERY
 
-    __slots__ = ()
-
-    async def handle_request(self, request: Any) -> None:  # type: ignore[override]
-        stream = request.stream
-        if getattr(stream, "perft0", None) is None:
-            request.ctx._telemetry_t0 = time.perf_counter()  # ASGI: no protocol timestamp
+    async def handle_request(self: Any, request: Any) -> None:
+        stream = request.stream  # set by every transport before it calls handle_request
+        http1 = stream.__class__ is _Http1
+        if not http1:  # ASGI or HTTP/3: no protocol start time to read
+            request.ctx._telemetry_t0 = perf_counter()
         try:
-            await super().handle_request(request)  # type: ignore[misc]
+            await base.handle_request(self, request)
         except BaseException:  # CancelledError family: handle_exception may not see it
-            conn = getattr(getattr(stream, "protocol", None), "conn_info", None)
-            tel = self.ctx.telemetry  # type: ignore[attr-defined]
-            if tel is not None and stream is not None and (_stage_name(stream) != "HANDLER" or conn is None
-                                                           or conn.lost):
-                tel.observe(request, stream.response)
+            _observe_interrupted(self, request, stream)
             raise
-        response = stream.response if stream is not None else None
-        if response is not None:  # None: a websocket, or the protocol's own error path (below)
-            tel = self.ctx.telemetry  # type: ignore[attr-defined]
-            if tel is not None:
-                tel.observe(request, response)
+        tel = self.ctx.telemetry
+        response = stream.response
+        if tel is None or response is None:  # not started; a websocket; the protocol's own error path
+            return
+        try:  # zero-cost unless it raises: a handler's odd response must not fail the request
+            t1 = perf_counter()
+            if http1:
+                seconds = t1 - stream.perft0
+                # a whole-body response: the protocol has just counted the bytes it wrote
+                nbytes = stream.response_size if response.__class__ in _WHOLE_BODY else _body_bytes(response)
+            else:
+                seconds, nbytes = t1 - request.ctx._telemetry_t0, _body_bytes(response)
+            status, route, raw = response.status, request.route, tel.raw
+            raw.append((t1, seconds, route.path if route is not None else None, request.method, status, nbytes))
+            if status >= 500 or seconds >= tel.slow_s:
+                tel.event(request, status, seconds)
+            if len(raw) >= fold_every:
+                tel.fold()
+        except Exception as exc:
+            tel.hook_errors += 1
+            tel.hook_error = f"{type(exc).__name__}: {exc}"
 
-    async def handle_exception(self, request: Any, exception: BaseException,  # type: ignore[override]
+    async def handle_exception(self: Any, request: Any, exception: BaseException,
                                run_middleware: bool = True) -> None:
         nested = sys._getframe(1).f_code.co_name in _NESTED
-        await super().handle_exception(request, exception, run_middleware)  # type: ignore[misc]
-        tel = self.ctx.telemetry  # type: ignore[attr-defined]
+        await base.handle_exception(self, request, exception, run_middleware)
+        tel = self.ctx.telemetry
         if not nested and tel is not None:
             stream = request.stream
             tel.observe(request, stream.response if stream is not None else None)
+
+    return {"handle_request": handle_request, "handle_exception": handle_exception}
+
+
+def _observe_interrupted(app: Any, request: Any, stream: Any) -> None:
+    """A handler that ended by an exception handle_exception did not see (a cancellation): record
+    it unless the protocol will still answer it (and so call handle_exception)."""
+    conn = getattr(getattr(stream, "protocol", None), "conn_info", None)
+    tel = app.ctx.telemetry
+    if tel is not None and stream is not None and (_stage_name(stream) != "HANDLER" or conn is None or conn.lost):
+        tel.observe(request, stream.response)
+
+
+def _body_bytes(response: Any) -> int:
+    """The body's length, or a streamed (or empty) response's Content-Length, or 0."""
+    body = response.body
+    if body:
+        return len(body)
+    length = response.headers.get("content-length")
+    return int(length) if length and length.isdigit() else 0
+
+
+#: Response classes whose body is sent whole, so Http.response_size is its length.
+_WHOLE_BODY = frozenset({_resp.HTTPResponse, _resp.JSONResponse})
+
+
+class TelemetryMixin:
+    """Marks a class that has the hook (see _hooks()); _instrumented_class() makes them."""
+
+    __slots__ = ()
 
 
 def _stage_name(stream: Any) -> str:
@@ -2504,15 +2647,21 @@ def _instrumented_class(cls: type) -> type:
     name = "_Telemetry_" + f"{module}_{cls.__qualname__}".replace(".", "_")
     new = globals().get(name)
     if new is None:
-        new = type(cls)(name, (TelemetryMixin, cls), {"__slots__": (), "__module__": __name__, "__qualname__": name})
+        new = type(cls)(name, (TelemetryMixin, cls), {"__slots__": (), "__module__": __name__, "__qualname__": name,
+                                                       **_hooks(cls)})
         globals()[name] = new
     return new
+
+
+_SANIC_HOOKS = _hooks(Sanic)
 
 
 class TelemetrySanic(TelemetryMixin, Sanic):
     """Sanic with the telemetry hook. instrument() switches a plain Sanic app to it in place."""
 
     __slots__ = ()  # the same layout as Sanic, so app.__class__ can be switched
+    handle_request = _SANIC_HOOKS["handle_request"]
+    handle_exception = _SANIC_HOOKS["handle_exception"]
 
 
 _JINJA: Any = None

@@ -209,6 +209,41 @@ def test_aggregator_folds_and_bounds_routes():
     assert agg.samples == 11
 
 
+def test_hook_fold_matches_per_sample_rollups():
+    """Telemetry.fold() (time-ordered raw samples cut at whole seconds, grouped, histograms counted
+    from sorted durations) gives exactly what folding each sample on its own gives."""
+    tel = t.Telemetry(t.Config(db=":memory:", spool_dir="off"))
+    tel.wall_offset = 1_800_000_000.0 - 100.0  # perf_counter 100.0 is wall-clock second 1_800_000_000
+    rnd = random.Random(5)
+    raw, expected, t1 = [], {}, 99.3
+    for _ in range(5000):
+        t1 += rnd.expovariate(2000)  # ~2.5 s of requests, crossing whole seconds
+        path, method, status = rnd.choice(["api/ping", None, "api/items/<id:int>"]), \
+            rnd.choice(["GET", "GET", "HEAD", "BREW"]), rnd.choice([200, 200, 404, 500, 999])
+        seconds, size = rnd.lognormvariate(-6, 1.5), rnd.randrange(0, 5000)
+        raw.append((t1, seconds, path, method, status, size))
+        key = (int(t1 + tel.wall_offset), "/" + path if path else t.UNMATCHED, t.norm_method(method),
+               t.norm_status(status))
+        e = expected.setdefault(key, [0, 0.0, 0.0, 0, {}])
+        e[0] += 1
+        e[1] += seconds * 1000.0
+        e[2] = max(e[2], seconds * 1000.0)
+        e[3] += 0 if method == "HEAD" else size
+        b = t.Histogram.index(seconds * 1000.0)
+        e[4][b] = e[4].get(b, 0) + 1
+    tel.raw = raw
+    tel.fold()
+    got = {(r.slot, r.route, r.method, r.status): r for r in tel.aggregator.flush().rows}
+    assert len({k[0] for k in got}) >= 3 and got.keys() == expected.keys()
+    for key, (count, total, top, nbytes, hist) in expected.items():
+        r = got[key]
+        assert (r.count, r.bytes_sum, r.dur_max) == (count, nbytes, top)
+        assert r.dur_sum == pytest.approx(total, rel=1e-9)
+        # a duration within rounding of a bucket edge may land on the other side of it
+        assert sum(r.hist.values()) == count
+        assert sum(abs(r.hist.get(b, 0) - n) for b, n in hist.items()) <= 2 * max(1, count // 1000)
+
+
 def test_normalisation():
     assert t.norm_method("BREW") == "OTHER" and t.norm_method("PATCH") == "PATCH"
     assert t.norm_status(999) == 0 and t.norm_status(204) == 204 and t.norm_status("200") == 0
