@@ -315,8 +315,8 @@ class Histogram:
     BUCKETS = 1024  # covers 0.01 ms .. ~6.3e6 ms (G**1024 * 0.01); larger values land in the last
     _HALF = math.sqrt(G)
 
-    #: BOUNDS[i] is where bucket i + 1 starts (filled in below the class). A bisection over it is
-    #: the bucket, and map(bisect_right, repeat(BOUNDS), column) buckets a whole column in C.
+    #: BOUNDS[i] is where bucket i + 1 starts (filled in below the class): the bucket of a value is
+    #: a bisection over it, and _count_sorted() counts a sorted run against it bucket by bucket.
     BOUNDS: list[float] = []
     BOUNDS_S: list[float] = []
 
