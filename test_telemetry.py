@@ -209,19 +209,24 @@ def test_aggregator_folds_and_bounds_routes():
     assert agg.samples == 11
 
 
-def test_hook_fold_matches_per_sample_rollups():
+@pytest.mark.parametrize("paths,methods,statuses", [
+    (["api/ping"], ["GET"], [200]),  # one series a second
+    (["api/ping", None], ["GET"], [200, 200, 404]),  # a few
+    (["api/ping", None, "api/items/<id:int>"], ["GET", "GET", "HEAD", "BREW"], [200, 200, 404, 500, 999]),  # many
+])
+def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
     """Telemetry.fold() (time-ordered raw samples cut at whole seconds, grouped, histograms counted
-    from sorted durations) gives exactly what folding each sample on its own gives."""
+    from sorted durations) gives exactly what folding each sample on its own gives, whether a
+    second holds one series, a few or many (_group_raw() takes a different way for each)."""
     tel = t.Telemetry(t.Config(db=":memory:", spool_dir="off"))
     tel.wall_offset = 1_800_000_000.0 - 100.0  # perf_counter 100.0 is wall-clock second 1_800_000_000
     rnd = random.Random(5)
     raw, expected, t1 = [], {}, 99.3
     for _ in range(5000):
         t1 += rnd.expovariate(2000)  # ~2.5 s of requests, crossing whole seconds
-        path, method, status = rnd.choice(["api/ping", None, "api/items/<id:int>"]), \
-            rnd.choice(["GET", "GET", "HEAD", "BREW"]), rnd.choice([200, 200, 404, 500, 999])
+        path, method, status = rnd.choice(paths), rnd.choice(methods), rnd.choice(statuses)
         seconds, size = rnd.lognormvariate(-6, 1.5), rnd.randrange(0, 5000)
-        raw.append((t1, seconds, path, method, status, size))
+        raw += (t1, seconds, path, method, status, size)  # flat: RAW_WIDTH values a sample
         key = (int(t1 + tel.wall_offset), "/" + path if path else t.UNMATCHED, t.norm_method(method),
                t.norm_status(status))
         e = expected.setdefault(key, [0, 0.0, 0.0, 0, {}])
@@ -256,7 +261,7 @@ def test_parser_access_runtime_and_malformed():
     p = t.CaddyParser(lambda m, path: f"route:{path}")
     now = time.time()
     s = p.parse(access_line(now, uri="/api/items/7?x=1", status=404, duration=0.0025, size=42))
-    assert s == (now, "caddy", "route:/api/items/7", "GET", 404, 2.5, 42)
+    assert s[1:] == ("caddy", "route:/api/items/7", "GET", 404, 2.5, 42) and int(s[0]) == int(now)  # the slot
     assert p.parse('{"level":"info","ts":1.7e9,"logger":"http","msg":"server running"}') is None
     assert p.parse('{"level":"info","ts":1.7e9,"msg":"using config from file"}') is None
     bad = ["not json", '{"logger":"http.log.access.log0","msg":"handled request"',
