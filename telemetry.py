@@ -1891,8 +1891,11 @@ def _tier_rows(rows: list[Rollup], tiers: Iterable[int]) -> tuple[list[tuple], l
                 acc[3] += r.bytes_sum
             hkey = key[:5]
             hists[hkey] = hists.get(hkey, 0) + lanes
-    return ([(*k, *v) for k, v in rollups.items()],
-            [(*k, Histogram.encode(v)) for k, v in hists.items()])
+    blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
+    for lanes in hists.values():
+        if lanes not in blobs:
+            blobs[lanes] = Histogram.encode(lanes)
+    return [(*k, *v) for k, v in rollups.items()], [(*k, blobs[v]) for k, v in hists.items()]
 
 
 # ================================================================================================
@@ -2386,14 +2389,15 @@ def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[f
     """Samples start..end of the flat raw list -> {(route path, method, status): ([durations in s], [bytes])}.
 
     Each field is taken out as one strided slice (C, no per-sample Python). A second's samples
-    usually fall into a few series: then each series is picked out with compress() over a
-    key comparison, also in C; with many series one Python pass groups them."""
-    a, b, w = start * RAW_WIDTH, end * RAW_WIDTH, RAW_WIDTH
-    keys = list(zip(raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]))
+    usually fall into one series (counted column by column) or a few: then each series is picked
+    out with compress() over a key comparison, also in C; with many, one Python pass groups them."""
+    a, b, w, n = start * RAW_WIDTH, end * RAW_WIDTH, RAW_WIDTH, end - start
+    paths, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
     durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
+    if paths.count(paths[0]) == n and methods.count(methods[0]) == n and statuses.count(statuses[0]) == n:
+        return {(paths[0], methods[0], statuses[0]): (durations, sizes)}  # one series: no key per sample
+    keys = list(zip(paths, methods, statuses))
     series = dict.fromkeys(keys)
-    if len(series) == 1:
-        return {keys[0]: (durations, sizes)}
     if len(series) <= 4:
         out = {}
         for key in series:
@@ -2421,6 +2425,11 @@ class Telemetry:
         self.aggregator = Aggregator(self.instance, config.max_routes)
         self.parser = CaddyParser(RouteResolver(app.router if app is not None else None),
                                   self.aggregator.event, config.slow_ms)
+        #: The handle_request the hook wraps, as it is once Sanic has rewritten it for this app at
+        #: start-up (Telemetry is made in before_server_start, after that rewrite).
+        self.base_handle: Callable[..., Any] | None = None
+        if app is not None and isinstance(app, TelemetryMixin):
+            self.base_handle = super(type(app), app).handle_request.__func__
         self.slow_s = config.slow_ms / 1000.0
         self.store = make_store(config)
         spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
@@ -2638,39 +2647,36 @@ def _hooks(base: type) -> dict[str, Any]:
 
     Measured against the other hooks Sanic offers (request + response middleware 0.89-0.91 of bare
     throughput, signals 0.67-0.78), an override of handle_request costs least: one call, no
-    middleware dispatch. Its fast path below appends one tuple and compares twice; the fold does
-    the rest in batches. base's methods are looked up per call (not captured): Sanic rewrites
-    Sanic.handle_request at start-up. Requests that never reach handle_request (malformed 400s,
+    middleware dispatch. Its fast path below (HTTP/1, telemetry running) adds six values to a
+    flat list and compares twice; the fold does the rest in batches. It calls the base method
+    Telemetry captured at start-up (Sanic rewrites Sanic.handle_request then, per app); otherwise
+    base's is looked up per call. Requests that never reach handle_request (malformed 400s,
     timeouts) are recorded from handle_exception.
     """
     perf_counter = time.perf_counter
     fold_every = Aggregator.FOLD_EVERY * RAW_WIDTH
 
     async def handle_request(self: Any, request: Any) -> None:
+        tel = self.ctx.telemetry
         stream = request.stream  # set by every transport before it calls handle_request
-        http1 = stream.__class__ is _Http1
-        if not http1:  # ASGI or HTTP/3: no protocol start time to read
-            request.ctx._telemetry_t0 = perf_counter()
+        if tel is None or stream.__class__ is not _Http1:
+            return await _handle_other(base, self, request)
         try:
-            await base.handle_request(self, request)
+            await tel.base_handle(self, request)
         except BaseException:  # CancelledError family: handle_exception may not see it
             _observe_interrupted(self, request, stream)
             raise
-        tel = self.ctx.telemetry
         response = stream.response
-        if tel is None or response is None:  # not started; a websocket; the protocol's own error path
+        if response is None:  # a websocket; the protocol's own error path
             return
         try:  # zero-cost unless it raises: a handler's odd response must not fail the request
             t1 = perf_counter()
-            if http1:
-                seconds = t1 - stream.perft0
-                # a whole-body response: the protocol has just counted the bytes it wrote
-                nbytes = stream.response_size if response.__class__ in _WHOLE_BODY else _body_bytes(response)
-            else:
-                seconds, nbytes = t1 - request.ctx._telemetry_t0, _body_bytes(response)
+            seconds = t1 - stream.perft0
             status, route, raw = response.status, request.route, tel.raw
-            # extend, not append: the tuple is freed at once, so the collector never runs for it
-            raw += (t1, seconds, route.path if route is not None else None, request.method, status, nbytes)
+            # extend, not append: the tuple is freed at once, so the collector never runs for it;
+            # a whole-body response's bytes are what the protocol has just counted writing it
+            raw += (t1, seconds, route.path if route is not None else None, request.method, status,
+                    stream.response_size if response.__class__ in _WHOLE_BODY else _body_bytes(response))
             if status >= 500 or seconds >= tel.slow_s:
                 tel.event(request, status, seconds)
             if len(raw) >= fold_every:
@@ -2689,6 +2695,25 @@ def _hooks(base: type) -> dict[str, Any]:
             tel.observe(request, stream.response if stream is not None else None)
 
     return {"handle_request": handle_request, "handle_exception": handle_exception}
+
+
+async def _handle_other(base: type, app: Any, request: Any) -> None:
+    """handle_request off the hook's fast path: telemetry not running (before start-up, after
+    shutdown), or a transport other than HTTP/1 (ASGI, HTTP/3), which keeps no start time."""
+    request.ctx._telemetry_t0 = time.perf_counter()  # observe() reads it, here or from handle_exception
+    stream = request.stream
+    try:
+        await base.handle_request(app, request)
+    except BaseException:
+        _observe_interrupted(app, request, stream)
+        raise
+    tel = app.ctx.telemetry
+    if tel is not None and stream is not None and stream.response is not None:
+        try:
+            tel.observe(request, stream.response)
+        except Exception as exc:
+            tel.hook_errors += 1
+            tel.hook_error = f"{type(exc).__name__}: {exc}"
 
 
 def _observe_interrupted(app: Any, request: Any, stream: Any) -> None:

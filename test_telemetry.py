@@ -2853,3 +2853,18 @@ def test_instrument_user_subclass_with_test_client(tmp_path):
     assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
     routes = {r["route"] for r in resp.json["routes"]}
     assert routes == {"/orders/<oid:int>", t.UNMATCHED}  # the /ops routes are not counted
+
+
+def test_instrument_over_asgi(tmp_path):
+    """Over ASGI there is no HTTP/1 protocol start time: the hook's other path times the request
+    itself and records the same requests (an exception's 500 included)."""
+    app = t.create_app(t.Config(db=str(tmp_path / "asgi.db"), spool_dir="off"), name="asgi_under_test")
+
+    async def go():
+        for path in ("/api/slow?ms=30", "/api/error", "/nope"):
+            await app.asgi_client.get(path)  # each call starts and stops the app: the stop flushes
+        _, resp = await app.asgi_client.get("/telemetry/api/summary?range=5m")
+        return resp.json
+    sanic = asyncio.run(go())["sources"]["sanic"]
+    assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
+    assert sanic["latency_ms"]["max"] >= 25  # timed from before the handler (the loop clock is ms-coarse)
