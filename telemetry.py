@@ -635,12 +635,13 @@ class RouteResolver:
 #: duration, size, status. A skipped value cannot end a field early: inside a JSON string every
 #: quote is escaped, so `"` then `,"key":` is structural. A path with an escape (a backslash)
 #: does not match, and the line takes the long way. The query is not read: the route comes from
-#: the path alone.
+#: the path alone. Numbers have bounded digit counts (int() refuses over 4,300 digits, and a
+#: line must never raise): longer ones take the long way, which counts them as malformed.
 _RX_HEAD = re.compile(
-    rb'\{"level":"[a-z]+","ts":(\d+)(?:\.\d+)?,"logger":"http\.log\.access[^"]*","msg":"handled request",'
+    rb'\{"level":"[a-z]+","ts":(\d{9,10})(?:\.\d{1,20})?,"logger":"http\.log\.access[^"]*","msg":"handled request",'
     rb'"request":\{"remote_ip":"[^"]*","remote_port":"[^"]*",(?:"client_ip":"[^"]*",)?"proto":"[^"]*",'
     rb'"method":"([A-Z]+)","host":"[^"]*","uri":"([^"?#\\]*)["?#]')
-_RX_TAIL = re.compile(rb',"duration":(\d+(?:\.\d+)?),"size":(\d+),"status":(\d+)[,}]')
+_RX_TAIL = re.compile(rb',"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":(\d{3})[,}]')
 _LINE_ENDS = (b"}", b"}\n", b"}\r\n")
 _METHOD_BYTES = {m.encode(): m for m in METHODS}
 
@@ -700,8 +701,10 @@ class CaddyParser:
             if line.__class__ is not bytes:
                 try:
                     line = line.encode("utf-8")  # type: ignore[union-attr]
-                except UnicodeEncodeError:  # a lone surrogate: not a line Caddy wrote
-                    line = line.encode("utf-8", "replace")  # type: ignore[union-attr]
+                except UnicodeEncodeError:  # a lone surrogate: no line Caddy wrote
+                    seen += 1
+                    self._malformed(line[:200].encode("utf-8", "replace").decode(), "not UTF-8")  # type: ignore
+                    continue
             h = head(line)
             if h is not None:
                 m = tail(line, line.rfind(b',"duration":'))

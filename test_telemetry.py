@@ -269,10 +269,17 @@ def test_parser_access_runtime_and_malformed():
            access_line(now * 1e9),  # time_format unix_nano: refused, not guessed
            access_line(now).replace('"duration":0.0012', '"duration":"1.2ms"'),
            '{"logger":"http.log.access.log0","msg":"handled request","request":{}}',
-           b"\xff\xfe{}"]
+           b"\xff\xfe{}",
+           # numbers past int()'s 4,300-digit limit, in every field the regex path reads
+           access_line(now).replace(f'"ts":{now!r}', '"ts":' + "9" * 5000),
+           access_line(now).replace('"size":13', '"size":' + "9" * 5000),
+           access_line(now).replace('"status":200', '"status":' + "2" * 5000),
+           access_line(now).replace("/api/ping", "/\udcff")]  # a lone surrogate in a str line
     for line in bad:
         assert p.parse(line) is None, line
     assert p.stats.access == 1 and p.stats.ignored == 2 and p.stats.malformed == len(bad)
+    long = access_line(now).replace('"duration":0.0012', '"duration":0.' + "1" * 5000)  # valid, if odd
+    assert p.parse(long)[5] == pytest.approx(111.111, abs=0.001)
 
 
 def test_parser_fast_and_slow_paths_agree():
