@@ -642,8 +642,9 @@ _RX_HEAD = re.compile(
     rb'"request":\{"remote_ip":"[^"]*","remote_port":"[^"]*",(?:"client_ip":"[^"]*",)?"proto":"[^"]*",'
     rb'"method":"([A-Z]+)","host":"[^"]*","uri":"([^"?#\\]*)["?#]')
 _RX_TAIL = re.compile(rb',"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":(\d{3})[,}]')
-_LINE_ENDS = (b"}", b"}\n", b"}\r\n")
 _METHOD_BYTES = {m.encode(): m for m in METHODS}
+#: The statuses the regex path takes (5xx are events: the long way), by their digits.
+_STATUS_BYTES = {str(code).encode(): code for code in range(100, 500)}
 
 #: The request id: our Caddyfile's log_append field, else Caddy's own "uuid" (2.11+).
 _RX_REQUEST_ID = re.compile(r'"(?:request_id|uuid)":"([A-Za-z0-9._:-]{1,64})"')
@@ -695,8 +696,9 @@ class CaddyParser:
         out: list[tuple] = []
         add = out.append
         head, tail = _RX_HEAD.match, _RX_TAIL.match
-        methods, routes = _METHOD_BYTES, self._routes
+        methods, statuses, routes = _METHOD_BYTES, _STATUS_BYTES, self._routes
         below = min(self.slow_ms / 1000.0, 86400.0)  # slower requests are events: _line() takes them
+        last_ts, sec, sec_ok = b"", 0, False  # lines come in time order: ts's seconds repeat
         for line in lines:
             if line.__class__ is not bytes:
                 try:
@@ -708,12 +710,14 @@ class CaddyParser:
             h = head(line)
             if h is not None:
                 m = tail(line, line.rfind(b',"duration":'))
-                if m is not None and line.endswith(_LINE_ENDS):
-                    sec, method, path = h.groups()
+                if m is not None and (line[-1] == 125 or line.rstrip().endswith(b"}")):  # 125: '}'
+                    ts, method, path = h.groups()
                     dur, size, status = m.groups()
-                    method, sec, dur, status = methods.get(method), int(sec), float(dur), int(status)
-                    if method is not None and 100_000_000 < sec < 10_000_000_000 and 0.0 <= dur < below \
-                            and 100 <= status < 500:
+                    if ts != last_ts:
+                        last_ts, sec = ts, int(ts)
+                        sec_ok = 100_000_000 < sec < 10_000_000_000
+                    method, status, dur = methods.get(method), statuses.get(status), float(dur)
+                    if sec_ok and method is not None and status is not None and dur < below:
                         route = routes[method].get(path)
                         if route is None:
                             route = self._route_bytes(method, path)
