@@ -741,7 +741,7 @@ class CaddyParser:
         return n + fast
 
     def _line(self, raw: bytes) -> tuple | None | bool:
-        """One line the block regex did not take -> a sample, None (ignored or malformed, both
+        """One line the regexes did not take -> a sample, None (ignored or malformed, both
         counted), or False for a blank line (not counted)."""
         try:
             line = raw.decode("utf-8").strip()
