@@ -2514,6 +2514,11 @@ class Telemetry:
         if status >= 500 or seconds >= self.slow_s:
             self.event(request, status, seconds)
 
+    def hook_failed(self, exc: Exception) -> None:
+        """An exception inside the hook (a handler's odd response): counted for healthz, never raised."""
+        self.hook_errors += 1
+        self.hook_error = f"{type(exc).__name__}: {exc}"
+
     def event(self, request: Any, status: int, seconds: float) -> None:
         """A 5xx or slow request, kept with its path and request id for the events tables."""
         route = request.route
@@ -2689,8 +2694,7 @@ def _hooks(base: type) -> dict[str, Any]:
             if len(raw) >= fold_every:
                 tel.fold()
         except Exception as exc:
-            tel.hook_errors += 1
-            tel.hook_error = f"{type(exc).__name__}: {exc}"
+            tel.hook_failed(exc)
 
     async def handle_exception(self: Any, request: Any, exception: BaseException,
                                run_middleware: bool = True) -> None:
@@ -2719,8 +2723,7 @@ async def _handle_other(base: type, app: Any, request: Any) -> None:
         try:
             tel.observe(request, stream.response)
         except Exception as exc:
-            tel.hook_errors += 1
-            tel.hook_error = f"{type(exc).__name__}: {exc}"
+            tel.hook_failed(exc)
 
 
 def _observe_interrupted(app: Any, request: Any, stream: Any) -> None:

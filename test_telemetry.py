@@ -2875,3 +2875,34 @@ def test_instrument_over_asgi(tmp_path):
     sanic = asyncio.run(go())["sources"]["sanic"]
     assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
     assert sanic["latency_ms"]["max"] >= 25  # timed from before the handler (the loop clock is ms-coarse)
+
+
+def test_hook_error_is_counted_never_raised(tmp_path):
+    """An exception inside the hook (here: recording an event) leaves the request as it was and is
+    counted for healthz; the sample taken before it is kept."""
+    from sanic import response
+    app = ShopApp("hook_error_under_test")
+    app.config.ACCESS_LOG = False
+
+    @app.get("/x")
+    async def x(request):
+        return response.text("ok")
+
+    t.instrument(app, t.Config(db=str(tmp_path / "h.db"), spool_dir="off"))
+    seen = []
+
+    @app.listener("before_server_start")  # after instrument()'s own: the Telemetry exists
+    async def break_events(app):
+        def boom(*_):
+            raise RuntimeError("boom")
+        app.ctx.telemetry.slow_s = 0.0  # every request is "slow": each records an event
+        app.ctx.telemetry.event = boom
+
+    @app.listener("after_server_stop")  # stop listeners run in reverse: before instrument()'s
+    async def snapshot(app):
+        tel = app.ctx.telemetry
+        seen.append((tel.hook_errors, tel.hook_error, tel.aggregator.samples))
+
+    _, resp = app.test_client.get("/x")
+    assert resp.status == 200 and resp.text == "ok"
+    assert seen == [(1, "RuntimeError: boom", 1)]
