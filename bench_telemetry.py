@@ -20,7 +20,8 @@ never asserts, and it exits 0.
               int ids, query strings, 404s, a 500, lognormal durations), as bytes split at
               the newlines, the way the reader passes them. Times parser.feed(lines, agg.add_many) + agg.flush()
               on one core (goal >= 300,000 lines/s), parse and fold separately (their shares),
-              and json.loads of the same lines for comparison.
+              and json.loads of the same lines for comparison; with valgrind, the instructions
+              per line of parse + aggregate (callgrind), which do not drift with the machine.
 3. freshness  `python telemetry.py` with a real Caddy in front. K times, after a random pause (so
               requests do not lock onto the flush tick): read both counts, send one GET /api/ping
               through Caddy, poll the summary every 5 ms until both counts went up by one; time
@@ -358,13 +359,37 @@ def caddy_lines(n: int, seed: int = 1) -> list[bytes]:
     return out
 
 
+INGEST_SRC = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import bench_telemetry as B
+lines = [line.rstrip(b"\\n") for line in B.caddy_lines(20_000)]
+parser, agg = B.fresh_pipeline()
+parser.feed(lines[:int(sys.argv[2])], agg.add_many)
+agg.flush()
+"""
+
+
+def callgrind_per_line(tmp: Path, n1: int, n2: int) -> float:
+    """Instructions per line of parse + aggregate under callgrind: the difference between feeding
+    n2 and n1 of the same lines, divided by n2 - n1 (building the lines and start-up cancel)."""
+    (tmp / "ingest.py").write_text(INGEST_SRC)
+    totals = []
+    for n in (n1, n2):
+        out = tmp / f"cg-ingest-{n}"
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                        str(tmp / "ingest.py"), str(HERE), str(n)], capture_output=True, timeout=1200, check=True)
+        totals.append(int(re.search(r"^summary: (\d+)", out.read_text(errors="replace"), re.M).group(1)))
+    return (totals[1] - totals[0]) / (n2 - n1)
+
+
 def fresh_pipeline() -> tuple[T.CaddyParser, T.Aggregator]:
     app = T.create_app(T.Config(db=":memory:"), name=f"bench{random.getrandbits(32)}")
     app.router.finalize()
     return T.CaddyParser(T.RouteResolver(app.router)), T.Aggregator("bench")
 
 
-def bench_ingest(quick: bool) -> None:
+def bench_ingest(quick: bool, tmp: Path) -> None:
     n, rounds = (25_000, 3) if quick else (200_000, 5)
     t0 = time.perf_counter()
     lines = [line.rstrip(b"\n") for line in caddy_lines(n)]  # the reader splits its chunks at b"\n"
@@ -385,9 +410,14 @@ def bench_ingest(quick: bool) -> None:
     print(f"  median of {rounds}: parse+aggregate {n / tot:,.0f} lines/s ({tot * 1e6 / n:.2f} us/line); "
           f"parse {p / (p + f):.0%}, fold {f / (p + f):.0%}; json.loads alone {n / j:,.0f} lines/s "
           f"(pipeline is {j / tot:.2f}x json.loads)")
+    per_line = ""
+    if shutil.which("valgrind"):  # a figure that does not drift with the machine
+        n1, n2 = (1_000, 3_000) if quick else (2_000, 12_000)
+        per_line = f"; {callgrind_per_line(tmp, n1, n2):,.0f} instructions/line (callgrind)"
+        print(f"  instructions per line, parse + aggregate: {per_line[2:]}")
     SUMMARY["ingest"] = (f"parse+aggregate                {n / tot:,.0f} lines/s (goal >= 300,000)  "
                          f"json.loads alone: {n / j:,.0f} lines/s ({j / tot:.1f}x slower); "
-                         f"parse {p / (p + f):.0%} / fold {f / (p + f):.0%}")
+                         f"parse {p / (p + f):.0%} / fold {f / (p + f):.0%}{per_line}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +590,7 @@ def main() -> int:
     pinning = f"servers on CPU {CPUS[0]}, wrk on CPU {CPUS[1]}" if len(CPUS) > 1 else "no pinning (one CPU)"
     print(f"bench_telemetry.py{' --quick' if quick else ''}: {pinning}; scratch {tmp}")
     parts = [("hot path", lambda: bench_hot_path(quick, tmp)),
-             ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick)),
+             ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick, tmp)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
