@@ -476,8 +476,8 @@ def _count_sorted(values: list[float], bounds: list[float], hist: dict[int, int]
 class Aggregator:
     """Folds samples into per-slot, per-series rollups; flush() hands them over as a Batch.
 
-    Samples arrive as tuples (add(), the Caddy parser) or, from the Sanic hook, as raw tuples that
-    Telemetry.fold() groups itself. Either way a series' durations are gathered into a list and
+    Samples arrive as tuples (add_many(), the Caddy parser) or, from the Sanic hook, as a flat
+    list that Telemetry.fold() groups itself. Either way a series' durations are gathered into a list and
     merged once per fold: the histogram is counted from the sorted list, so the per-sample cost
     is an append, not a bucket computation.
     """
@@ -540,7 +540,7 @@ class Aggregator:
         and their bytes in total. The histogram is counted from the sorted run, with two
         bisections per occupied bucket rather than one per sample."""
         n = len(durations)
-        r = self._rollup(source, (slot, route, method, status), n)
+        r = self._rollup(slot, source, route, method, status, n)
         if r is None or not n:
             return
         durations.sort()
@@ -554,11 +554,10 @@ class Aggregator:
         _count_sorted(durations, Histogram.BOUNDS_S if seconds else Histogram.BOUNDS, r.hist)
         self.samples += n
 
-    def _rollup(self, source: str, key: tuple, size: int) -> Rollup | None:
-        """The rollup of (slot, route, method, status) for source; None for a skipped route.
-        A route beyond max_routes for its source is folded into OVERFLOW (its size samples are
-        counted in collapsed)."""
-        slot, route, method, status = key
+    def _rollup(self, slot: int, source: str, route: str, method: str, status: int, size: int) -> Rollup | None:
+        """The rollup of one series in one slot; None for a skipped route. A route beyond
+        max_routes for its source is folded into OVERFLOW (its size samples are counted in
+        collapsed)."""
         if route in self.skip or not route:
             return None
         known = self.routes.setdefault(source, set())
@@ -2554,10 +2553,7 @@ class Telemetry:
                     raw[i] = norm_status(raw[i])
                 groups = _group_raw(raw, start, end)
             for (path, method, status), (durations, sizes) in groups.items():
-                nbytes = sum(sizes)
-                name = self.route_names.get(path)
-                if name is None:
-                    name = self._route_name(path)
+                nbytes, name = sum(sizes), self._route_name(path)
                 if method not in METHODS:
                     method = "OTHER"
                 elif method == "HEAD":  # a HEAD response carries no body
