@@ -195,7 +195,7 @@ async def ping(request):
 if mode in ("instrumented", "hookonly"):
     sys.path.insert(0, here)
     import telemetry
-    telemetry.instrument(app, telemetry.Config(db=db, flush_interval=0.2, spool_dir=db + "-spool"))
+    telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
     if mode == "hookonly":  # callgrind: the per-request work only (see callgrind_per_request)
         async def _idle(self):
             await asyncio.sleep(86400)  # stop() cancels it

@@ -209,7 +209,7 @@ class Config:
     prefix: str = "/telemetry"
     db: str = "telemetry.db"
     caddy_log_command: str = ""
-    flush_interval: float = 0.2
+    flush_interval: float = 1.0
     retention: float = 7 * 86400.0
     max_routes: int = 200
     max_ingest_bytes: int = 10 * 1024 * 1024
@@ -1243,6 +1243,12 @@ class Writer:
             self.queue.append(batch)
         self._idle.clear()
         self._wake.set()
+
+    async def wait_written(self, timeout: float) -> None:
+        """Until the queue is written (bounded by timeout); at once while the store is down."""
+        if self.down_since is None and not self._idle.is_set():
+            with _suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
 
     def _spool_or_drop(self, batch: Batch) -> None:
         if self.spool is not None:
@@ -2421,6 +2427,10 @@ def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[f
     return groups
 
 
+#: catch_up(): a read flushes at most this often, and waits at most this long for the write.
+READ_FLUSH_S, READ_WAIT_S = 0.1, 0.25
+
+
 class Telemetry:
     """Everything one worker process needs; app.ctx.telemetry while the server runs."""
 
@@ -2455,6 +2465,7 @@ class Telemetry:
         self.hook_errors, self.hook_error = 0, ""  # exceptions inside the hook (a handler's odd response)
         self.status_dir = Path(config.db).parent / (Path(config.db).name + ".status")
         self._lines_mark: tuple[float, int] | None = None
+        self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
 
     async def start(self) -> None:
         await self.store.open()
@@ -2563,8 +2574,22 @@ class Telemetry:
             start = end
 
 
+    async def catch_up(self) -> None:
+        """Flush and write this worker's samples before a read: the page and the JSON show every
+        request this worker has seen, while the flush loop writes only once per flush_interval
+        (each write costs the request path, mostly in handing the GIL to the store's thread).
+        Other workers' samples are at most one flush interval old. At most once per READ_FLUSH_S,
+        so a client polling the summary cannot turn every read into a write."""
+        now = time.monotonic()
+        if now - self._read_flushed < READ_FLUSH_S:
+            return
+        self._read_flushed = now
+        self.flush()
+        await self.writer.wait_written(READ_WAIT_S)
+
     async def summary(self, range_name: str) -> dict[str, Any]:
         seconds, tier = RANGES[range_name]
+        await self.catch_up()
         now = time.time()
         data = await self.store.read(seconds, tier, now)
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):

@@ -2906,3 +2906,20 @@ def test_hook_error_is_counted_never_raised(tmp_path):
     _, resp = app.test_client.get("/x")
     assert resp.status == 200 and resp.text == "ok"
     assert seen == [(1, "RuntimeError: boom", 1)]
+
+
+def test_read_flushes_first_so_the_summary_is_current(tmp_path, monkeypatch):
+    """The flush loop writes once per flush_interval; a read flushes the worker that serves it
+    first. With the loop idled, only that flush can have written what the summary counts."""
+    from sanic_testing.reusable import ReusableClient
+
+    async def idle(self):
+        await asyncio.sleep(3600)  # stop() cancels it
+    monkeypatch.setattr(t.Telemetry, "_flush_loop", idle)
+    app = t.create_app(t.Config(db=str(tmp_path / "c.db"), spool_dir="off"), name="catch_up_under_test")
+    with ReusableClient(app, port=free_port()) as client:
+        for path in ("/api/ping", "/api/items/3", "/api/error"):
+            client.get(path)
+        _, resp = client.get("/telemetry/api/summary?range=5m")
+        sanic = resp.json["sources"]["sanic"]
+        assert sanic["requests"] == 3 and sanic["status"] == {"200": 2, "500": 1}
