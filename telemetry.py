@@ -628,19 +628,21 @@ class RouteResolver:
         return f"/{route.path}" if route is not None else UNMATCHED
 
 
-#: CaddyParser.feed()'s regexes for a line in Caddy's access-log layout (logRequest in server.go):
-#: the head, up to the path, and the duration/size/status run, matched where its key last occurs
-#: (after the headers). Groups: whole seconds of ts, method, the uri's path (up to '?' or '#');
-#: duration, size, status. A skipped value cannot end a field early: inside a JSON string every
-#: quote is escaped, so `"` then `,"key":` is structural. A path with an escape (a backslash)
-#: does not match, and the line takes the long way. The query is not read: the route comes from
-#: the path alone. Numbers have bounded digit counts (int() refuses over 4,300 digits, and a
-#: line must never raise): longer ones take the long way, which counts them as malformed.
-_RX_HEAD = re.compile(
+#: CaddyParser.feed()'s regex for a line in Caddy's access-log layout (logRequest in server.go):
+#: the head, up to the path, then (after the headers, reached by a greedy skip that backtracks
+#: from the line's end, so the last occurrence wins) the duration/size/status run. Groups: whole
+#: seconds of ts, method, the uri's path (up to '?' or '#'), duration, size, status. A skipped
+#: value cannot end a field early: inside a JSON string every quote is escaped, so `"` then
+#: `,"key":` is structural. A path with an escape (a backslash) does not match, and the line takes
+#: the long way. The query is not read: the route comes from the path alone. Numbers have bounded
+#: digit counts (int() refuses over 4,300 digits, and a line must never raise): longer ones take
+#: the long way, which counts them as malformed. One match per line: measured against a head
+#: regex, an rfind() and a tail regex, the skip costs less than the two extra calls.
+_RX_LINE = re.compile(
     rb'\{"level":"[a-z]+","ts":(\d{9,10})(?:\.\d{1,20})?,"logger":"http\.log\.access[^"]*","msg":"handled request",'
     rb'"request":\{"remote_ip":"[^"]*","remote_port":"[^"]*",(?:"client_ip":"[^"]*",)?"proto":"[^"]*",'
-    rb'"method":"([A-Z]+)","host":"[^"]*","uri":"([^"?#\\]*)["?#]')
-_RX_TAIL = re.compile(rb',"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":(\d{3})[,}]')
+    rb'"method":"([A-Z]+)","host":"[^"]*","uri":"([^"?#\\]*)["?#]'
+    rb'.*,"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":(\d{3})[,}]', re.DOTALL)
 _METHOD_BYTES = {m.encode(): m for m in METHODS}
 #: The statuses the regex path takes (5xx are events: the long way), by their digits.
 _STATUS_BYTES = {str(code).encode(): code for code in range(100, 500)}
@@ -694,7 +696,7 @@ class CaddyParser:
         seen = n = 0
         out: list[tuple] = []
         add = out.append
-        head, tail = _RX_HEAD.match, _RX_TAIL.match
+        match = _RX_LINE.match
         methods, statuses, routes = _METHOD_BYTES, _STATUS_BYTES, self._routes
         below = min(self.slow_ms / 1000.0, 86400.0)  # slower requests are events: _line() takes them
         last_ts, sec, sec_ok = b"", 0, False  # lines come in time order: ts's seconds repeat
@@ -706,23 +708,20 @@ class CaddyParser:
                     seen += 1
                     self._malformed(line[:200].encode("utf-8", "replace").decode(), "not UTF-8")  # type: ignore
                     continue
-            h = head(line)
-            if h is not None:
-                m = tail(line, line.rfind(b',"duration":'))
-                if m is not None and (line[-1] == 125 or line.rstrip().endswith(b"}")):  # 125: '}'
-                    ts, method, path = h.groups()
-                    dur, size, status = m.groups()
-                    if ts != last_ts:
-                        last_ts, sec = ts, int(ts)
-                        sec_ok = 100_000_000 < sec < 10_000_000_000
-                    method, status, dur = methods.get(method), statuses.get(status), float(dur)
-                    if sec_ok and method is not None and status is not None and dur < below:
-                        route = routes[method].get(path)
-                        if route is None:
-                            route = self._route_bytes(method, path)
-                        if route is not None:
-                            add((sec, "caddy", route, method, status, dur * 1000.0, int(size)))
-                            continue
+            m = match(line)
+            if m is not None and (line[-1] == 125 or line.rstrip().endswith(b"}")):  # 125: '}'
+                ts, method, path, dur, size, status = m.groups()
+                if ts != last_ts:
+                    last_ts, sec = ts, int(ts)
+                    sec_ok = 100_000_000 < sec < 10_000_000_000
+                method, status, dur = methods.get(method), statuses.get(status), float(dur)
+                if sec_ok and method is not None and status is not None and dur < below:
+                    route = routes[method].get(path)
+                    if route is None:
+                        route = self._route_bytes(method, path)
+                    if route is not None:
+                        add((sec, "caddy", route, method, status, dur * 1000.0, int(size)))
+                        continue
             sample = self._line(line)
             if sample is not False:
                 seen += 1
