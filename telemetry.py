@@ -688,10 +688,9 @@ class CaddyParser:
         """Parse many lines; their samples go to sink() as one list. Returns how many were access
         lines. Counters are kept once per call, not per line.
 
-        A line in Caddy's layout that needs no event (not a 5xx, not slow) is read by two anchored
-        regexes, the head from the start and the duration/size/status run from its last
-        occurrence (after the headers, found by rfind): per line that is a few C calls and number
-        conversions, no JSON objects. Every other line (a 5xx or slow request, another layout, a
+        A line in Caddy's layout that needs no event (not a 5xx, not slow) is read by one anchored
+        regex (_RX_LINE: the head, then the duration/size/status run after the headers): per line
+        that is one match, a few lookups and number conversions, no JSON objects. Every other line (a 5xx or slow request, another layout, a
         runtime line, garbage) goes through _line()."""
         seen = n = 0
         out: list[tuple] = []
@@ -739,7 +738,7 @@ class CaddyParser:
         return n + fast
 
     def _line(self, raw: bytes) -> tuple | None | bool:
-        """One line the regexes did not take -> a sample, None (ignored or malformed, both
+        """One line the regex did not take -> a sample, None (ignored or malformed, both
         counted), or False for a blank line (not counted)."""
         try:
             line = raw.decode("utf-8").strip()
