@@ -636,8 +636,9 @@ class RouteResolver:
 #: `,"key":` is structural. A path with an escape (a backslash) does not match, and the line takes
 #: the long way. The query is not read: the route comes from the path alone. Numbers have bounded
 #: digit counts (int() refuses over 4,300 digits, and a line must never raise): longer ones take
-#: the long way, which counts them as malformed. One match per line: measured against a head
-#: regex, an rfind() and a tail regex, the skip costs less than the two extra calls.
+#: the long way, which counts them as malformed. One match per line: against a head regex, an
+#: rfind() and a tail regex it costs the same instructions (the skip's backtracking, for two
+#: calls fewer) and was faster in most interleaved timed runs.
 _RX_LINE = re.compile(
     rb'\{"level":"[a-z]+","ts":(\d{9,10})(?:\.\d{1,20})?,"logger":"http\.log\.access[^"]*","msg":"handled request",'
     rb'"request":\{"remote_ip":"[^"]*","remote_port":"[^"]*",(?:"client_ip":"[^"]*",)?"proto":"[^"]*",'
@@ -690,8 +691,8 @@ class CaddyParser:
 
         A line in Caddy's layout that needs no event (not a 5xx, not slow) is read by one anchored
         regex (_RX_LINE: the head, then the duration/size/status run after the headers): per line
-        that is one match, a few lookups and number conversions, no JSON objects. Every other line (a 5xx or slow request, another layout, a
-        runtime line, garbage) goes through _line()."""
+        that is one match, a few lookups and number conversions, no JSON objects. Every other line
+        (a 5xx or slow request, another layout, a runtime line, garbage) goes through _line()."""
         seen = n = 0
         out: list[tuple] = []
         add = out.append
@@ -2570,7 +2571,6 @@ class Telemetry:
                 self.aggregator.merge(slot, "sanic", name, method, norm_status(status), durations, nbytes,
                                       seconds=True)
             start = end
-
 
     async def catch_up(self) -> None:
         """Flush and write this worker's samples before a read: the page and the JSON show every
