@@ -773,7 +773,7 @@ class CaddyParser:
 
     def _fast(self, line: str) -> tuple | None:
         """Caddy's own compact encoding, read by position with str.find (several times faster
-        than json.loads): the lines feed()'s regexes leave (5xx and slow requests, escaped paths,
+        than json.loads): the lines feed()'s regex leaves (5xx and slow requests, escaped paths,
         odd values), before the JSON parser.
 
         Caddy writes the fields in a fixed order (logRequest in server.go): level, ts, logger,
