@@ -44,6 +44,7 @@ import bisect
 import ctypes
 import hashlib
 import hmac
+import importlib.util
 import itertools
 import json
 import logging
@@ -249,6 +250,10 @@ class Config:
             for name in ("influxdb_token", "influxdb_org", "influxdb_bucket"):
                 if not getattr(self, name):
                     raise ConfigError(f"{name.upper()}: required when INFLUXDB_URL is set")
+            # influxdb-client's async API needs its extra; without it the first write would fail
+            if importlib.util.find_spec("aiohttp") is None:
+                raise ConfigError("INFLUXDB_URL: the InfluxDB store needs influxdb-client's async extra "
+                                  "(pip install 'influxdb-client[async]')")
 
 
 def _convert(s: Setting, raw: str, where: str) -> Any:
