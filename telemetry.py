@@ -633,25 +633,26 @@ class RouteResolver:
         return f"/{route.path}" if route is not None else UNMATCHED
 
 
-#: CaddyParser.feed()'s regex for a line in Caddy's access-log layout (logRequest in server.go):
-#: the head, up to the path, then (after the headers, reached by a greedy skip that backtracks
-#: from the line's end, so the last occurrence wins) the duration/size/status run. Groups: whole
-#: seconds of ts, method, the uri's path (up to '?' or '#'), duration, size, status. A skipped
-#: value cannot end a field early: inside a JSON string every quote is escaped, so `"` then
-#: `,"key":` is structural. A path with an escape (a backslash) does not match, and the line takes
-#: the long way. The query is not read: the route comes from the path alone. Numbers have bounded
-#: digit counts (int() refuses over 4,300 digits, and a line must never raise): longer ones take
-#: the long way, which counts them as malformed. One match per line: against a head regex, an
-#: rfind() and a tail regex it costs the same instructions (the skip's backtracking, for two
-#: calls fewer) and was faster in most interleaved timed runs.
-_RX_LINE = re.compile(
-    rb'\{"level":"[a-z]+","ts":(\d{9,10})(?:\.\d{1,20})?,"logger":"http\.log\.access[^"]*","msg":"handled request",'
-    rb'"request":\{"remote_ip":"[^"]*","remote_port":"[^"]*",(?:"client_ip":"[^"]*",)?"proto":"[^"]*",'
-    rb'"method":"([A-Z]+)","host":"[^"]*","uri":"([^"?#\\]*)["?#]'
-    rb'.*,"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":(\d{3})[,}]', re.DOTALL)
+#: CaddyParser.feed()'s regex, run over a whole block of lines at once (re.M: ^ and $ at each
+#: line's start and end). No part of it matches a newline, and its second branch takes any line
+#: whole, so every line gives exactly one match: the i-th match is the i-th line.
+#: The first branch reads a line in Caddy's access-log layout (logRequest in server.go) that needs
+#: no event: the head up to the path, then (after the headers, reached by a greedy skip that
+#: backtracks from the line's end, so the last occurrence wins) the duration/size/status run, and a
+#: closing brace. Groups: whole seconds of ts; method + host + path (the series cache's key: one
+#: group, one dict lookup per line); duration; size; status (1xx-4xx: 5xx are events, and take the
+#: second branch). A skipped value cannot end a field early: inside a JSON string every quote is
+#: escaped, so `"` then `,"key":` is structural. A path with an escape (a backslash) does not match,
+#: nor does the query (the route comes from the path alone). Numbers have bounded digit counts
+#: (int() refuses over 4,300 digits, and a line must never raise). The second branch (group 6) is
+#: every other line: 5xx, another layout, runtime lines, garbage, blank lines.
+_RX_BLOCK = re.compile(
+    rb'^(?:\{"level":"[a-z]+","ts":([1-9]\d{8,9})(?:\.\d{1,20})?,"logger":"http\.log\.access[^"\n]*",'
+    rb'"msg":"handled request","request":\{"remote_ip":"[^"\n]*","remote_port":"[^"\n]*",'
+    rb'(?:"client_ip":"[^"\n]*",)?"proto":"[^"\n]*","method":"([A-Z]+","host":"[^"\n]*","uri":"[^"?#\\\n]*)'
+    rb'["?#].*,"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":([1-4]\d\d)[,}].*\}[\t\r ]*$'
+    rb'|(.*))', re.M)
 _METHOD_BYTES = {m.encode(): m for m in METHODS}
-#: The statuses the regex path takes (5xx are events: the long way), by their digits.
-_STATUS_BYTES = {str(code).encode(): code for code in range(100, 500)}
 
 #: The request id: our Caddyfile's log_append field, else Caddy's own "uuid" (2.11+).
 _RX_REQUEST_ID = re.compile(r'"(?:request_id|uuid)":"([A-Za-z0-9._:-]{1,64})"')
@@ -668,80 +669,167 @@ class ParseStats:
 
 
 class CaddyParser:
-    """Caddy JSON log lines -> sample tuples. Non-access lines are ignored, bad ones counted.
+    """Caddy JSON log lines -> rollup input. Non-access lines are ignored, bad ones counted.
 
     A line is an access line when its logger starts with 'http.log.access'. Caddy writes `ts` and
     `duration` as float seconds by default; integer nanoseconds (time_format unix_nano) and string
     durations are refused as malformed rather than guessed at.
+
+    feed() takes a block of lines and keeps what it read until drain() hands it to an Aggregator:
+    the common line as its series' durations and sizes (grouped per second, series and status, so
+    the aggregator merges a group, not a line), every other accepted line as a sample tuple. With
+    a sink (the worker's Aggregator) feed() drains by itself every DRAIN_LINES lines, so a long
+    backlog (`cat` of a big file) never piles up; the worker's flush drains it too.
     """
 
+    DRAIN_LINES = 16384
+
     def __init__(self, resolve: Callable[[str, str], str], on_event: Callable[[Event], None] | None = None,
-                 slow_ms: float = 500.0) -> None:
+                 slow_ms: float = 500.0, sink: Aggregator | None = None) -> None:
         self.resolve = resolve
         self.on_event = on_event
         self.slow_ms = slow_ms
+        self.sink = sink
         self.stats = ParseStats()
-        #: method -> {raw path bytes: route}, in front of resolve() for the regex path (bounded)
-        self._routes: dict[str, dict[bytes, str]] = {m: {} for m in METHODS}
+        #: durations below this (s) need no event; slower lines take the long way
+        self._below = min(slow_ms / 1000.0, 86400.0)
+        #: method + host + path bytes (the regex's group 2) -> (method, route), or False for a line
+        #: that must take the long way (another method, a path that is not UTF-8). Bounded.
+        self._series: dict[bytes, tuple[str, str] | bool] = {}
+        #: (seconds bytes, (method, route), status bytes) -> [duration s, size bytes, duration, ...]
+        self._groups: dict[tuple, list] = {}
+        self._samples: list[tuple] = []  # the lines _line() read
+        self._pending = 0
 
     def parse(self, line: str | bytes) -> tuple | None:
-        """One line -> a sample tuple, or None (ignored or malformed; both are counted)."""
-        out: list[tuple] = []
-        self.feed((line,), out.extend)
+        """One line -> a sample tuple (slot or ts, "caddy", route, method, status, ms, bytes), or
+        None (ignored or malformed; both are counted)."""
+        saved = self._groups, self._samples, self._pending
+        self._groups, self._samples, sink, self.sink = {}, [], self.sink, None
+        try:
+            self.feed(line)
+            out = self._samples + [(int(ts), "caddy", route, method, int(status), d * 1000.0, int(size))
+                                   for (ts, (method, route), status), g in self._groups.items()
+                                   for d, size in zip(g[0::2], g[1::2])]
+        finally:
+            (self._groups, self._samples, self._pending), self.sink = saved, sink
         return out[0] if out else None
 
-    def feed(self, lines: Iterable[str | bytes], sink: Callable[[list[tuple]], None]) -> int:
-        """Parse many lines; their samples go to sink() as one list. Returns how many were access
-        lines. Counters are kept once per call, not per line.
+    def feed(self, data: bytes | str) -> int:
+        """Parse a block of lines (separated by newlines; blank lines are skipped, not counted).
+        Returns how many were access lines. Counters are kept once per call, not per line.
 
-        A line in Caddy's layout that needs no event (not a 5xx, not slow) is read by one anchored
-        regex (_RX_LINE: the head, then the duration/size/status run after the headers): per line
-        that is one match, a few lookups and number conversions, no JSON objects. Every other line
-        (a 5xx or slow request, another layout, a runtime line, garbage) goes through _line()."""
-        seen = n = 0
-        out: list[tuple] = []
-        add = out.append
-        match = _RX_LINE.match
-        methods, statuses, routes = _METHOD_BYTES, _STATUS_BYTES, self._routes
-        below = min(self.slow_ms / 1000.0, 86400.0)  # slower requests are events: _line() takes them
-        last_ts, sec, sec_ok = b"", 0, False  # lines come in time order: ts's seconds repeat
-        for line in lines:
-            if line.__class__ is not bytes:
-                try:
-                    line = line.encode("utf-8")  # type: ignore[union-attr]
-                except UnicodeEncodeError:  # a lone surrogate: no line Caddy wrote
-                    seen += 1
-                    self._malformed(line[:200].encode("utf-8", "replace").decode(), "not UTF-8")  # type: ignore
-                    continue
-            m = match(line)
-            if m is not None and (line[-1] == 125 or line.rstrip().endswith(b"}")):  # 125: '}'
-                ts, method, path, dur, size, status = m.groups()
-                if ts != last_ts:
-                    last_ts, sec = ts, int(ts)
-                    sec_ok = 100_000_000 < sec < 10_000_000_000
-                method, status, dur = methods.get(method), statuses.get(status), float(dur)
-                if sec_ok and method is not None and status is not None and dur < below:
-                    route = routes[method].get(path)
-                    if route is None:
-                        route = self._route_bytes(method, path)
-                    if route is not None:
-                        add((sec, "caddy", route, method, status, dur * 1000.0, int(size)))
+        One findall() of _RX_BLOCK reads the whole block: a line in Caddy's layout that needs no
+        event comes back as its fields, and costs, in Python, one float(), two dict lookups and an
+        append; no match object, no JSON object, no sample tuple. Every other line (a 5xx or slow
+        request, another layout, a runtime line, garbage) goes through _line()."""
+        if data.__class__ is not bytes:
+            data = self._utf8(data)  # type: ignore[arg-type]
+        rows = _RX_BLOCK.findall(data)
+        groups, series, below = self._groups, self._series, self._below
+        group, known = groups.get, series.get
+        redo: list[tuple] = []  # lines in the layout that still need the long way (slow, odd)
+        rest: list[bytes] = []  # lines of any other kind
+        for row in rows:
+            ts, key, dur, size, status, other = row
+            if ts:
+                d = float(dur)
+                if d < below:
+                    s = known(key)
+                    if s is None:
+                        s = self._series_of(key)
+                    if s:
+                        k = (ts, s, status)
+                        g = group(k)
+                        if g is None:
+                            groups[k] = [d, size]
+                        else:
+                            g += d, size
                         continue
+                redo.append(row)
+            else:
+                rest.append(other)
+        fast = len(rows) - len(redo) - len(rest)
+        seen = accepted = 0
+        if redo or rest:
+            seen, accepted = self._long_way(data, rows, redo, rest)
+        st = self.stats
+        st.lines += fast + seen
+        st.access += fast + accepted
+        if fast or seen:
+            st.last_line_at = time.time()
+            self._pending += fast + accepted
+            if self._pending >= self.DRAIN_LINES and self.sink is not None:
+                self.drain(self.sink)
+        return fast + accepted
+
+    def _long_way(self, data: bytes, rows: list[tuple], redo: list[tuple], rest: list[bytes]) -> tuple[int, int]:
+        """The lines feed()'s loop left, through _line(): (lines counted, samples kept)."""
+        lines = [line for line in rest if line]
+        if redo:  # the i-th match is the i-th line: take those lines out of the block
+            want, split = {id(row) for row in redo}, data.split(b"\n")
+            lines += [split[i] for i, row in enumerate(rows) if id(row) in want]
+        seen = accepted = 0
+        for line in lines:
             sample = self._line(line)
             if sample is not False:
                 seen += 1
                 if sample is not None:
-                    add(sample)
-                    n += 1
-        fast = len(out) - n
-        if out:
-            sink(out)
-        st = self.stats
-        st.lines += seen + fast
-        st.access += n + fast
-        if seen or fast:
-            st.last_line_at = time.time()
-        return n + fast
+                    self._samples.append(sample)
+                    accepted += 1
+        return seen, accepted
+
+    def _utf8(self, text: str) -> bytes:
+        """A str block as bytes; a line with a lone surrogate (no line Caddy wrote) is counted as
+        malformed and left out."""
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        out = []
+        for line in text.split("\n"):
+            try:
+                out.append(line.encode("utf-8"))
+            except UnicodeEncodeError:
+                self.stats.lines += 1
+                self._malformed(line[:200].encode("utf-8", "replace").decode(), "not UTF-8")
+        return b"\n".join(out)
+
+    def _series_of(self, key: bytes) -> tuple[str, str] | bool:
+        """The regex's method + host + path bytes -> (method, route), kept in a bounded cache;
+        False when the line must take the long way (another method, a path that is not UTF-8)."""
+        method_b, _, rest = key.partition(b'","host":"')
+        path = rest.partition(b'","uri":"')[2]  # the host holds no quote: this is the uri's start
+        method = _METHOD_BYTES.get(method_b)
+        try:
+            text = path.decode("utf-8") or "/"
+        except UnicodeDecodeError:
+            text = None
+        out: tuple[str, str] | bool = False
+        if method is not None and text is not None:
+            out = (method, self.resolve(method, text))
+        if len(self._series) >= RouteResolver.CACHE:
+            self._series.clear()
+        self._series[key] = out
+        return out
+
+    def drain(self, aggregator: Aggregator) -> None:
+        """Hand what feed() has read to the aggregator: each group merged once, the other samples
+        as tuples."""
+        groups, samples = self._groups, self._samples
+        if not groups and not samples:
+            return
+        self._groups, self._samples, self._pending = {}, [], 0
+        if samples:
+            aggregator.add_many(samples)
+        merge = aggregator.merge
+        for (ts, (method, route), status), g in groups.items():
+            merge(int(ts), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])), seconds=True)
+
+    @property
+    def pending(self) -> int:
+        """Lines read and not yet drained."""
+        return self._pending
 
     def _line(self, raw: bytes) -> tuple | None | bool:
         """One line the regex did not take -> a sample, None (ignored or malformed, both
@@ -753,19 +841,6 @@ class CaddyParser:
         if not line:
             return False
         return self._fast(line) or self._other(line)
-
-    def _route_bytes(self, method: str, path: bytes) -> str | None:
-        """A raw path (bytes, before any '?') -> its route, kept in a bounded cache; None when it
-        is not UTF-8 (the line then takes the long way, and is counted as malformed there)."""
-        try:
-            text = path.decode("utf-8") or "/"
-        except UnicodeDecodeError:
-            return None
-        cache = self._routes[method]
-        if len(cache) >= RouteResolver.CACHE:
-            cache.clear()
-        cache[path] = route = self.resolve(method, text)
-        return route
 
     def _other(self, line: str) -> tuple | None:
         """Lines the fast path did not take: other loggers are ignored, the rest parsed as JSON."""
@@ -884,6 +959,38 @@ class CaddyParser:
 
 
 
+class LineBlocks:
+    """A byte stream, chunk by chunk -> blocks of whole lines (the newline after the last one cut
+    off), for CaddyParser.feed(). A line longer than limit is dropped through its newline and
+    counted in `dropped` (for the caller to report): memory stays bounded whatever arrives."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rest = b""  # the unfinished line
+        self.skipping = False  # inside an over-long line, until its newline
+        self.dropped = 0
+
+    def push(self, chunk: bytes) -> bytes:
+        buf = self.rest + chunk if self.rest else chunk
+        if self.skipping:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                self.rest = b""
+                return b""
+            buf, self.skipping = buf[nl + 1:], False
+        cut = buf.rfind(b"\n")
+        block, self.rest = (buf[:cut], buf[cut + 1:]) if cut >= 0 else (b"", buf)
+        if len(self.rest) > self.limit:
+            self.rest, self.skipping = b"", True
+            self.dropped += 1
+        return block
+
+    def end(self) -> bytes:
+        """The stream ended: its last line, if it had no newline."""
+        rest, self.rest = b"" if self.skipping else self.rest, b""
+        return rest
+
+
 #: A worker's published status older than this is a dead worker's, and ignored.
 STATUS_FRESH_S = 10.0
 
@@ -902,11 +1009,9 @@ class CaddyReader:
 
     LINE_LIMIT = 1 << 20  # longer lines are counted as malformed and skipped (asyncio's default is 64 KiB)
 
-    def __init__(self, command: str, parser: CaddyParser, sink: Callable[[list[tuple]], None],
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: str, parser: CaddyParser, env: dict[str, str] | None = None) -> None:
         self.argv = shlex.split(command)
         self.parser = parser
-        self.sink = sink
         self.env = env
         self.state = "idle"
         self.pid: int | None = None
@@ -964,33 +1069,26 @@ class CaddyReader:
         parse. A line longer than LINE_LIMIT is skipped through its newline and counted."""
         if stream is None:
             return
-        rest, skipping = b"", False
+        blocks = LineBlocks(self.LINE_LIMIT)
         while True:
             chunk = await stream.read(1 << 16)
+            block = blocks.push(chunk) if chunk else blocks.end()
+            if blocks.dropped:
+                blocks.dropped = 0
+                self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
+                self.parser.stats.lines += 1
+            if block:
+                self._lines(block, access)
             if not chunk:
-                if rest and not skipping:
-                    self._lines([rest], access)
                 return
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            if skipping and lines:  # the end of an over-long line
-                lines.pop(0)
-                skipping = False
-            if len(rest) > self.LINE_LIMIT:
-                if not skipping:
-                    self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
-                    self.parser.stats.lines += 1
-                rest, skipping = b"", True
-            if lines:
-                self._lines(lines, access)
 
-    def _lines(self, lines: list[bytes], access: bool) -> None:
+    def _lines(self, block: bytes, access: bool) -> None:
         if access:
-            self.parser.feed(lines, self.sink)
+            self.parser.feed(block)
             return
-        for line in lines:  # stderr: Caddy's runtime log, unless someone logs access lines there
+        for line in block.split(b"\n"):  # stderr: Caddy's runtime log, unless someone logs access lines there
             if b'"logger":"http.log.access' in line:
-                self.parser.feed((line,), self.sink)
+                self.parser.feed(line)
             elif line.strip():
                 log.info("telemetry: reader: %s", line.decode("utf-8", "replace").rstrip()[:500])
 
@@ -2444,7 +2542,7 @@ class Telemetry:
         self.instance = worker_instance(config.instance)
         self.aggregator = Aggregator(self.instance, config.max_routes)
         self.parser = CaddyParser(RouteResolver(app.router if app is not None else None),
-                                  self.aggregator.event, config.slow_ms)
+                                  self.aggregator.event, config.slow_ms, sink=self.aggregator)
         #: The handle_request the hook wraps, as it is once Sanic has rewritten it for this app at
         #: start-up (Telemetry is made in before_server_start, after that rewrite).
         self.base_handle: Callable[..., Any] | None = None
@@ -2456,7 +2554,7 @@ class Telemetry:
         self.writer = Writer(self.store, config.queue_batches, spool)
         self.reader: CaddyReader | None = None
         if reader and config.caddy_log_command:
-            self.reader = CaddyReader(config.caddy_log_command, self.parser, self.aggregator.add_many)
+            self.reader = CaddyReader(config.caddy_log_command, self.parser)
         self._flusher: asyncio.Task | None = None
         #: The hook's samples, RAW_WIDTH values each (end, seconds, route path, method, status,
         #: bytes), in one flat list: a sample adds no object the garbage collector tracks.
@@ -2490,6 +2588,7 @@ class Telemetry:
 
     def flush(self) -> None:
         self.fold()
+        self.parser.drain(self.aggregator)
         self.wall_offset = time.time() - time.perf_counter()  # fold() adds it to perf_counter() times
         batch = self.aggregator.flush()
         if batch is not None:
@@ -2615,7 +2714,8 @@ class Telemetry:
                            "last_line_at": st.last_line_at or None, "last_malformed": st.last_malformed},
                 "writer": self.writer.health(),
                 "aggregator": {"samples": self.aggregator.samples,
-                               "pending": len(self.aggregator.pending) + len(self.raw) // RAW_WIDTH,
+                               "pending": len(self.aggregator.pending) + len(self.raw) // RAW_WIDTH
+                                          + self.parser.pending,
                                "collapsed_routes": self.aggregator.collapsed,
                                "events_dropped": self.aggregator.events_dropped,
                                "hook_errors": self.hook_errors, "last_hook_error": self.hook_error}}
@@ -2948,7 +3048,7 @@ def _attach_routes(app: Any, config: Config) -> None:
         tel: Telemetry = request.app.ctx.telemetry
         st = tel.parser.stats
         before = (st.ignored, st.malformed)
-        accepted = tel.parser.feed(b"".join(chunks).split(b"\n"), tel.aggregator.add_many)
+        accepted = tel.parser.feed(b"".join(chunks))
         return _json({"accepted": accepted, "ignored": st.ignored - before[0],
                       "malformed": st.malformed - before[1]})
 

@@ -296,6 +296,75 @@ def test_parser_fast_and_slow_paths_agree():
     assert p.parse(tricky)[4:6] == (200, 1.0)
 
 
+def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
+    """feed() reads a whole block with one regex (the i-th match is the i-th line): every kind of
+    line in one block gives the same rollups as parsing the lines one by one, and the lines that
+    take the long way (5xx, slow, odd method, escaped or non-UTF-8 path) keep their own fields."""
+    now = float(int(time.time())) + 0.25
+    lines = []
+    for i in range(300):
+        lines.append(access_line(now + i / 100, uri=f"/api/items/{i % 7}?q={i}", status=(200, 404, 301)[i % 3],
+                                 duration=0.0005 * (1 + i % 11), size=i))
+        if i % 50 == 7:  # long-way lines among them, each with its own request id
+            lines += [access_line(now, uri=f"/boom/{i}", status=502, request_id=f"err-{i}"),
+                      access_line(now, uri=f"/slow/{i}", duration=0.9, request_id=f"slow-{i}"),
+                      access_line(now, method="PROPFIND", uri="/dav"), access_line(now, uri='/q\\"x'),
+                      '{"level":"info","ts":1.7e9,"logger":"tls","msg":"x"}', "", "garbage {"]
+    lines += ["", access_line(now, uri="/tail")]
+    block = "\n".join(lines).encode()
+    events: list = []
+    agg = t.Aggregator("block")
+    p = t.CaddyParser(lambda m, path: f"route:{path}", events.append, slow_ms=500.0, sink=agg)
+    assert p.feed(block) == p.stats.access
+    p.drain(agg)
+    ref_events: list = []
+    ref = t.CaddyParser(lambda m, path: f"route:{path}", ref_events.append, slow_ms=500.0)
+    ref_agg = t.Aggregator("lines")
+    ref_agg.add_many([s for s in map(ref.parse, lines) if s is not None])
+    assert (p.stats.lines, p.stats.access, p.stats.ignored, p.stats.malformed) == \
+        (ref.stats.lines, ref.stats.access, ref.stats.ignored, ref.stats.malformed) == (337, 325, 6, 6)
+
+    def rows(a: t.Aggregator) -> dict:
+        return {(r.slot, r.route, r.method, r.status): (r.count, round(r.dur_sum, 9), r.dur_max, r.bytes_sum, r.hist)
+                for r in a.flush().rows}
+    assert rows(agg) == rows(ref_agg)
+    key = lambda e: (e.kind, e.path, e.request_id, e.status, e.method)  # noqa: E731
+    assert sorted(map(key, events)) == sorted(map(key, ref_events))
+    assert {(e.path, e.request_id) for e in events if e.kind == "slow"} == {(f"/slow/{i}", f"slow-{i}")
+                                                                            for i in range(7, 300, 50)}
+    assert {(e.path, e.request_id) for e in events if e.kind == "error"} == {(f"/boom/{i}", f"err-{i}")
+                                                                             for i in range(7, 300, 50)}
+    # a path that is not UTF-8 is malformed, on the regex path too; its neighbours are not
+    bad = access_line(now, uri="/ok").encode().replace(b"/ok", b"/\xff")
+    before = p.stats.malformed
+    assert p.feed(access_line(now).encode() + b"\n" + bad + b"\n" + access_line(now).encode()) == 2
+    assert p.stats.malformed == before + 1
+
+
+def test_parser_drains_into_its_sink_and_line_blocks_cut_a_stream():
+    agg = t.Aggregator("sink")
+    p = t.CaddyParser(lambda m, path: path, sink=agg)
+    now = time.time()
+    line = access_line(now).encode()
+    p.feed(b"\n".join([line] * (t.CaddyParser.DRAIN_LINES - 1)))
+    assert p.pending == t.CaddyParser.DRAIN_LINES - 1 and not agg.rollups  # held until the sink's turn
+    p.feed(line)
+    assert p.pending == 0 and sum(r.count for r in agg.rollups.values()) == t.CaddyParser.DRAIN_LINES
+    # a stream cut anywhere comes out as whole lines; an over-long line is dropped through its
+    # newline (reads are smaller than the limit, as the reader's 64 KiB reads are against 1 MiB)
+    stream = b"\n".join([b"a" * 5, b"b" * 40, b"c" * 3, b"", b"d" * 7]) + b"\n" + b"tail"
+    for size in (1, 2, 3, 7, 16):
+        cut, got = t.LineBlocks(limit=16), []
+        for i in range(0, len(stream), size):
+            block = cut.push(stream[i:i + size])
+            if block:
+                got += block.split(b"\n")
+        got.append(cut.end())
+        assert [x for x in got if x] == [b"a" * 5, b"c" * 3, b"d" * 7, b"tail"] and cut.dropped == 1, size
+    cut = t.LineBlocks(limit=4)
+    assert cut.push(b"abcdefgh") == b"" and cut.dropped == 1 and cut.end() == b""  # no newline ever came
+
+
 def test_route_resolver_maps_raw_paths_to_app_routes():
     app = t.create_app(t.Config(db=":memory:"), name="resolver_test")
     app.router.finalize()
