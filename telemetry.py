@@ -1086,11 +1086,14 @@ class CaddyReader:
         if access:
             self.parser.feed(block)
             return
-        for line in block.split(b"\n"):  # stderr: Caddy's runtime log, unless someone logs access lines there
+        access_lines = []  # stderr: Caddy's runtime log, unless someone logs access lines there
+        for line in block.split(b"\n"):
             if b'"logger":"http.log.access' in line:
-                self.parser.feed(line)
+                access_lines.append(line)
             elif line.strip():
                 log.info("telemetry: reader: %s", line.decode("utf-8", "replace").rstrip()[:500])
+        if access_lines:
+            self.parser.feed(b"\n".join(access_lines))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """End the command and wait for it (bounded), then for the restart loop."""
