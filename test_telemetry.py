@@ -392,6 +392,18 @@ def test_config_errors_name_the_setting():
     assert (c.port, c.db) == (9000, "x.db")
 
 
+def test_influx_store_without_the_async_extra_is_a_start_up_error(monkeypatch):
+    """influxdb-client's async API imports aiohttp only when a client is made: without the extra,
+    the store would fail at its first write. Start-up says so instead, naming the setting."""
+    influx = dict(influxdb_url="http://127.0.0.1:1", influxdb_token="x", influxdb_org="o", influxdb_bucket="b")
+    assert t.Config(**influx).influxdb_url  # the extra is installed here (the README's commands)
+    find_spec = t.importlib.util.find_spec
+    monkeypatch.setattr(t.importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else find_spec(name, *a))
+    with pytest.raises(t.ConfigError, match=r"INFLUXDB_URL: .*influxdb-client\[async\]"):
+        t.Config(**influx)
+    assert t.Config().influxdb_url == ""  # the embedded store does not need it
+
+
 def test_cli_bad_value_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "--workers", "zero"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -718,6 +730,7 @@ def test_compose_app_settings_are_valid():
     m = re.search(r"exec python /app/telemetry\.py([^\n]*)", COMPOSE.read_text())
     assert m, "the app command does not exec telemetry.py"
     config = t.Config.load(m.group(1).split(), env=env)
+    assert "'influxdb-client[async]>=1.50'" in COMPOSE.read_text()  # the InfluxDB store's async API needs it
     assert config.host == "0.0.0.0" and config.no_caddy and config.db == "/data/telemetry.db"
     assert config.caddy_log_command == "tail -n 0 -F /var/log/caddy/access.log"
     assert config.influxdb_url == "http://influxdb:8086" and config.spool_dir == "/data/spool"
