@@ -699,12 +699,12 @@ class CaddyParser:
         #: (seconds bytes, (method, route), status bytes) -> [duration s, size bytes, duration, ...]
         self._groups: dict[tuple, list] = {}
         self._samples: list[tuple] = []  # the lines _line() read
-        self._pending = 0
+        self.pending = 0  # lines read and not yet drained
 
     def parse(self, line: str | bytes) -> tuple | None:
         """One line -> a sample tuple (slot or ts, "caddy", route, method, status, ms, bytes), or
         None (ignored or malformed; both are counted)."""
-        saved = self._groups, self._samples, self._pending
+        saved = self._groups, self._samples, self.pending
         self._groups, self._samples, sink, self.sink = {}, [], self.sink, None
         try:
             self.feed(line)
@@ -712,7 +712,7 @@ class CaddyParser:
                                    for (ts, (method, route), status), g in self._groups.items()
                                    for d, size in zip(g[0::2], g[1::2])]
         finally:
-            (self._groups, self._samples, self._pending), self.sink = saved, sink
+            (self._groups, self._samples, self.pending), self.sink = saved, sink
         return out[0] if out else None
 
     def feed(self, data: bytes | str) -> int:
@@ -758,8 +758,8 @@ class CaddyParser:
         st.access += fast + accepted
         if fast or seen:
             st.last_line_at = time.time()
-            self._pending += fast + accepted
-            if self._pending >= self.DRAIN_LINES and self.sink is not None:
+            self.pending += fast + accepted
+            if self.pending >= self.DRAIN_LINES and self.sink is not None:
                 self.drain(self.sink)
         return fast + accepted
 
@@ -819,17 +819,12 @@ class CaddyParser:
         groups, samples = self._groups, self._samples
         if not groups and not samples:
             return
-        self._groups, self._samples, self._pending = {}, [], 0
+        self._groups, self._samples, self.pending = {}, [], 0
         if samples:
             aggregator.add_many(samples)
         merge = aggregator.merge
         for (ts, (method, route), status), g in groups.items():
             merge(int(ts), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])), seconds=True)
-
-    @property
-    def pending(self) -> int:
-        """Lines read and not yet drained."""
-        return self._pending
 
     def _line(self, raw: bytes) -> tuple | None | bool:
         """One line the regex did not take -> a sample, None (ignored or malformed, both
