@@ -1511,7 +1511,6 @@ class RangeData:
 
 
 _SCHEMA = """
-PRAGMA journal_mode=WAL;
 CREATE TABLE IF NOT EXISTS rollup (
     tier INTEGER NOT NULL, slot INTEGER NOT NULL, source TEXT NOT NULL, route TEXT NOT NULL,
     method TEXT NOT NULL, status INTEGER NOT NULL, count INTEGER NOT NULL, dur_sum REAL NOT NULL,
@@ -1533,6 +1532,26 @@ CREATE TABLE IF NOT EXISTS event (
     path TEXT NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL, request_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS event_kind_ts ON event (kind, ts);
 """
+
+def _create_schema(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """WAL mode, then the tables in one IMMEDIATE transaction. Several workers open a new file at
+    once: switching it to WAL, or a write after a read inside one script, can fail at once with
+    "database is locked" (SQLite does not wait there, to avoid a deadlock, whatever busy_timeout
+    says), so the whole step is retried until timeout. BEGIN IMMEDIATE takes the write lock
+    first, where busy_timeout does wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            return
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.05)  # a backoff between attempts, not a wait for an event
+
 
 _UPSERT_ROLLUP = """
 INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?)
@@ -1599,7 +1618,7 @@ class SQLiteStore:
         parent = Path(self.path).resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"TELEMETRY_DB: folder {str(parent)!r} does not exist")
-        await self._w.run(lambda c: c.executescript(_SCHEMA))
+        await self._w.run(_create_schema)
 
     async def close(self) -> None:
         for db in (self._w, self._r):

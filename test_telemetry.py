@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -417,6 +418,34 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
 def rollup(slot, route="/a", status=200, count=1, ms=1.0, source="sanic"):
     counts = {t.Histogram.index(ms): count}
     return t.Rollup(slot, source, route, "GET", status, count, ms * count, ms, 10 * count, counts)
+
+
+def test_sqlite_schema_survives_workers_opening_a_new_file_at_once(tmp_path):
+    """Workers start together and open the same new file: its switch to WAL and the tables must not
+    fail with "database is locked" (a single script of both did in ~1 of 10 such starts, which
+    made a worker die and Sanic stop every worker)."""
+    for trial in range(40):
+        path, barrier, errors = str(tmp_path / f"t{trial}.db"), threading.Barrier(6), []
+
+        def open_store() -> None:
+            conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+            barrier.wait(timeout=10)
+            try:
+                t._create_schema(conn)
+            except sqlite3.Error as exc:
+                errors.append(exc)
+            finally:
+                conn.close()
+        threads = [threading.Thread(target=open_store) for _ in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=30)
+        assert not errors and not any(th.is_alive() for th in threads), (trial, errors)
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert {"rollup", "hist", "batch", "slot_version", "event"} <= {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
