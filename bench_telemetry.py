@@ -426,16 +426,11 @@ def reader_chunks(lines: list[bytes], size: int = 1 << 16) -> list[bytes]:
 
 
 def feed_chunks(parser: T.CaddyParser, agg: T.Aggregator, chunks: list[bytes]) -> None:
-    """What CaddyReader does with each read (LineBlocks cuts it at its last newline, feed() parses
-    the block), then the worker's flush (drain() into the aggregator, its flush())."""
-    blocks = T.LineBlocks(T.CaddyReader.LINE_LIMIT)
-    for chunk in chunks:
-        block = blocks.push(chunk)
-        if block:
-            parser.feed(block)
-    tail = blocks.end()
-    if tail:
-        parser.feed(tail)
+    """What CaddyReader does with each read (take(): LineBlocks cuts it at its last newline,
+    feed() parses the block), then the worker's flush (drain() into the aggregator, its flush())."""
+    reader, blocks = T.CaddyReader("true", parser), T.LineBlocks(T.CaddyReader.LINE_LIMIT)  # no process started
+    for chunk in [*chunks, b""]:  # b"": the end of the stream
+        reader.take(blocks, chunk)
     parser.drain(agg)
     agg.flush()
 

@@ -1067,15 +1067,20 @@ class CaddyReader:
         blocks = LineBlocks(self.LINE_LIMIT)
         while True:
             chunk = await stream.read(1 << 16)
-            block = blocks.push(chunk) if chunk else blocks.end()
-            if blocks.dropped:
-                blocks.dropped = 0
-                self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
-                self.parser.stats.lines += 1
-            if block:
-                self._lines(block, access)
+            self.take(blocks, chunk, access)
             if not chunk:
                 return
+
+    def take(self, blocks: LineBlocks, chunk: bytes, access: bool = True) -> None:
+        """One read (b"" at the end of the stream) -> its whole lines parsed; an over-long line
+        counted as malformed."""
+        block = blocks.push(chunk) if chunk else blocks.end()
+        if blocks.dropped:
+            blocks.dropped = 0
+            self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
+            self.parser.stats.lines += 1
+        if block:
+            self._lines(block, access)
 
     def _lines(self, block: bytes, access: bool) -> None:
         if access:

@@ -442,7 +442,7 @@ def test_sqlite_schema_survives_workers_opening_a_new_file_at_once(tmp_path):
         for th in threads:
             th.join(timeout=30)
         assert not errors and not any(th.is_alive() for th in threads), (trial, errors)
-        with sqlite3.connect(path) as conn:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert {"rollup", "hist", "batch", "slot_version", "event"} <= {
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
