@@ -636,8 +636,8 @@ class RouteResolver:
 #: CaddyParser.feed()'s regex, run over a whole block of lines at once (re.M: ^ and $ at each
 #: line's start and end). No part of it matches a newline, and its second branch takes any line
 #: whole, so every line gives exactly one match: the i-th match is the i-th line.
-#: The first branch reads a line in Caddy's access-log layout (logRequest in server.go) that needs
-#: no event: the head up to the path, then (after the headers, reached by a greedy skip that
+#: The first branch reads a line in Caddy's access-log layout (logRequest in server.go, 2.7+) that
+#: needs no event: the head up to the path, then (after the headers, reached by a greedy skip that
 #: backtracks from the line's end, so the last occurrence wins) the duration/size/status run, and a
 #: closing brace. Groups: whole seconds of ts; method + host + path (the series cache's key: one
 #: group, one dict lookup per line); duration; size; status (1xx-4xx: 5xx are events, and take the
@@ -646,11 +646,19 @@ class RouteResolver:
 #: nor does the query (the route comes from the path alone). Numbers have bounded digit counts
 #: (int() refuses over 4,300 digits, and a line must never raise). The second branch (group 6) is
 #: every other line: 5xx, another layout, runtime lines, garbage, blank lines.
+#: It is strict where that is cheap for sre, and the rare line it refuses takes the long way, which
+#: reads it just as well: the short string values are `[^"\x00-\x1f\\]` (a bitmap, one test per
+#: byte, where `[^"\n]` is a list of three; no control character stands raw in JSON, and an escape
+#: goes the long way), ts and duration need a fraction (Caddy's floats have one unless integral),
+#: client_ip (Caddy 2.7+) is required, and the line ends at its brace (a CR goes the long way).
+#: Together these made the findall 1.2x faster (bench_telemetry.py's lines).
+_RX_VALUE = rb'[^"\x00-\x1f\\]*'
 _RX_BLOCK = re.compile(
-    rb'^(?:\{"level":"[a-z]+","ts":([1-9]\d{8,9})(?:\.\d{1,20})?,"logger":"http\.log\.access[^"\n]*",'
-    rb'"msg":"handled request","request":\{"remote_ip":"[^"\n]*","remote_port":"[^"\n]*",'
-    rb'(?:"client_ip":"[^"\n]*",)?"proto":"[^"\n]*","method":"([A-Z]+","host":"[^"\n]*","uri":"[^"?#\\\n]*)'
-    rb'["?#].*,"duration":(\d{1,6}(?:\.\d{1,20})?),"size":(\d{1,18}),"status":([1-4]\d\d)[,}].*\}[\t\r ]*$'
+    rb'^(?:\{"level":"[a-z]+","ts":([1-9]\d{8,9})\.\d{1,20},"logger":"http\.log\.access' + _RX_VALUE + rb'",'
+    rb'"msg":"handled request","request":\{"remote_ip":"' + _RX_VALUE + rb'","remote_port":"' + _RX_VALUE + rb'",'
+    rb'"client_ip":"' + _RX_VALUE + rb'","proto":"' + _RX_VALUE + rb'","method":"([A-Z]+","host":"' + _RX_VALUE +
+    rb'","uri":"[^"?#\\\n]*)'
+    rb'["?#].*,"duration":(\d{1,6}\.\d{1,20}),"size":(\d{1,18}),"status":([1-4]\d\d)[,}].*\}$'
     rb'|(.*))', re.M)
 _METHOD_BYTES = {m.encode(): m for m in METHODS}
 

@@ -297,6 +297,26 @@ def test_parser_fast_and_slow_paths_agree():
     assert p.parse(tricky)[4:6] == (200, 1.0)
 
 
+def test_parser_lines_the_block_regex_refuses_are_read_alike():
+    """The block regex is strict where that is cheap for it; each line it refuses takes the long
+    way and gives the same sample as its twin the regex reads."""
+    p = t.CaddyParser(lambda m, path: f"route:{path}")
+    now = float(int(time.time())) + 0.25
+    base = access_line(now, uri="/api/items/7", duration=0.0125, size=99)
+    assert t._RX_BLOCK.match(base.encode()).group(1)  # the twin: read by the regex
+    variants = [base.replace('"client_ip":"127.0.0.1",', ""),  # Caddy before 2.7
+                base.replace(f'"ts":{now!r}', f'"ts":{int(now)}'),  # a whole-second ts
+                base + "\r",  # a CRLF file
+                base.replace('"host":"x"', '"host":"\\u0078"')]  # an escape in a short value
+    for line in variants:
+        assert not t._RX_BLOCK.match(line.encode()).group(1), line
+        got = p.parse(line)
+        assert got[1:] == p.parse(base)[1:] and int(got[0]) == int(now), line
+    integral = base.replace('"duration":0.0125', '"duration":0')  # an integral float: Caddy drops the ".0"
+    assert not t._RX_BLOCK.match(integral.encode()).group(1) and p.parse(integral)[5] == 0.0
+    assert p.stats.access == 2 * len(variants) + 1 and p.stats.malformed == 0
+
+
 def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
     """feed() reads a whole block with one regex (the i-th match is the i-th line): every kind of
     line in one block gives the same rollups as parsing the lines one by one, and the lines that
