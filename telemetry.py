@@ -680,8 +680,11 @@ class CaddyParser:
     """Caddy JSON log lines -> rollup input. Non-access lines are ignored, bad ones counted.
 
     A line is an access line when its logger starts with 'http.log.access'. Caddy writes `ts` and
-    `duration` as float seconds by default; integer nanoseconds (time_format unix_nano) and string
-    durations are refused as malformed rather than guessed at.
+    `duration` as float seconds by default; integer nanoseconds (time_format unix_nano), integer
+    or string durations (duration_format ms, ns, string) are refused as malformed rather than
+    guessed at: `duration_format ms` writes a truncated integer, which read as seconds would be
+    1,000 times too slow. (A float duration of exactly whole seconds, which Caddy would also write
+    without a point, would be refused too: at nanosecond resolution, one in a billion.)
 
     feed() takes a block of lines and keeps what it read until drain() hands it to an Aggregator:
     the common line as its series' durations and sizes (grouped per second, series and status, so
@@ -880,8 +883,8 @@ class CaddyParser:
         f = rfind(',"status":')
         e = rfind(',"size":', v, f)
         d = rfind(',"duration":', v, e)
-        if min(k, m, u, v, d, e, f) < 0 or line[v - 1] == "\\":
-            return None
+        if min(k, m, u, v, d, e, f) < 0 or line[v - 1] == "\\" or "." not in line[d + 12:e]:
+            return None  # (an integer duration: _slow() refuses it with the reason)
         g = f + 10
         while line[g].isdigit():
             g += 1
@@ -926,8 +929,9 @@ class CaddyParser:
             req = obj["request"]
             ts, dur, size, status = obj["ts"], obj["duration"], obj.get("size", 0), obj["status"]
             method, uri = req["method"], req["uri"]
-            if not (isinstance(ts, float) or type(ts) is int) or not isinstance(dur, (int, float)) \
-                    or isinstance(dur, bool) or type(status) is not int or type(size) is not int \
+            if type(dur) is not float:
+                raise TypeError(f"duration {str(dur)[:40]!r} is not float seconds (Caddy's default duration_format)")
+            if not (isinstance(ts, float) or type(ts) is int) or type(status) is not int or type(size) is not int \
                     or not isinstance(method, str) or not isinstance(uri, str):
                 raise TypeError("field types")
             rid = obj.get("request_id") or obj.get("uuid") or ""
@@ -2825,10 +2829,11 @@ def _hooks(base: type) -> dict[str, Any]:
     async def handle_request(self: Any, request: Any) -> None:
         tel = self.ctx.telemetry
         stream = request.stream  # set by every transport before it calls handle_request
-        if tel is None or stream.__class__ is not _Http1:
+        if tel is None or type(stream) is not _Http1:
             return await _handle_other(base, self, request)
+        handle = tel.base_handle
         try:
-            await tel.base_handle(self, request)
+            await handle(self, request)
         except BaseException:  # CancelledError family: handle_exception may not see it
             _observe_interrupted(self, request, stream)
             raise
@@ -2842,7 +2847,7 @@ def _hooks(base: type) -> dict[str, Any]:
             # extend, not append: the tuple is freed at once, so the collector never runs for it;
             # a whole-body response's bytes are what the protocol has just counted writing it
             raw += (t1, seconds, route.path if route is not None else None, request.method, status,
-                    stream.response_size if response.__class__ in _WHOLE_BODY else _body_bytes(response))
+                    stream.response_size if type(response) in _WHOLE_BODY else _body_bytes(response))
             if status >= 500 or seconds >= tel.slow_s:
                 tel.event(request, status, seconds)
             if len(raw) >= fold_every:

@@ -269,6 +269,7 @@ def test_parser_access_runtime_and_malformed():
            access_line(now).replace('"status":200', '"status":"200"'),
            access_line(now * 1e9),  # time_format unix_nano: refused, not guessed
            access_line(now).replace('"duration":0.0012', '"duration":"1.2ms"'),
+           access_line(now).replace('"duration":0.0012', '"duration":68'),  # duration_format ms: refused
            '{"logger":"http.log.access.log0","msg":"handled request","request":{}}',
            b"\xff\xfe{}",
            # numbers past int()'s 4,300-digit limit, in every field the regex path reads
@@ -312,9 +313,12 @@ def test_parser_lines_the_block_regex_refuses_are_read_alike():
         assert not t._RX_BLOCK.match(line.encode()).group(1), line
         got = p.parse(line)
         assert got[1:] == p.parse(base)[1:] and int(got[0]) == int(now), line
-    integral = base.replace('"duration":0.0125', '"duration":0')  # an integral float: Caddy drops the ".0"
-    assert not t._RX_BLOCK.match(integral.encode()).group(1) and p.parse(integral)[5] == 0.0
-    assert p.stats.access == 2 * len(variants) + 1 and p.stats.malformed == 0
+    assert p.stats.access == 2 * len(variants) and p.stats.malformed == 0
+    # an integer duration is duration_format ms or ns, not seconds: refused on every path, with why
+    for line in (base.replace('"duration":0.0125', '"duration":12'), base.replace(f'"ts":{now!r}', f'"ts":{int(now)}')
+                 .replace('"duration":0.0125', '"duration":12')):
+        assert p.parse(line) is None and p.feed(line.encode()) == 0
+    assert p.stats.malformed == 4 and "is not float seconds" in p.stats.last_malformed
 
 
 def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
