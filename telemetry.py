@@ -965,7 +965,6 @@ class CaddyParser:
         return None
 
 
-
 class LineBlocks:
     """A byte stream, chunk by chunk -> blocks of whole lines (the newline after the last one cut
     off), for CaddyParser.feed(). A line longer than limit is dropped through its newline and
@@ -1549,6 +1548,7 @@ CREATE TABLE IF NOT EXISTS event (
     path TEXT NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL, request_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS event_kind_ts ON event (kind, ts);
 """
+
 
 def _create_schema(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
     """WAL mode, then the tables in one IMMEDIATE transaction. Several workers open a new file at
