@@ -31,9 +31,10 @@ Sections, in the order data flows (grep for the banner):
     #                     create_app() (the demo)
     # === Command line    main(), `flux`
 
-Where to start reading: instrument() (Wiring) attaches everything; _hooks() is the per-request
-hook; Telemetry.fold() and Aggregator.merge() turn its samples into rollups; CaddyParser.feed() is
-the reader's work; Writer._run() moves batches to a store.
+Where to start reading: instrument() (Wiring) attaches everything; _running_hook() is the
+per-request hook while telemetry runs (_hooks() the checked one around it); Telemetry.fold() and
+Aggregator.merge() turn its samples into rollups; CaddyParser.feed() is the
+reader's work; Writer._run() moves batches to a store.
 """
 
 from __future__ import annotations
@@ -2529,38 +2530,57 @@ def worker_instance(base: str) -> str:
     return f"{base or socket.gethostname()[:48]}-w{worker}"
 
 
-#: Values per sample in Telemetry.raw: end (perf_counter s), seconds, route path, method, status, bytes.
+#: Values per sample in Telemetry.raw: end (perf_counter s), seconds, route (Sanic's Route object,
+#: or None when none matched), method, status, bytes.
 RAW_WIDTH = 6
+#: The flush loop folds the hook's samples this often (and flushes every flush_interval).
+FOLD_TICK_S = 0.1
 
 
 def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[float], list[int]]]:
     """Samples start..end of the flat raw list -> {(route path, method, status): ([durations in s], [bytes])}.
 
-    Each field is taken out as one strided slice (C, no per-sample Python). A second's samples
-    usually fall into one series (counted column by column) or a few: then each series is picked
-    out with compress() over a key comparison, also in C; with many, one Python pass groups them."""
+    Each field is taken out as one strided slice (C, no per-sample Python). Routes are grouped by
+    identity, id() per sample in C: Sanic's Route compares in Python and does not hash. A second's
+    samples usually fall into one series (counted column by column) or a few: then each series is
+    picked out with compress() over a key comparison, also in C; with many, one Python pass groups
+    them. Two Route objects with one path (routes per host) end in one series."""
     a, b, w, n = start * RAW_WIDTH, end * RAW_WIDTH, RAW_WIDTH, end - start
-    paths, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
+    routes, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
     durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
-    if paths.count(paths[0]) == n and methods.count(methods[0]) == n and statuses.count(statuses[0]) == n:
-        return {(paths[0], methods[0], statuses[0]): (durations, sizes)}  # one series: no key per sample
-    keys = list(zip(paths, methods, statuses))
+    ids = list(map(id, routes))
+    if ids.count(ids[0]) == n and methods.count(methods[0]) == n and statuses.count(statuses[0]) == n:
+        return {(_route_path(routes[0]), methods[0], statuses[0]): (durations, sizes)}  # no key per sample
+    keys = list(zip(ids, methods, statuses))
     series = dict.fromkeys(keys)
+    groups: dict[tuple, tuple[list[float], list[int]]] = {}
     if len(series) <= 4:
-        out = {}
         for key in series:
             picked = list(map(key.__eq__, keys))
-            out[key] = (list(itertools.compress(durations, picked)), list(itertools.compress(sizes, picked)))
-        return out
-    groups: dict[tuple, tuple[list[float], list[int]]] = {}
-    get = groups.get
-    for key, seconds, nbytes in zip(keys, durations, sizes):
-        g = get(key)
-        if g is None:
-            g = groups[key] = ([], [])
-        g[0].append(seconds)
-        g[1].append(nbytes)
-    return groups
+            groups[key] = (list(itertools.compress(durations, picked)), list(itertools.compress(sizes, picked)))
+        route_of = {rid: routes[ids.index(rid)] for rid, _, _ in series}
+    else:
+        route_of = dict(zip(ids, routes))
+        get = groups.get
+        for key, seconds, nbytes in zip(keys, durations, sizes):
+            g = get(key)
+            if g is None:
+                g = groups[key] = ([], [])
+            g[0].append(seconds)
+            g[1].append(nbytes)
+    out: dict[tuple, tuple[list[float], list[int]]] = {}
+    for (rid, method, status), g in groups.items():
+        key = (_route_path(route_of[rid]), method, status)
+        if key in out:
+            out[key][0].extend(g[0])
+            out[key][1].extend(g[1])
+        else:
+            out[key] = g
+    return out
+
+
+def _route_path(route: Any) -> str | None:
+    return route.path if route is not None else None
 
 
 #: catch_up(): a read flushes at most this often, and waits at most this long for the write.
@@ -2590,9 +2610,15 @@ class Telemetry:
         if reader and config.caddy_log_command:
             self.reader = CaddyReader(config.caddy_log_command, self.parser)
         self._flusher: asyncio.Task | None = None
-        #: The hook's samples, RAW_WIDTH values each (end, seconds, route path, method, status,
-        #: bytes), in one flat list: a sample adds no object the garbage collector tracks.
+        #: The hook's samples, RAW_WIDTH values each (end, seconds, route object or None, method,
+        #: status, bytes), in one flat list: a sample adds no object the garbage collector tracks.
+        #: The flush loop folds it every FOLD_TICK_S, which bounds it to that long of requests.
         self.raw: list[Any] = []
+        #: Set at start-up when a request may come other than over Sanic's HTTP/1 protocol
+        #: (ASGI, HTTP/3): the hook then takes its other path, which keeps its own start time.
+        self.other_transport = False
+        #: The per-request hook, holding this Telemetry's list and threshold (see _running_hook()).
+        self.hook = _running_hook(self)
         #: Route path (None: no route matched) -> the route value kept; see _route_name().
         self.route_names: dict[str | None, str] = {None: UNMATCHED}
         self.caught_up_at: float | None = None
@@ -2612,12 +2638,18 @@ class Telemetry:
 
     async def _flush_loop(self) -> None:
         interval = self.config.flush_interval
-        published = 0.0
+        tick = min(interval, FOLD_TICK_S)
+        flushed, published = time.monotonic(), 0.0
         while True:
-            await asyncio.sleep(interval)  # stop() cancels the loop here, never inside flush()
+            await asyncio.sleep(tick)  # stop() cancels the loop here, never inside flush()
+            now = time.monotonic()
+            if now - flushed < interval - tick / 2:
+                self.fold()  # the hook does not count its samples: this bounds them
+                continue
+            flushed = now
             self.flush()
-            if time.monotonic() - published >= 1.0:
-                published = time.monotonic()
+            if now - published >= 1.0:
+                published = now
                 self._publish_status()
 
     def flush(self) -> None:
@@ -2656,8 +2688,7 @@ class Telemetry:
         nbytes = _body_bytes(response) if response is not None else 0
         if status is None:
             status = response.status if response is not None else 499
-        route = request.route
-        self.raw += (t1, seconds, route.path if route is not None else None, request.method, status, nbytes)
+        self.raw += (t1, seconds, request.route, request.method, status, nbytes)
         if status >= 500 or seconds >= self.slow_s:
             self.event(request, status, seconds)
 
@@ -2688,7 +2719,8 @@ class Telemetry:
 
         Samples are appended as requests end, so their end times ascend: each second is one
         contiguous run, found by bisection, and no slot is computed per sample."""
-        raw, self.raw = self.raw, []
+        raw = self.raw[:]  # emptied in place: the running hook holds this list
+        del self.raw[:]
         ends = raw[::RAW_WIDTH]
         start, n, offset = 0, len(ends), self.wall_offset
         while start < n:
@@ -2813,47 +2845,23 @@ _NESTED = frozenset({"handle_request", "handle_exception"})
 
 
 def _hooks(base: type) -> dict[str, Any]:
-    """handle_request / handle_exception overrides for a subclass of base.
+    """handle_request / handle_exception overrides for a subclass of base (the instrumented class).
 
     Measured against the other hooks Sanic offers (request + response middleware 0.89-0.91 of bare
     throughput, signals 0.67-0.78), an override of handle_request costs least: one call, no
-    middleware dispatch. Its fast path below (HTTP/1, telemetry running) adds six values to a
-    flat list and compares twice; the fold does the rest in batches. It calls the base method
-    Telemetry captured at start-up (Sanic rewrites Sanic.handle_request then, per app); otherwise
-    base's is looked up per call. Requests that never reach handle_request (malformed 400s,
-    timeouts) are recorded from handle_exception.
+    middleware dispatch. While telemetry runs over HTTP/1 the app's class is _running_class(),
+    whose handle_request is _running_hook() itself; this one checks first: before start-up and
+    after the stop (telemetry not running) and over ASGI or HTTP/3 (no protocol start time) it
+    takes the other path; otherwise (while the stop flushes) it calls the running hook.
+    Requests that never reach handle_request (malformed 400s, timeouts) are recorded from
+    handle_exception.
     """
-    perf_counter = time.perf_counter
-    fold_every = Aggregator.FOLD_EVERY * RAW_WIDTH
 
     async def handle_request(self: Any, request: Any) -> None:
         tel = self.ctx.telemetry
-        stream = request.stream  # set by every transport before it calls handle_request
-        if tel is None or type(stream) is not _Http1:
+        if tel is None or tel.other_transport:
             return await _handle_other(base, self, request)
-        handle = tel.base_handle
-        try:
-            await handle(self, request)
-        except BaseException:  # CancelledError family: handle_exception may not see it
-            _observe_interrupted(self, request, stream)
-            raise
-        response = stream.response
-        if response is None:  # a websocket; the protocol's own error path
-            return
-        try:  # zero-cost unless it raises: a handler's odd response must not fail the request
-            t1 = perf_counter()
-            seconds = t1 - stream.perft0
-            status, route, raw = response.status, request.route, tel.raw
-            # extend, not append: the tuple is freed at once, so the collector never runs for it;
-            # a whole-body response's bytes are what the protocol has just counted writing it
-            raw += (t1, seconds, route.path if route is not None else None, request.method, status,
-                    stream.response_size if type(response) in _WHOLE_BODY else _body_bytes(response))
-            if status >= 500 or seconds >= tel.slow_s:
-                tel.event(request, status, seconds)
-            if len(raw) >= fold_every:
-                tel.fold()
-        except Exception as exc:
-            tel.hook_failed(exc)
+        await tel.hook(self, request)
 
     async def handle_exception(self: Any, request: Any, exception: BaseException,
                                run_middleware: bool = True) -> None:
@@ -2865,6 +2873,58 @@ def _hooks(base: type) -> dict[str, Any]:
             tel.observe(request, stream.response if stream is not None else None)
 
     return {"handle_request": handle_request, "handle_exception": handle_exception}
+
+
+def _running_hook(tel: Telemetry) -> Callable[..., Any]:
+    """handle_request while tel runs and every request comes over Sanic's HTTP/1 protocol.
+
+    It adds six values to a flat list and compares twice; the fold does the rest in batches, on
+    the flush loop's tick. Under load each bytecode here costs about 0.1% of throughput
+    (bench_telemetry.py), so the path is kept to the fewest: what it needs from tel is held in
+    closure cells (no look-up of app.ctx.telemetry, a SimpleNamespace attribute Python 3.11 does
+    not specialise; no check that telemetry runs or of the transport, which are settled before
+    _running_class() is installed); the route is kept as its object (the fold reads its path); a
+    websocket's missing response and a transport the start-up check missed are sorted out only
+    when the recording raises. base_handle is the base method as Sanic rewrote it at start-up.
+    """
+    perf_counter, base_handle, raw, slow_s = time.perf_counter, tel.base_handle, tel.raw, tel.slow_s
+
+    async def handle_request(self: Any, request: Any) -> None:
+        nonlocal raw
+        stream = request.stream  # set by every transport before it calls handle_request
+        try:
+            await base_handle(self, request)
+        except BaseException:  # CancelledError family: handle_exception may not see it
+            _observe_interrupted(self, request, stream)
+            raise
+        response = stream.response  # None after a websocket: response.status raises below
+        try:  # zero-cost unless it raises: a handler's odd response must not fail the request
+            t1 = perf_counter()
+            seconds = t1 - stream.perft0
+            status = response.status
+            # extend, not append: the tuple is freed at once, so the collector never runs for it;
+            # a whole body's bytes are what the protocol has just counted writing it
+            raw += (t1, seconds, request.route, request.method, status,
+                    stream.response_size if response.body else _body_bytes(response))
+            if status >= 500 or seconds >= slow_s:
+                tel.event(request, status, seconds)
+        except Exception as exc:
+            _recording_failed(tel, exc, request, stream, response)
+
+    return handle_request
+
+
+def _running_class(cls: type, tel: Telemetry) -> type:
+    """A subclass of the app's instrumented class whose handle_request is tel.hook, made per start
+    (so per worker); it adds no slot, so the app can take it and give it back."""
+    name = f"{cls.__name__}_running"
+    return type(cls)(name, (cls,), {"__slots__": (), "__module__": __name__, "__qualname__": name,
+                                    "_telemetry_running": True, "handle_request": tel.hook})
+
+
+def _end_running_class(app: Any) -> None:
+    if getattr(type(app), "_telemetry_running", False):
+        app.__class__ = type(app).__bases__[0]
 
 
 async def _handle_other(base: type, app: Any, request: Any) -> None:
@@ -2885,6 +2945,26 @@ async def _handle_other(base: type, app: Any, request: Any) -> None:
             tel.hook_failed(exc)
 
 
+def _other_transport(app: Any) -> bool:
+    """Whether a request to app may come other than over Sanic's HTTP/1 protocol: served as
+    ASGI, or by a server of another HTTP version (HTTP/3), whose streams keep no start time."""
+    if getattr(app, "asgi", False):
+        return True
+    return any(info.settings.get("version", 1) != 1 for info in app.state.server_info)  # an IntEnum
+
+
+def _recording_failed(tel: Telemetry, exc: Exception, request: Any, stream: Any, response: Any) -> None:
+    """The hook's fast path raised after the handler. A websocket (no response) is no request to
+    count; a stream that is not HTTP/1's (a transport other_transport missed) is recorded the
+    other path's way; anything else is a handler's odd response, counted for healthz."""
+    if response is None:
+        return
+    if type(stream) is not _Http1:
+        tel.observe(request, response)
+    else:
+        tel.hook_failed(exc)
+
+
 def _observe_interrupted(app: Any, request: Any, stream: Any) -> None:
     """A handler that ended by an exception handle_exception did not see (a cancellation): record
     it unless the protocol will still answer it (and so call handle_exception)."""
@@ -2901,10 +2981,6 @@ def _body_bytes(response: Any) -> int:
         return len(body)
     length = response.headers.get("content-length")
     return int(length) if length and length.isdigit() else 0
-
-
-#: Response classes whose body is sent whole, so Http.response_size is its length.
-_WHOLE_BODY = frozenset({_resp.HTTPResponse, _resp.JSONResponse})
 
 
 class TelemetryMixin:
@@ -3165,6 +3241,7 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     _attach_routes(app, config)
 
     async def before_start(app: Any) -> None:
+        _end_running_class(app)  # left by a start whose stop did not run
         tel = Telemetry(config, app, reader=_is_reader_worker())
         host = getattr(app.state, "host", "") or config.host
         tel.open_without_token = not config.token and not _is_loopback(host)
@@ -3173,10 +3250,14 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
                         "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
         tel.aggregator.skip = frozenset(f"/{r.path}" for r in app.router.routes
                                         if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
+        tel.other_transport = _other_transport(app)
         await tel.start()
         app.ctx.telemetry = tel
+        if not tel.other_transport:
+            app.__class__ = _running_class(type(app), tel)
 
     async def before_stop(app: Any) -> None:
+        _end_running_class(app)  # requests from now on take _hooks()' checks
         tel = getattr(app.ctx, "telemetry", None)
         if tel is not None:
             await tel.stop()

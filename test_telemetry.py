@@ -210,24 +210,43 @@ def test_aggregator_folds_and_bounds_routes():
     assert agg.samples == 11
 
 
+class RouteLike:
+    """Like sanic_routing's Route where the fold cares: it has a path, compares in Python and
+    does not hash (so the fold must group routes by identity)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __eq__(self, other: object) -> bool:
+        raise AssertionError("the fold compared two routes")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @pytest.mark.parametrize("paths,methods,statuses", [
     (["api/ping"], ["GET"], [200]),  # one series a second
     (["api/ping", None], ["GET"], [200, 200, 404]),  # a few
     (["api/ping", None, "api/items/<id:int>"], ["GET", "GET", "HEAD", "BREW"], [200, 200, 404, 500, 999]),  # many
+    (["api/ping", "api/ping#host2", None], ["GET"], [200]),  # two Route objects of one path (per host)
 ])
 def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
-    """Telemetry.fold() (time-ordered raw samples cut at whole seconds, grouped, histograms counted
-    from sorted durations) gives exactly what folding each sample on its own gives, whether a
-    second holds one series, a few or many (_group_raw() takes a different way for each)."""
+    """Telemetry.fold() (time-ordered raw samples cut at whole seconds, grouped by route object,
+    histograms counted from sorted durations) gives exactly what folding each sample on its own
+    gives, whether a second holds one series, a few or many (_group_raw() takes a different way
+    for each), and two route objects with one path make one series."""
     tel = t.Telemetry(t.Config(db=":memory:", spool_dir="off"))
     tel.wall_offset = 1_800_000_000.0 - 100.0  # perf_counter 100.0 is wall-clock second 1_800_000_000
     rnd = random.Random(5)
+    routes = {p: RouteLike(p.split("#")[0]) if p else None for p in paths}
     raw, expected, t1 = [], {}, 99.3
     for _ in range(5000):
         t1 += rnd.expovariate(2000)  # ~2.5 s of requests, crossing whole seconds
         path, method, status = rnd.choice(paths), rnd.choice(methods), rnd.choice(statuses)
         seconds, size = rnd.lognormvariate(-6, 1.5), rnd.randrange(0, 5000)
-        raw += (t1, seconds, path, method, status, size)  # flat: RAW_WIDTH values a sample
+        raw += (t1, seconds, routes[path], method, status, size)  # flat: RAW_WIDTH values a sample
+        path = path.split("#")[0] if path else path
         key = (int(t1 + tel.wall_offset), "/" + path if path else t.UNMATCHED, t.norm_method(method),
                t.norm_status(status))
         e = expected.setdefault(key, [0, 0.0, 0.0, 0, {}])
@@ -3023,15 +3042,14 @@ def test_hook_error_is_counted_never_raised(tmp_path):
     async def x(request):
         return response.text("ok")
 
-    t.instrument(app, t.Config(db=str(tmp_path / "h.db"), spool_dir="off"))
+    t.instrument(app, t.Config(db=str(tmp_path / "h.db"), spool_dir="off", slow_ms=0.001))  # each request is slow
     seen = []
 
     @app.listener("before_server_start")  # after instrument()'s own: the Telemetry exists
     async def break_events(app):
         def boom(*_):
             raise RuntimeError("boom")
-        app.ctx.telemetry.slow_s = 0.0  # every request is "slow": each records an event
-        app.ctx.telemetry.event = boom
+        app.ctx.telemetry.event = boom  # so recording each one's event raises
 
     @app.listener("after_server_stop")  # stop listeners run in reverse: before instrument()'s
     async def snapshot(app):
