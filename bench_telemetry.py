@@ -15,8 +15,11 @@ never asserts, and it exits 0.
               (+-20% between rounds here) cancels out. A set of three fresh processes runs a few
               rounds; the figure is the median over several sets. Fresh processes matter more than
               rounds: two processes of the *same* code differ by up to +-5% for their whole life
-              (memory layout, hash seed), which rounds of one set cannot average out. The control
-              (bare copy / bare) shows that noise floor. Per set: instrumented/bare req/s (goal
+              (memory layout, hash seed), which rounds of one set cannot average out. So the three
+              processes of a set share one hash seed (PYTHONHASHSEED = the set's number) and, where
+              `setarch -R` exists, one address layout (ASLR off for them): a set compares the code,
+              not the luck of the draw, and the sets still differ from each other. The control
+              (bare copy / bare) shows the noise floor left. Per set: instrumented/bare req/s (goal
               >= 0.95, median over sets) and requests per CPU-second (in case the CPU was not shared
               evenly); each instrumented app's /telemetry/api/summary count against what wrk
               completed (wrk does not count requests in flight when it stops; the app may).
@@ -91,6 +94,15 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(CPUS[cpu]), *argv] if len(CPUS) >= 2 and shutil.which("taskset") else argv
 
 
+def same_layout(argv: list[str]) -> list[str]:
+    """argv with address-space randomisation off (`setarch -R`), where that works here: processes
+    of one set then lay out their memory alike."""
+    setarch = shutil.which("setarch")
+    if setarch and subprocess.run([setarch, platform.machine(), "-R", "true"], capture_output=True).returncode == 0:
+        return [setarch, platform.machine(), "-R", *argv]
+    return argv
+
+
 def demo_argv(port: int, db: Path, tmp: Path, *extra: str) -> list[str]:
     """`python telemetry.py` on loopback; its spool (if this version has one) stays in tmp."""
     spool = ["--spool-dir", str(tmp / "spool")] if any(s.flag == "--spool-dir" for s in T.SETTINGS) else []
@@ -100,9 +112,9 @@ def demo_argv(port: int, db: Path, tmp: Path, *extra: str) -> list[str]:
 class Child:
     """A process started here, in its own session; its output goes to a log file."""
 
-    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.log_path, self.log = log, open(log, "wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "INFLUXDB_"))}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "INFLUXDB_"))}, **(env or {})}
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -205,9 +217,12 @@ if mode in ("instrumented", "hookonly"):  # "bare" and "control" run the app as 
     import telemetry
     telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
     if mode == "hookonly":  # callgrind: the per-request work only (see callgrind_per_request)
-        async def _idle(self):
-            await asyncio.sleep(86400)  # stop() cancels it
-        telemetry.Telemetry._flush_loop = _idle
+        async def _fold_only(self):  # folds batches of 1,024 samples, as the tick does at ~10,000 req/s
+            while True:
+                await asyncio.sleep(0.05)  # stop() cancels it
+                if len(self.raw) >= 1024 * telemetry.RAW_WIDTH:
+                    self.fold()
+        telemetry.Telemetry._flush_loop = _fold_only
 app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
 """
 
@@ -250,8 +265,10 @@ def hot_set(tmp: Path, n: int, rounds: int, secs: int) -> dict[str, Any]:
     """One set of fresh servers (HOT_MODES), loaded together for `rounds` rounds: the median
     ratios to bare of this set, and the instrumented app's count against what wrk completed."""
     ports = {m: free_port() for m in HOT_MODES}
-    servers = {m: Child(pinned(0, [sys.executable, str(tmp / "server.py"), m, str(p), str(tmp / f"hot{n}.db"),
-                                   str(HERE)]), tmp / f"{m}{n}.log") for m, p in ports.items()}
+    seed = {"PYTHONHASHSEED": str(n + 1)}  # one seed (and one layout) for the set: see the docstring
+    servers = {m: Child(same_layout(pinned(0, [sys.executable, str(tmp / "server.py"), m, str(p),
+                                               str(tmp / f"hot{n}.db"), str(HERE)])), tmp / f"{m}{n}.log", env=seed)
+               for m, p in ports.items()}
     try:
         for m, p in ports.items():
             if not answers(p, "/api/ping"):
@@ -316,13 +333,15 @@ def callgrind_per_request(mode: str, tmp: Path, n1: int, n2: int) -> float:
     difference between a run of n2 and one of n1 requests, divided by n2 - n1 (start-up cancels).
     Instruction counts do not depend on what else the machine is doing. The instrumented server's
     flush loop is replaced by an idle one: under valgrind a flush would cover a handful of requests
-    instead of thousands, so its cost per request would be inflated many times over."""
+    instead of thousands, so its cost per request would be inflated many times over; in its
+    place the hook's samples are folded in batches of 1,024, so the fold's cost is counted."""
     totals = []
     for n in (n1, n2):
         port, out = free_port(), tmp / f"cg-{mode}-{n}"
-        child = Child(["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}.%p",
-                       sys.executable, str(tmp / "server.py"), mode, str(port), str(tmp / f"cg-{mode}.db"), str(HERE)],
-                      tmp / f"cg-{mode}.log")
+        child = Child(same_layout(["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                                   f"--callgrind-out-file={out}.%p", sys.executable, str(tmp / "server.py"), mode,
+                                   str(port), str(tmp / f"cg-{mode}.db"), str(HERE)]),
+                      tmp / f"cg-{mode}.log", env={"PYTHONHASHSEED": "1"})  # seed and layout fixed: runs repeat
         try:
             if not answers(port, "/api/ping", timeout=300):
                 raise RuntimeError(f"{mode} under valgrind did not answer:\n{child.tail()}")
@@ -350,7 +369,8 @@ def bench_instructions(quick: bool, tmp: Path) -> None:
     print(f"  instructions per request (main thread): bare {bare:,.0f}, instrumented {inst:,.0f} "
           f"(+{inst - bare:,.0f}); bare/instrumented {bare / inst:.3f}")
     SUMMARY["instructions"] = (f"bare/instrumented per request  {bare / inst:.3f}  (goal >= 0.95)   {bare:,.0f} vs "
-                               f"{inst:,.0f} instructions (callgrind, main thread, flush loop excluded)")
+                               f"{inst:,.0f} instructions (callgrind, main thread; flush loop replaced by a fold every "
+                               f"1,024 samples)")
 
 
 # ---------------------------------------------------------------------------------------------
