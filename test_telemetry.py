@@ -2996,9 +2996,11 @@ def test_instrument_user_subclass_with_test_client(tmp_path):
     from sanic import response
     app = ShopApp("shop_under_test")
     app.config.ACCESS_LOG = False
+    serving_class = []
 
     @app.get("/orders/<oid:int>")
     async def order(request, oid):
+        serving_class.append(type(request.app))
         if oid == 0:
             raise RuntimeError("no order 0")
         return response.json({"id": oid})
@@ -3014,20 +3016,32 @@ def test_instrument_user_subclass_with_test_client(tmp_path):
     assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
     routes = {r["route"] for r in resp.json["routes"]}
     assert routes == {"/orders/<oid:int>", t.UNMATCHED}  # the /ops routes are not counted
+    # while it serves over HTTP/1 the app runs the running hook's class, made per start; it is
+    # given back before the stop
+    assert len(serving_class) == 2 and serving_class[0] is not serving_class[1]
+    assert all(c._telemetry_running and c.__bases__ == (type(app),) for c in serving_class)
+    assert not getattr(type(app), "_telemetry_running", False) and isinstance(app, ShopApp)
 
 
 def test_instrument_over_asgi(tmp_path):
     """Over ASGI there is no HTTP/1 protocol start time: the hook's other path times the request
     itself and records the same requests (an exception's 500 included)."""
     app = t.create_app(t.Config(db=str(tmp_path / "asgi.db"), spool_dir="off"), name="asgi_under_test")
+    serving_class = []
+
+    @app.get("/class")
+    async def klass(request):
+        serving_class.append(type(request.app))
+        return t._resp.text("")
 
     async def go():
-        for path in ("/api/slow?ms=30", "/api/error", "/nope"):
+        for path in ("/api/slow?ms=30", "/api/error", "/nope", "/class"):
             await app.asgi_client.get(path)  # each call starts and stops the app: the stop flushes
         _, resp = await app.asgi_client.get("/telemetry/api/summary?range=5m")
         return resp.json
     sanic = asyncio.run(go())["sources"]["sanic"]
-    assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
+    assert serving_class == [t.TelemetrySanic]  # over ASGI: the checked hook, not the running one
+    assert sanic["requests"] == 4 and sanic["status"] == {"200": 2, "404": 1, "500": 1}
     assert sanic["latency_ms"]["max"] >= 25  # timed from before the handler (the loop clock is ms-coarse)
 
 
