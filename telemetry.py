@@ -33,8 +33,8 @@ Sections, in the order data flows (grep for the banner):
 
 Where to start reading: instrument() (Wiring) attaches everything; _running_hook() is the
 per-request hook while telemetry runs (_hooks() the checked one around it); Telemetry.fold() and
-Aggregator.merge() turn its samples into rollups; CaddyParser.feed() is the
-reader's work; Writer._run() moves batches to a store.
+Aggregator.merge() turn its samples into rollups; CaddyParser.feed() is the reader's work;
+Writer._run() moves batches to a store.
 """
 
 from __future__ import annotations
@@ -2923,6 +2923,7 @@ def _running_class(cls: type, tel: Telemetry) -> type:
 
 
 def _end_running_class(app: Any) -> None:
+    """Give the app back its instrumented class (a no-op unless it has the running one)."""
     if getattr(type(app), "_telemetry_running", False):
         app.__class__ = type(app).__bases__[0]
 
