@@ -3132,6 +3132,7 @@ def _attach_routes(app: Any, config: Config) -> None:
     async def metrics(request: Any) -> Any:
         tel: Telemetry = request.app.ctx.telemetry
         try:
+            await tel.catch_up()  # counters as current as the summary's (this worker's samples written)
             totals, health = await asyncio.gather(tel.store.read_totals(), tel.health())
         except Exception as exc:
             return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")

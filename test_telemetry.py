@@ -3076,8 +3076,10 @@ def test_hook_error_is_counted_never_raised(tmp_path):
 
 
 def test_read_flushes_first_so_the_summary_is_current(tmp_path, monkeypatch):
-    """The flush loop writes once per flush_interval; a read flushes the worker that serves it
-    first. With the loop idled, only that flush can have written what the summary counts."""
+    """The flush loop writes once per flush_interval; a read (/metrics, the summary) flushes the
+    worker that serves it first. With the loop idled, only that flush can have written what the
+    reads count."""
+    from prometheus_client.parser import text_string_to_metric_families
     from sanic_testing.reusable import ReusableClient
 
     async def idle(self):
@@ -3087,6 +3089,9 @@ def test_read_flushes_first_so_the_summary_is_current(tmp_path, monkeypatch):
     with ReusableClient(app, port=free_port()) as client:
         for path in ("/api/ping", "/api/items/3", "/api/error"):
             client.get(path)
+        _, resp = client.get("/telemetry/metrics")
+        fams = {f.name: f for f in text_string_to_metric_families(resp.text)}
+        assert sum(s.value for s in fams["telemetry_requests"].samples if s.labels["source"] == "sanic") == 3
         _, resp = client.get("/telemetry/api/summary?range=5m")
         sanic = resp.json["sources"]["sanic"]
         assert sanic["requests"] == 3 and sanic["status"] == {"200": 2, "500": 1}
