@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import http.client
 import json
 import math
@@ -97,10 +98,16 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
 def same_layout(argv: list[str]) -> list[str]:
     """argv with address-space randomisation off (`setarch -R`), where that works here: processes
     of one set then lay out their memory alike."""
+    return [*_no_aslr_prefix(), *argv]
+
+
+@functools.cache
+def _no_aslr_prefix() -> tuple[str, ...]:
+    """`setarch ARCH -R` if it runs here (tried once), else nothing."""
     setarch = shutil.which("setarch")
     if setarch and subprocess.run([setarch, platform.machine(), "-R", "true"], capture_output=True).returncode == 0:
-        return [setarch, platform.machine(), "-R", *argv]
-    return argv
+        return (setarch, platform.machine(), "-R")
+    return ()
 
 
 def demo_argv(port: int, db: Path, tmp: Path, *extra: str) -> list[str]:
