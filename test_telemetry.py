@@ -258,6 +258,9 @@ def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
         e[4][b] = e[4].get(b, 0) + 1
     tel.raw += raw  # into the list the running hook holds, as the hook does
     tel.fold()
+    # the fold hands the running hook a new empty list, the same one tel.raw (and observe()) uses
+    hooks_list = tel.hook.__closure__[tel.hook.__code__.co_freevars.index("raw")].cell_contents
+    assert hooks_list is tel.raw and hooks_list == []
     got = {(r.slot, r.route, r.method, r.status): r for r in tel.aggregator.flush().rows}
     assert len({k[0] for k in got}) >= 3 and got.keys() == expected.keys()
     for key, (count, total, top, nbytes, hist) in expected.items():
