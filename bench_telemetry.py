@@ -16,7 +16,7 @@ never asserts, and it exits 0.
               with wrk on the other CPU every response wakes wrk there through an inter-processor
               interrupt, which on this virtual machine is a trip to the hypervisor: 14% of each
               server's CPU time goes to it (perf), every server then costs more per request (bare:
-              +15%), and the instrumented one more than bare (perf, three runs: its CPU per request
+              +17..19%), and the instrumented one more than bare (perf, three runs: its CPU per request
               +6.3..6.6% against bare with wrk on CPU 1, +3.0..3.8% with wrk on CPU 0). That is the
               machine's cost, not telemetry's; the run is repeated with wrk on CPU 1 and printed
               beside it all the same. A set of three fresh processes runs a few

@@ -272,6 +272,15 @@ def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
         assert sum(abs(r.hist.get(b, 0) - n) for b, n in hist.items()) <= 2 * max(1, count // 1000)
 
 
+def test_status_publish_interval(monkeypatch):
+    """Workers under Sanic's manager publish their status every second (their peers' pages show
+    it); a lone process, which only another lone process on its database could read, every 5 s."""
+    monkeypatch.setenv("SANIC_WORKER_NAME", "Sanic-Server-1-0")
+    assert t._status_every() == 1.0
+    monkeypatch.delenv("SANIC_WORKER_NAME")
+    assert t._status_every() == t.STATUS_FRESH_S / 2 == 5.0
+
+
 def test_normalisation():
     assert t.norm_method("BREW") == "OTHER" and t.norm_method("PATCH") == "PATCH"
     assert t.norm_status(999) == 0 and t.norm_status(204) == 204 and t.norm_status("200") == 0
