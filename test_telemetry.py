@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import threading
+import types
 import time
 import urllib.error
 import urllib.request
@@ -994,9 +995,20 @@ class Chrome:
                 self._command("Fetch.fulfillRequest", requestId=msg["params"]["requestId"], responseCode=204)
         return msg
 
+    def _pump_until(self, deadline: float, what: str, timeout: float) -> dict:
+        """The next message, or AssertionError once the deadline has passed: a page that keeps
+        sending events must not keep a wait going."""
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return self._pump(left)
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {timeout} s") from None
+
     def send(self, method: str, timeout: float = 15.0, **params):
         sent, deadline = self._command(method, **params), time.monotonic() + timeout
-        while (msg := self._pump(max(deadline - time.monotonic(), 0.01))).get("id") != sent:
+        while (msg := self._pump_until(deadline, f"reply to {method}", timeout)).get("id") != sent:
             pass
         if "error" in msg:
             raise RuntimeError(f"{method}: {msg['error']}")
@@ -1008,10 +1020,7 @@ class Chrome:
             for method, params in self.events[since:]:
                 if method == name:
                     return params
-            try:
-                self._pump(max(deadline - time.monotonic(), 0.01))
-            except TimeoutError:
-                raise AssertionError(f"no {name} within {timeout} s") from None
+            self._pump_until(deadline, name, timeout)
 
     def viewport(self, width: int, height: int = 1200):
         self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
@@ -3055,6 +3064,64 @@ def test_instrument_over_asgi(tmp_path):
     assert serving_class == [t.TelemetrySanic]  # over ASGI: the checked hook, not the running one
     assert sanic["requests"] == 4 and sanic["status"] == {"200": 2, "404": 1, "500": 1}
     assert sanic["latency_ms"]["max"] >= 25  # timed from before the handler (the loop clock is ms-coarse)
+
+
+def test_response_bytes_by_kind(tmp_path):
+    """Bytes per request as the running hook takes them: a whole body's length as the protocol
+    wrote it (JSON responses told by their type, others by their body), a streamed response's
+    declared Content-Length, 0 for an empty one and for HEAD."""
+    from sanic import response
+    app = ShopApp("bytes_under_test")
+    app.config.ACCESS_LOG = False
+    running = []
+
+    @app.get("/json")
+    async def as_json(request):
+        running.append(getattr(type(request.app), "_telemetry_running", False))
+        return response.json({"a": "x" * 100})
+
+    @app.route("/text", methods=["GET", "HEAD"])
+    async def as_text(request):
+        return response.text("y" * 50)
+
+    @app.get("/empty")
+    async def empty(request):
+        return response.empty()
+
+    @app.get("/streamed")
+    async def streamed(request):
+        r = await request.respond(headers={"content-length": "30"}, content_type="text/plain")
+        await r.send("a" * 10)
+        await r.send("b" * 20)
+        await r.eof()
+
+    t.instrument(app, t.Config(db=str(tmp_path / "b.db"), spool_dir="off"))
+    for method, path in [("get", "/json")] * 2 + [("get", "/text"), ("head", "/text"), ("get", "/empty"),
+                                                   ("get", "/streamed")]:
+        _, resp = getattr(app.test_client, method)(path)  # each call starts and stops a server: the stop writes
+        assert resp.status in (200, 204), (path, resp.status)
+    with contextlib.closing(sqlite3.connect(tmp_path / "b.db")) as db:
+        seen = {(m, r): (n, b) for m, r, n, b in db.execute(
+            "SELECT method, route, SUM(count), SUM(bytes_sum) FROM rollup WHERE source = 'sanic'"
+            " AND tier = (SELECT MIN(tier) FROM rollup) GROUP BY method, route")}
+    assert running == [True, True]
+    json_len = len(json.dumps({"a": "x" * 100}, separators=(",", ":")))
+    assert seen == {("GET", "/json"): (2, 2 * json_len), ("GET", "/text"): (1, 50), ("HEAD", "/text"): (1, 0),
+                    ("GET", "/empty"): (1, 0), ("GET", "/streamed"): (1, 30)}
+
+
+def test_other_transport_follows_sanics_own_test():
+    """Sanic serves HTTP/3 only for version 3 (an int or HTTP.VERSION_3); anything else, such as
+    sanic-testing's "1.1", is HTTP/1 and gets the running hook. ASGI is always the other path."""
+    from sanic.http.constants import HTTP
+
+    def app(*versions, asgi=False):
+        infos = [types.SimpleNamespace(settings={"version": v}) for v in versions]
+        return types.SimpleNamespace(asgi=asgi, state=types.SimpleNamespace(server_info=infos))
+    assert not t._other_transport(app(HTTP.VERSION_1)) and not t._other_transport(app("1.1"))
+    assert not t._other_transport(app(1, "3"))
+    assert t._other_transport(app(1, 3)) and t._other_transport(app(HTTP.VERSION_3))
+    assert t._other_transport(app(1, asgi=True))
 
 
 def test_hook_error_is_counted_never_raised(tmp_path):
