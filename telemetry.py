@@ -2555,10 +2555,10 @@ def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[f
 
     Each field is taken out as one strided slice (C, no per-sample Python). Routes are grouped by
     identity (`is` against the first, else id() per sample, both in C): Sanic's Route compares in
-    Python and does not hash. A second's
-    samples usually fall into one series (counted column by column) or a few: then each series is
-    picked out with compress() over a key comparison, also in C; with many, one Python pass groups
-    them. Two Route objects with one path (routes per host) end in one series."""
+    Python and does not hash. A second's samples usually fall into one series (counted column by
+    column) or a few: then each series is picked out with compress() over a key comparison, also
+    in C; with many, one Python pass groups them. Two Route objects with one path (routes per
+    host) end in one series."""
     a, b, w, n = start * RAW_WIDTH, end * RAW_WIDTH, RAW_WIDTH, end - start
     routes, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
     durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
@@ -2634,6 +2634,7 @@ class Telemetry:
         self.other_transport = False
         #: The per-request hook, holding this Telemetry's list and threshold (see _running_hook()).
         self.hook = _running_hook(self)
+        #: The closure cell that holds the hook's list: fold() puts the next list in it.
         self._raw_cell = self.hook.__closure__[self.hook.__code__.co_freevars.index("raw")]
         #: Route path (None: no route matched) -> the route value kept; see _route_name().
         self.route_names: dict[str | None, str] = {None: UNMATCHED}
@@ -2921,7 +2922,7 @@ def _running_hook(tel: Telemetry) -> Callable[..., Any]:
             # extend, not append: the tuple is freed at once, so the collector never runs for it;
             # a whole body's bytes are what the protocol has just counted writing it. A JSON
             # response is always whole, and its body is a property (a Python call): its type is
-            # the cheaper test (+0.3-0.8% throughput, paired sets)
+            # the cheaper test (0.963 -> 0.971 requests per CPU-second against bare, paired sets)
             raw += (t1, seconds, request.route, request.method, status,
                     stream.response_size if type(response) is _JSONResponse or response.body
                     else _body_bytes(response))

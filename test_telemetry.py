@@ -27,8 +27,8 @@ import struct
 import subprocess
 import sys
 import threading
-import types
 import time
+import types
 import urllib.error
 import urllib.request
 import uuid
