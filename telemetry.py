@@ -71,7 +71,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 from sanic import Sanic, response as _resp
 from sanic.http.http1 import Http as _Http1
-from sanic.response import JSONResponse as _JSONResponse
 
 try:  # ujson ships with Sanic on CPython; only the slow fallback parser needs it
     import ujson as _fastjson
@@ -2896,8 +2895,8 @@ def _running_hook(tel: Telemetry) -> Callable[..., Any]:
     """handle_request while tel runs and every request comes over Sanic's HTTP/1 protocol.
 
     It adds six values to a flat list and compares twice; the fold does the rest in batches, on
-    the flush loop's tick. Under load each bytecode here costs about 0.1% of throughput
-    (bench_telemetry.py), so the path is kept to the fewest: what it needs from tel is held in
+    the flush loop's tick. Under load this work costs about three times what it costs alone
+    (README, Speed), so the path is kept short: what it needs from tel is held in
     closure cells (no look-up of app.ctx.telemetry, a SimpleNamespace attribute Python 3.11 does
     not specialise; no check that telemetry runs or of the transport, which are settled before
     _running_class() is installed); the route is kept as its object (the fold reads its path); a
@@ -2994,6 +2993,10 @@ def _observe_interrupted(app: Any, request: Any, stream: Any) -> None:
     tel = app.ctx.telemetry
     if tel is not None and stream is not None and (_stage_name(stream) != "HANDLER" or conn is None or conn.lost):
         tel.observe(request, stream.response)
+
+
+#: Always a whole body, whose `body` is a property: the running hook tests this type first.
+_JSONResponse = _resp.JSONResponse
 
 
 def _body_bytes(response: Any) -> int:
