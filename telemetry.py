@@ -952,6 +952,8 @@ class CaddyParser:
         g = f + 10
         while line[g].isdigit():
             g += 1
+        if line[g] not in ",}":  # "status":200.0 is not Caddy's: the JSON parser refuses it
+            return None
         dot = find(".", i, j)
         try:  # the sample needs whole seconds only (its slot): int() is cheaper than float()
             sec, dur, size, status = int(line[i + 5:dot if dot > 0 else j]), float(line[d + 12:e]), \
@@ -2194,24 +2196,28 @@ class SQLiteStore:
     def _note_path(self) -> Path:
         return status_dir(self.path) / "database.id"  # not *.json: those are the workers' statuses
 
-    async def _note_identity(self) -> None:
+    async def _note_identity(self, compare: bool = True) -> None:
         """Compare the file's id with the note beside it (the id of the file the last run used):
-        a different one means the history was deleted or replaced while the app was down."""
+        a different one means the history was deleted or replaced while the app was down. Then
+        note this file's id."""
         db_id = await self._w.run(_database_id)
         note = self._note_path()
-        with _suppress(OSError, ValueError, AttributeError):
-            before = json.loads(note.read_text())
-            if before.get("db_id") != db_id:
-                self._lost(f"the database file {self.path} is not the one the last run used (created "
-                           f"{before.get('created', '?')}): its history is gone")
+        before: Any = None
+        if compare:
+            with _suppress(OSError, ValueError):
+                before = json.loads(note.read_text())
+        if isinstance(before, dict) and before.get("db_id") != db_id:  # a note, not a fault: data flows
+            self._lost(f"the database file {self.path} is not the one the last run used (created "
+                       f"{before.get('created', '?')}): its history is gone", recent=False)
         with _suppress(OSError):
             note.parent.mkdir(parents=True, exist_ok=True)
             tmp = note.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"db_id": db_id, "created": db_id.split("/")[0], "path": self.path}))
             os.replace(tmp, note)
 
-    def _lost(self, text: str) -> None:
-        self.loss, self.loss_at = text, time.time()
+    def _lost(self, text: str, recent: bool = True) -> None:
+        """State lost history: on healthz and the page; as a fault for RECENT_S when recent."""
+        self.loss, self.loss_at = text, time.time() if recent else 0.0
         log.error("telemetry: %s", text)
 
     async def _check_file(self) -> None:
@@ -2236,7 +2242,7 @@ class SQLiteStore:
             what = "deleted" if ident is None else "replaced"
             self._lost(f"the database file {self.path} was {what} under the running app at {_iso(time.time())}: "
                        "the history before it is gone; a new file was opened")
-            await self._note_identity()
+            await self._note_identity(compare=False)
 
     def _forget(self) -> None:
         self._cache.clear()
@@ -3499,6 +3505,8 @@ class Telemetry:
         ok is False whenever data is not flowing end to end; `reason` then says why in one line
         (`problems` has every reason, by code)."""
         store = await self.store.health()
+        if store["ok"]:
+            self.read_error = ""  # store.health() reads the store too: reads work again
         statuses = self._peer_statuses()
         readers = [st["reader"] for st in statuses if st.get("reader")]
         configured = self.config.caddy_log_command or self.config.caddy_log_file

@@ -78,6 +78,22 @@ def get_json(url: str) -> dict:
     return json.loads(body)
 
 
+def health_is(demo: "Demo", ok: bool = True, problem: str | None = None, timeout: float = 10.0) -> dict:
+    """Wait (bounded) for the demo's healthz to be ok (or not), or to name a problem; the last
+    answer is in the failure message."""
+    seen: list[dict] = []
+
+    def check() -> dict | None:
+        h = demo.health()
+        seen[:] = [h]
+        good = problem in h["problems"] if problem else h["ok"] is ok
+        return h if good else None
+    try:
+        return wait_for(check, timeout, f"healthz {problem or ('ok' if ok else 'not ok')}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last healthz problems: {seen[0].get('problems') if seen else None}") from None
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll predicate until it returns a truthy value; fail after timeout (a bounded wait)."""
     deadline = time.monotonic() + timeout
@@ -107,7 +123,8 @@ def access_line(ts: float, method: str = "GET", uri: str = "/api/ping", status: 
 class Demo:
     """`python telemetry.py ...` as a child process on loopback ports; stopped by PID."""
 
-    def __init__(self, tmp_path: Path, *args: str, caddy: bool = True, env: dict | None = None):
+    def __init__(self, tmp_path: Path, *args: str, caddy: bool = True, env: dict | None = None,
+                 wait_ok: bool = True):
         self.port, self.caddy_port = free_port(), free_port()
         self.db = str(tmp_path / "telemetry.db")
         argv = [sys.executable, str(HERE / "telemetry.py"), "--port", str(self.port),
@@ -119,7 +136,7 @@ class Demo:
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self.app = f"http://127.0.0.1:{self.port}"
         self.edge = f"http://127.0.0.1:{self.caddy_port}"
-        wait_for(lambda: self.health().get("ok"), 30, "the app's healthz")
+        wait_for(lambda: self.health().get("ok") if wait_ok else self.health(), 30, "the app's healthz")
         if caddy:
             wait_for(lambda: http("GET", self.edge + "/api/ping")[0] == 200, 30, "Caddy in front")
 
@@ -1993,6 +2010,8 @@ class FakeInflux:
         self.queries: list[str] = []
         self._faults: deque[_Fault] = deque()
         self._slow: tuple[float, int | None] = (0.0, 0)
+        #: When set, every query answers this status (the server pings fine, reads fail).
+        self.query_fault: int | None = None
         self._inflight = 0
         self._conns: set[socket.socket] = set()
         self._down = True
@@ -2198,6 +2217,8 @@ class FakeInflux:
         return 204, b"", {}
 
     def handle_query(self, q: dict[str, list[str]], headers: Any, raw: bytes) -> tuple[int, bytes, dict]:
+        if self.query_fault is not None:
+            return self._fault_answer(_Fault(self.query_fault, None, None, False))
         if not self._auth(headers):
             return 401, _json_error("unauthorized", "unauthorized access"), {}
         if not self._org_ok(q):
@@ -3208,3 +3229,411 @@ def test_read_flushes_first_so_the_summary_is_current(tmp_path, monkeypatch):
         _, resp = client.get("/telemetry/api/summary?range=5m")
         sanic = resp.json["sources"]["sanic"]
         assert sanic["requests"] == 3 and sanic["status"] == {"200": 2, "500": 1}
+
+
+# =============================================================================================
+# e. faults: what happens, what is lost (README, "Faults")
+# =============================================================================================
+
+def test_parser_range_checks_every_number_where_it_enters():
+    """Every number of a Caddy line is checked where it enters: out of range is malformed (with
+    the reason), on the regex path and the long way alike; values at the limits are taken."""
+    now = time.time()
+    ok = access_line(now)
+    fields = {"status": '"status":200', "size": '"size":13', "duration": '"duration":0.0012', "ts": f'"ts":{now!r}'}
+    bad_values = {"status": ["600", "99", "0", "-200", "true", "200.0", '"200"', "1e3"],
+                  "size": [str(2**53 + 1), str(2**62), "-1", "1.5", "1e20", "NaN", "true"],
+                  "duration": ["NaN", "Infinity", "-Infinity", "-0.5", "86400.0", "1e300", "1", "null"],
+                  "ts": ["NaN", "Infinity", f"{now - 7200:.3f}", f"{now + 3600:.3f}", "0.5", str(int(now * 1e9))]}
+    bad = {f"{name} {v}": ok.replace(fields[name], fields[name].split(":")[0] + ":" + v)
+           for name, values in bad_values.items() for v in values}
+    p = t.CaddyParser(lambda m, path: path, max_age=3600)
+    for why, line in bad.items():
+        assert p.parse(line) is None, why
+    assert (p.stats.malformed, p.stats.access) == (len(bad), 0)
+    assert "outside" in p.stats.last_malformed or "float seconds" in p.stats.last_malformed
+    block = t.CaddyParser(lambda m, path: path, max_age=3600)  # one feed() of many lines: the regex path
+    assert block.feed("\n".join([ok] * 3 + list(bad.values()) + [ok])) == 4
+    assert block.stats.malformed == len(bad)
+    edge = [access_line(now, size=2**53), access_line(now - 3500), access_line(now + 200),
+            access_line(now, status=599), access_line(now, status=100), access_line(now, duration=86399.5)]
+    assert all(p.parse(line) is not None for line in edge)
+
+
+def test_sums_saturate_and_a_batch_the_store_cannot_hold_is_dead_lettered(tmp_path):
+    """Integer sums saturate at the store's int64 instead of failing; a batch that still cannot be
+    stored (a value past int64, here put past the door on purpose) goes to the dead-letter file
+    and the batches behind it are written at once; a restart does not replay it."""
+    async def go():
+        store = t.SQLiteStore(str(tmp_path / "s.db"))
+        await store.open()
+        now = int(time.time())
+        near = t.Rollup(now, "caddy", "/a", "GET", 200, 1, 1.0, 1.0, t.INT64_MAX - 5, {t.Histogram.index(1.0): 1})
+        await store.write(t.Batch("w", 1, [near]))
+        await store.write(t.Batch("w", 2, [t.Rollup(**{**t.asdict(near), "bytes_sum": 100})]))
+        totals = await store.read_totals()
+        assert [s[7] for s in totals.series] == [t.INT64_MAX]  # saturated, not an OverflowError
+        spool = t.Spool(str(tmp_path / "spool"), 1 << 20)
+        w = t.Writer(store, spool=spool)
+        w.start()
+        huge = t.Batch("w", 3, [t.Rollup(**{**t.asdict(near), "route": "/huge", "bytes_sum": 2**64})])
+        after = t.Batch("w", 4, [t.Rollup(**{**t.asdict(near), "route": "/next", "bytes_sum": 7})])
+        w.put(huge)
+        w.put(after)
+        await until(lambda: w.counters["written"] == 1, 10, "the next batch written")
+        h = w.health()
+        await w.close(timeout=2.0)
+        routes = {s[1] for s in (await store.read_totals()).series}
+        await store.close()
+        return h, routes
+    h, routes = asyncio.run(go())
+    assert h["rejected"] == 1 and "OverflowError" in h["last_rejected"] and h["lost_recently"] == 1
+    assert routes == {"/a", "/next"}
+    dead = [json.loads(line) for line in Path(h["dead_letter"]).read_text().splitlines()]
+    assert [d["batch"]["seq"] for d in dead] == [3]
+    assert t.Spool(str(tmp_path / "spool"), 1 << 20).count() == 0  # nothing to replay first at the next start
+
+
+def test_spooled_batches_keep_their_events_and_cursor(tmp_path):
+    now = time.time()
+    ev = [t.Event(now, "error", "caddy", "GET", "/api/error", "/api/error", 502, 3.25, "rid-7"),
+          t.Event(now, "slow", "sanic", "POST", "/api/slow", '/api/slow/"<x>"\u00e9', 200, 900.0, "")]
+    b = t.Batch("h-w0", 42, [rollup(int(now), count=2)], now, ev, {"dev": 1, "ino": 2, "pos": 3, "path": "/l"})
+    sp = t.Spool(str(tmp_path / "spool"), 1 << 20)
+    sp.save(b)
+    _, back = sp.claim_oldest()
+    assert back == b
+
+
+def _server_has_read(port: int, client_ports: set[int]) -> bool:
+    """Whether the server on `port` has read every request sent on these connections: its end of
+    each is in /proc/net/tcp (open, or closed by the server after its answer) with nothing left
+    in its receive queue."""
+    seen = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        lport, rport = int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16)
+        if lport == port and rport in client_ports:
+            seen[rport] = int(f[4].split(":")[1], 16) == 0
+    return len(seen) == len(client_ports) and all(seen.values())
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+def test_graceful_stop_counts_the_requests_in_flight(tmp_path):
+    """SIGTERM while slow requests are in flight: every one is answered, and every one is counted
+    (the last flush comes after Sanic has finished them), within Docker's 10 s."""
+    demo = Demo(tmp_path, caddy=False)
+    n, results, conns = 6, [], []
+    try:
+        for _ in range(n):
+            c = HTTPConnection("127.0.0.1", demo.port, timeout=20)
+            c.request("GET", "/api/slow?ms=2000")
+            conns.append(c)
+        ports = {c.sock.getsockname()[1] for c in conns}
+        wait_for(lambda: _server_has_read(demo.port, ports), 5, "the app to read every request")
+        t0 = time.monotonic()
+        os.kill(demo.proc.pid, signal.SIGTERM)
+        threads = [threading.Thread(target=lambda c=c: results.append(c.getresponse().status)) for c in conns]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+        code = demo.proc.wait(20)
+        took = time.monotonic() - t0
+    finally:
+        demo.stop()
+    assert results == [200] * n and code == 0 and took < 10, (results, code, took, demo.output()[-2000:])
+    demo = Demo(tmp_path, caddy=False)  # the same database file
+    try:
+        slow = [r for r in demo.summary()["routes"] if r["route"] == "/api/slow"]
+        assert [(r["source"], r["requests"]) for r in slow] == [("sanic", n)]
+    finally:
+        demo.stop()
+
+
+@needs_caddy
+def test_graceful_stop_reads_caddys_last_lines(tmp_path):
+    """Requests answered just before SIGINT, with a 1 s flush interval: Caddy's lines still in its
+    output are read, and both sources count every request after a restart."""
+    demo = Demo(tmp_path, "--flush-interval", "1")
+    expected = _add({"200": 1}, send_mix(demo.edge))  # 1: Demo's readiness probe
+    assert demo.stop() == 0, demo.output()[-2000:]
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        assert _summary_has(demo, expected), demo.summary()["sources"]
+    finally:
+        demo.stop()
+
+
+def test_sigkill_while_the_database_is_locked_loses_about_one_flush_interval(tmp_path):
+    """Another process holds the SQLite file's write lock: batches go to the spool while the write
+    is pending, healthz says data is stalled, and a SIGKILL loses about one flush interval of
+    requests (what the aggregator held), not the whole time the lock was held."""
+    demo = Demo(tmp_path, "--flush-interval", "1", caddy=False)
+    lock = sqlite3.connect(demo.db, isolation_level=None, timeout=5)
+    sent, t_start = 0, time.monotonic()
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # held until after the SIGKILL
+        stalled = None
+        while time.monotonic() - t_start < 8.0:  # ~50 requests a second, bounded
+            assert http("GET", demo.app + "/api/ping")[0] == 200
+            sent += 1
+            if stalled is None and time.monotonic() - t_start > 6.5:
+                stalled = demo.health()
+            time.sleep(0.02)
+        rate = sent / (time.monotonic() - t_start)
+        os.kill(demo.proc.pid, signal.SIGKILL)
+        demo.proc.wait(10)
+    finally:
+        lock.close()
+        demo.stop()
+    assert stalled["ok"] is False and "writes_stalled" in stalled["problems"], stalled
+    assert stalled["writer"]["spool_files"] >= 3, stalled["writer"]
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        stored = wait_for(lambda: demo.summary()["sources"]["sanic"]["requests"] if demo.health()["writer"][
+            "spool_files"] == 0 else None, 20, "the spool replayed")
+    finally:
+        demo.stop()
+    lost_s = (sent - stored) / rate
+    print(f"database locked 8 s, then SIGKILL: {sent} sent, {stored} stored, {sent - stored} lost "
+          f"= {lost_s:.2f} s of requests at {rate:.0f}/s")
+    assert 0 <= sent - stored and lost_s <= 1.6, (sent, stored, lost_s)
+
+
+def test_database_file_deleted_under_load_is_recreated_and_the_loss_stated(tmp_path):
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        for _ in range(20):
+            assert http("GET", demo.app + "/api/ping")[0] == 200
+        wait_for(lambda: demo.summary()["sources"]["sanic"]["requests"] == 20, 5, "20 stored")
+        os.unlink(demo.db)
+        for _ in range(10):
+            assert http("GET", demo.app + "/api/ping")[0] == 200
+        h = health_is(demo, problem="history_lost", timeout=5)
+        assert h["ok"] is False and "was deleted" in h["reason"], h
+        assert os.path.exists(demo.db)  # a new file at the path (its inode number may be the old one's)
+        wait_for(lambda: demo.summary()["sources"]["sanic"]["requests"] == 10, 5, "the 10 requests since")
+        page = http("GET", demo.app + "/telemetry/?range=5m&refresh=0")[1].decode()
+        assert "was deleted under the running app" in page
+    finally:
+        assert demo.stop() == 0
+    os.unlink(demo.db)  # and once more while the app is down
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        h = demo.health()
+        assert h["ok"] and any("not the one the last run used" in n for n in h["notes"]), h
+        assert demo.summary()["sources"]["sanic"]["requests"] == 0
+    finally:
+        assert demo.stop() == 0
+
+
+@needs_caddy
+def test_influx_token_revoked_health_says_so_and_nothing_is_lost(tmp_path, fake):
+    """InfluxDB answers 401 to every write and read (a revoked token): healthz is 503 naming it,
+    the page shows it, batches are kept on disk; once the token is valid again all are written."""
+    demo = Demo(tmp_path, env=influx_env(fake, tmp_path / "spool"))
+    token = fake.token
+    try:
+        expected = _add({"200": 1}, send_mix(demo.edge))
+        wait_for(lambda: _fake_has(fake, expected), 10, "the fake to hold the first mix")
+        fake.token = "revoked"
+        expected = _add(expected, send_mix(demo.edge))
+        h = health_is(demo, problem="writes_refused")
+        assert h["ok"] is False and "401" in h["problems"]["writes_refused"] and h["writer"]["rejected"] == 0
+        assert "store_down" in h["problems"]  # its reads are refused too
+        status, body, _ = http("GET", demo.app + "/telemetry/healthz")
+        assert status == 503 and json.loads(body)["reason"]
+        page = http("GET", demo.app + "/telemetry/?range=5m&refresh=0")[1].decode()
+        assert "The store refuses writes" in page
+        fake.token = token
+        wait_for(lambda: _fake_has(fake, expected), 30, f"every request written: {expected}")
+        h = health_is(demo, ok=True)
+        assert h["writer"]["rejected"] == 0 and h["writer"]["dropped"] == 0
+    finally:
+        fake.token = token
+        assert demo.stop() == 0
+
+
+def test_influx_reads_failing_make_health_fail(tmp_path, fake):
+    demo = Demo(tmp_path, caddy=False, env=influx_env(fake, tmp_path / "spool"))
+    try:
+        fake.query_fault = 500
+        h = health_is(demo, ok=False, timeout=5)
+        assert "store_down" in h["problems"] and "500" in h["reason"]
+        assert http("GET", demo.app + "/telemetry/api/summary?range=5m")[0] == 503
+        assert "Store unavailable" in http("GET", demo.app + "/telemetry/?range=5m&refresh=0")[1].decode()
+        fake.query_fault = None
+        health_is(demo, ok=True, timeout=5)
+    finally:
+        fake.query_fault = None
+        assert demo.stop() == 0
+
+
+def _post_slowly(port: int, body: bytes, started: threading.Barrier, ports: list, out: list,
+                 path: str = "/telemetry/ingest"):
+    """POST body in two halves: the first half sent (the connection's port to ports), a barrier,
+    the rest; the answer to out."""
+    c = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.putrequest("POST", path)
+        c.putheader("Content-Length", str(len(body)))
+        c.endheaders()
+        c.send(body[: len(body) // 2])
+        ports.append(c.sock.getsockname()[1])
+        started.wait(10)
+        with contextlib.suppress(OSError):  # the app may answer 503 before reading the rest
+            c.send(body[len(body) // 2:])
+        r = c.getresponse()
+        out.append((r.status, r.getheader("Retry-After"), r.read()))
+    finally:
+        c.close()
+
+
+def test_ingest_bodies_share_one_byte_budget_and_long_lines_are_malformed(tmp_path):
+    limit = 200_000
+    demo = Demo(tmp_path, "--max-ingest-bytes", str(limit), "--ingest-budget-bytes", str(2 * limit), caddy=False)
+    try:
+        line = access_line(time.time(), uri="/api/items/1")
+        body = ("\n".join([line] * (limit // (len(line) + 1)))).encode()
+        assert len(body) <= limit
+        lines_per_body = body.count(b"\n") + 1
+        barrier, ports, out = threading.Barrier(9), [], []
+        threads = [threading.Thread(target=_post_slowly, args=(demo.port, body, barrier, ports, out))
+                   for _ in range(8)]
+        for th in threads:
+            th.start()
+        wait_for(lambda: len(ports) == 8 and _server_has_read(demo.port, set(ports)), 10,
+                 "the app to read the eight heads (each request reserves its length, or is refused)")
+        barrier.wait(10)
+        for th in threads:
+            th.join(30)
+        busy = [o for o in out if o[0] == 503]
+        assert sorted(o[0] for o in out) == [200, 200] + [503] * 6, [o[:2] for o in out]
+        assert all(o[1] == "1" for o in busy)
+        for _ in busy:  # a retry after the budget is free is taken: nothing is lost
+            assert http("POST", demo.app + "/telemetry/ingest", body)[0] == 200
+        s = wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == 8 * lines_per_body else None)(
+            demo.summary()), 5, "every line of the eight bodies")
+        assert s["sources"]["caddy"]["requests"] == 8 * lines_per_body
+        mixed = "\n".join([line, access_line(time.time(), uri="/x" + "a" * (2 << 20)), line]).encode()
+        assert http("POST", demo.app + "/telemetry/ingest", mixed)[0] == 413  # over this app's per-body limit
+    finally:
+        assert demo.stop() == 0
+    demo = Demo(tmp_path, caddy=False)  # the default per-body limit: 10 MiB
+    try:
+        status, body, _ = http("POST", demo.app + "/telemetry/ingest", mixed)
+        assert status == 200 and json.loads(body) == {"accepted": 2, "ignored": 0, "malformed": 1}
+    finally:
+        assert demo.stop() == 0
+
+
+# --- the log file source --------------------------------------------------------------------
+
+class CaddyLog:
+    """Writes Caddy access lines to a file as Caddy does (appends, whole lines), each with its own
+    path, and rotates it as Caddy's roller does (rename, then a new file) or as logrotate's
+    copytruncate does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.n = path, 0
+
+    def write(self, count: int) -> None:
+        with open(self.path, "a") as f:
+            for _ in range(count):
+                f.write(access_line(time.time(), uri=f"/api/items/{self.n}") + "\n")
+                self.n += 1
+
+    def rename(self) -> Path:
+        old = self.path.with_name(f"{self.path.stem}-{self.n}{self.path.suffix}")
+        os.rename(self.path, old)
+        self.path.touch()
+        return old
+
+    def copytruncate(self) -> None:
+        shutil.copyfile(self.path, self.path.with_name(self.path.name + f".{self.n}"))
+        os.truncate(self.path, 0)
+
+
+def _caddy_count(demo: Demo, n: int) -> dict:
+    return wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == n else None)(demo.summary()), 5,
+                    f"{n} caddy requests")
+
+
+def test_log_file_rotations_lose_nothing(tmp_path):
+    """--caddy-log-file: a rename rotation (the old file is read to its end) and a copytruncate,
+    while the app runs: every line counted once."""
+    log_ = CaddyLog(tmp_path / "access.log")
+    log_.write(3)  # before the first start, with no checkpoint: not read (like tail -n 0)
+    demo = Demo(tmp_path, "--caddy-log-file", str(log_.path), caddy=False)
+    try:
+        log_.write(10)
+        _caddy_count(demo, 10)
+        log_.write(5)
+        log_.rename()  # the 5 may not have been read yet: the old file is read to its end
+        log_.write(7)
+        h = _caddy_count(demo, 22) and demo.health()
+        assert h["reader"]["rotations"] == 1 and h["ok"]
+        log_.write(4)
+        _caddy_count(demo, 26)
+        log_.copytruncate()
+        log_.write(6)
+        _caddy_count(demo, 32)
+        assert demo.health()["reader"]["truncations"] == 1
+    finally:
+        assert demo.stop() == 0
+
+
+def test_log_file_resumes_after_restart_and_rotation_while_down(tmp_path):
+    """A restart resumes from the checkpoint beside the database: lines written while the app was
+    down are read, the rest of a file rotated away meanwhile too, and none twice."""
+    log_ = CaddyLog(tmp_path / "access.log")
+    log_.path.touch()
+    args = ("--caddy-log-file", str(log_.path))
+    demo = Demo(tmp_path, *args, caddy=False)
+    try:
+        log_.write(10)
+        _caddy_count(demo, 10)
+    finally:
+        assert demo.stop() == 0
+    assert json.loads((tmp_path / "telemetry.db.status" / "caddy-log.checkpoint").read_text())["pos"] > 0
+    log_.write(4)  # while the app is down
+    demo = Demo(tmp_path, *args, caddy=False)
+    try:
+        _caddy_count(demo, 14)
+    finally:
+        assert demo.stop() == 0
+    log_.write(3)  # while down, then rotated away, then more in the new file
+    log_.rename()
+    log_.write(5)
+    demo = Demo(tmp_path, *args, caddy=False)
+    try:
+        _caddy_count(demo, 22)
+        log_.write(2)
+        _caddy_count(demo, 24)
+        assert demo.health()["ok"]
+    finally:
+        assert demo.stop() == 0
+
+
+def test_log_file_sigkill_under_load_counts_every_line_once(tmp_path):
+    """SIGKILL while lines are being written: the checkpoint is only moved on by batches that are
+    stored, so after a restart every line is counted exactly once."""
+    log_ = CaddyLog(tmp_path / "access.log")
+    log_.path.touch()
+    args = ("--caddy-log-file", str(log_.path))
+    demo = Demo(tmp_path, *args, caddy=False)
+    try:
+        for _ in range(20):  # ~2 s of lines
+            log_.write(25)
+            time.sleep(0.1)
+        os.kill(demo.proc.pid, signal.SIGKILL)
+        demo.proc.wait(10)
+    finally:
+        demo.stop()
+    log_.write(10)
+    demo = Demo(tmp_path, *args, caddy=False)
+    try:
+        _caddy_count(demo, log_.n)
+    finally:
+        assert demo.stop() == 0
