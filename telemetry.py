@@ -69,7 +69,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from sanic import Sanic, response as _resp
+from sanic import Sanic, __version__ as _SANIC_VERSION, response as _resp
 from sanic.http.http1 import Http as _Http1
 
 try:  # ujson ships with Sanic on CPython; only the slow fallback parser needs it
@@ -554,7 +554,7 @@ class Aggregator:
         self.events_dropped = 0
 
     def event(self, ev: Event) -> None:
-        if ev.route in self.skip:
+        if not ev.route or ev.route in self.skip:  # "": a skipped route, as Telemetry names it
             return
         if len(self.events) < self.MAX_EVENTS:
             ev.path = ev.path.split("?", 1)[0][:300]
@@ -2500,7 +2500,10 @@ class InfluxStore:
 
     async def write(self, batch: Batch) -> None:
         from influxdb_client import WritePrecision
-        await self.client.write_api().write(bucket=self.bucket, org=self.org, record=line_protocol(batch),
+        record = line_protocol(batch)
+        if not record:  # no points: InfluxDB answers an empty body 400 "writing requires points"
+            return
+        await self.client.write_api().write(bucket=self.bucket, org=self.org, record=record,
                                             write_precision=WritePrecision.NS)
 
     async def _query(self, text: str) -> list[dict[str, str]]:
@@ -3273,6 +3276,7 @@ class Telemetry:
         self.wall_offset = time.time() - time.perf_counter()
         self.open_without_token = False
         self.hook_errors, self.hook_error = 0, ""  # exceptions inside the hook (a handler's odd response)
+        self.hook_error_at = 0.0
         self.status_dir = status_dir(config.db)
         self._lines_mark: tuple[float, int] | None = None
         self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
@@ -3350,9 +3354,13 @@ class Telemetry:
             self.event(request, status, seconds)
 
     def hook_failed(self, exc: Exception) -> None:
-        """An exception inside the hook (a handler's odd response): counted for healthz, never raised."""
+        """An exception inside the hook (a handler's odd response): counted for healthz (a fault
+        for RECENT_S: a request went uncounted), logged at its first time, never raised."""
+        if not self.hook_errors:
+            log.warning("telemetry: a request could not be recorded (%s); healthz counts such requests",
+                        _one_line(exc))
         self.hook_errors += 1
-        self.hook_error = f"{type(exc).__name__}: {exc}"
+        self.hook_error, self.hook_error_at = _one_line(exc), time.time()
 
     def event(self, request: Any, status: int, seconds: float) -> None:
         """A 5xx or slow request, kept with its path and request id for the events tables."""
@@ -3457,7 +3465,10 @@ class Telemetry:
                                "events_dropped": self.aggregator.events_dropped,
                                "hook_errors": self.hook_errors, "last_hook_error": self.hook_error},
                 "problems": self._writer_problems(writer)
-                            | ({"reads_failing": f"store reads failing: {self.read_error}"} if self.read_error else {})}
+                            | ({"reads_failing": f"store reads failing: {self.read_error}"} if self.read_error else {})
+                            | ({"requests_unrecorded": f"{self.hook_errors} app request(s) could not be recorded "
+                                                       f"since start-up (last: {self.hook_error})"}
+                               if now - self.hook_error_at < RECENT_S else {})}
 
     def _writer_problems(self, w: dict[str, Any]) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -3545,7 +3556,8 @@ class Telemetry:
                 problems.setdefault(code, text)
         notes = [text for text in (store.get("loss"), reader.get("lost")) if text]
         return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
-                "notes": notes, "instance": self.instance, "workers": len(statuses), "store": store,
+                "notes": notes, "instance": self.instance, "workers": len(statuses), "sanic": _SANIC_VERSION,
+                "store": store,
                 "reader": reader, "ingest": ingest, "writer": writer, "aggregator": aggregator}
 
 
@@ -3659,10 +3671,23 @@ async def _handle_other(base: type, app: Any, request: Any) -> None:
             tel.hook_failed(exc)
 
 
+#: Sanic 24.6 and later keep each HTTP/1 request's start time (Http.perft0), which the running hook
+#: reads; before, every request takes the other path. Over ASGI those versions also drop the
+#: response as they send it, so nothing could be recorded: start-up refuses that instead.
+_HTTP1_STARTS = hasattr(_Http1, "perft0")
+
+
 def _other_transport(app: Any) -> bool:
     """Whether a request to app may come other than over Sanic's HTTP/1 protocol: served as
-    ASGI, or by a server of another HTTP version (HTTP/3), whose streams keep no start time."""
+    ASGI, or by a server of another HTTP version (HTTP/3), whose streams keep no start time; so
+    does HTTP/1's before Sanic 24.6: every request then takes the other path."""
     if getattr(app, "asgi", False):
+        if not _HTTP1_STARTS:
+            raise ConfigError(f"sanic {_SANIC_VERSION}: telemetry over ASGI needs Sanic 24.6 or later "
+                              "(older versions drop the response before it can be recorded); serve it with "
+                              "Sanic's own server, or upgrade")
+        return True
+    if not _HTTP1_STARTS:
         return True
     # Sanic's own test: HTTP/3 only for the int 3 (or HTTP.VERSION_3); "1.1" (sanic-testing's) is HTTP/1
     return any(isinstance(v, int) and v == 3 for v in (i.settings.get("version") for i in app.state.server_info))
@@ -4083,6 +4108,8 @@ def find_caddy() -> str | None:
 
 def _check_port_free(host: str, port: int, setting: str) -> None:
     with socket.socket() as s:
+        # as the servers bind: a port whose last connections are in TIME_WAIT (a restart) is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

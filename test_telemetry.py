@@ -124,10 +124,10 @@ class Demo:
     """`python telemetry.py ...` as a child process on loopback ports; stopped by PID."""
 
     def __init__(self, tmp_path: Path, *args: str, caddy: bool = True, env: dict | None = None,
-                 wait_ok: bool = True):
+                 wait_ok: bool = True, python: str = sys.executable):
         self.port, self.caddy_port = free_port(), free_port()
         self.db = str(tmp_path / "telemetry.db")
-        argv = [sys.executable, str(HERE / "telemetry.py"), "--port", str(self.port),
+        argv = [python, str(HERE / "telemetry.py"), "--port", str(self.port),
                 "--caddy-port", str(self.caddy_port), "--db", self.db, "--flush-interval", "0.1", *args]
         if not caddy:
             argv.append("--no-caddy")
@@ -594,11 +594,34 @@ def counts_match(demo: Demo, expected: dict[str, int]):
     return s if ok else {"ok": False, "got": got} and None
 
 
+#: The Sanic releases the README supports besides the suite's own (25.12): the end-to-end test
+#: runs the app under each, from a virtual environment of its own (made once, then cached).
+SANIC_LINES = ("23.12.2", "24.12.1", "25.3.0")
+
+
+def sanic_python(version: str) -> str:
+    """The python of a virtual environment with this Sanic (and Jinja2): the app's runtime needs."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "telemetry-test-venvs"
+    root = cache / f"sanic-{version}-py{sys.version_info[0]}{sys.version_info[1]}"
+    python, ready = root / "bin" / "python", root / ".ready"
+    if not ready.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=300)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            f"sanic=={version}", "jinja2>=3.1"], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"pip install sanic=={version}: {r.stderr[-2000:]}"
+        ready.touch()
+    return str(python)
+
+
 @needs_caddy
-def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
+@pytest.mark.parametrize("sanic", ["installed", *SANIC_LINES])
+def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path, sanic):
     tmp = tmp_path / "tmp"  # the app's TMPDIR: Caddy's state dir is made there
     tmp.mkdir()
-    demo = Demo(tmp_path, env={"TMPDIR": str(tmp)})
+    python = sys.executable if sanic == "installed" else sanic_python(sanic)
+    path = os.pathsep.join([str(Path(CADDY).parent), os.environ.get("PATH", "")])  # Caddy beside another python
+    demo = Demo(tmp_path, env={"TMPDIR": str(tmp), "PATH": path}, python=python)
     try:
         http("GET", demo.edge + "/telemetry/healthz")  # the dashboard's own routes are not counted
         probe = 1  # Demo's readiness probe: one GET /api/ping through Caddy
@@ -618,6 +641,8 @@ def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path):
         assert routes[("/api/slow", "caddy")]["latency_ms"]["max"] >= 0.95 * slow["max"]
         health = demo.health()
         assert health["reader"]["state"] == "running" and health["reader"]["malformed"] == 0
+        assert health["ok"] and health["aggregator"]["hook_errors"] == 0, health["problems"]
+        assert sanic in ("installed", health["sanic"])  # the app runs the Sanic under test
         caddy_pid = health["reader"]["pid"]
         assert pid_alive(caddy_pid)
     finally:
@@ -766,7 +791,8 @@ def _compose_env(service: str) -> dict[str, str]:
             in_env = line.strip() == "environment:"
         elif in_env and indent == 6:
             key, _, value = line.strip().partition(":")
-            env[key] = value.strip().strip('"')
+            value = value.strip()
+            env[key] = json.loads(value) if value.startswith('"') else value  # YAML's "..." escapes, as JSON's
     assert env, f"no environment for service {service!r} in docker-compose.yml"
     return env
 
@@ -838,10 +864,12 @@ def test_compose_app_settings_are_valid():
     config = t.Config.load(m.group(1).split(), env=env)
     assert "'influxdb-client[async]>=1.50'" in COMPOSE.read_text()  # the InfluxDB store's async API needs it
     assert config.host == "0.0.0.0" and config.no_caddy and config.db == "/data/telemetry.db"
-    assert config.caddy_log_command == "tail -n 0 -F /var/log/caddy/access.log"
+    assert config.caddy_log_file == "/var/log/caddy/access.log" and not config.caddy_log_command
     assert config.influxdb_url == "http://influxdb:8086" and config.spool_dir == "/data/spool"
     caddy = _compose_env("caddy")
-    assert caddy["CADDY_LOG_OUTPUT"] == "file /var/log/caddy/access.log"
+    # the file is rotated uncompressed: the rest of a rotated file can be read after a restart
+    assert caddy["CADDY_LOG_OUTPUT"].split("{")[0].split() == ["file", config.caddy_log_file]
+    assert "roll_uncompressed" in caddy["CADDY_LOG_OUTPUT"]
     assert caddy["APP_UPSTREAM"] == f"app:{config.port}"
 
 
@@ -852,8 +880,9 @@ def test_caddyfile_validates_for_local_and_compose_and_is_formatted(tmp_path):
     base.update(XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
     local = {"CADDY_ADMIN": "off", "CADDY_SITE": f":{free_port()}", "CADDY_BIND": "127.0.0.1",
              "APP_UPSTREAM": "127.0.0.1:8000"}
-    compose = {**_compose_env("caddy"), "CADDY_ADMIN": "off", "XDG_DATA_HOME": str(tmp_path),
-               "CADDY_LOG_OUTPUT": f"file {tmp_path}/access.log"}
+    compose = _compose_env("caddy")
+    compose.update(CADDY_ADMIN="off", XDG_DATA_HOME=str(tmp_path),
+                   CADDY_LOG_OUTPUT=compose["CADDY_LOG_OUTPUT"].replace("/var/log/caddy", str(tmp_path)))
     for name, extra in (("local", local), ("compose", compose)):
         r = subprocess.run([caddy, "validate", "--config", str(HERE / "Caddyfile"), "--adapter", "caddyfile"],
                            env={**base, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -3637,3 +3666,155 @@ def test_log_file_sigkill_under_load_counts_every_line_once(tmp_path):
         _caddy_count(demo, log_.n)
     finally:
         assert demo.stop() == 0
+
+
+# --- fuzz: generated and mutated lines to the stores ------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+#: Values put in place of a number of a Caddy line: extremes, NaN and infinities, floats for
+#: ints, ints past int64, negative values, other types.
+FUZZ_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e308", "-1e308", "0", "-0", "-1", "0.0", "1.5", "200.5", "599.0",
+                "true", "false", "null", '"200"', '""', "[]", "{}", str(2**53), str(2**53 + 1), str(2**62), str(2**63),
+                str(2**64), str(-2**63), str(10**30), "9" * 400, "1e-320", "86399.999", "86400", "100", "99", "600"]
+FUZZ_FIELDS = ("ts", "duration", "size", "status", "bytes_read")
+#: The lines' clock: fixed, so a case draws alike when replayed (the run lasts minutes, far under max_age).
+FUZZ_NOW = float(int(time.time()))
+FUZZ_PATHS = ["/api/ping", "/api/items/7", "/api/items/x", "/api/slow?ms=1", "/api/error", "/missing", "/",
+              "/a\\\"b", "/<script>", "/%00", "/\u00e9\u4e2d", "/api/items/1#frag"]
+
+
+@st.composite
+def caddy_lines(draw) -> str:
+    """A Caddy access line as Caddy writes it, then mutated: numbers swapped for extremes, text cut,
+    inserted or replaced; or a line of another kind entirely."""
+    kind = draw(st.sampled_from(["access"] * 8 + ["runtime", "garbage", "json"]))
+    if kind == "runtime":
+        return json.dumps({"level": "info", "ts": FUZZ_NOW, "logger": "http.handlers", "msg": draw(st.text(max_size=20))})
+    if kind == "garbage":
+        return draw(st.text(st.characters(blacklist_characters="\n"), max_size=80))
+    if kind == "json":
+        return json.dumps(draw(st.dictionaries(st.sampled_from(["logger", "msg", "ts", "request", "status"]),
+                                                st.one_of(st.integers(), st.floats(), st.text(max_size=10)))))
+    line = access_line(FUZZ_NOW - draw(st.floats(0, 3000)), method=draw(st.sampled_from(["GET", "POST", "HEAD", "BREW"])),
+                       uri=draw(st.sampled_from(FUZZ_PATHS)), status=draw(st.sampled_from([200, 204, 404, 500, 502])),
+                       duration=draw(st.floats(0, 2)), size=draw(st.integers(0, 10**6)))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["number", "number", "cut", "insert", "truncate"]))
+        if op == "number":
+            name = draw(st.sampled_from(FUZZ_FIELDS))
+            line = re.sub(rf'"{name}":(-?[0-9.eE+]+|"[^"]*")', lambda m: f'"{name}":' + draw(st.sampled_from(FUZZ_NUMBERS)),
+                          line, count=1)
+        elif op == "cut" and len(line) > 2:
+            i = draw(st.integers(0, len(line) - 2))
+            line = line[:i] + line[i + draw(st.integers(1, 8)):]
+        elif op == "insert":
+            i = draw(st.integers(0, len(line)))
+            line = line[:i] + draw(st.text(st.characters(blacklist_characters="\n"), min_size=1, max_size=4)) + line[i:]
+        else:
+            line = line[:draw(st.integers(0, len(line)))]
+    return line
+
+
+def _counted(block: bytes) -> int:
+    """The lines of a block the parser counts: every line but blank ones."""
+    n = 0
+    for raw in block.split(b"\n"):
+        try:
+            n += bool(raw.decode("utf-8").strip())
+        except UnicodeDecodeError:
+            n += 1
+    return n
+
+
+FUZZ_BLOCK = st.lists(caddy_lines(), min_size=40, max_size=80)
+FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "170")), deadline=None, derandomize=False, database=None,
+                         suppress_health_check=list(HealthCheck))
+
+
+def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_path, fake):
+    """At least 10,000 generated and mutated lines: no exception escapes, every line is counted
+    once (accepted, ignored or malformed), every stored number is in range, and the SQLite store
+    and the InfluxDB wire server hold exactly the accepted lines."""
+    loop = asyncio.new_event_loop()
+    sqlite_store = t.SQLiteStore(str(tmp_path / "fuzz.db"))
+    influx = t.InfluxStore(fake.url, fake.token, fake.org, BUCKET)
+    loop.run_until_complete(sqlite_store.open())
+    loop.run_until_complete(influx.open())
+    writers = [t.Writer(s, spool=t.Spool(str(tmp_path / f"spool-{s.kind}"), 1 << 26)) for s in (sqlite_store, influx)]
+
+    async def start() -> None:  # the writers run on this test's loop, whenever it runs
+        for w in writers:
+            w.start()
+    loop.run_until_complete(start())
+    agg = t.Aggregator("fuzz-w0")
+    parser = t.CaddyParser(lambda m, path: "/api/items/<id:int>" if path.startswith("/api/items/") else path,
+                           agg.event, 500.0, sink=agg)
+    totals = {"lines": 0, "accepted": 0, "examples": 0}
+
+    @FUZZ_SETTINGS
+    @given(FUZZ_BLOCK)
+    def one_block(lines: list[str]) -> None:
+        block = "\n".join(lines).encode("utf-8", "surrogatepass")
+        before = (parser.stats.access, parser.stats.ignored, parser.stats.malformed)
+        accepted = parser.feed(block)
+        after = (parser.stats.access, parser.stats.ignored, parser.stats.malformed)
+        assert sum(after) - sum(before) == _counted(block)
+        assert after[0] - before[0] == accepted
+        parser.drain(agg)
+        batch = agg.flush()
+        for r in batch.rows if batch else []:
+            assert t.valid_status(r.status) and 0 <= r.bytes_sum <= t.INT64_MAX and math.isfinite(r.dur_sum)
+            assert 0 <= r.dur_max < 86400 * 1000 and r.count == sum(r.hist.values())
+        if batch is not None:
+            for w in writers:
+                w.put(batch)
+        totals["lines"] += len(lines)
+        totals["accepted"] += accepted
+        totals["examples"] += 1
+
+    try:
+        one_block()
+        for w in writers:
+            loop.run_until_complete(until(lambda w=w: not w.queue and w._current is None and not w.spool.count(),
+                                          30, f"the {w.store.kind} writer to drain"))
+        sums = loop.run_until_complete(sqlite_store.read_totals())
+        h = [w.health() for w in writers]
+    finally:
+        for w in writers:
+            loop.run_until_complete(w.close(timeout=2.0))
+        loop.run_until_complete(sqlite_store.close())
+        loop.run_until_complete(influx.close())
+        loop.close()
+    print(f"fuzz: {totals['lines']} lines in {totals['examples']} blocks, {totals['accepted']} accepted")
+    assert totals["lines"] >= 10_000
+    assert all(x["rejected"] == 0 and x["dropped"] == 0 for x in h), h
+    assert sum(s[4] for s in sums.series) == totals["accepted"]
+    assert sum(fake.counts()["status"].values()) == totals["accepted"]
+
+
+def test_fuzz_lines_through_ingest(tmp_path, fake):
+    """The same lines posted to /ingest of a running app on InfluxDB (the wire server): each answer
+    accounts for every line, and the store holds exactly the accepted ones."""
+    demo = Demo(tmp_path, caddy=False, env=influx_env(fake, tmp_path / "spool"))
+    totals = {"lines": 0, "accepted": 0}
+    try:
+        @FUZZ_SETTINGS
+        @given(FUZZ_BLOCK)
+        def one_body(lines: list[str]) -> None:
+            body = "\n".join(lines).encode("utf-8", "surrogatepass")
+            status, answer, _ = http("POST", demo.app + "/telemetry/ingest", body)
+            assert status == 200, answer[:300]
+            got = json.loads(answer)
+            assert got["accepted"] + got["ignored"] + got["malformed"] == _counted(body), got
+            totals["lines"] += len(lines)
+            totals["accepted"] += got["accepted"]
+
+        one_body()
+        wait_for(lambda: sum(fake.counts()["status"].values()) == totals["accepted"], 10,
+                 f"the wire server to hold the {totals['accepted']} accepted lines")
+        h = demo.health()
+    finally:
+        assert demo.stop() == 0
+    print(f"fuzz /ingest: {totals['lines']} lines, {totals['accepted']} accepted")
+    assert totals["lines"] >= 10_000 and h["ok"] and h["writer"]["rejected"] == 0, h.get("problems")
