@@ -49,6 +49,14 @@ never asserts, and it exits 0.
               pipeline writes. The demo app serves each store; GET /telemetry/?range=1h and
               /telemetry/api/summary?range=1h are timed sequentially, the two stores taking turns
               (goal p95 <= 50 ms; p95 ratio ~1: cost follows series x time, not request rate).
+5. memory     `python telemetry.py` with its default settings; 8 clients POST 9.9 MB of Caddy
+              lines each to /telemetry/ingest at once: RSS before and at its peak (VmHWM), and the
+              answers (the byte budget takes two at a time and answers the rest 503).
+
+--against REV|DIR compares this build with another in the same run: a git revision of this
+repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
+loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
+times the two builds in turns; memory runs both.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -226,7 +235,7 @@ app.config.ACCESS_LOG = False
 async def ping(request):
     return response.json({"pong": True})
 
-if mode in ("instrumented", "hookonly"):  # "bare" and "control" run the app as it is
+if mode in ("instrumented", "hookonly", "against"):  # "bare" and "control" run the app as it is
     sys.path.insert(0, here)
     import telemetry
     telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
@@ -274,16 +283,25 @@ def wrk_both(ports: dict[str, int], seconds: int, cpu: int = 0) -> dict[str, tup
 
 
 HOT_MODES = ("bare", "control", "instrumented")
+#: --against: the folder of the build to compare with (its telemetry.py), or None.
+AGAINST: Path | None = None
+
+
+def hot_modes() -> tuple[str, ...]:
+    """The servers of a set: with --against, the other build instrumented too ("against")."""
+    return HOT_MODES + (("against",) if AGAINST is not None else ())
 
 
 def hot_set(tmp: Path, n: int, rounds: int, secs: int, wrk_cpu: int) -> dict[str, Any]:
-    """One set of fresh servers (HOT_MODES), loaded together for `rounds` rounds by wrk on CPU
+    """One set of fresh servers (hot_modes()), loaded together for `rounds` rounds by wrk on CPU
     wrk_cpu: the median ratios to bare of this set (throughput and requests per CPU-second), and
     the instrumented app's count against what wrk completed."""
-    ports = {m: free_port() for m in HOT_MODES}
+    modes = hot_modes()
+    ports = {m: free_port() for m in modes}
     seed = {"PYTHONHASHSEED": str(n + 1)}  # one seed (and one layout) for the set: see the docstring
     servers = {m: Child(same_layout(pinned(0, [sys.executable, str(tmp / "server.py"), m, str(p),
-                                               str(tmp / f"hot{wrk_cpu}-{n}.db"), str(HERE)])),
+                                               str(tmp / f"hot{wrk_cpu}-{n}-{m}.db"),
+                                               str(AGAINST if m == "against" else HERE)])),
                         tmp / f"{m}{wrk_cpu}-{n}.log", env=seed)
                for m, p in ports.items()}
     try:
@@ -291,7 +309,7 @@ def hot_set(tmp: Path, n: int, rounds: int, secs: int, wrk_cpu: int) -> dict[str
             if not answers(p, "/api/ping"):
                 raise RuntimeError(f"{m} server did not answer in 30 s:\n{servers[m].tail()}")
         sent = wrk_both(ports, 1, wrk_cpu)["instrumented"][1]  # warm-up, not timed; the instrumented app counts it too
-        figures: dict[str, dict[str, list[float]]] = {k: {m: [] for m in HOT_MODES[1:]} for k in ("ratio", "per_cpu")}
+        figures: dict[str, dict[str, list[float]]] = {k: {m: [] for m in modes[1:]} for k in ("ratio", "per_cpu")}
         rps, bad = [], 0
         for _ in range(rounds):
             c0 = {m: cpu_seconds(s.proc.pid) for m, s in servers.items()}
@@ -300,7 +318,7 @@ def hot_set(tmp: Path, n: int, rounds: int, secs: int, wrk_cpu: int) -> dict[str
             bad += sum(r[2] for r in res.values())
             sent += res["instrumented"][1]
             rps.append(res["bare"][0])
-            for m in HOT_MODES[1:]:
+            for m in modes[1:]:
                 figures["ratio"][m].append(res[m][0] / res["bare"][0])
                 # requests per CPU-second: corrects for an unequal share of the CPU
                 figures["per_cpu"][m].append((res[m][1] / cpu[m]) / (res["bare"][1] / cpu["bare"]))
@@ -326,9 +344,12 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
         for n in range(sets):
             r = hot_set(tmp, n, rounds, secs, wrk_cpu)
             results.append(r)
+            against = (f"; against/bare {r['ratio']['against']:.3f} (per CPU-second {r['per_cpu']['against']:.3f})"
+                       if AGAINST is not None else "")
             print(f"  set {n + 1}/{sets} (fresh processes, {rounds} x {secs} s): instrumented/bare "
                   f"{r['ratio']['instrumented']:.3f}, control/bare {r['ratio']['control']:.3f}; per CPU-second "
-                  f"{r['per_cpu']['instrumented']:.3f} and {r['per_cpu']['control']:.3f}; bare {r['bare_rps']:,.0f} req/s")
+                  f"{r['per_cpu']['instrumented']:.3f} and {r['per_cpu']['control']:.3f}{against}; "
+                  f"bare {r['bare_rps']:,.0f} req/s")
 
         def spread(key: str, mode: str) -> tuple[float, float, float]:
             v = [r[key][mode] for r in results]
@@ -341,8 +362,16 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
               f"requests per CPU-second {inst_cpu[0]:.3f}; "
               f"control (the same bare app twice) {ctl[0]:.3f} (sets {ctl[1]:.3f}..{ctl[2]:.3f}); "
               f"wrk errors {sum(r['bad'] for r in results)}")
+        vs = ""
+        if AGAINST is not None:
+            ag = spread("ratio", "against")
+            paired = [r["ratio"]["instrumented"] / r["ratio"]["against"] for r in results]
+            print(f"  --against {AGAINST.name}: against/bare {ag[0]:.3f} (sets {ag[1]:.3f}..{ag[2]:.3f}); this build / "
+                  f"against, paired per set: median {statistics.median(paired):.3f} (sets {min(paired):.3f}.."
+                  f"{max(paired):.3f})")
+            vs = f"; against {ag[0]:.3f}, this/against {statistics.median(paired):.3f}"
         lines.append(f"{inst[0]:.3f} (sets {inst[1]:.3f}..{inst[2]:.3f}; control bare/bare {ctl[0]:.3f}, sets "
-                     f"{ctl[1]:.3f}..{ctl[2]:.3f}; per CPU-second {inst_cpu[0]:.3f})")
+                     f"{ctl[1]:.3f}..{ctl[2]:.3f}; per CPU-second {inst_cpu[0]:.3f}{vs})")
     print(f"  telemetry counted {counted:,} sanic requests; wrk completed {sent:,} against it "
           f"(difference {counted - sent:+,}: requests in flight when wrk stopped)")
     SUMMARY["hot path"] = (f"instrumented/bare throughput   {lines[0]}  (goal >= 0.95)   median of {sets} sets of "
@@ -468,20 +497,32 @@ def reader_chunks(lines: list[bytes], size: int = 1 << 16) -> list[bytes]:
     return [stream[i:i + size] for i in range(0, len(stream), size)]
 
 
-def feed_chunks(parser: T.CaddyParser, agg: T.Aggregator, chunks: list[bytes]) -> None:
+def feed_chunks(parser: Any, agg: Any, chunks: list[bytes], mod: Any = T) -> None:
     """What CaddyReader does with each read (take(): LineBlocks cuts it at its last newline,
-    feed() parses the block), then the worker's flush (drain() into the aggregator, its flush())."""
-    reader, blocks = T.CaddyReader("true", parser), T.LineBlocks(T.CaddyReader.LINE_LIMIT)  # no process started
+    feed() parses the block), then the worker's flush (drain() into the aggregator, its flush());
+    mod is the telemetry module (this build's, or --against's)."""
+    reader, blocks = mod.CaddyReader("true", parser), mod.LineBlocks(mod.CaddyReader.LINE_LIMIT)  # no process started
     for chunk in [*chunks, b""]:  # b"": the end of the stream
         reader.take(blocks, chunk)
     parser.drain(agg)
     agg.flush()
 
 
-def fresh_pipeline() -> tuple[T.CaddyParser, T.Aggregator]:
-    app = T.create_app(T.Config(db=":memory:"), name=f"bench{random.getrandbits(32)}")
+def fresh_pipeline(mod: Any = T) -> tuple[Any, Any]:
+    app = mod.create_app(mod.Config(db=":memory:"), name=f"bench{random.getrandbits(32)}")
     app.router.finalize()
-    return T.CaddyParser(T.RouteResolver(app.router)), T.Aggregator("bench")
+    return mod.CaddyParser(mod.RouteResolver(app.router)), mod.Aggregator("bench")
+
+
+@functools.cache
+def against_module() -> Any:
+    """--against's telemetry.py, imported under another name beside this build's."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("telemetry_against", AGAINST / "telemetry.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["telemetry_against"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def bench_ingest(quick: bool, tmp: Path) -> None:
@@ -491,10 +532,14 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     print(f"  {n:,} lines ({sum(map(len, lines)) / n:.0f} bytes avg) built in {time.perf_counter() - t0:.1f} s")
     chunks = reader_chunks(lines)
     bare = [line.rstrip(b"\n") for line in lines]
-    total, loads = [], []
+    total, loads, other = [], [], []
     for _ in range(rounds):
         parser, agg = fresh_pipeline()
         total.append(timed(lambda: feed_chunks(parser, agg, chunks)))
+        if AGAINST is not None:  # the other build, in turns with this one
+            mod = against_module()
+            p2, a2 = fresh_pipeline(mod)
+            other.append(timed(lambda: feed_chunks(p2, a2, chunks, mod)))
         if parser.stats.access != n or parser.stats.malformed:
             print(f"  ! parser: {parser.stats.access} access lines, {parser.stats.malformed} malformed: "
                   f"{parser.stats.last_malformed[:120]}")
@@ -505,13 +550,18 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     print(f"  median of {rounds}, {len(chunks):,} reads of 64 KiB ({n / len(chunks):.0f} lines each): cut into lines + "
           f"parse + aggregate {n / tot:,.0f} lines/s ({tot * 1e6 / n:.2f} us/line); json.loads alone {n / j:,.0f} "
           f"lines/s (pipeline is {j / tot:.2f}x json.loads)")
+    vs = ""
+    if other:
+        o = statistics.median(other)
+        print(f"  --against {AGAINST.name}: {n / o:,.0f} lines/s; this build / against: {o / tot:.3f}")
+        vs = f"; against {n / o:,.0f} lines/s, this/against {o / tot:.3f}"
     per_line = ""
     if shutil.which("valgrind"):  # a figure that does not drift with the machine
         n1, n2 = (1_000, 3_000) if quick else (2_000, 12_000)
         per_line = f"; {callgrind_per_line(tmp, n1, n2):,.0f} instructions/line (callgrind)"
         print(f"  instructions per line, cut + parse + aggregate: {per_line[2:]}")
     SUMMARY["ingest"] = (f"cut+parse+aggregate            {n / tot:,.0f} lines/s (goal >= 300,000)  "
-                         f"json.loads alone: {n / j:,.0f} lines/s ({j / tot:.1f}x slower){per_line}")
+                         f"json.loads alone: {n / j:,.0f} lines/s ({j / tot:.1f}x slower){per_line}{vs}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,22 +721,95 @@ def bench_render(quick: bool, tmp: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. ingest memory
+
+def rss_mb(pid: int, key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ingest_memory(build: Path, tmp: Path, tag: str, clients: int = 8, size: int = 9_900_000) -> tuple[float, float, list[int]]:
+    """`python telemetry.py` of build, its default settings: RSS before, peak RSS while `clients`
+    POST /ingest bodies of `size` bytes of Caddy lines at once, and the answers."""
+    port = free_port()
+    demo = Child(demo_argv(port, tmp / f"mem-{tag}.db", tmp, "--no-caddy"), tmp / f"mem-{tag}.log", cwd=build)
+    try:
+        if not answers(port, "/telemetry/healthz"):
+            raise RuntimeError(f"demo did not answer in 30 s:\n{demo.tail()}")
+        line = caddy_lines(1)[0]
+        body = line * (size // len(line))
+        base, out = rss_mb(demo.proc.pid, "VmRSS"), []
+
+        def post() -> None:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            c.request("POST", "/telemetry/ingest", body)
+            r = c.getresponse()
+            r.read()
+            out.append(r.status)
+            c.close()
+        threads = [threading.Thread(target=post) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(180)
+        return base, rss_mb(demo.proc.pid, "VmHWM"), sorted(out)
+    finally:
+        demo.stop()
+
+
+def bench_memory(quick: bool, tmp: Path) -> None:
+    builds = [("this build", HERE)] + ([(f"against {AGAINST.name}", AGAINST)] if AGAINST is not None else [])
+    figures = []
+    for label, build in builds:
+        base, peak, answers_ = ingest_memory(build, tmp, label.split()[0])
+        print(f"  {label}: 8 concurrent POST /ingest of 9.9 MB: RSS {base:.0f} MB before, peak {peak:.0f} MB "
+              f"(+{peak - base:.0f} MB); answers {dict(collections.Counter(answers_))}")
+        figures.append(f"{label} +{peak - base:.0f} MB")
+    SUMMARY["memory"] = "peak RSS, 8 x 9.9 MB /ingest at once  " + "; ".join(figures)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def against_build(spec: str, tmp: Path) -> Path:
+    """--against's folder: spec itself when it is one, else the files of git revision spec."""
+    if Path(spec).is_dir():
+        return Path(spec).resolve()
+    out = tmp / f"against-{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}"
+    out.mkdir()
+    for name in ("telemetry.py", "dashboard.css", "Caddyfile"):
+        blob = subprocess.run(["git", "show", f"{spec}:{name}"], cwd=HERE, capture_output=True, timeout=60)
+        if blob.returncode == 0:
+            (out / name).write_bytes(blob.stdout)
+    if not (out / "telemetry.py").is_file():
+        raise SystemExit(f"bench_telemetry.py: --against {spec}: no telemetry.py in that folder or revision")
+    return out
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
-    ap.add_argument("--only", action="append", choices=["hot", "instructions", "ingest", "freshness", "render"],
+    ap.add_argument("--only", action="append", choices=["hot", "instructions", "ingest", "freshness", "render", "memory"],
                     help="run only these parts (repeatable)")
+    ap.add_argument("--against", metavar="REV|DIR",
+                    help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
+                         "a git revision of this repository, or a folder holding its telemetry.py")
     args = ap.parse_args()
     quick = args.quick
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
+    if args.against:
+        global AGAINST
+        AGAINST = against_build(args.against, tmp)
     pinning = (f"servers on CPU {CPUS[0]}; hot path's wrk on CPU {CPUS[0]}, then on CPU {CPUS[1]}" if len(CPUS) > 1
                else "no pinning (one CPU)")
     print(f"bench_telemetry.py{' --quick' if quick else ''}: {pinning}; scratch {tmp}")
     parts = [("hot path", lambda: bench_hot_path(quick, tmp)),
              ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick, tmp)),
-             ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp))]
+             ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp)),
+             ("memory", lambda: bench_memory(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:
