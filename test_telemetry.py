@@ -3049,7 +3049,9 @@ def test_e2e_restart_replays_the_spool(tmp_path, fake):
         expected["200"] += 1  # the new Demo's probe
         wait_for(lambda: _fake_has(fake, expected), 30, f"the fake to reach {expected}")
         wait_for(lambda: _summary_has(demo, expected), 5, "the summary to agree")
-        wait_for(lambda: not list(spool.iterdir()), 5, "the spool folder to be empty")
+        wait_for(lambda: not list(spool.glob("*.batch*")), 5, "the spool folder to be empty")
+        errors = Counter(tags["source"] for tags, _, _ in fake.points("events") if tags["kind"] == "error")
+        assert errors == {"caddy": expected["500"], "sanic": expected["500"]}  # the 5xx rows came through the spool
     finally:
         code = demo.stop()
     assert code == 0, demo.output()[-3000:]
