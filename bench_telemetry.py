@@ -128,7 +128,7 @@ def _no_aslr_prefix() -> tuple[str, ...]:
 
 def demo_argv(port: int, db: Path, tmp: Path, *extra: str) -> list[str]:
     """`python telemetry.py` on loopback; its spool (if this version has one) stays in tmp."""
-    spool = ["--spool-dir", str(tmp / "spool")] if any(s.flag == "--spool-dir" for s in T.SETTINGS) else []
+    spool = ["--spool-dir", str(tmp / "spool")] if any(s.flag == "--spool-dir" for s in T._SETTINGS) else []
     return [sys.executable, "telemetry.py", "--port", str(port), "--db", str(db), *spool, *extra]
 
 
@@ -569,7 +569,7 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
 
 def bench_freshness(quick: bool, tmp: Path) -> None:
     k = 15 if quick else 50
-    if T.find_caddy() is None:
+    if T._find_caddy() is None:
         SUMMARY["freshness"] = "skipped: no caddy binary"
         return
     port, cport = free_port(), free_port()
@@ -617,20 +617,20 @@ def poisson(rng: random.Random, lam: float) -> int:
 def route_models(rng: random.Random) -> list[tuple[str, str, float, int, dict[str, list[tuple[int, int]]]]]:
     """50 routes: (route, method, traffic weight, bytes, {source: 1,024 equally likely (status, bucket)})."""
     nd = statistics.NormalDist()
-    names = ["/api/ping", "/api/items/<id:int>", "/api/error", T.UNMATCHED] + [
+    names = ["/api/ping", "/api/items/<id:int>", "/api/error", T._UNMATCHED] + [
         f"/api/{noun}/<id:int>{tail}" for noun in ("users", "orders", "carts", "invoices", "products", "reviews",
                                                     "shipments", "coupons")
         for tail in ("", "/history", "/lines", "/status", "/notes", "/events")][:46]
     models = []
     for i, name in enumerate(names):
         median = 20.0 * math.exp(rng.gauss(0, 0.5))
-        mix = {"/api/error": [(500, 1)], T.UNMATCHED: [(404, 1)]}.get(name, [(200, 96), (404, 2), (500, 1), (304, 1)])
+        mix = {"/api/error": [(500, 1)], T._UNMATCHED: [(404, 1)]}.get(name, [(200, 96), (404, 2), (500, 1), (304, 1)])
         statuses = rng.choices([s for s, _ in mix], [w for _, w in mix], k=1024)
         order = rng.sample(range(1024), 1024)  # latency rank independent of status
         tables = {}
         for source, hop_ms in (("sanic", 0.0), ("caddy", 0.4)):  # the edge adds its proxy hop
             ms = [median * math.exp(0.8 * nd.inv_cdf((j + 0.5) / 1024)) + hop_ms for j in order]
-            tables[source] = [(s, T.Histogram.index(m)) for s, m in zip(statuses, ms)]
+            tables[source] = [(s, T._Histogram.index(m)) for s, m in zip(statuses, ms)]
         models.append((name, "POST" if i % 7 == 6 else "GET", 1.0 / (i + 1) ** 0.8, rng.randint(50, 5000), tables))
     return models
 
@@ -640,8 +640,8 @@ async def fill_store(path: str, rate: float, seconds: int, seed: int = 7) -> int
     rng = random.Random(seed)
     models = route_models(rng)
     wsum = sum(m[2] for m in models)
-    value = [T.Histogram.value(i) for i in range(T.Histogram.BUCKETS)]
-    store = T.SQLiteStore(path)
+    value = [T._Histogram.value(i) for i in range(T._Histogram.BUCKETS)]
+    store = T._SQLiteStore(path)
     await store.open()
     now = int(time.time())
     total = 0
@@ -651,18 +651,18 @@ async def fill_store(path: str, rate: float, seconds: int, seed: int = 7) -> int
             n = poisson(rng, rate * w / wsum * 10)
             total += n
             for source, table in tables.items():
-                by_status: dict[int, T.Rollup] = {}
+                by_status: dict[int, T._Rollup] = {}
                 for (status, b), c in Counter(rng.choices(table, k=n)).items():
                     r = by_status.get(status)
                     if r is None:
-                        r = by_status[status] = T.Rollup(slot, source, route, method, status)
+                        r = by_status[status] = T._Rollup(slot, source, route, method, status)
                     r.count += c
                     r.dur_sum += value[b] * c
                     r.dur_max = max(r.dur_max, value[b])
                     r.bytes_sum += size * c
                     r.hist[b] = c
                 rows.extend(by_status.values())
-        await store.write(T.Batch("bench-fill", seq, rows))
+        await store.write(T._Batch("bench-fill", seq, rows))
     await store.close()
     return total
 

