@@ -10,18 +10,15 @@ never asserts, and it exits 0.
 
 1. hot path   A bare Sanic app (GET /api/ping), a second copy of it (the control) and the same app
               + telemetry.instrument(), each in its own process (single_process, access log off),
-              all pinned to CPU 0 and loaded at the same time by three `wrk -t1 -c32`, also on CPU 0:
-              the servers share one CPU and one machine state, so the drift of a shared machine
-              (+-20% between rounds here) cancels out. The load shares the servers' CPU because
-              with wrk on the other CPU every response wakes wrk there through an inter-processor
-              interrupt, which on this virtual machine is a trip to the hypervisor: 14% of each
-              server's CPU time goes to it (perf), every server then costs more per request (bare:
-              +17..19%), and the instrumented one more than bare (perf, three runs: its CPU per request
-              +6.3..6.6% against bare with wrk on CPU 1, +3.0..3.8% with wrk on CPU 0). That is the
-              machine's cost, not telemetry's; the run is repeated with wrk on CPU 1 and printed
-              beside it all the same. A set of three fresh processes runs a few
-              rounds; the figure is the median over several sets. Fresh processes matter more than
-              rounds: two processes of the *same* code differ by up to +-5% for their whole life
+              all pinned to CPU 0 and loaded at the same time by three `wrk -t1 -c32`: the servers
+              share one CPU and one machine state, so the drift of a shared machine (+-20% between
+              rounds here) cancels out. The headline has wrk on the other CPU, as any client would
+              be; the run is repeated with wrk on the servers' CPU, because with wrk on the other
+              CPU every response wakes wrk there through an inter-processor interrupt, which on this
+              virtual machine is a trip to the hypervisor (14% of each server's CPU time, by perf)
+              and weighs more on whichever server is slower. A set of three fresh processes runs a
+              few rounds; the figure is the median over several sets. Fresh processes matter more
+              than rounds: two processes of the *same* code differ by up to +-5% for their whole life
               (memory layout, hash seed), which rounds of one set cannot average out. So the three
               processes of a set share one hash seed (PYTHONHASHSEED = the set's number) and, where
               `setarch -R` exists, one address layout (ASLR off for them): a set compares the code,
@@ -34,7 +31,7 @@ never asserts, and it exits 0.
               int ids, query strings, 404s, a 500, lognormal durations), as the reader gets them
               from a pipe with a backlog: 64 KiB reads, cut anywhere. Times what the reader does with
               them (LineBlocks cuts each read at its last newline, parser.feed() parses the block)
-              + parser.drain() + agg.flush() on one core (goal >= 300,000 lines/s), and json.loads
+              + the runs into the aggregator + agg.flush() on one core (goal >= 300,000 lines/s), and json.loads
               of the same lines for comparison (each result dropped at once); with valgrind, the
               instructions per line of parse + aggregate (callgrind), which do not drift with the
               machine.
@@ -49,10 +46,15 @@ never asserts, and it exits 0.
               pipeline writes. The demo app serves each store; GET /telemetry/?range=1h and
               /telemetry/api/summary?range=1h are timed sequentially, the two stores taking turns
               (goal p95 <= 50 ms; p95 ratio ~1: cost follows series x time, not request rate).
-5. memory     `python telemetry.py` with its default settings; 8 clients POST 9.9 MB of Caddy
+5. tail       A fresh bare and a fresh instrumented server (one seed, one layout), loaded one at
+              a time (bare, instrumented, instrumented, bare) by `wrk -c32 --latency` on the other
+              CPU, each alone on CPU 0: p99 latency instrumented/bare (goal <= 1.10). Each server
+              also probes its event loop's lag; the instrumented one times every stretch its flush
+              policy and writer tasks hold the loop, at full load and at about 10,000 req/s (wrk
+              paced: 3 ms between a connection's requests): the longest (goal <= 1 ms).
+6. memory     `python telemetry.py` with its default settings; 8 clients POST 9.9 MB of Caddy
               lines each to /telemetry/ingest at once: RSS before and at its peak (VmHWM), and the
               answers (the byte budget takes two at a time and answers the rest 503).
-
 --against REV|DIR compares this build with another in the same run: a git revision of this
 repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
 loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
@@ -225,8 +227,9 @@ def timed(fn) -> float:
 # 1. hot path
 
 SERVER_SRC = """
-import asyncio, sys
+import asyncio, os, sys, time
 from sanic import Sanic, response
+PROBE = {"lags": [], "ticks": []}
 mode, port, db, here = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 app = Sanic("bench_" + mode)
 app.config.ACCESS_LOG = False
@@ -240,12 +243,57 @@ if mode in ("instrumented", "hookonly", "against"):  # "bare" and "control" run 
     import telemetry
     telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
     if mode == "hookonly":  # callgrind: the per-request work only (see callgrind_per_request)
-        async def _fold_only(self):  # folds batches of 1,024 samples, as the tick does at ~10,000 req/s
+        async def _collect_only(self):  # collects batches of 1,024 samples, as the tick does at ~4,000 req/s
             while True:
                 await asyncio.sleep(0.05)  # stop() cancels it
-                if len(self.raw) >= 1024 * telemetry.RAW_WIDTH:
-                    self.fold()
-        telemetry.Telemetry._flush_loop = _fold_only
+                if self.sanic.pending() >= 1024:
+                    self.collect()
+        telemetry._Pipeline._run = _collect_only
+    if os.environ.get("BENCH_PROBE"):  # the tail part: each stretch telemetry's own tasks hold the loop
+        import types
+
+        @types.coroutine
+        def timed(coro):  # drives coro, timing each resumption up to its next suspension
+            value, exc = None, None
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    future = coro.throw(exc) if exc is not None else coro.send(value)
+                except StopIteration as stop:
+                    PROBE["ticks"].append(time.perf_counter() - t0)
+                    return stop.value
+                PROBE["ticks"].append(time.perf_counter() - t0)
+                try:
+                    value, exc = (yield future), None
+                except BaseException as e:  # a cancellation goes into coro
+                    value, exc = None, e
+
+        for cls in (getattr(telemetry, "_Pipeline", None), getattr(telemetry, "_Writer", None)):
+            if cls is not None:  # (an --against build before these names: no stretches timed)
+                def patched(self, _run=cls._run):
+                    return timed(_run(self))
+                cls._run = patched
+
+if os.environ.get("BENCH_PROBE"):  # the event loop's lag: a 1 ms sleep, woken how late
+    async def probe(app):
+        lags = PROBE["lags"]
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - t0 - 0.001)
+            if len(lags) > 200_000:
+                del lags[:100_000]
+
+    @app.after_server_start
+    async def start_probe(app):
+        app.add_task(probe(app))
+
+    @app.get("/bench/probe")
+    async def probe_read(request):
+        out = {k: sorted(v) for k, v in PROBE.items()}
+        PROBE["lags"].clear()
+        PROBE["ticks"].clear()
+        return response.json(out)
 app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
 """
 
@@ -336,7 +384,9 @@ def hot_set(tmp: Path, n: int, rounds: int, secs: int, wrk_cpu: int) -> dict[str
 def bench_hot_path(quick: bool, tmp: Path) -> None:
     sets, rounds, secs = (2, 1, 2) if quick else (8, 2, 4)
     (tmp / "server.py").write_text(SERVER_SRC)
-    layouts = [(0, "wrk on the servers' CPU")] + ([(1, "wrk on the other CPU")] if len(CPUS) > 1 else [])
+    # the headline: wrk on the other CPU, as Caddy or any client would be; then wrk on the
+    # servers' CPU, where the machine's wake-up cost (see the docstring) does not weigh in
+    layouts = ([(1, "wrk on the other CPU")] if len(CPUS) > 1 else []) + [(0, "wrk on the servers' CPU")]
     lines, sent, counted = [], 0, 0
     for wrk_cpu, label in layouts:
         print(f"  -- {label} (CPU {CPUS[wrk_cpu]})")
@@ -375,8 +425,8 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
     print(f"  telemetry counted {counted:,} sanic requests; wrk completed {sent:,} against it "
           f"(difference {counted - sent:+,}: requests in flight when wrk stopped)")
     SUMMARY["hot path"] = (f"instrumented/bare throughput   {lines[0]}  (goal >= 0.95)   median of {sets} sets of "
-                           f"fresh processes, wrk on the servers' CPU"
-                           + (f"; with wrk on the other CPU {lines[1]}" if len(lines) > 1 else "")
+                           f"fresh processes, {layouts[0][1]}"
+                           + (f"; {layouts[1][1]} {lines[1]}" if len(lines) > 1 else "")
                            + f"; counted {counted:,} of {sent:,}")
 
 
@@ -384,9 +434,9 @@ def callgrind_per_request(mode: str, tmp: Path, n1: int, n2: int) -> float:
     """Main-thread instructions per request of the bench server under valgrind's callgrind: the
     difference between a run of n2 and one of n1 requests, divided by n2 - n1 (start-up cancels).
     Instruction counts do not depend on what else the machine is doing. The instrumented server's
-    flush loop is replaced by one that only folds, in batches of 1,024 samples: under valgrind a
+    flush loop is replaced by one that only collects, in batches of 1,024 samples: under valgrind a
     flush would cover a handful of requests instead of thousands, so its cost per request would
-    be inflated many times over, while the fold's cost is counted as it is at ~10,000 req/s."""
+    be inflated many times over, while the collection's cost is counted as it is at ~4,000 req/s."""
     totals = []
     for n in (n1, n2):
         port, out = free_port(), tmp / f"cg-{mode}-{n}"
@@ -421,7 +471,7 @@ def bench_instructions(quick: bool, tmp: Path) -> None:
     print(f"  instructions per request (main thread): bare {bare:,.0f}, instrumented {inst:,.0f} "
           f"(+{inst - bare:,.0f}); bare/instrumented {bare / inst:.3f}")
     SUMMARY["instructions"] = (f"bare/instrumented per request  {bare / inst:.3f}  (goal >= 0.95)   {bare:,.0f} vs "
-                               f"{inst:,.0f} instructions (callgrind, main thread; flush loop replaced by a fold every "
+                               f"{inst:,.0f} instructions (callgrind, main thread; flush loop replaced by a collect every "
                                f"1,024 samples)")
 
 
@@ -497,21 +547,31 @@ def reader_chunks(lines: list[bytes], size: int = 1 << 16) -> list[bytes]:
     return [stream[i:i + size] for i in range(0, len(stream), size)]
 
 
+def named(mod: Any, name: str) -> Any:
+    """mod's private name (this build's), or its public one (builds before the names were private)."""
+    return getattr(mod, f"_{name}", None) or getattr(mod, name)
+
+
 def feed_chunks(parser: Any, agg: Any, chunks: list[bytes], mod: Any = T) -> None:
-    """What CaddyReader does with each read (take(): LineBlocks cuts it at its last newline,
-    feed() parses the block), then the worker's flush (drain() into the aggregator, its flush());
+    """What the reader does with each read (take(): the line cutter cuts it at its last newline,
+    feed() parses the block), then the worker's flush (the runs into the aggregator, its flush());
     mod is the telemetry module (this build's, or --against's)."""
-    reader, blocks = mod.CaddyReader("true", parser), mod.LineBlocks(mod.CaddyReader.LINE_LIMIT)  # no process started
+    reader_cls, blocks_cls = named(mod, "CaddyReader"), named(mod, "LineBlocks")
+    reader, blocks = reader_cls("true", parser), blocks_cls(reader_cls.LINE_LIMIT)  # no process started
     for chunk in [*chunks, b""]:  # b"": the end of the stream
         reader.take(blocks, chunk)
-    parser.drain(agg)
+    if hasattr(parser, "collect"):
+        for run in parser.collect():
+            agg.add(run)
+    else:  # builds before series runs
+        parser.drain(agg)
     agg.flush()
 
 
 def fresh_pipeline(mod: Any = T) -> tuple[Any, Any]:
     app = mod.create_app(mod.Config(db=":memory:"), name=f"bench{random.getrandbits(32)}")
     app.router.finalize()
-    return mod.CaddyParser(mod.RouteResolver(app.router)), mod.Aggregator("bench")
+    return named(mod, "CaddyParser")(named(mod, "RouteResolver")(app.router)), named(mod, "Aggregator")("bench")
 
 
 @functools.cache
@@ -630,7 +690,7 @@ def route_models(rng: random.Random) -> list[tuple[str, str, float, int, dict[st
         tables = {}
         for source, hop_ms in (("sanic", 0.0), ("caddy", 0.4)):  # the edge adds its proxy hop
             ms = [median * math.exp(0.8 * nd.inv_cdf((j + 0.5) / 1024)) + hop_ms for j in order]
-            tables[source] = [(s, T._Histogram.index(m)) for s, m in zip(statuses, ms)]
+            tables[source] = [(s, T._Histogram.index(m / 1000)) for s, m in zip(statuses, ms)]
         models.append((name, "POST" if i % 7 == 6 else "GET", 1.0 / (i + 1) ** 0.8, rng.randint(50, 5000), tables))
     return models
 
@@ -640,7 +700,7 @@ async def fill_store(path: str, rate: float, seconds: int, seed: int = 7) -> int
     rng = random.Random(seed)
     models = route_models(rng)
     wsum = sum(m[2] for m in models)
-    value = [T._Histogram.value(i) for i in range(T._Histogram.BUCKETS)]
+    value = [T._Histogram.value(i) for i in range(T._Histogram.BUCKETS)]  # seconds
     store = T._SQLiteStore(path)
     await store.open()
     now = int(time.time())
@@ -721,7 +781,112 @@ def bench_render(quick: bool, tmp: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. ingest memory
+# 5. tail latency and event-loop stalls
+
+def wrk_latency(out: str) -> dict[str, float]:
+    """wrk --latency's distribution (50/75/90/99 %) in ms, and req/s."""
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    dist = {f"p{q}": float(v) * unit[u] for q, v, u in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\b", out, re.M)}
+    return {**dist, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+
+
+def tail_set(tmp: Path, n: int, secs: int, wrk_cpu: int) -> dict[str, Any]:
+    """A fresh bare and a fresh instrumented server (one seed, one layout, both on CPU 0), each
+    with a probe of its event loop's lag, loaded one at a time (bare, instrumented, instrumented,
+    bare: drift cancels) by `wrk -t1 -c32 --latency` on CPU wrk_cpu: alone on its CPU, a server's
+    tail is its own, not the scheduler's time slices between servers."""
+    modes = ("bare", "instrumented") + (("against",) if AGAINST is not None else ())
+    ports = {m: free_port() for m in modes}
+    env = {"PYTHONHASHSEED": str(n + 1), "BENCH_PROBE": "1"}
+    servers = {m: Child(same_layout(pinned(0, [sys.executable, str(tmp / "server.py"), m, str(p),
+                                               str(tmp / f"tail{wrk_cpu}-{n}-{m}.db"),
+                                               str(AGAINST if m == "against" else HERE)])),
+                        tmp / f"tail-{m}{wrk_cpu}-{n}.log", env=env)
+               for m, p in ports.items()}
+    out: dict[str, Any] = {m: {"p99": [], "rps": [], "lags": [], "ticks": []} for m in ports}
+    try:
+        for m, p in ports.items():
+            if not answers(p, "/api/ping"):
+                raise RuntimeError(f"{m} server did not answer in 30 s:\n{servers[m].tail()}")
+        order = [*modes, *reversed(modes)]  # bare, instrumented[, against, against], instrumented, bare
+        for m, paced in [(m, False) for m in order] + [("instrumented", True)]:
+            client = Client(ports[m])
+            client.get("/bench/probe")  # clears what came before
+            pace = ["-s", str(tmp / "pace.lua")] if paced else []
+            run = subprocess.run(pinned(wrk_cpu, [WRK, "-t1", "-c32", f"-d{secs}s", "--latency", *pace,
+                                                  f"http://127.0.0.1:{ports[m]}/api/ping"]),
+                                 capture_output=True, text=True, timeout=secs + 30)
+            lat = wrk_latency(run.stdout)
+            probe = json.loads(client.get("/bench/probe")[1])
+            client.close()
+            if paced:  # the stalls at about 10,000 req/s
+                out["paced"] = {"rps": lat["rps"], "ticks": probe["ticks"]}
+                continue
+            out[m]["p99"].append(lat["p99"])
+            out[m]["rps"].append(lat["rps"])
+            out[m]["lags"] += probe["lags"]
+            out[m]["ticks"] += probe["ticks"]
+        return out
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+#: wrk's pacing for the stall figure: each of 32 connections waits 3 ms before its next request,
+#: about 10,000 req/s in all.
+PACE_LUA = "function delay()\n  return 3\nend\n"
+
+
+def bench_tail(quick: bool, tmp: Path) -> None:
+    sets, secs = (2, 2) if quick else (5, 4)
+    (tmp / "server.py").write_text(SERVER_SRC)
+    (tmp / "pace.lua").write_text(PACE_LUA)
+    cpu = 1 if len(CPUS) > 1 else 0
+    ratios, stalls, rates, ticks_all, lags = [], [], [], [], {"bare": [], "instrumented": []}
+    paced_stalls, paced_rates, paced_all, against_ratios = [], [], [], []
+    for n in range(sets):
+        r = tail_set(tmp, n, secs, cpu)
+        paced = r.pop("paced")
+        paced_stalls.append(max(paced["ticks"], default=0.0))
+        paced_rates.append(paced["rps"])
+        paced_all += paced["ticks"]
+        p99 = {m: statistics.mean(v["p99"]) for m, v in r.items()}
+        ratios.append(p99["instrumented"] / p99["bare"])
+        stalls.append(max(r["instrumented"]["ticks"], default=0.0))
+        ticks_all += r["instrumented"]["ticks"]
+        rates += r["instrumented"]["rps"]
+        for m in lags:
+            lags[m] += r[m]["lags"]
+        if "against" in p99:
+            against_ratios.append(p99["against"] / p99["bare"])
+        print(f"  set {n + 1}/{sets} (one server at a time on CPU {CPUS[0]}, wrk -c32 on CPU {CPUS[cpu]}, {secs} s each): "
+              f"p99 latency instrumented {p99['instrumented']:.3f} ms, bare {p99['bare']:.3f} ms, ratio "
+              f"{ratios[-1]:.3f}; {statistics.mean(r['instrumented']['rps']):,.0f} vs "
+              f"{statistics.mean(r['bare']['rps']):,.0f} req/s; longest stretch telemetry held the loop "
+              f"{stalls[-1] * 1000:.2f} ms ({len(r['instrumented']['ticks'])} stretches); at {paced['rps']:,.0f} req/s "
+              f"{paced_stalls[-1] * 1000:.2f} ms")
+    ticks_all.sort()
+    paced_all.sort()
+    lag = {m: (pct(v, 0.999) * 1000, max(v) * 1000) for m, v in lags.items() if v}
+    print(f"  median p99 ratio {statistics.median(ratios):.3f} (sets {min(ratios):.3f}..{max(ratios):.3f}); "
+          f"longest stretch telemetry held the loop: {max(paced_stalls) * 1000:.2f} ms at "
+          f"{statistics.median(paced_rates):,.0f} req/s (p99 {pct(paced_all, 0.99) * 1000:.2f} ms), "
+          f"{max(stalls) * 1000:.2f} ms at {statistics.median(rates):,.0f} req/s (p99 {pct(ticks_all, 0.99) * 1000:.2f} "
+          f"ms); event-loop lag p99.9 / max at full load: instrumented {lag['instrumented'][0]:.2f} / "
+          f"{lag['instrumented'][1]:.2f} ms, bare {lag['bare'][0]:.2f} / {lag['bare'][1]:.2f} ms")
+    vs = ""
+    if against_ratios:
+        vs = f"; against {statistics.median(against_ratios):.3f} (sets {min(against_ratios):.3f}..{max(against_ratios):.3f})"
+        print(f"  --against {AGAINST.name}: p99 latency against/bare {vs[10:]}")
+    SUMMARY["tail"] = (f"p99 latency instrumented/bare   {statistics.median(ratios):.3f}{vs} (goal <= 1.10; sets "
+                       f"{min(ratios):.3f}..{max(ratios):.3f}, one server at a time, wrk -c32 on the other CPU); "
+                       f"longest stretch telemetry held the event loop {max(paced_stalls) * 1000:.2f} ms at "
+                       f"{statistics.median(paced_rates):,.0f} req/s (goal <= 1 ms), {max(stalls) * 1000:.2f} ms at "
+                       f"{statistics.median(rates):,.0f} req/s")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. ingest memory
 
 def rss_mb(pid: int, key: str) -> float:
     """VmRSS (now) or VmHWM (peak) of a process, in MB."""
@@ -791,7 +956,8 @@ def against_build(spec: str, tmp: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
-    ap.add_argument("--only", action="append", choices=["hot", "instructions", "ingest", "freshness", "render", "memory"],
+    ap.add_argument("--only", action="append",
+                    choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--against", metavar="REV|DIR",
                     help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
@@ -806,7 +972,7 @@ def main() -> int:
     pinning = (f"servers on CPU {CPUS[0]}; hot path's wrk on CPU {CPUS[0]}, then on CPU {CPUS[1]}" if len(CPUS) > 1
                else "no pinning (one CPU)")
     print(f"bench_telemetry.py{' --quick' if quick else ''}: {pinning}; scratch {tmp}")
-    parts = [("hot path", lambda: bench_hot_path(quick, tmp)),
+    parts = [("hot path", lambda: bench_hot_path(quick, tmp)), ("tail", lambda: bench_tail(quick, tmp)),
              ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick, tmp)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp)),
              ("memory", lambda: bench_memory(quick, tmp))]
