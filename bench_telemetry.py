@@ -51,7 +51,7 @@ never asserts, and it exits 0.
               CPU, each alone on CPU 0: p99 latency instrumented/bare (goal <= 1.10). Each server
               also probes its event loop's lag; the instrumented one times every stretch its flush
               policy and writer tasks hold the loop, at full load and at about 10,000 req/s (wrk
-              paced: 3 ms between a connection's requests): the longest (goal <= 1 ms).
+              paced: 40 connections, 3 ms between a connection's requests): the longest (goal <= 1 ms).
 6. memory     `python telemetry.py` with its default settings; 8 clients POST 9.9 MB of Caddy
               lines each to /telemetry/ingest at once: RSS before and at its peak (VmHWM), and the
               answers (the byte budget takes two at a time and answers the rest 503).
@@ -253,7 +253,7 @@ if mode in ("instrumented", "hookonly", "against"):  # "bare" and "control" run 
         import types
 
         @types.coroutine
-        def timed(coro):  # drives coro, timing each resumption up to its next suspension
+        def timed(coro, label=""):  # drives coro, timing each resumption up to its next suspension
             value, exc = None, None
             while True:
                 t0 = time.perf_counter()
@@ -263,6 +263,9 @@ if mode in ("instrumented", "hookonly", "against"):  # "bare" and "control" run 
                     PROBE["ticks"].append(time.perf_counter() - t0)
                     return stop.value
                 PROBE["ticks"].append(time.perf_counter() - t0)
+                if os.environ.get("BENCH_PROBE") == "labels":
+                    PROBE.setdefault("labels", []).append((time.perf_counter() - t0, label,
+                                                           coro.cr_frame.f_lineno if coro.cr_frame else 0))
                 try:
                     value, exc = (yield future), None
                 except BaseException as e:  # a cancellation goes into coro
@@ -270,8 +273,8 @@ if mode in ("instrumented", "hookonly", "against"):  # "bare" and "control" run 
 
         for cls in (getattr(telemetry, "_Pipeline", None), getattr(telemetry, "_Writer", None)):
             if cls is not None:  # (an --against build before these names: no stretches timed)
-                def patched(self, _run=cls._run):
-                    return timed(_run(self))
+                def patched(self, _run=cls._run, _label=cls.__name__):
+                    return timed(_run(self), _label)
                 cls._run = patched
 
 if os.environ.get("BENCH_PROBE"):  # the event loop's lag: a 1 ms sleep, woken how late
@@ -293,6 +296,7 @@ if os.environ.get("BENCH_PROBE"):  # the event loop's lag: a 1 ms sleep, woken h
         out = {k: sorted(v) for k, v in PROBE.items()}
         PROBE["lags"].clear()
         PROBE["ticks"].clear()
+        PROBE.pop("labels", None)
         return response.json(out)
 app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
 """
@@ -813,7 +817,7 @@ def tail_set(tmp: Path, n: int, secs: int, wrk_cpu: int) -> dict[str, Any]:
             client = Client(ports[m])
             client.get("/bench/probe")  # clears what came before
             pace = ["-s", str(tmp / "pace.lua")] if paced else []
-            run = subprocess.run(pinned(wrk_cpu, [WRK, "-t1", "-c32", f"-d{secs}s", "--latency", *pace,
+            run = subprocess.run(pinned(wrk_cpu, [WRK, "-t1", "-c40" if paced else "-c32", f"-d{secs}s", "--latency", *pace,
                                                   f"http://127.0.0.1:{ports[m]}/api/ping"]),
                                  capture_output=True, text=True, timeout=secs + 30)
             lat = wrk_latency(run.stdout)
@@ -832,7 +836,7 @@ def tail_set(tmp: Path, n: int, secs: int, wrk_cpu: int) -> dict[str, Any]:
             s.stop()
 
 
-#: wrk's pacing for the stall figure: each of 32 connections waits 3 ms before its next request,
+#: wrk's pacing for the stall figure: each of 40 connections waits 3 ms before its next request,
 #: about 10,000 req/s in all.
 PACE_LUA = "function delay()\n  return 3\nend\n"
 
@@ -969,7 +973,7 @@ def main() -> int:
     if args.against:
         global AGAINST
         AGAINST = against_build(args.against, tmp)
-    pinning = (f"servers on CPU {CPUS[0]}; hot path's wrk on CPU {CPUS[0]}, then on CPU {CPUS[1]}" if len(CPUS) > 1
+    pinning = (f"servers on CPU {CPUS[0]}; hot path's wrk on CPU {CPUS[1]}, then on CPU {CPUS[0]}" if len(CPUS) > 1
                else "no pinning (one CPU)")
     print(f"bench_telemetry.py{' --quick' if quick else ''}: {pinning}; scratch {tmp}")
     parts = [("hot path", lambda: bench_hot_path(quick, tmp)), ("tail", lambda: bench_tail(quick, tmp)),

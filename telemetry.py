@@ -254,7 +254,8 @@ class Config:
             raise ConfigError("TELEMETRY_CADDY_LOG_FILE: set it or TELEMETRY_CADDY_LOG_COMMAND, not both")
         if self.ingest_budget_bytes < self.max_ingest_bytes:
             raise ConfigError(f"TELEMETRY_INGEST_BUDGET_BYTES: {self.ingest_budget_bytes} is below "
-                              f"TELEMETRY_MAX_INGEST_BYTES ({self.max_ingest_bytes}): no body of the largest size would fit")
+                              f"TELEMETRY_MAX_INGEST_BYTES ({self.max_ingest_bytes}): "
+                              "no body of the largest size would fit")
         if self.influxdb_url:
             for name in ("influxdb_token", "influxdb_org", "influxdb_bucket"):
                 if not getattr(self, name):
@@ -969,9 +970,10 @@ def __getattr__(name: str) -> type:
 #: backtracks from the line's end, so the last occurrence wins) the duration/size/status run, and a
 #: closing brace. Groups: whole seconds of ts; method + host + path (the series cache's key: one
 #: group, one dict lookup per line); duration; size (at most 15 digits: under _MAX_BYTES); status
-#: (1xx-4xx: 5xx are events, and take the second branch). A skipped value cannot end a field early: inside a JSON string every quote is
-#: escaped, so `"` then `,"key":` is structural. A path with an escape (a backslash) does not match,
-#: nor does the query (the route comes from the path alone). Numbers have bounded digit counts
+#: (1xx-4xx: 5xx are events, and take the second branch). A skipped value cannot end a field
+#: early: inside a JSON string every quote is escaped, so `"` then `,"key":` is structural. A path
+#: with an escape (a backslash) does not match, nor does the query (the route comes from the path
+#: alone). Numbers have bounded digit counts
 #: (int() refuses over 4,300 digits, and a line must never raise). The second branch (group 6) is
 #: every other line: 5xx, another layout, runtime lines, garbage, blank lines.
 #: It is strict where that is cheap for sre, and the rare line it refuses takes the long way, which
@@ -1235,9 +1237,9 @@ class _CaddyParser:
         except ValueError:
             return None
         uri, method = line[u + 7:v], line[k + 10:m]
-        if "\\" in uri or "?" in uri or "#" in uri or method not in _METHODS or not (self._ts_lo <= sec <= self._ts_hi) \
-                or not (0 <= dur < _MAX_DURATION_S) or not (0 <= size <= _MAX_BYTES) or not (100 <= status <= 599) \
-                or dur >= self.slow_s or status >= 500:
+        if "\\" in uri or "?" in uri or "#" in uri or method not in _METHODS \
+                or not (self._ts_lo <= sec <= self._ts_hi) or not (0 <= dur < _MAX_DURATION_S) \
+                or not (0 <= size <= _MAX_BYTES) or not (100 <= status <= 599) or dur >= self.slow_s or status >= 500:
             try:
                 ts = float(line[i + 5:j])
             except ValueError:
@@ -1392,7 +1394,8 @@ _READER_OK = ("off", "running", "starting", "finished", "waiting")
 class _CaddyReader:
     """Runs one command whose stdout is Caddy JSON log lines and feeds them to the parser.
 
-    The command is restarted with backoff if it fails (a zero exit means it is done), and ended (SIGTERM, then SIGKILL) by stop().
+    The command is restarted with backoff if it fails (a zero exit means it is done), and ended
+    (SIGTERM, then SIGKILL) by stop().
     It is started in its own session, so a terminal's Ctrl-C reaches Sanic, which stops it in
     order; on Linux it also gets SIGTERM if this process dies, so no orphan outlives us. stderr
     lines that are not access lines (Caddy's runtime log) go to this module's logger.
@@ -1711,7 +1714,8 @@ class _CaddyLogFile:
     def health(self) -> dict[str, Any]:
         st = self.parser.stats
         return {"state": self.state, "file": self.path, "pid": None, "restarts": 0, "last_exit": None,
-                "last_error": self.last_error, "lost": self.lost, "rotations": self.rotations, "truncations": self.truncations,
+                "last_error": self.last_error, "lost": self.lost, "rotations": self.rotations,
+                "truncations": self.truncations,
                 "position": self.cursor()["pos"], "lines": st.lines, "access_lines": st.access,
                 "malformed": st.malformed, "last_line_at": st.last_line_at or None}
 
@@ -1779,7 +1783,8 @@ class _Aggregator:
         n = len(durations)
         if not _valid_status(run.status):  # a handler's odd status: counted, never stored
             self.malformed += n
-            self.last_malformed = f"{run.source} {run.method} {run.route}: status {str(run.status)[:40]!r} outside 100..599"
+            self.last_malformed = (f"{run.source} {run.method} {run.route}: status {str(run.status)[:40]!r}"
+                                   " outside 100..599")
             return
         r = self._rollup(run, n)
         if r is None or not n:
@@ -3200,8 +3205,8 @@ def _svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[in
     desc = []
     for label, _cls, pts in series:
         vals = [v for _, v in pts if v is not None]
-        desc.append(f"{label}: " + (f"min {_fmt_num(min(vals))}, max {_fmt_num(max(vals))}, last {_fmt_num(vals[-1])} {unit}"
-                                    if vals else "no data"))
+        desc.append(f"{label}: " + (f"min {_fmt_num(min(vals))}, max {_fmt_num(max(vals))}, "
+                                    f"last {_fmt_num(vals[-1])} {unit}" if vals else "no data"))
     parts.append(f'<desc id="{_esc(title)}-d">{_esc("; ".join(desc))}</desc>')
     for i in range(5):  # horizontal grid + y labels
         v = vmax * i / 4
@@ -3535,8 +3540,8 @@ _STATUS_FRESH_S = 10.0
 #: holds), and a stalled write is looked for. A flush happens every flush_interval.
 _TICK_S = 0.25
 #: Samples (requests, log lines) the flush policy handles between two yields to the event loop:
-#: about 0.2 ms of work, so a tick never holds a request up long, whatever the request rate.
-_STEP_SAMPLES = 1024
+#: about 0.1 ms of work, so a tick never holds a request up long, whatever the request rate.
+_STEP_SAMPLES = 512
 #: A read (the page, the JSON, /metrics) first flushes this worker, at most this often, and waits
 #: at most this long for that write: it shows every request the worker has seen.
 _READ_FLUSH_S, _READ_WAIT_S = 0.1, 0.25
@@ -3682,6 +3687,7 @@ class _Pipeline:
         while True:
             await asyncio.sleep(tick)  # stop() may cancel the loop here, or between two steps
             await self.collect_stepwise()
+            await asyncio.sleep(0)  # the tick's own work is a step of its own
             self.tick(time.monotonic())
 
     async def collect_stepwise(self) -> None:
@@ -3828,15 +3834,19 @@ class _Pipeline:
 
     def _publish_status(self) -> None:
         """Write local_status() where the other workers read it: the page shows the whole pipeline,
-        whichever worker serves it (the reader runs in one of them)."""
-        try:
-            self.status_dir.mkdir(parents=True, exist_ok=True)
-            path = self.status_dir / f"{self.instance}.json"
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.local_status()))
-            os.replace(tmp, path)
-        except OSError as exc:
-            _log.warning("telemetry: cannot write status to %s: %s", self.status_dir, exc)
+        whichever worker serves it (the reader runs in one of them). The status is taken here, on
+        the loop; the file is written on a thread (file-system calls would hold the loop up)."""
+        status, path = self.local_status(), self.status_dir / f"{self.instance}.json"
+
+        def write() -> None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(status))
+                os.replace(tmp, path)
+            except OSError as exc:
+                _log.warning("telemetry: cannot write status to %s: %s", path.parent, exc)
+        asyncio.get_running_loop().run_in_executor(None, write)
 
     def _statuses(self) -> list[dict[str, Any]]:
         """This worker's status and the fresh ones other workers published."""
@@ -4279,7 +4289,8 @@ def _print_flux(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... flux | head` ends quietly
     seconds, tier = _RANGES[args.range]
     now = time.time()
-    for name, text in {**_flux_queries(args.bucket, seconds, tier, now), "health": _flux_health(args.bucket, now)}.items():
+    queries = {**_flux_queries(args.bucket, seconds, tier, now), "health": _flux_health(args.bucket, now)}
+    for name, text in queries.items():
         print(f"// --- {name} (range {args.range})\n{text}")
     return 0
 
