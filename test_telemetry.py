@@ -1815,6 +1815,37 @@ def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
     asyncio.run(go())
 
 
+def test_a_file_of_the_version_that_kept_milliseconds_is_converted_when_opened(tmp_path):
+    """Files written before durations were seconds (rollups and events in ms, no schema row) are
+    converted in place, once; spooled batches of that version are read alike."""
+    path = tmp_path / "v1.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the tables as that version made them
+        db.executescript(t._SCHEMA.replace("seconds REAL NOT NULL", "ms REAL NOT NULL").replace(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;", ""))
+        now = int(time.time())
+        db.execute("INSERT INTO rollup VALUES (10, ?, 'sanic', '/a', 'GET', 200, 2, 30.0, 20.0, 5)", (now - now % 10,))
+        db.execute("INSERT INTO slot_version VALUES (10, ?, 1)", (now - now % 10,))
+        db.execute("INSERT INTO event VALUES (?, 'slow', 'sanic', 'GET', '/a', '/a', 200, 750.0, 'r1')", (now,))
+        db.commit()
+
+    async def go():
+        store = t._SQLiteStore(str(path))
+        await store.open()
+        await store.close()
+        store = t._SQLiteStore(str(path))  # a second open converts nothing more
+        await store.open()
+        data = await store.read(300, 10, time.time())
+        await store.close()
+        return data
+    data = asyncio.run(go())
+    assert [row[4:7] for row in data.series] == [(2, 0.03, 0.02)] and data.events[0].seconds == 0.75
+    v1 = json.dumps({"instance": "w", "seq": 1, "created": 0, "events": [[1.0, "slow", "sanic", "GET", "/a", "/a",
+                                                                          200, 750.0, "r"]],
+                     "rows": [[1, "sanic", "/a", "GET", 200, 2, 30.0, 20.0, 5, []]]}).encode()
+    batch = t._batch_from_json(v1)
+    assert (batch.rows[0].dur_sum, batch.rows[0].dur_max, batch.events[0].seconds) == (0.03, 0.02, 0.75)
+
+
 def test_database_file_deleted_under_load_is_recreated_and_the_loss_stated(tmp_path):
     demo = Demo(tmp_path, caddy=False)
     try:
