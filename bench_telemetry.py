@@ -941,6 +941,235 @@ def bench_memory(quick: bool, tmp: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. InfluxDB: what a page reads
+
+INFLUX_INSTANCES, INFLUX_RATE = 3, 1000.0  # each instance (host) serves INFLUX_RATE req/s over 50 routes
+
+
+@functools.cache
+def _shares(models_id: int, i: int, source: str) -> list[tuple[tuple[int, int], float]]:
+    """A route's (status, latency bucket) table as shares, largest first (made once)."""
+    table = _MODELS[models_id][i][4][source]
+    return [(k, c / len(table)) for k, c in Counter(table).most_common()]
+
+
+_MODELS: dict[int, list] = {}
+
+
+def synthetic_rollups(rng: random.Random, models: list, slot: int, seconds: int, mod: Any = T) -> list[Any]:
+    """One instance's rollups of `seconds` of traffic from `slot` (one rollup per route, source and
+    status, at the slot): INFLUX_RATE req/s split over the routes by weight, each route's requests
+    spread over its (status, latency bucket) table in proportion; durations in seconds."""
+    _MODELS[id(models)] = models
+    wsum = sum(m[2] for m in models)
+    value = [T._Histogram.value(i) for i in range(T._Histogram.BUCKETS)]
+    rollup = named(mod, "Rollup")
+    out = []
+    for i, (route, method, w, size, tables) in enumerate(models):
+        n = poisson(rng, INFLUX_RATE * seconds * w / wsum)
+        if not n:
+            continue
+        for source in tables:
+            by_status: dict[int, Any] = {}
+            left = n
+            for (status, b), share in _shares(id(models), i, source):
+                k = min(left, round(n * share)) if left else 0
+                if not k:
+                    continue
+                left -= k
+                r = by_status.get(status)
+                if r is None:
+                    r = by_status[status] = rollup(slot, source, route, method, status)
+                r.count += k
+                r.dur_sum += value[b] * k
+                r.dur_max = max(r.dur_max, value[b])
+                r.bytes_sum += size * k
+                r.hist[b] = r.hist.get(b, 0) + k
+            out.extend(by_status.values())
+    return out
+
+
+async def influx_fill(store: Any, models: list, hours: int, now: int, mod: Any = T) -> int:
+    """`hours` of INFLUX_INSTANCES instances' traffic ending now, through store.prepare() and write()
+    as the flushes would, coarser where only a coarser tier keeps it: 10 s slots in batches of a
+    minute for the last 2 h, 1 min slots in batches of 10 min until 8 h, 10 min slots in batches of
+    an hour before. Returns the requests written."""
+    rng, total, batch_cls = random.Random(41), 0, named(mod, "Batch")
+    spans = [(min(hours, 2) * 3600, 10, 60), ((min(hours, 8) - 2) * 3600, 60, 600), ((hours - 8) * 3600, 600, 3600)]
+    end = now - now % 600 + 600
+    bounds, until = [], end
+    for span, slot_s, batch_s in spans:  # newest span first; written oldest first, as time runs
+        if span > 0:
+            bounds.append((until - span, until, slot_s, batch_s))
+            until -= span
+    for inst in range(INFLUX_INSTANCES):
+        seq = 0
+        for start, until, slot_s, batch_s in reversed(bounds):
+            for b0 in range(start, until, batch_s):
+                rows = [r for slot in range(b0, b0 + batch_s, slot_s) if slot <= now
+                        for r in synthetic_rollups(rng, models, slot, slot_s, mod)]
+                if not rows:
+                    continue
+                total += sum(r.count for r in rows if r.source == "sanic")
+                seq += 1
+                batch = batch_cls(f"bench-host{inst}-w0", seq, rows, created=min(b0 + batch_s, now))
+                if mod is T:  # a 5xx and a slow request per source and slot, for the event tables' reads
+                    batch.events = [T._Event(slot + rng.random(), kind, source, "GET", "/api/items/<id:int>",
+                                             f"/api/items/{rng.randrange(10**6)}", status, rng.expovariate(2.0),
+                                             f"{inst}-{seq}-{slot}-{kind}")
+                                    for slot in range(b0, min(b0 + batch_s, now + 1), slot_s)
+                                    for source in T._SOURCES for kind, status in (("error", 500), ("slow", 200))]
+                if hasattr(store, "prepare"):
+                    store.prepare(batch)
+                await store.write(batch)
+    return total
+
+
+async def influx_page_reads(fake: Any, store: Any, now: float) -> dict[str, tuple[int, int, int]]:
+    """Per range: the queries of one page view, the points they read (each once, however many of
+    its queries read it) and the field values they read."""
+    out = {}
+    for rng, (seconds, tier) in T._RANGES.items():
+        fake.selected.clear()
+        fake.selected_points.clear()
+        await store.read(seconds, tier, now)
+        out[rng] = (len(fake.selected), len(fake.selected_points), sum(v for _, v in fake.selected))
+    return out
+
+
+def bench_influx(quick: bool, tmp: Path) -> None:
+    import test_telemetry as W  # the InfluxDB wire server lives in the test file
+    models = route_models(random.Random(7))
+    now = int(time.time())
+    results: dict[str, dict[str, tuple[int, int, int]]] = {}
+    for label, hours in (("hour", 1),) if quick else (("hour", 1), ("day", 24)):
+        fake = W.FakeInflux(lean=True)
+        try:
+            async def go() -> tuple[int, dict]:
+                store = T._InfluxStore(fake.url, fake.token, fake.org, W.BUCKET, timeout_ms=120_000)
+                await store.open()
+                t0 = time.perf_counter()
+                total = await influx_fill(store, models, hours, now)
+                await store.trim(now)
+                print(f"  {label}: {total:,} requests of {INFLUX_INSTANCES} instances written "
+                      f"({fake.points_received:,} points sent, {len(fake.data[W.BUCKET]):,} kept after the "
+                      f"finer tiers' trim) in {time.perf_counter() - t0:.0f} s")
+                reads = await influx_page_reads(fake, store, now)
+                await store.close()
+                return total, reads
+            _total, results[label] = asyncio.run(go())
+        finally:
+            fake.close()
+    flush = influx_flush_cost(models, now)
+    print(f"  a worker's flush of 1 s of its traffic (1,000 req/s x 50 routes, steady): {flush['lines']:,.0f} lines, "
+          f"{flush['values']:,.0f} field values, {flush['kb']:,.0f} KB ({flush['gz_kb']:,.0f} KB gzip); longest step on "
+          f"the event loop: preparing {flush['prepare_ms']:.2f} ms, line protocol {flush['lp_ms']:.2f} ms "
+          f"(median over flushes of each flush's longest; in one go: {flush['whole_ms']:.1f} ms)")
+    before = influx_before(models, now) if AGAINST is not None else None
+    print("  per page view: queries, points read, field values read" + (
+        f" (before: the build {AGAINST.name}, its 1 s points over 5 min measured, scaled to each range)"
+        if before else ""))
+    for rng in T._RANGES:
+        for label, reads in results.items():
+            q, p, v = reads[rng]
+            extra = ""
+            if before and label == "day":
+                bp, bv = (x * T._RANGES[rng][0] / 300 for x in before)
+                extra = f"; before {bp:,.0f} points, {bv:,.0f} values: {bv / max(v, 1):,.0f}x as many values"
+            print(f"  {label:4} {rng:>3}: {q} queries, {p:>7,} points, {v:>9,} field values{extra}")
+    day = results.get("day") or results["hour"]
+    worst = max(day.values(), key=lambda r: r[1])
+    ratio = ""
+    if before:
+        ratio = f"; 24h page reads 1/{before[1] * 86400 / 300 / max(day['24h'][2], 1):,.0f} of the values it did"
+    SUMMARY["influx"] = (f"points a page reads, at most      {worst[1]:,} (goal <= 50,000; 1,000 req/s x 50 routes x "
+                         f"{INFLUX_INSTANCES} instances, a day); 24h page {day['24h'][1]:,} points, "
+                         f"{day['24h'][2]:,} values{ratio}")
+
+
+def sampled_rollups(rng: random.Random, models: list, slot: int) -> list[Any]:
+    """One second of INFLUX_RATE req/s as an aggregator makes it: each request drawn from its
+    route's table (synthetic_rollups spreads in proportion instead, which fits long spans)."""
+    wsum = sum(m[2] for m in models)
+    value = [T._Histogram.value(i) for i in range(T._Histogram.BUCKETS)]
+    rows: dict[tuple, Any] = {}
+    for route, method, w, size, tables in models:
+        for _ in range(poisson(rng, INFLUX_RATE * w / wsum)):
+            for source, table in tables.items():
+                status, b = rng.choice(table)
+                r = rows.get((source, route, status))
+                if r is None:
+                    r = rows[(source, route, status)] = T._Rollup(slot, source, route, method, status)
+                r.count += 1
+                r.dur_sum += value[b]
+                r.dur_max = max(r.dur_max, value[b])
+                r.bytes_sum += size
+                r.hist[b] = r.hist.get(b, 0) + 1
+    return list(rows.values())
+
+
+def influx_flush_cost(models: list, now: int, flushes: int = 120) -> dict[str, float]:
+    """One worker's flushes of 1 s of INFLUX_RATE req/s each, in a row, through
+    _InfluxWindows.add_steps and _line_protocol_steps: what each writes and the longest step of
+    each (medians over the last half, the windows filled by the first)."""
+    import gzip
+    import statistics
+    rng, windows = random.Random(5), T._InfluxWindows()
+    rows: dict[str, list[float]] = {k: [] for k in ("lines", "values", "kb", "gz_kb", "prepare_ms", "lp_ms", "whole_ms")}
+
+    def longest(steps: Any) -> float:
+        worst = 0.0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration:
+                return max(worst, time.perf_counter() - t0) * 1e3
+            worst = max(worst, time.perf_counter() - t0)
+    for i in range(flushes):
+        batch = T._Batch("bench-w0", i + 1, sampled_rollups(rng, models, now - flushes + i))
+        t0 = time.perf_counter()
+        prepare = longest(windows.add_steps(batch))
+        out: list[str] = []
+        lp = longest(T._line_protocol_steps(batch, out))
+        whole = (time.perf_counter() - t0) * 1e3
+        body = "\n".join(out).encode()
+        if i >= flushes // 2:
+            for k, v in (("lines", len(out)), ("values", sum(line.split(" ")[-2].count("=") for line in out)),
+                         ("kb", len(body) / 1024), ("gz_kb", len(gzip.compress(body, 6)) / 1024),
+                         ("prepare_ms", prepare), ("lp_ms", lp), ("whole_ms", whole)):
+                rows[k].append(v)
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+def influx_before(models: list, now: int) -> tuple[int, int]:
+    """The build --against's InfluxDB reads of one 5 min page over 5 min of 1 s points (the same
+    traffic): (points, field values)."""
+    import test_telemetry as W
+    mod = against_module()
+    fake = W.FakeInflux(lean=True)
+
+    async def go() -> tuple[int, int]:
+        store = named(mod, "InfluxStore")(fake.url, fake.token, fake.org, W.BUCKET)
+        await store.open()
+        rng, batch_cls = random.Random(41), named(mod, "Batch")
+        for inst in range(INFLUX_INSTANCES):
+            for i, slot in enumerate(range(now - 300, now)):
+                rows = synthetic_rollups(rng, models, slot, 1, mod)
+                for r in rows:  # that build kept milliseconds
+                    r.dur_sum, r.dur_max = r.dur_sum * 1000, r.dur_max * 1000
+                await store.write(batch_cls(f"bench-host{inst}-w0", i + 1, rows))
+        fake.selected.clear()
+        await store.read(300, 10, now)
+        await store.close()
+        return sum(p for p, _ in fake.selected), sum(v for _, v in fake.selected)
+    try:
+        return asyncio.run(go())
+    finally:
+        fake.close()
+
+
+# ---------------------------------------------------------------------------------------------
 
 def against_build(spec: str, tmp: Path) -> Path:
     """--against's folder: spec itself when it is one, else the files of git revision spec."""
@@ -961,7 +1190,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
     ap.add_argument("--only", action="append",
-                    choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory"],
+                    choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory", "influx"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--against", metavar="REV|DIR",
                     help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
@@ -979,7 +1208,7 @@ def main() -> int:
     parts = [("hot path", lambda: bench_hot_path(quick, tmp)), ("tail", lambda: bench_tail(quick, tmp)),
              ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick, tmp)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp)),
-             ("memory", lambda: bench_memory(quick, tmp))]
+             ("memory", lambda: bench_memory(quick, tmp)), ("influx", lambda: bench_influx(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:

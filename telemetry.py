@@ -46,6 +46,7 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import gzip
 import hashlib
 import hmac
 import importlib.util
@@ -70,7 +71,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict, astuple
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from sanic import Sanic, __version__ as _SANIC_VERSION, response as _resp
 from sanic.http.http1 import Http as _Http1
@@ -541,6 +542,10 @@ class _Batch:
     #: Where the Caddy log file source had read to when this batch was cut ({"ino", "pos", ...}):
     #: once the batch is durable (stored or spooled) the source may resume from there.
     cursor: dict[str, Any] | None = None
+    #: For InfluxDB, the window totals and slowest lists as this batch brought them (_InfluxWindows),
+    #: so a replay writes what the first try did; None until the store prepares the batch.
+    windows: list[tuple] | None = None
+    slowest: list[tuple] | None = None
 
 
 #: The stored form's version: 2 holds seconds (1, before it, milliseconds).
@@ -552,9 +557,11 @@ def _batch_to_json(batch: _Batch) -> bytes:
     and the log file cursor, so a batch on disk holds all that its flush saw."""
     rows = [[r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
              sorted(r.hist.items())] for r in batch.rows]
+    slowest = None if batch.slowest is None else [[*k, point, [astuple(e) for e in top]]
+                                                    for *k, point, top in batch.slowest]
     return json.dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-                       "rows": rows, "events": [astuple(e) for e in batch.events], "cursor": batch.cursor},
-                      separators=(",", ":")).encode()
+                       "rows": rows, "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
+                       "windows": batch.windows, "slowest": slowest}, separators=(",", ":")).encode()
 
 
 def _batch_from_json(data: bytes) -> _Batch:
@@ -563,7 +570,13 @@ def _batch_from_json(data: bytes) -> _Batch:
     rows = [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist={int(i): int(n) for i, n in r[9]})
             for r in obj["rows"]]
     events = [_Event(*e[:7], e[7] * unit, *e[8:]) for e in obj.get("events") or ()]
-    return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"))
+    windows = obj.get("windows")
+    if windows is not None:
+        windows = [(*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]) for w in windows]
+    slowest = obj.get("slowest")
+    if slowest is not None:
+        slowest = [(*k, point, [_Event(*e) for e in top]) for *k, point, top in slowest]
+    return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"), windows, slowest)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -1748,8 +1761,9 @@ class _Aggregator:
     rest collapse into _OVERFLOW, counted); the dashboard's own routes (skip) are never kept.
     """
 
-    #: Events kept per flush; more are counted in events_dropped (an error storm stays bounded).
-    MAX_EVENTS = 50
+    #: Events kept per flush, and per second, source and kind; more are counted in events_dropped
+    #: (an error storm stays bounded, and so does what a page reads of it).
+    MAX_EVENTS, EVENTS_PER_S = 50, 5
 
     def __init__(self, instance: str, max_routes: int = 200) -> None:
         self.instance = instance
@@ -1767,11 +1781,15 @@ class _Aggregator:
         self.last_malformed = ""
         self.events: list[_Event] = []
         self.events_dropped = 0
+        self._per_second: dict[tuple, int] = {}  # (second, source, kind) -> events kept
 
     def event(self, ev: _Event) -> None:
         if ev.route in self.skip:
             return
-        if len(self.events) < self.MAX_EVENTS:
+        key = (int(ev.ts), ev.source, ev.kind)
+        kept = self._per_second.get(key, 0)
+        if len(self.events) < self.MAX_EVENTS and kept < self.EVENTS_PER_S:
+            self._per_second[key] = kept + 1
             ev.path = ev.path.split("?", 1)[0][:300]
             self.events.append(ev)
         else:
@@ -1823,6 +1841,8 @@ class _Aggregator:
             return None
         rows, self.rollups = list(self.rollups.values()), {}
         events, self.events = self.events, []
+        now = int(time.time())
+        self._per_second = {k: n for k, n in self._per_second.items() if k[0] > now - 60}
         self.seq += 1
         return _Batch(self.instance, self.seq, rows, events=events)
 
@@ -2371,6 +2391,12 @@ class _Store(Protocol):
 
     async def close(self) -> None: ...
 
+    def prepare(self, batch: _Batch) -> None:
+        """At the flush, before the batch goes to the writer: what the store needs of it then."""
+
+    def prepare_steps(self, batch: _Batch) -> Iterator[None]:
+        """prepare() in steps, yielding between them (the flush policy yields to the event loop)."""
+
     async def write(self, batch: _Batch) -> None:
         """Take a batch; a batch written twice counts once."""
 
@@ -2388,7 +2414,8 @@ class _Store(Protocol):
 class _RangeData:
     """What a store returns for one range; every figure is a sum over the range's slots."""
 
-    series: list[tuple]  # (source, route, method, status, count, dur_sum, dur_max, bytes_sum)
+    series: list[tuple]  # (source, route, method, count, dur_sum, dur_max, bytes_sum)
+    statuses: list[tuple]  # (source, route, method, status, count)
     slots: list[tuple]  # (slot, source, count, errors, dur_sum)
     route_lanes: dict[tuple[str, str, str], int]  # (source, route, method) -> histogram lanes
     slot_lanes: dict[tuple[int, str], int]  # (slot, source) -> histogram lanes
@@ -2560,6 +2587,12 @@ class _SQLiteStore:
     async def close(self) -> None:
         for db in (self._w, self._r):
             await asyncio.get_running_loop().run_in_executor(None, db.close)
+
+    def prepare(self, batch: _Batch) -> None:
+        """Nothing to do: batches add into the tiers when they are written."""
+
+    def prepare_steps(self, batch: _Batch) -> Iterator[None]:
+        return iter(())
 
     def _note_path(self) -> Path:
         return _status_dir(self.path) / "database.id"  # not *.json: those are the workers' statuses
@@ -2789,8 +2822,11 @@ class _Sums:
         return out
 
     def data(self, as_of: float | None, events: list[_Event]) -> _RangeData:
-        return _RangeData([(*k, *v) for k, v in self.series.items()], self.slot_rows, self.route_lanes,
-                         self.slot_lanes, as_of, events)
+        routes: dict[tuple, list] = {}
+        for (source, route, method, _status), (count, dur_sum, dur_max, nbytes) in self.series.items():
+            _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
+        return _RangeData([(*k, *v) for k, v in routes.items()], [(*k, v[0]) for k, v in self.series.items()],
+                          self.slot_rows, self.route_lanes, self.slot_lanes, as_of, events)
 
 
 def _database_id(conn: sqlite3.Connection) -> str:
@@ -2823,9 +2859,146 @@ def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], 
 
 
 # --- InfluxDB 2 --------------------------------------------------------------------------------
+# Tiers, as the embedded store keeps them, so a page reads about series x steps whatever the
+# request rate. Each worker keeps, per tier, window and series, the running totals of its own
+# requests (_InfluxWindows) and writes them whole at every flush, stamped with the window's start
+# (plus a few ns that tell this worker's accumulators apart): InfluxDB keeps the last write of a
+# point, so a window's point holds its totals so far, a new request shows after one flush, a
+# replayed batch rewrites the very same values, and instances (their own tag) add up in sum().
 
-#: InfluxDB: the measurements rollups and events are written to.
-_MEASUREMENT, _EVENTS_MEASUREMENT = "requests", "events"
+#: The measurement of each tier (window seconds); a range reads the tier _RANGES gives it, and
+#: its routes' sums and histograms from whole hours of the 1 h tier where it spans them.
+_INFLUX_TIERS: dict[int, str] = {10: "requests_10s", 60: "requests_1m", 600: "requests_10m", 3600: "requests_1h"}
+_HOUR_TIER = 3600
+#: The same windows per source, all routes together (requests, 5xx, histogram): the charts read
+#: these, a point per step and source instead of one per step and route.
+_INFLUX_SOURCE_TIERS: dict[int, str] = {10: "sources_10s", 60: "sources_1m", 600: "sources_10m"}
+#: The 5xx and slow requests, as they came (capped per second and source: _Aggregator.EVENTS_PER_S).
+_EVENTS_MEASUREMENT = "events"
+#: The slowest requests of each window of each tier (tag tier), ranked: a page reads its tier's.
+_SLOWEST_MEASUREMENT = "slowest"
+#: A worker keeps a window's running totals this long after the window ends (s), for late samples
+#: (a log backlog); a later sample starts new totals, written as a point of their own, which sum().
+_WINDOW_GRACE_S = 120.0
+#: The errors table looks back over these spans (s), newest first, until it has its rows.
+_ERROR_LOOKBACK_S = (10, 60, 600, 3600, 21600, 86400)
+#: How often the finer tiers are trimmed to what _TIERS keeps of them (the delete API); the
+#: coarsest is kept by the bucket's own retention, checked at start-up.
+_TRIM_EVERY_S = 600.0
+
+
+@dataclass(slots=True)
+class _Window:
+    """One worker's running totals of one series in one window of one tier."""
+
+    point: int  # ns after the window's start: this accumulator's own point
+    count: int = 0
+    dur_sum: float = 0.0
+    dur_max: float = 0.0
+    nbytes: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    hist: dict[int, int] = field(default_factory=dict)
+
+
+class _InfluxWindows:
+    """The running totals a worker writes to InfluxDB, per tier, window and series, made from each
+    batch's 1 s rollups and slow requests (add()). Kept until _WINDOW_GRACE_S after the window.
+
+    A write of a point InfluxDB already holds sets the fields it names and keeps the others, so a
+    batch carries, of each window it touched, the totals and statuses and only the histogram
+    buckets it changed: a flush writes about as many values as its rollups hold, however long
+    the window has been filling."""
+
+    def __init__(self) -> None:
+        #: Accumulators get points base, base + 1, ...: base from the start time, so a restarted
+        #: worker (same instance name) writes points of its own instead of overwriting.
+        self._next_point = time.time_ns() // 1000 % 900_000_000
+        #: (instance, tier, window start) -> {(source, route, method): totals}; route and method are
+        #: None for a whole source (the sources_* tiers). A worker has one instance, but a store may
+        #: be handed batches of others (tests, tools).
+        self.groups: dict[tuple[str, int, int], dict[tuple, _Window]] = {}
+        self.slow: dict[tuple, tuple[int, list[_Event]]] = {}  # (instance, tier, window start, source) -> (point, top)
+        #: instance -> the newest slot added: windows end by the data's clock, so a backlog keeps its own
+        self._newest: dict[str, int] = {}
+
+    def _point(self) -> int:
+        self._next_point = (self._next_point + 1) % 900_000_000
+        return self._next_point
+
+    def add(self, batch: _Batch) -> tuple[list[tuple], list[tuple]]:
+        """Add a batch; the windows and the slowest lists it touched, as they stand now:
+        ([(tier, start, source, route, method, point, count, dur_sum, dur_max, bytes, statuses,
+           changed buckets)], [(tier, start, source, point, [events])]). A window of a whole source
+        has route None."""
+        steps = self.add_steps(batch, len(batch.rows) + 1)
+        for _ in steps:
+            pass
+        return batch.windows or [], batch.slowest or []
+
+    def add_steps(self, batch: _Batch, step: int = 16) -> Iterator[None]:
+        """add() in steps of `step` rollups (a rollup updates seven windows): yields between
+        them; sets batch.windows and batch.slowest when it is done."""
+        touched: dict[tuple, tuple[_Window, set[int]]] = {}
+        inst = batch.instance
+        for done, r in enumerate(batch.rows, 1):
+            if done % step == 0:
+                yield
+            self._newest[inst] = max(self._newest.get(inst, 0), r.slot)
+            for tier in _INFLUX_TIERS:
+                start = r.slot - r.slot % tier
+                group = self.groups.get((inst, tier, start))
+                if group is None:
+                    group = self.groups[(inst, tier, start)] = {}
+                series = [(r.source, r.route, r.method)]
+                if tier in _INFLUX_SOURCE_TIERS:
+                    series.append((r.source, None, None))
+                for key in series:
+                    w = group.get(key)
+                    if w is None:
+                        w = group[key] = _Window(self._point())
+                    w.count = _sat_add(w.count, r.count)
+                    w.dur_sum += r.dur_sum
+                    w.dur_max = max(w.dur_max, r.dur_max)
+                    w.nbytes = _sat_add(w.nbytes, r.bytes_sum)
+                    w.statuses[r.status] = w.statuses.get(r.status, 0) + r.count
+                    hist = w.hist
+                    for i, n in r.hist.items():
+                        hist[i] = hist.get(i, 0) + n
+                    hit = touched.get((tier, start, *key))
+                    if hit is None:
+                        touched[(tier, start, *key)] = (w, set(r.hist))
+                    else:
+                        hit[1].update(r.hist)
+        slow_touched = set()
+        for e in batch.events:
+            if e.kind != "slow":
+                continue
+            for tier in _INFLUX_SOURCE_TIERS:  # (the tiers a page's charts and tables read)
+                key = (inst, tier, int(e.ts) - int(e.ts) % tier, e.source)
+                point, top = self.slow.get(key) or (self._point(), [])
+                top = sorted([*top, e], key=lambda x: -x.seconds)[:_EVENTS_SHOWN]
+                self.slow[key] = (point, top)
+                slow_touched.add(key)
+        windows = []
+        for done, (k, (w, changed)) in enumerate(touched.items(), 1):
+            if done % (4 * step) == 0:
+                yield
+            windows.append((*k, w.point, w.count, w.dur_sum, w.dur_max, w.nbytes, sorted(w.statuses.items()),
+                            [(i, w.hist[i]) for i in sorted(changed)]))
+        batch.windows, batch.slowest = windows, [(*k[1:], *self.slow[k]) for k in slow_touched]
+        yield from self._evict()
+
+    def _evict(self) -> Iterator[None]:
+        """Forget windows that ended more than _WINDOW_GRACE_S before their instance's newest slot,
+        a window at a time. (A window forgotten and then added to again gets a point of its own:
+        the sum stays exact.)"""
+        def ended(k: tuple) -> bool:
+            return k[2] + k[1] < self._newest.get(k[0], 0) - _WINDOW_GRACE_S
+        for key in [k for k in self.slow if ended(k)]:
+            del self.slow[key]
+        for key in [k for k in self.groups if ended(k)]:
+            yield
+            del self.groups[key]
 
 
 def _flux_string(value: str) -> str:
@@ -2841,78 +3014,143 @@ def _lp_tag(value: str) -> str:
             .replace("=", "\\=").replace(" ", "\\ ")) or "-"
 
 
-def _line_protocol(batch: _Batch) -> str:
-    """A batch as InfluxDB line protocol, one point per 1 s rollup.
-
-    Tags are bounded (instance, method, route, source, status); count and bytes are integers,
-    durations always floats (a field that changes type is rejected with 422), histogram buckets are
-    integer fields b<index>; durations are stored in milliseconds (dur_sum, dur_max, the events'
-    ms). The timestamp is the slot's second plus the batch number modulo 1e9 in
-    nanoseconds: two flushes of one slot are two points (they add up in sum()), while a retried or
-    replayed batch writes the very same points again, which InfluxDB overwrites: idempotent.
-    """
-    inst = _lp_tag(batch.instance)
-    offset = batch.seq % 1_000_000_000
-    out = []
-    for r in batch.rows:
-        fields = [f"count={min(r.count, _INT64_MAX)}i", f"dur_sum={r.dur_sum * 1000.0!r}",
-                  f"dur_max={r.dur_max * 1000.0!r}", f"bytes={min(r.bytes_sum, _INT64_MAX)}i"]
-        fields += [f"b{i}={n}i" for i, n in sorted(r.hist.items())]
-        out.append(f"{_MEASUREMENT},instance={inst},method={_lp_tag(r.method)},route={_lp_tag(r.route)},"
-                   f"source={_lp_tag(r.source)},status={r.status} {','.join(fields)} "
-                   f"{r.slot * 1_000_000_000 + offset}")
-    for e in batch.events:
-        out.append(f"{_EVENTS_MEASUREMENT},instance={inst},kind={_lp_tag(e.kind)},source={_lp_tag(e.source)} "
-                   f"method={_lp_str(e.method)},route={_lp_str(e.route)},path={_lp_str(e.path)},"
-                   f"status={e.status}i,ms={e.seconds * 1000.0!r},request_id={_lp_str(e.request_id)} "
-                   f"{round(e.ts * 1e6) * 1000}")
-    return "\n".join(out)
-
-
 def _lp_str(value: str) -> str:
     """A line-protocol string field: quoted, with backslash and quote escaped, newlines flattened."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
 
 
+def _lp_event_fields(e: _Event) -> str:
+    return (f"method={_lp_str(e.method)},route={_lp_str(e.route)},path={_lp_str(e.path)},status={e.status}i,"
+            f"seconds={float(e.seconds)!r},request_id={_lp_str(e.request_id)},ts={float(e.ts)!r}")
+
+
+def _line_protocol(batch: _Batch) -> str:
+    """A batch's windows (see _InfluxWindows), slowest lists and events as InfluxDB line protocol.
+
+    A window is one point of its tier's measurement: tags instance, source, route, method; fields
+    count, dur_sum, dur_max (float seconds), bytes, s<status> (its requests per status), b<i> (the
+    histogram's buckets) and at (when it was written); a window of a whole source is a point of
+    the tier's sources measurement (fields count, errors, b<i>). Integers are integer fields and durations
+    always floats: a field that changes type is refused (422). Its time is the window's start
+    plus the accumulator's point in ns; the slowest of a window are points rank ns after that."""
+    out: list[str] = []
+    for _ in _line_protocol_steps(batch, out, len(batch.windows or ()) + 1):
+        pass
+    return "\n".join(out)
+
+
+def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Iterator[None]:
+    """_line_protocol()'s lines appended to out, yielding after every `step` windows."""
+    inst = _lp_tag(batch.instance)
+    for done, (tier, start, source, route, method, point, count, dur_sum, dur_max, nbytes, statuses,
+               hist) in enumerate(batch.windows or (), 1):
+        if done % step == 0:
+            yield
+        time_ns, buckets = start * 1_000_000_000 + point, ",".join(f"b{i}={n}i" for i, n in hist)
+        if route is None:  # a whole source: requests, 5xx, latency, for the charts
+            errors = sum(n for s, n in statuses if s >= 500)
+            out.append(f"{_INFLUX_SOURCE_TIERS[tier]},instance={inst},source={_lp_tag(source)} "
+                       f"count={count}i,errors={errors}i{',' + buckets if buckets else ''} {time_ns}")
+            continue
+        fields = [f"count={count}i", f"dur_sum={float(dur_sum)!r}", f"dur_max={float(dur_max)!r}",
+                  f"bytes={min(nbytes, _INT64_MAX)}i", *(f"s{s}={n}i" for s, n in statuses),
+                  *([buckets] if buckets else []), f"at={batch.created!r}"]
+        out.append(f"{_INFLUX_TIERS[tier]},instance={inst},method={_lp_tag(method)},route={_lp_tag(route)},"
+                   f"source={_lp_tag(source)} {','.join(fields)} {time_ns}")
+    for tier, start, source, point, top in batch.slowest:
+        for rank, e in enumerate(top):
+            out.append(f"{_SLOWEST_MEASUREMENT},instance={inst},rank={rank},source={_lp_tag(source)},tier={tier} "
+                       f"{_lp_event_fields(e)} {start * 1_000_000_000 + point * 100 % 1_000_000_000 + rank}")
+    for e in batch.events:
+        if e.kind == "error":  # (slow requests are in the slowest lists)
+            out.append(f"{_EVENTS_MEASUREMENT},instance={inst},kind=error,source={_lp_tag(e.source)} "
+                       f"{_lp_event_fields(e)} {round(e.ts * 1e6) * 1000}")
+
+
+def _flux_time(ts: float) -> str:
+    return datetime.fromtimestamp(int(ts), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None) -> dict[str, str]:
-    """The Flux of one range read, by name. Built only from allow-listed values: the bucket (checked
-    at start-up, and quoted), a start time and window computed here, fixed field names."""
+    """The Flux of one range read, by name. The charts read the range's tier (a point per step and
+    source); the routes' sums and histograms read it too, or, for a range that spans whole hours,
+    those hours from the 1 h tier and the rest from the range's tier (the `_edge` queries): about
+    series x steps points either way. Built only from allow-listed values: the bucket (checked as
+    a setting, and quoted), times computed here, fixed measurement and field names."""
     start_ts = _range_start(now, seconds, tier) if start_ts is None else start_ts
-    start = datetime.fromtimestamp(start_ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    src = (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {start})\n'
-           f'  |> filter(fn: (r) => r._measurement == "{_MEASUREMENT}"')
+    hour = -(-start_ts // _HOUR_TIER) * _HOUR_TIER  # the first whole hour of the range
+    split = tier in _INFLUX_SOURCE_TIERS and tier >= 600 and hour < now
+    head = f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start_ts)})\n'
     every = f"{tier}s"
-    hist = src + ' and r._field =~ /^b[0-9]+$/)\n'
-    events = (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {start})\n'
-              f'  |> filter(fn: (r) => r._measurement == "{_EVENTS_MEASUREMENT}")\n')
-    pivot = ('  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")\n'
-             '  |> group()\n')
-    return {
-        # sums per series and field; count() would count rows per field, so sum() the count field
-        "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
-                      '  |> group(columns: ["source", "route", "method", "status", "_field"])\n  |> sum()\n',
-        "series_max": src + ' and r._field == "dur_max")\n'
-                      '  |> group(columns: ["source", "route", "method", "status"])\n  |> max()\n',
+    per_route = '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n'
+    per_slot = ('  |> group(columns: ["source", "_field"])\n'
+                f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n')
+
+    def routes(measurement: str, start: float, stop: float | None) -> dict[str, str]:
+        src = (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start)}'
+               + (f', stop: {_flux_time(stop)})\n' if stop is not None else ')\n')
+               + f'  |> filter(fn: (r) => r._measurement == "{measurement}"')
+        return {  # sums per series and field; count() would count rows per field, so sum() the fields
+            "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
+                          + per_route,
+            "series_max": src + ' and r._field == "dur_max")\n'
+                          '  |> group(columns: ["source", "route", "method"])\n  |> max()\n',
+            "statuses": src + ' and r._field =~ /^s[0-9]+$/)\n' + per_route,
+            "route_hist": src + ' and r._field =~ /^b[0-9]+$/)\n' + per_route}
+    if split:
+        queries = routes(_INFLUX_TIERS[_HOUR_TIER], hour, None)
+        if hour > start_ts:
+            queries |= {f"{name}_edge": text for name, text in routes(_INFLUX_TIERS[tier], start_ts, hour).items()}
+    else:
+        queries = routes(_INFLUX_TIERS[tier] if tier in _INFLUX_TIERS else _INFLUX_TIERS[_HOUR_TIER], start_ts, None)
+    if tier not in _INFLUX_SOURCE_TIERS:  # (/metrics: the routes only)
+        return queries
+    by_source = head + f'  |> filter(fn: (r) => r._measurement == "{_INFLUX_SOURCE_TIERS[tier]}"'
+    return queries | {
         # windows stamped with their start (aggregateWindow's default is the window's end)
-        "slots": src + ' and r._field == "count")\n  |> group(columns: ["source", "status"])\n'
-                 f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
-        "route_hist": hist + '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n',
-        "slot_hist": hist + '  |> group(columns: ["source", "_field"])\n'
-                     f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n',
-        "as_of": src + ' and r._field == "count")\n  |> group()\n  |> keep(columns: ["_time"])\n'
-                 '  |> max(column: "_time")\n',
-        "errors": events + '  |> filter(fn: (r) => r.kind == "error")\n' + pivot
-                  + f'  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
-        "slowest": events + '  |> filter(fn: (r) => r.kind == "slow")\n' + pivot
-                   + f'  |> sort(columns: ["ms"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
+        "slots": by_source + ' and (r._field == "count" or r._field == "errors"))\n' + per_slot,
+        "slot_hist": by_source + ' and r._field =~ /^b[0-9]+$/)\n' + per_slot,
+        # the slowest request of each window's lists (rank 0), the slowest lists first: the slowest
+        # requests of the range are all in those lists (_flux_slowest reads them)
+        "slowest_lists": head + f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and '
+                         f'r.tier == "{tier}" and r.rank == "0" and r._field == "seconds")\n'
+                         f'  |> group()\n  |> sort(columns: ["_value"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
     }
+
+
+def _flux_slowest(bucket: str, tier: int, instance: str, source: str, start: int) -> str:
+    """One slowest list: an instance's and source's slowest requests of the tier window at start."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start)}, stop: {_flux_time(start + tier)})\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}" and '
+            f'r.instance == {_flux_string(instance)} and r.source == {_flux_string(source)})\n'
+            '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n')
+
+
+def _flux_as_of(bucket: str, now: float) -> str:
+    """When the newest window was written: the newest two 10 s windows only, not the range."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(now - 20)})\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_INFLUX_TIERS[10]}" and r._field == "at")\n'
+            '  |> group()\n  |> max()\n')
+
+
+def _flux_errors(bucket: str, start_ts: float) -> str:
+    """The newest 5xx since start_ts (the errors table looks back in steps: _ERROR_LOOKBACK_S)."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start_ts)})\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_EVENTS_MEASUREMENT}" and r.kind == "error")\n'
+            '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n'
+            f'  |> group()\n  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n')
 
 
 def _flux_health(bucket: str, now: float) -> str:
     """The read healthz makes: at most one point per series of the last minute."""
-    start = datetime.fromtimestamp(int(now) - 60, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {start})\n'
-            f'  |> filter(fn: (r) => r._measurement == "{_MEASUREMENT}" and r._field == "count")\n  |> limit(n: 1)\n')
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(now - 60)})\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_INFLUX_TIERS[10]}" and r._field == "count")\n'
+            '  |> limit(n: 1)\n')
+
+
+def _flux_bucket(bucket: str) -> str:
+    """The bucket's retention (ns; 0: kept for good), checked at start-up."""
+    return f'buckets()\n  |> filter(fn: (r) => r.name == {_flux_string(bucket)})\n'
 
 
 def _parse_annotated_csv(text: str) -> list[dict[str, str]]:
@@ -2942,37 +3180,137 @@ def _rfc3339(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def _lanes(rows: Iterable[dict[str, str]], key: Callable[[dict[str, str]], tuple]) -> dict[tuple, int]:
+    """Histogram rows (fields b<i>) summed into lanes per key."""
+    out: dict[tuple, int] = {}
+    for r in rows:
+        k = key(r)
+        out[k] = out.get(k, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
+    return out
+
+
+def _event_of(r: dict[str, str], kind: str) -> _Event:
+    return _Event(float(r.get("ts") or 0) or _rfc3339(r["_time"]), kind, r["source"], r.get("method", ""),
+                  r.get("route", ""), r.get("path", ""), int(float(r.get("status") or 0)),
+                  float(r.get("seconds") or 0), r.get("request_id", ""))
+
+
+def _gzip_writes_ourselves(client: Any) -> bool:
+    """Have influxdb-client send write bodies that are gzip already as they are. It compresses
+    them itself at level 9 on the event loop: 13 ms for a flush of 300 series; we do it at level
+    6 on a thread. False (the client compresses) where its configuration has no such hook."""
+    conf = getattr(client, "conf", None)
+    own = getattr(conf, "update_request_body", None)
+    if own is None:
+        return False
+
+    def update_request_body(path: str, body: Any) -> Any:
+        if path == "/api/v2/write" and isinstance(body, bytes) and body[:2] == b"\x1f\x8b":
+            return body
+        return own(path, body)
+    conf.update_request_body = update_request_body
+    return True
+
+
 class _InfluxStore:
     """InfluxDB 2 through influxdb-client's async API; one client per worker, made in start-up.
 
-    Chosen when INFLUXDB_URL is set. Writes are line protocol (see _line_protocol); reads are the
-    Flux of _flux_queries(), run concurrently, folded into the same _RangeData as _SQLiteStore's.
+    Chosen when INFLUXDB_URL is set. prepare() adds each batch to this worker's running window
+    totals (_InfluxWindows), which write() sends as line protocol (_line_protocol()); reads are
+    the Flux of _flux_queries(), run concurrently on the range's tier, folded into the same
+    _RangeData as _SQLiteStore's. The finer tiers are trimmed with the delete API; the bucket's
+    retention, which keeps the coarsest, is checked at start-up.
     """
 
     kind = "influxdb"
 
-    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_ms: int = 10_000) -> None:
+    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_ms: int = 10_000,
+                 retention: float = 7 * 86400.0) -> None:
         # the bucket was checked as a setting; in Flux text it is a quoted string (_flux_string)
         self.url, self.token, self.org, self.bucket, self.timeout_ms = url, token, org, bucket, timeout_ms
+        self.retention = retention
         self.client: Any = None
+        self.windows = _InfluxWindows()
+        self.note = ""  # what the start-up check found wrong with the bucket
+        self._trimmed = time.monotonic()
+        self._gzip_here = False  # write bodies compressed on a thread (_gzip_writes_ourselves)
 
     async def open(self) -> None:
         from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
         self.client = InfluxDBClientAsync(url=self.url, token=self.token, org=self.org,
                                           timeout=self.timeout_ms, enable_gzip=True)
+        self._gzip_here = _gzip_writes_ourselves(self.client)
+        await self._check_bucket()
+
+    async def _check_bucket(self) -> None:
+        """The bucket must exist and keep the longest range (and, to take late log lines, the
+        retention setting): said at start-up and on the page, not found out as an empty chart."""
+        try:
+            rows = await self._query(_flux_bucket(self.bucket))
+        except Exception as exc:
+            self.note = f"could not check the InfluxDB bucket {self.bucket!r} at start-up: {_one_line(exc)}"
+        else:
+            keep = int(float(rows[0].get("retentionPeriod") or 0)) / 1e9 if rows else None
+            longest = max(s for s, _ in _RANGES.values())
+            if keep is None:
+                self.note = f"the InfluxDB bucket {self.bucket!r} does not exist (or the token cannot read it)"
+            elif keep and keep < longest:
+                self.note = (f"the InfluxDB bucket {self.bucket!r} keeps {keep / 3600:.0f} h: the {longest // 3600} h "
+                             f"range needs at least that; set its retention to TELEMETRY_RETENTION "
+                             f"({self.retention / 86400:.0f} d) or more")
+            elif keep and keep < self.retention:
+                self.note = (f"the InfluxDB bucket {self.bucket!r} keeps {keep / 86400:.1f} d, less than "
+                             f"TELEMETRY_RETENTION ({self.retention / 86400:.0f} d): log lines older than the "
+                             "bucket keeps are refused by InfluxDB (and dead-lettered)")
+        if self.note:
+            _log.error("telemetry: %s", self.note)
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
             self.client = None
 
+    def prepare(self, batch: _Batch) -> None:
+        """At the flush: the window totals this batch brings to date go with it (replays of a
+        spooled batch write the same values)."""
+        self.windows.add(batch)
+
+    def prepare_steps(self, batch: _Batch) -> Iterator[None]:
+        return self.windows.add_steps(batch)
+
     async def write(self, batch: _Batch) -> None:
         from influxdb_client import WritePrecision
-        record = _line_protocol(batch)
-        if not record:  # no points: InfluxDB answers an empty body 400 "writing requires points"
-            return
-        await self.client.write_api().write(bucket=self.bucket, org=self.org, record=record,
-                                            write_precision=WritePrecision.NS)
+        if batch.windows is None:  # a batch spooled before it was prepared (a version without tiers)
+            self.prepare(batch)
+        lines: list[str] = []
+        for _ in _line_protocol_steps(batch, lines):  # (about 1 ms a step: the event loop goes on between)
+            await asyncio.sleep(0)
+        if lines:  # (an empty body is refused: 400 "writing requires points")
+            body = "\n".join(lines).encode()
+            if self._gzip_here:  # zlib lets go of the GIL: the event loop runs meanwhile
+                body = await asyncio.to_thread(gzip.compress, body, 6)
+            await self.client.write_api().write(bucket=self.bucket, org=self.org, record=body,
+                                                write_precision=WritePrecision.NS)
+        if time.monotonic() - self._trimmed > _TRIM_EVERY_S:
+            self._trimmed = time.monotonic()
+            await self.trim()
+
+    async def trim(self, now: float | None = None) -> None:
+        """Delete the finer tiers' points past what _TIERS keeps of them (a failure is logged: the
+        next trim does it)."""
+        now = time.time() if now is None else now
+        delete = self.client.delete_api()
+        for tier, keep in _TIERS.items():
+            if not keep:
+                continue
+            stop = datetime.fromtimestamp(now - keep, tz=timezone.utc)
+            for predicate in (f'_measurement="{_INFLUX_TIERS[tier]}"', f'_measurement="{_INFLUX_SOURCE_TIERS[tier]}"',
+                              f'_measurement="{_SLOWEST_MEASUREMENT}" AND tier="{tier}"'):
+                try:
+                    await delete.delete(start=datetime.fromtimestamp(0, tz=timezone.utc), stop=stop,
+                                        predicate=predicate, bucket=self.bucket, org=self.org)
+                except Exception as exc:
+                    _log.warning("telemetry: trimming InfluxDB's %s s tier failed: %s", tier, _one_line(exc))
 
     async def _query(self, text: str) -> list[dict[str, str]]:
         return _parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
@@ -2981,53 +3319,79 @@ class _InfluxStore:
                    start_ts: int | None = None) -> _RangeData:
         queries = _flux_queries(self.bucket, seconds, tier, now, start_ts)
         names = list(names or queries)
-        results = dict(zip(names, await asyncio.gather(*(self._query(queries[n]) for n in names))))
-        return self.to_range(results)
+        reads = [self._slowest(queries[n], tier) if n == "slowest_lists" else self._query(queries[n]) for n in names]
+        extra = start_ts is None and names == list(queries)  # a page: as_of and the errors too
+        if extra:
+            reads += [self._query(_flux_as_of(self.bucket, now)),
+                      self._errors(max(_range_start(now, seconds, tier), now - seconds), now)]
+        results = await asyncio.gather(*reads)
+        named = {"slowest" if n == "slowest_lists" else n: rows for n, rows in zip(names, results)}
+        if extra:
+            named["as_of"], named["errors"] = results[-2], results[-1]
+        return self.to_range(named)
+
+    async def _slowest(self, lists_query: str, tier: int) -> list[dict[str, str]]:
+        """The slowest requests of a range in two steps: the slowest of each window's lists (one
+        value per list), then only the lists that hold the _EVENTS_SHOWN slowest of those. A list
+        outside them cannot hold one of the range's slowest: each of those lists has a request at
+        least as slow as any of its. So a page reads about its rows, however long the range."""
+        heads = await self._query(lists_query)
+        lists = {(r["instance"], r["source"], int(_rfc3339(r["_time"])) // tier * tier) for r in heads}
+        found = await asyncio.gather(*(self._query(_flux_slowest(self.bucket, tier, *key)) for key in sorted(lists)))
+        rows = [r for part in found for r in part]
+        return sorted(rows, key=lambda r: -float(r.get("seconds") or 0))[:_EVENTS_SHOWN]
+
+    async def _errors(self, start: float, now: float) -> list[dict[str, str]]:
+        """The newest 5xx of the range, looking back in steps so that a page reads about its rows,
+        not every 5xx of 24 hours."""
+        rows: list[dict[str, str]] = []
+        for back in _ERROR_LOOKBACK_S:
+            rows = await self._query(_flux_errors(self.bucket, max(start, now - back)))
+            if len(rows) >= _EVENTS_SHOWN or now - back <= start:
+                break
+        return rows
 
     async def read_totals(self) -> _RangeData:
-        """All-time sums per series (for /metrics): the range reads from the Unix epoch."""
-        return await self.read(0, 1, time.time(), names=("series_sum", "series_max", "route_hist"), start_ts=0)
+        """All-time sums per series (for /metrics): the 1 h tier from the Unix epoch, so what the
+        bucket keeps."""
+        return await self.read(0, _HOUR_TIER, time.time(), start_ts=0)
 
     @staticmethod
     def to_range(results: dict[str, list[dict[str, str]]]) -> _RangeData:
         """Flux result rows -> _RangeData (kept apart from the I/O so it can be tested alone)."""
-        results = {"slots": [], "slot_hist": [], "as_of": [], **results}
+        results = {"slots": [], "slot_hist": [], "as_of": [], "statuses": [], **results}
+        for name in ("series_sum", "series_max", "statuses", "route_hist"):  # whole hours, and the rest
+            results[name] = results.get(name, []) + results.get(f"{name}_edge", [])
+
+        def route(r: dict[str, str]) -> tuple:
+            return r["source"], r["route"], r["method"]
         sums: dict[tuple, dict[str, float]] = {}
         for r in results["series_sum"]:
-            key = (r["source"], r["route"], r["method"], int(r["status"]))
-            sums.setdefault(key, {})[r["_field"]] = float(r["_value"] or 0)
-        maxes = {(r["source"], r["route"], r["method"], int(r["status"])): float(r["_value"] or 0)
-                 for r in results["series_max"]}
-        series = [(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0) / 1000.0, maxes.get(k, 0.0) / 1000.0,
-                   int(v.get("bytes", 0))) for k, v in sums.items()]  # (stored in ms)
+            fields = sums.setdefault(route(r), {})
+            fields[r["_field"]] = fields.get(r["_field"], 0) + float(r["_value"] or 0)
+        maxes: dict[tuple, float] = {}
+        for r in results["series_max"]:
+            maxes[route(r)] = max(maxes.get(route(r), 0.0), float(r["_value"] or 0))
+        series = [(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0), int(v.get("bytes", 0)))
+                  for k, v in sums.items()]
+        statuses = [(*route(r), int(r["_field"][1:]), int(float(r["_value"] or 0))) for r in results["statuses"]]
         slot_acc: dict[tuple[int, str], list] = {}
         for r in results["slots"]:
-            key = (int(_rfc3339(r["_time"])), r["source"])
-            acc = slot_acc.setdefault(key, [0, 0])
-            n = int(float(r["_value"] or 0))
-            acc[0] += n
-            if int(r["status"]) >= 500:
-                acc[1] += n
+            acc = slot_acc.setdefault((int(_rfc3339(r["_time"])), r["source"]), [0, 0])
+            acc[r["_field"] != "count"] += int(float(r["_value"] or 0))  # count, or errors
         slots = [(slot, source, c, e, 0.0) for (slot, source), (c, e) in slot_acc.items()]
-        route_lanes: dict[tuple[str, str, str], int] = {}
-        for r in results["route_hist"]:
-            key = (r["source"], r["route"], r["method"])
-            route_lanes[key] = route_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
-        slot_lanes: dict[tuple[int, str], int] = {}
-        for r in results["slot_hist"]:
-            key = (int(_rfc3339(r["_time"])), r["source"])
-            slot_lanes[key] = slot_lanes.get(key, 0) + (int(float(r["_value"] or 0)) << (int(r["_field"][1:]) * 64))
-        as_of = max((_rfc3339(r["_time"]) for r in results["as_of"] if r.get("_time")), default=None)
-        events = [_Event(_rfc3339(r["_time"]), r["kind"], r["source"], r.get("method", ""), r.get("route", ""),
-                        r.get("path", ""), int(r.get("status") or 0), float(r.get("ms") or 0) / 1000.0,
-                        r.get("request_id", ""))
-                  for name in ("errors", "slowest") for r in results.get(name, [])]
-        return _RangeData(series, slots, route_lanes, slot_lanes, as_of, events)
+        route_lanes = _lanes(results["route_hist"], route)
+        slot_lanes = _lanes(results["slot_hist"], lambda r: (int(_rfc3339(r["_time"])), r["source"]))
+        as_of = max((float(r["_value"]) for r in results["as_of"] if r.get("_value")), default=None)
+        events = [_event_of(r, kind) for name, kind in (("errors", "error"), ("slowest", "slow"))
+                  for r in results.get(name, [])]
+        return _RangeData(series, statuses, slots, route_lanes, slot_lanes, as_of, events)
 
     async def health(self) -> dict[str, Any]:
         """A ping and a small read of the bucket: a server that answers pings but refuses the
         page's reads (a token without read access, a missing bucket) is not healthy."""
-        out: dict[str, Any] = {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket, "loss": ""}
+        out: dict[str, Any] = {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket,
+                               "loss": "", "note": self.note}
         try:
             await self.client.ping()
             await self._query(_flux_health(self.bucket, time.time()))
@@ -3077,9 +3441,10 @@ def _summarize(data: _RangeData, range_name: str, now: float) -> dict[str, Any]:
     routes: dict[tuple[str, str, str], list] = {}
     route_errors: dict[tuple[str, str, str], int] = {}
     source_lanes: dict[str, int] = {}
-    for source, route, method, status, count, dur_sum, dur_max, nbytes in data.series:
+    for source, route, method, count, dur_sum, dur_max, nbytes in data.series:
         _acc_add(totals.setdefault(source, [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
         _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, 0)
+    for source, route, method, status, count in data.statuses:
         err = count if status >= 500 else 0
         errors[source] = errors.get(source, 0) + err
         route_errors[(source, route, method)] = route_errors.get((source, route, method), 0) + err
@@ -3094,12 +3459,12 @@ def _summarize(data: _RangeData, range_name: str, now: float) -> dict[str, Any]:
                         "latency_ms": _latency(source_lanes.get(source, 0), count, dur_sum, dur_max)}
                for source, (count, dur_sum, dur_max, nbytes) in totals.items()}
     route_rows = [{"route": route, "method": method, "source": source, "requests": count,
-                   "errors": route_errors[(source, route, method)],
+                   "errors": route_errors.get((source, route, method), 0),
                    "latency_ms": _latency(data.route_lanes.get((source, route, method), 0), count, dur_sum, dur_max)}
                   for (source, route, method), (count, dur_sum, dur_max, _) in routes.items()]
     route_rows.sort(key=lambda r: (-r["requests"], r["route"], r["method"], r["source"]))
     edge_only: dict[str, int] = {}
-    for source, _route, _method, status, count, *_ in data.series:
+    for source, _route, _method, status, count in data.statuses:
         if source == "caddy" and status in _EDGE_ONLY_STATUSES:
             edge_only[str(status)] = edge_only.get(str(status), 0) + count
     return {"range": range_name, "range_seconds": seconds, "step_seconds": tier,
@@ -3329,11 +3694,10 @@ def _prometheus_text(totals: _RangeData, health: dict[str, Any]) -> str:
     """
     out = ["# HELP telemetry_requests_total Requests by source (caddy = edge, sanic = app), route, method, status.",
            "# TYPE telemetry_requests_total counter"]
-    by_route: dict[tuple[str, str, str], list] = {}
-    for source, route, method, status, count, dur_sum, dur_max, nbytes in sorted(totals.series):
+    for source, route, method, status, count in sorted(totals.statuses):
         out.append(f"telemetry_requests_total{_prom_labels(source=source, route=route, method=method, status=status)}"
                    f" {count}")
-        _acc_add(by_route.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
+    by_route = {(source, route, method): rest for source, route, method, *rest in totals.series}
     out += ["# HELP telemetry_request_duration_seconds Request latency by source, route and method.",
             "# TYPE telemetry_request_duration_seconds histogram"]
     for (source, route, method), (count, dur_sum, _max, _nbytes) in sorted(by_route.items()):
@@ -3594,7 +3958,8 @@ def _is_reader_worker() -> bool:
 def _make_store(config: Config) -> _Store:
     """_InfluxStore when INFLUXDB_URL is set, else the embedded _SQLiteStore."""
     if config.influxdb_url:
-        return _InfluxStore(config.influxdb_url, config.influxdb_token, config.influxdb_org, config.influxdb_bucket)
+        return _InfluxStore(config.influxdb_url, config.influxdb_token, config.influxdb_org, config.influxdb_bucket,
+                            retention=config.retention)
     return _SQLiteStore(config.db, config.retention)
 
 
@@ -3645,6 +4010,7 @@ class _Pipeline:
         self._status_every = _status_every()
         self._lines_mark: tuple[float, int] | None = None
         self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
+        self._flushing = asyncio.Lock()  # one flush at a time: batches are prepared in their order
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self, app: Any) -> None:
@@ -3688,7 +4054,9 @@ class _Pipeline:
             await asyncio.sleep(tick)  # stop() may cancel the loop here, or between two steps
             await self.collect_stepwise()
             await asyncio.sleep(0)  # the tick's own work is a step of its own
-            self.tick(time.monotonic())
+            if self.tick(time.monotonic()):
+                async with self._flushing:
+                    await self.flush_stepwise()
 
     async def collect_stepwise(self) -> None:
         """collect(), in steps of _STEP_SAMPLES with a yield to the event loop between them. A
@@ -3713,21 +4081,22 @@ class _Pipeline:
             for run in runs:
                 add(run)
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> bool:
         """What the flush policy does on the event loop once per tick, after collect_stepwise()
-        (now: time.monotonic()): a stalled write looked for; every flush_interval a flush; every
-        _status_every(), on a tick of its own, this worker's status published."""
+        (now: time.monotonic()): a stalled write looked for; every _status_every(), on a tick
+        without a flush, this worker's status published. True when a flush is due (every
+        flush_interval): the caller runs flush_stepwise()."""
         interval = self.config.flush_interval
         tick = min(interval, _TICK_S)
         self.writer.guard()
         flushing = now - self._flushed >= interval - tick / 2
         if flushing:
             self._flushed = now
-            self.flush()
         # the status on a tick without a flush, where there are such ticks: the work is spread
         if now - self._published >= self._status_every and (not flushing or tick >= interval):
             self._published = now
             self._publish_status()
+        return flushing
 
     def collect(self) -> None:
         """The sources' samples since the last call -> the aggregator's rollups."""
@@ -3739,17 +4108,40 @@ class _Pipeline:
 
     def flush(self) -> None:
         """Collect, then hand the aggregator's rollups to the writer as one batch."""
+        batch = self._cut()
+        if batch is not None:
+            self.store.prepare(batch)
+            self.writer.put(batch)
+
+    async def flush_stepwise(self) -> None:
+        """flush(), with the store's preparation of the batch in steps and a yield to the event
+        loop between them (for InfluxDB, a few ms at 300 series). A cancellation (the stop)
+        between steps loses nothing: the batch is finished and handed over then."""
+        batch = self._cut()
+        if batch is None:
+            return
+        steps = self.store.prepare_steps(batch)
+        try:
+            for _ in steps:
+                await asyncio.sleep(0)
+        finally:
+            for _ in steps:
+                pass
+            self.writer.put(batch)
+
+    def _cut(self) -> _Batch | None:
+        """Collect, then the aggregator's rollups as one batch (None when there are none)."""
         self.collect()
         # the log file's position now: every line before it is in this batch or an earlier one
         cursor = self.reader.cursor() if isinstance(self.reader, _CaddyLogFile) else None
         batch = self.aggregator.flush()
         if batch is not None:
             batch.cursor = cursor
-            self.writer.put(batch)
         elif not self.writer.queue and not self.writer.degraded:  # nothing new or unwritten: current
             self.caught_up_at = time.time()
             if cursor is not None:  # lines that made no batch (ignored, malformed) need no re-read
                 self.reader.save(cursor)  # type: ignore[union-attr]
+        return batch
 
     async def catch_up(self) -> None:
         """Flush and write this worker's samples before a read: the page and the JSON show every
@@ -3759,7 +4151,8 @@ class _Pipeline:
         if now - self._read_flushed < _READ_FLUSH_S:
             return
         self._read_flushed = now
-        self.flush()
+        async with self._flushing:  # (after a stepwise flush under way: batches keep their order)
+            self.flush()
         await self.writer.wait_written(_READ_WAIT_S)
 
     # --- reads ----------------------------------------------------------------------------------
@@ -3884,7 +4277,7 @@ class _Pipeline:
         for st in statuses:
             for code, text in st.get("problems", {}).items():
                 problems.setdefault(code, text)
-        notes = [text for text in (store.get("loss"), reader.get("lost")) if text]
+        notes = [text for text in (store.get("loss"), store.get("note"), reader.get("lost")) if text]
         return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
                 "notes": notes, "instance": self.instance, "workers": len(statuses), "sanic": _SANIC_VERSION,
                 "store": store, "reader": reader, **merged}
@@ -3949,7 +4342,7 @@ async def _read_summary(tel: _Pipeline, range_name: str) -> tuple[dict[str, Any]
     try:
         return await tel.summary(range_name), ""
     except Exception as exc:
-        return _summarize(_RangeData([], [], {}, {}, None), range_name, time.time()), f"{type(exc).__name__}: {exc}"
+        return _summarize(_RangeData([], [], [], {}, {}, None), range_name, time.time()), f"{type(exc).__name__}: {exc}"
 
 
 @_guarded(page=True)
@@ -4289,7 +4682,10 @@ def _print_flux(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... flux | head` ends quietly
     seconds, tier = _RANGES[args.range]
     now = time.time()
-    queries = {**_flux_queries(args.bucket, seconds, tier, now), "health": _flux_health(args.bucket, now)}
+    queries = {**_flux_queries(args.bucket, seconds, tier, now), "as_of": _flux_as_of(args.bucket, now),
+               "slowest": _flux_slowest(args.bucket, tier, "host1", "caddy", _range_start(now, seconds, tier)),
+               "errors": _flux_errors(args.bucket, now - 600), "health": _flux_health(args.bucket, now),
+               "bucket": _flux_bucket(args.bucket)}
     for name, text in queries.items():
         print(f"// --- {name} (range {args.range})\n{text}")
     return 0
