@@ -2469,6 +2469,9 @@ _FAR_FUTURE = 1 << 62
 _BATCH_MEMORY_S = 2 * 86400
 #: Events kept per kind in the embedded store, and shown per table on the page.
 _EVENTS_KEPT, _EVENTS_SHOWN = 1000, 15
+#: Event records a table reads: one per source for each row it shows (the page joins a request's
+#: edge and app records into one row).
+_EVENTS_READ = 2 * _EVENTS_SHOWN
 
 
 class _Store(Protocol):
@@ -2821,7 +2824,10 @@ class _SQLiteStore:
             for slot, _ in versions:
                 sums.add(slot, cache[slot].only(*route))
             return sums.data(as_of, found)
-        return self._sum(tier, versions, closed_too=stop != _FAR_FUTURE).data(as_of, found)
+        if stop != _FAR_FUTURE:  # the range before: its slots are all the cards compare with
+            kept = self._sum(tier, versions, closed_too=True)
+            return _RangeData([], [], kept.slot_rows, {}, kept.slot_lanes, as_of, found)
+        return self._sum(tier, versions).data(as_of, found)
 
     @staticmethod
     def _events(conn: sqlite3.Connection, start: int, route: tuple[str, str] | None) -> list[_Event]:
@@ -2830,12 +2836,13 @@ class _SQLiteStore:
         return [_Event(*row) for row in conn.execute(
             f"SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? {where} ORDER BY ts DESC LIMIT ?)"
             f" UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ? {where}"
-            " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_SHOWN, start, *args, _EVENTS_SHOWN))]
+            " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_READ, start, *args, _EVENTS_READ))]
 
     def _sum(self, tier: int, versions: list[tuple[int, int]], closed_too: bool = False) -> _Sums:
         """All slots but the newest are summed once and kept while none of them changes (a window
         moves one slot per tier step); each read then adds only the newest slot to a copy. The
-        previous range (closed_too) is all closed slots, kept apart from the current one's."""
+        previous range (closed_too) is all closed slots, kept apart from the current one's: the
+        kept sums themselves are returned then, to be read, never changed."""
         cache = self._cache[tier]
         closed, newest = (versions, []) if closed_too else (versions[:-1], versions[-1:])
         key, memo = tuple(closed), (tier, closed_too)
@@ -2845,6 +2852,8 @@ class _SQLiteStore:
             for slot, _ in closed:
                 sums.add(slot, cache[slot])
             kept = self._closed[memo] = (key, sums)
+        if not newest:
+            return kept[1]
         out = kept[1].copy()
         for slot, _ in newest:
             out.add(slot, cache[slot])
@@ -3104,7 +3113,7 @@ class _InfluxWindows:
             for tier in _INFLUX_SOURCE_TIERS:  # (the tiers a page's charts and tables read)
                 key = (inst, tier, int(e.ts) - int(e.ts) % tier, e.source)
                 point, top = self.slow.get(key) or (self._point(), [])
-                top = sorted([*top, e], key=lambda x: -x.seconds)[:_EVENTS_SHOWN]
+                top = sorted([*top, e], key=lambda x: -x.seconds)[:_EVENTS_READ]
                 self.slow[key] = (point, top)
                 slow_touched.add(key)
         windows = []
@@ -3259,7 +3268,7 @@ def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: in
         # requests of the range are all in those lists (_flux_slowest reads them)
         "slowest_lists": head + f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and '
                          f'r.tier == "{tier}" and r.rank == "0" and r._field == "seconds")\n'
-                         f'  |> group()\n  |> sort(columns: ["_value"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n',
+                         f'  |> group()\n  |> sort(columns: ["_value"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n',
     })
 
 
@@ -3283,7 +3292,7 @@ def _flux_slowest_of_route(bucket: str, tier: int, start: int, route: tuple[str,
     return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start)}\n'
             f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}")\n'
             + _pivot_of(route) +
-            f'  |> group()\n  |> sort(columns: ["seconds"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n')
+            f'  |> group()\n  |> sort(columns: ["seconds"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
 
 
 def _flux_as_of(bucket: str, now: float) -> str:
@@ -3298,7 +3307,7 @@ def _flux_errors(bucket: str, start_ts: float, route: tuple[str, str] | None = N
     return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start_ts)})\n'
             f'  |> filter(fn: (r) => r._measurement == "{_EVENTS_MEASUREMENT}" and r.kind == "error")\n'
             + _pivot_of(route) +
-            f'  |> group()\n  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_SHOWN})\n')
+            f'  |> group()\n  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
 
 
 def _flux_health(bucket: str, now: float) -> str:
@@ -3493,14 +3502,14 @@ class _InfluxStore:
 
     async def _slowest(self, lists_query: str, tier: int) -> list[dict[str, str]]:
         """The slowest requests of a range in two steps: the slowest of each window's lists (one
-        value per list), then only the lists that hold the _EVENTS_SHOWN slowest of those. A list
+        value per list), then only the lists that hold the _EVENTS_READ slowest of those. A list
         outside them cannot hold one of the range's slowest: each of those lists has a request at
         least as slow as any of its. So a page reads about its rows, however long the range."""
         heads = await self._query(lists_query)
         lists = {(r["instance"], r["source"], int(_rfc3339(r["_time"])) // tier * tier) for r in heads}
         found = await asyncio.gather(*(self._query(_flux_slowest(self.bucket, tier, *key)) for key in sorted(lists)))
         rows = [r for part in found for r in part]
-        return sorted(rows, key=lambda r: -float(r.get("seconds") or 0))[:_EVENTS_SHOWN]
+        return sorted(rows, key=lambda r: -float(r.get("seconds") or 0))[:_EVENTS_READ]
 
     async def read_previous(self, seconds: int, tier: int, now: float,
                             route: tuple[str, str] | None = None) -> _RangeData:
@@ -3513,7 +3522,7 @@ class _InfluxStore:
         rows: list[dict[str, str]] = []
         for back in _ERROR_LOOKBACK_S:
             rows = await self._query(_flux_errors(self.bucket, max(start, now - back), route))
-            if len(rows) >= _EVENTS_SHOWN or now - back <= start:
+            if len(rows) >= _EVENTS_READ or now - back <= start:
                 break
         return rows
 
@@ -3806,8 +3815,9 @@ def _svg_chart(title: str, fmt: Callable[[float], str], lines: list[_Line], t0: 
                      f'{_clock(t, zone, span <= 900)}</text>')
     parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}"/>')
     parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
+    clocks: dict[int, str] = {}  # the lines share their times: each formatted once
     for ln in lines:
-        cls, runs, run = _esc(ln.cls), [], []
+        cls, label, runs, run = _esc(ln.cls), _esc(ln.label), [], []
         for t, v in ln.points:
             if v is None:
                 runs, run = runs + [run] if run else runs, []
@@ -3818,13 +3828,16 @@ def _svg_chart(title: str, fmt: Callable[[float], str], lines: list[_Line], t0: 
                 parts.append(f'<polyline class="{cls}" fill="none" points="'
                              + " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run) + '"/>')
             size = 2.2 if len(run) > 1 else 4  # a lone point is all there is of its line: larger
+            parts.append(f'<g class="pt {cls}">')
             for t, v in run:
-                tip = f"<title>{_clock(t, zone)} · {_esc(ln.label)}: {_esc(fmt(v))}</title>"
+                clock = clocks.get(t) or clocks.setdefault(t, _clock(t, zone))
+                tip = f"<title>{clock} · {label}: {_esc(fmt(v))}</title>"
                 if ln.marker == "square":
-                    parts.append(f'<rect class="pt {cls}" x="{x(t) - size:.1f}" y="{y(v) - size:.1f}"'
-                                 f' width="{2 * size:.1f}" height="{2 * size:.1f}">{tip}</rect>')
+                    parts.append(f'<rect x="{x(t) - size:.1f}" y="{y(v) - size:.1f}" width="{2 * size:.1f}"'
+                                 f' height="{2 * size:.1f}">{tip}</rect>')
                 else:
-                    parts.append(f'<circle class="pt {cls}" cx="{x(t):.1f}" cy="{y(v):.1f}" r="{size}">{tip}</circle>')
+                    parts.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="{size}">{tip}</circle>')
+            parts.append("</g>")
     parts.append("</svg>")
     return _markup("".join(parts))
 
@@ -3906,7 +3919,7 @@ def _event_rows(events: list[dict[str, Any]], zone: Any, slowest: bool = False) 
         app = row["status"].get("sanic")
         row["app_status"] = app if app is not None and app != row["shown_status"] else None
     key = (lambda r: -max(v or 0 for v in r["latency_ms"].values())) if slowest else (lambda r: r["time"])
-    return sorted(rows, key=key, reverse=not slowest)
+    return sorted(rows, key=key, reverse=not slowest)[:_EVENTS_SHOWN]
 
 
 #: How each card figure compares with the range before: relative (%), or in points of a rate.

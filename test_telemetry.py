@@ -1125,6 +1125,14 @@ def test_instrument_a_user_subclass_hooks_it_while_it_serves(tmp_path):
     assert sanic["requests"] == 3 and sanic["status"] == {"200": 1, "404": 1, "500": 1}
     routes = {r["route"] for r in resp.json["routes"]}
     assert routes == {"/orders/<oid:int>", t._UNMATCHED}  # the /ops routes are not counted
+    # one route's JSON and page: that route alone; route= without method= is refused
+    _, resp = app.test_client.get("/ops/api/summary", params={"range": "5m", "route": "/orders/<oid:int>", "method": "GET"})
+    assert resp.json["route"] == {"route": "/orders/<oid:int>", "method": "GET"}
+    assert resp.json["sources"]["sanic"]["requests"] == 2 and {r["route"] for r in resp.json["routes"]} == {"/orders/<oid:int>"}
+    _, page = app.test_client.get("/ops/route", params={"route": "/orders/<oid:int>", "method": "GET", "refresh": "0"})
+    assert page.status == 200 and "GET /orders/&lt;oid:int&gt;" in page.text and "<script" not in page.text
+    for path in ("/ops/api/summary?route=/orders", "/ops/route?range=5m", "/ops/route?route=/x&method=" + "G" * 17):
+        assert app.test_client.get(path)[1].status == 400, path
     # over HTTP/1 (Sanic 24.6+) the hook that reads the protocol's start time; Sanic's after the stop
     assert serving == ["hook" if t._HTTP1_STARTS else "timed_hook"] * 2 and hook_in_use(app) == "sanic's"
 
@@ -2241,6 +2249,28 @@ def test_influx_token_revoked_health_says_so_and_nothing_is_lost(tmp_path, fake)
 # === Queries: the summary document
 # =============================================================================================
 
+def test_cards_change_against_the_range_before():
+    """Each card's req/s, 5xx rate and p95 against the range of the same length before it: the
+    figures in `previous`, the badge's direction, size and tone (worse red, better green)."""
+    now = 1_800_000_000.0
+    seconds, tier = t._RANGES["15m"]
+    start = t._range_start(now, seconds, tier)
+    before = t._RangeData([], [], [(start - 600, "sanic", 90, 9, 0.0)], {},
+                          {(start - 600, "sanic"): t._Histogram.from_counts({t._Histogram.index(0.1): 90})}, None)
+    now_rows = [("sanic", "/a", "GET", 180, 3.6, 0.02, 0)]
+    data = t._RangeData(now_rows, [("sanic", "/a", "GET", 200, 180)], [(start, "sanic", 180, 0, 3.6)],
+                        {("sanic", "/a", "GET"): t._Histogram.from_counts({t._Histogram.index(0.02): 180})}, {}, None)
+    s = t._summarize(data, "15m", now, before)
+    src = s["sources"]["sanic"]
+    assert src["previous"]["requests"] == 90 and src["previous"]["rps"] == 0.1 and src["previous"]["error_rate"] == 0.1
+    assert abs(src["previous"]["latency_ms"]["p95"] - 100) < 2
+    rps, errors, p95 = (str(t._delta(src, k, "15m")) for k in ("rps", "error_rate", "p95"))
+    assert "▲" in rps and 'class="delta up"' in rps and "previous 15m: 0.1 req/s" in rps  # more traffic: no tone
+    assert "▼ 10 pt" in errors and "delta down ok" in errors  # 10 % -> 0 %: better
+    assert "▼ 8" in p95 and "delta down ok" in p95  # 100 ms -> 20 ms: about -80 %
+    assert t._delta(s["sources"]["caddy"], "rps", "15m").count("–") == 1  # no requests either side
+
+
 def test_an_empty_store_gives_a_summary_of_the_same_shape(tmp_path):
     async def go():
         st = t._SQLiteStore(str(tmp_path / "e.db"))
@@ -2356,6 +2386,9 @@ def test_browser_charts_ticks_point_tips_joined_rows_and_a_route_page(page, busy
     assert caption.startswith("Slowest requests (over 500 ms)"), caption
     assert len(page.texts('[aria-label^="Slowest requests"] tbody tr')) == 1
     assert len(page.query(".card .delta")) == 6  # req/s, 5xx, p95 on both cards
+    (note,) = page.texts('[aria-label="Routes"] p.note')  # what a reader would ask, said in place
+    note = " ".join(note.split())
+    assert "(unmatched): requests that matched no route" in note and "slightly negative" in note, note
     links = [page.send("DOM.getOuterHTML", nodeId=n)["outerHTML"] for n in page.query('[aria-label="Routes"] td.path > a')]
     (link,) = [a for a in links if a.endswith(">/api/slow</a>")]
     href = htmlmod.unescape(re.search(r'href="([^"]+)"', link).group(1))
