@@ -4125,6 +4125,7 @@ Send a request through Caddy or the app and it shows up here within a second.</d
 {% endfor %}
 {% if route %}
   {% set row = routes[0] if routes else {} %}
+  {% if edge_read %}
   <article class="card">
     <h2>edge − app</h2>
     <dl class="kv">
@@ -4134,6 +4135,7 @@ Send a request through Caddy or the app and it shows up here within a second.</d
     <p class="muted">Time spent in Caddy, the network and queueing: the edge's percentile minus the app's,
     each of its own requests, so it can be a little negative.</p>
   </article>
+  {% endif %}
 {% else %}
   <article class="card">
     <h2>pipeline</h2>
