@@ -99,7 +99,7 @@ FLUX_LSP_VERSION = "0.8.40"
 #: server's diagnostics: "PASS f" / "FAIL f" and "  f:line:col: message", then "N passed, N failed".
 FLUX_CHECK_JS = r"""
 import { readFileSync } from 'node:fs';
-import * as flux from './node_modules/@influxdata/flux-lsp-browser/flux-lsp-browser_bg.js';
+import * as flux from './lsp/flux-lsp-browser_bg.js';
 
 async function diagnostics(uri, text) {
   const server = new flux.Lsp();  // one per document: it re-publishes diagnostics of the others
@@ -2149,19 +2149,24 @@ def _flux_checker() -> Callable[[list[Path]], subprocess.CompletedProcess]:
     the first time (pinned version, a lock beside it), then run offline with node."""
     home = FLUX_CHECK_HOME
     home.mkdir(parents=True, exist_ok=True)
-    (home / "package.json").write_text(json.dumps({"name": "telemetry-flux-check", "private": True,
+    (home / "package.json").write_text(json.dumps({"name": "telemetry-flux-check", "private": True, "type": "module",
                                                    "dependencies": {FLUX_LSP: FLUX_LSP_VERSION}}))
     (home / "flux-check.mjs").write_text(FLUX_CHECK_JS)
-    installed = home / "node_modules" / FLUX_LSP / "package.json"
-    if not installed.exists() or json.loads(installed.read_text())["version"] != FLUX_LSP_VERSION:
+    package = home / "node_modules" / FLUX_LSP
+    if not (package / "package.json").exists() or json.loads((package / "package.json").read_text())["version"] != FLUX_LSP_VERSION:
         r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=home,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"npm install {FLUX_LSP}@{FLUX_LSP_VERSION} into {home} failed:\n{r.stderr[-2000:]}"
+    # The package's ES module ships as .js in a package without "type": "module", which node reads
+    # as CommonJS unless it guesses (a flag of node 20.10+ only): beside a package.json that says
+    # "module", the same two files load on any node with WebAssembly modules (18 and up).
+    (home / "lsp").mkdir(exist_ok=True)
+    for name in ("flux-lsp-browser_bg.js", "flux-lsp-browser_bg.wasm"):
+        shutil.copyfile(package / name, home / "lsp" / name)
 
     def check(files: list[Path]) -> subprocess.CompletedProcess:
-        return subprocess.run(["node", "--experimental-detect-module", "--experimental-wasm-modules", "--no-warnings",
-                               "flux-check.mjs", *map(str, files)], cwd=home, capture_output=True, text=True,
-                              timeout=600)
+        return subprocess.run(["node", "--experimental-wasm-modules", "--no-warnings", "flux-check.mjs",
+                               *map(str, files)], cwd=home, capture_output=True, text=True, timeout=600)
     return check
 
 
