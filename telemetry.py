@@ -3286,13 +3286,19 @@ def _pivot_of(route: tuple[str, str] | None) -> str:
     return out + (f"  |> filter(fn: (r) => {_flux_route(route)[5:]})\n" if route else "")
 
 
+def _flux_events(bucket: str, start: float, where: str, first_by: str, route: tuple[str, str] | None) -> str:
+    """Event records (a slowest list's or a 5xx) matching `where` since start, of one route when
+    given, the first _EVENTS_READ by `first_by`, descending."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start)}\n'
+            f'  |> filter(fn: (r) => {where})\n' + _pivot_of(route) +
+            f'  |> group()\n  |> sort(columns: ["{first_by}"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
+
+
 def _flux_slowest_of_route(bucket: str, tier: int, start: int, route: tuple[str, str]) -> str:
     """One route's slowest requests: the entries of its tier's slowest lists in the range (lists
     are capped at write time, so this reads at most lists x their length)."""
-    return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start)}\n'
-            f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}")\n'
-            + _pivot_of(route) +
-            f'  |> group()\n  |> sort(columns: ["seconds"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
+    return _flux_events(bucket, start, f'r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}"',
+                        "seconds", route)
 
 
 def _flux_as_of(bucket: str, now: float) -> str:
@@ -3304,10 +3310,8 @@ def _flux_as_of(bucket: str, now: float) -> str:
 
 def _flux_errors(bucket: str, start_ts: float, route: tuple[str, str] | None = None) -> str:
     """The newest 5xx since start_ts (the errors table looks back in steps: _ERROR_LOOKBACK_S)."""
-    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start_ts)})\n'
-            f'  |> filter(fn: (r) => r._measurement == "{_EVENTS_MEASUREMENT}" and r.kind == "error")\n'
-            + _pivot_of(route) +
-            f'  |> group()\n  |> sort(columns: ["_time"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
+    return _flux_events(bucket, start_ts, f'r._measurement == "{_EVENTS_MEASUREMENT}" and r.kind == "error"',
+                        "_time", route)
 
 
 def _flux_health(bucket: str, now: float) -> str:
