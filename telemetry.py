@@ -3853,14 +3853,14 @@ def _wide_spread(values: Iterable[float | None], ratio: float = 20.0) -> bool:
     return bool(vals) and max(vals) / min(vals) > ratio
 
 
-def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc) -> dict[str, Any]:
+def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc,
+                      shown: Sequence[str] = _SOURCES) -> dict[str, Any]:
     """The two charts of a page, from the summary's timeseries: req/s per source, and p50 / p95
     latency per source (log scale when its values spread widely)."""
     ts = summary["timeseries"]
     if not ts:
         return {}
     t0, t1 = ts[0]["t"], ts[-1]["t"]
-    shown = [src for src in _SOURCES if src in summary.get("shown_sources", _SOURCES)]
     by_src = {src: [p for p in ts if p["source"] == src] for src in shown}
     marker = {"caddy": "circle", "sanic": "square"}
     rps = [_Line(f"{src} req/s", f"line-{src}", [(p["t"], p["rps"]) for p in pts], marker.get(src, "circle"))
@@ -4163,12 +4163,12 @@ Send a request through Caddy or the app and it shows up here within a second.</d
 <figure class="chart">
   <figcaption>Requests <span class="muted">· req/s per {{ s.step_seconds }} s step, {{ tz }}; hover a point for its value</span></figcaption>
   {{ charts.rps }}
-  <ul class="legend">{% for src in s.shown_sources %}<li class="src-{{ src }} mk-{{ src }}">{{ src }}</li>{% endfor %}</ul>
+  <ul class="legend">{% for src in shown %}<li class="src-{{ src }} mk-{{ src }}">{{ src }}</li>{% endfor %}</ul>
 </figure>
 <figure class="chart">
   <figcaption>Latency <span class="muted">· p50 solid, p95 dashed{% if charts.log %}, log scale{% endif %}, {{ tz }}</span></figcaption>
   {{ charts.latency }}
-  <ul class="legend">{% for src in s.shown_sources %}<li class="src-{{ src }} mk-{{ src }}">{{ src }}</li>{% endfor %}<li class="p95">p95</li></ul>
+  <ul class="legend">{% for src in shown %}<li class="src-{{ src }} mk-{{ src }}">{{ src }}</li>{% endfor %}<li class="p95">p95</li></ul>
 </figure>
 {% endif %}
 {% if not route %}
@@ -4183,7 +4183,7 @@ Send a request through Caddy or the app and it shows up here within a second.</d
   {% for row in routes %}
   <tr{% if row.route == unmatched %} class="unmatched" title="requests that matched no route of the app (404s, scans): one series, so odd paths cannot grow the series count"{% endif %}>
   <td class="path"><a href="{{ prefix }}/route?{{ route_query(row.route, row.method) }}&amp;range={{ s.range }}&amp;refresh={{ refresh }}">{{ row.route }}</a> <span class="muted">{{ row.method }}</span></td>
-  {% for src in s.shown_sources %}{% set x = row.get(src) %}
+  {% for src in shown %}{% set x = row.get(src) %}
     {% if x %}<td class="num">{{ fmt_num(x.requests) }}</td><td class="num opt{{ ' bad' if x.errors }}">{{ fmt_num(x.errors) }}</td>
     <td class="num opt">{{ fmt_ms(x.latency_ms.p50) }}</td><td class="num">{{ fmt_ms(x.latency_ms.p95) }}</td>
     {% else %}<td class="num muted">–</td><td class="num opt muted">–</td><td class="num opt muted">–</td><td class="num muted">–</td>{% endif %}
@@ -4747,13 +4747,13 @@ async def _dashboard(request: Any) -> Any:
     (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name, route), tel.health())
     zone = _zone(config.tz) or timezone.utc
     edge_read = health["reader"]["state"] != "off" or s["sources"]["caddy"]["requests"] > 0
-    s["shown_sources"] = list(_SOURCES) if edge_read else ["sanic"]
+    shown = list(_SOURCES) if edge_read else ["sanic"]  # no Caddy log read: no edge lines or columns
     html = _template().render(
         s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
-        banners=_banners(health, store_error, tel.open_without_token), charts=_dashboard_charts(s, zone),
+        banners=_banners(health, store_error, tel.open_without_token), charts=_dashboard_charts(s, zone, shown),
         routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
         unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
-        route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read,
+        route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read, shown=shown,
         errors=_event_rows(s["events"]["errors"], zone), slowest=_event_rows(s["events"]["slowest"], zone, True),
         slow_ms=config.slow_ms, tz=config.tz or "UTC", as_of_local=_local_time(s["as_of"], zone) if s["as_of"] else "",
         render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
