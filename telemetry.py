@@ -59,6 +59,7 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import glob
 import gzip
 import hashlib
 import hmac
@@ -1622,6 +1623,10 @@ def _file_ident(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+#: What a log file cursor holds (the checkpoint file holds one, and "next": a pending batch's).
+_CURSOR_KEYS = ("dev", "ino", "pos", "path")
+
+
 class _CaddyLogFile:
     """Follows the file Caddy writes its access log to (`output file PATH`) and loses no line.
 
@@ -1630,11 +1635,15 @@ class _CaddyLogFile:
     from its start. A copytruncate (the file shorter than what was read) restarts at 0. cursor()
     is the position after the last whole line read: (device, inode, offset), carried by every
     batch; once a batch is stored or spooled, on_durable() writes it to the checkpoint file beside
-    the database, and the next start resumes there: lines written while the app was down are
-    read, and so is the rest of a file rotated away meanwhile (a file of the same folder with the
-    checkpoint's inode). A line is read once across a restart and a rotation. With no checkpoint
-    reading starts at the file's end, as `tail -n 0 -F` does, and at 0 for a file that appears
-    later. A file Caddy compresses after rotating (roll_gzip, its default) is gone once
+    the database (never backwards: a batch older than the one saved moves nothing), and the next
+    start resumes there. Just before a batch goes to the store or the spool, on_pending() names it
+    in the checkpoint too, with its cursor: a crash after the store took it but before the
+    checkpoint said so would read its lines twice, so a start asks where that batch is
+    (pending(), then resolve(), before start()) and resumes after it when it was kept. Lines
+    written while the app was down are read, and so is the rest of a file rotated away meanwhile
+    (a file of the same folder with the checkpoint's inode). A line is read once across a restart
+    and a rotation. With no checkpoint reading starts at the file's end, as `tail -n 0 -F` does
+    (and the checkpoint is written there at once), and at 0 for a file that appears later. A file Caddy compresses after rotating (roll_gzip, its default) is gone once
     compressed: the compose Caddyfile sets roll_uncompressed, and a checkpoint whose file is gone
     is reported, with the bytes it held unread.
     """
@@ -1655,7 +1664,8 @@ class _CaddyLogFile:
         self._read = 0  # bytes read from the open file
         self._blocks = _LineBlocks(self.LINE_LIMIT)
         self._then_path = False  # the open file is a rotated one: the path's file comes next, from 0
-        self._saved: dict[str, Any] | None = None
+        self._saved: dict[str, Any] | None = None  # the checkpoint's cursor ...
+        self._saved_seq = 0  # ... and this run's batch it came with (0: none yet)
         self._task: asyncio.Task | None = None
 
     # health() and stop() are the reader's interface, shared with _CaddyReader
@@ -1671,33 +1681,67 @@ class _CaddyLogFile:
         pos = self._read - (0 if self._blocks.skipping else len(self._blocks.rest))
         return {"dev": self._ident[0], "ino": self._ident[1], "pos": pos, "path": self.path}
 
+    def on_pending(self, batch: _Batch) -> None:
+        """A batch is about to go to the store or the spool: named in the checkpoint with its cursor."""
+        if batch.cursor is not None and batch.seq > self._saved_seq and self._saved is not None:
+            self._write({**self._saved, "next": {
+                **batch.cursor, "instance": batch.instance, "seq": batch.seq, "created": batch.created}})
+
     def on_durable(self, batch: _Batch) -> None:
         """A batch is stored or spooled: its lines need not be read again."""
         if batch.cursor is not None:
-            self.save(batch.cursor)
+            self.save(batch.cursor, batch.seq)
 
-    def save(self, cursor: dict[str, Any]) -> None:
-        if cursor == self._saved:
+    def save(self, cursor: dict[str, Any], seq: int) -> None:
+        """The checkpoint: every line before cursor is in batch seq or an earlier one, all kept.
+        A batch older than the one saved (a copy on disk written to the store later) moves nothing."""
+        if seq < self._saved_seq or (cursor == self._saved and seq == self._saved_seq):
             return
+        if self._write(cursor):
+            self._saved, self._saved_seq = cursor, seq
+
+    def _write(self, doc: dict[str, Any]) -> bool:
         try:
             self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cursor))
+            tmp.write_text(json.dumps(doc))
             os.replace(tmp, self.checkpoint)
-            self._saved = cursor
+            return True
         except OSError as exc:
             self.last_error = f"checkpoint: {exc}"
+            return False
 
-    def _resume(self) -> None:
-        """Open where the checkpoint says, or the file's end when there is none."""
+    def _read_checkpoint(self) -> dict[str, Any] | None:
         saved = None
         with contextlib.suppress(OSError, ValueError, TypeError):
             saved = json.loads(self.checkpoint.read_text())
+        return saved if isinstance(saved, dict) and {"dev", "ino", "pos"} <= set(saved) else None
+
+    def pending(self) -> tuple[str, int, float] | None:
+        """The batch (instance, seq, created) the checkpoint names as on its way to the store or the spool
+        when the last run ended, if any: resolve() is told whether it was kept."""
+        nxt = (self._read_checkpoint() or {}).get("next")
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return str(nxt["instance"]), int(nxt["seq"]), float(nxt["created"])
+        return None
+
+    def resolve(self, kept: bool) -> None:
+        """Before start(): whether the pending batch was kept (stored or spooled). If it was, reading
+        resumes after its lines (before them would count them twice); if not, before them."""
+        saved = self._read_checkpoint()
+        if saved is not None and isinstance(saved.get("next"), dict):
+            self._write({k: v for k, v in (saved["next"] if kept else saved).items() if k in _CURSOR_KEYS})
+
+    def _resume(self) -> None:
+        """Open where the checkpoint says, or the file's end when there is none."""
+        saved = self._read_checkpoint()
         here = _file_ident(self.path)
-        if not isinstance(saved, dict) or not {"dev", "ino", "pos"} <= set(saved):
+        if saved is None:
             if here is not None:
                 self._open(self.path, end=True)
+                self.save(self.cursor(), 0)  # a crash before the first batch resumes here, not at the end
             return
+        saved = {k: v for k, v in saved.items() if k in _CURSOR_KEYS}
         self._saved = saved
         ident = (saved["dev"], saved["ino"])
         if here == ident:
@@ -1768,6 +1812,7 @@ class _CaddyLogFile:
             if self._fd is None:
                 self.state = "error"
                 return
+            self.save(self.cursor(), self._saved_seq)  # so a restart reads it from 0 too
         self._drain()
         if self._then_path:  # the rest of a rotated file is read: now the log itself
             self._then_path = False
@@ -1995,7 +2040,16 @@ class _Spool:
 
     @staticmethod
     def name_of(batch: _Batch) -> str:
-        return f"{batch.seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', batch.instance)}.batch"
+        return _Spool._name(batch.instance, batch.seq)
+
+    @staticmethod
+    def _name(instance: str, seq: int) -> str:
+        return f"{seq:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', instance)}.batch"
+
+    def holds(self, instance: str, seq: int) -> bool:
+        """The batch is spooled (claimed for a replay or not)."""
+        name = self._name(instance, seq)
+        return (self.folder / name).exists() or any(self.folder.glob(glob.escape(name) + ".claimed-*"))
 
     def save(self, batch: _Batch) -> str | None:
         """Write batch to the folder; its file name, or None when it alone is over max_bytes
@@ -2193,6 +2247,7 @@ class _Writer:
         self.stalled_since: float | None = None  # a write pending past stall_after since
         self.refused = ""  # why the store refuses every write (401/403/404), until one succeeds
         self.on_durable: Callable[[_Batch], None] | None = None  # a batch is in the store or on disk
+        self.on_pending: Callable[[_Batch], None] | None = None  # a batch is about to go to either
         self._losses: list[float] = []  # time.time() of recent drops and refusals
         self._current: _Batch | None = None  # the batch being written
         self._current_t0 = 0.0
@@ -2251,6 +2306,7 @@ class _Writer:
 
     def _to_spool(self, batch: _Batch) -> str | None:
         assert self.spool is not None
+        self._pending(batch)
         try:
             name = self.spool.save(batch)
         except OSError as exc:
@@ -2262,6 +2318,10 @@ class _Writer:
         self.counters["spooled"] += 1
         self._durable(batch)
         return name
+
+    def _pending(self, batch: _Batch) -> None:
+        if batch.cursor is not None and self.on_pending is not None:
+            self.on_pending(batch)
 
     def _durable(self, batch: _Batch) -> None:
         if batch.cursor is not None and self.on_durable is not None:
@@ -2294,6 +2354,8 @@ class _Writer:
                 continue
             batch, path = item
             self._current, self._current_t0 = batch, time.monotonic()
+            if path is None:  # (a spooled batch is kept already)
+                self._pending(batch)
             t0 = time.perf_counter()
             try:
                 await self.store.write(batch)
@@ -2371,7 +2433,8 @@ class _Writer:
                 self._copy = None
         self.counters["written"] += 1
         self.counters["rows"] += len(batch.rows)
-        self._durable(batch)
+        if path is None:  # (a spooled batch was kept when it was spooled: its cursor is older than the checkpoint)
+            self._durable(batch)
 
     def _reject(self, batch: _Batch, path: Path | None, exc: BaseException, error: str) -> None:
         """The store refused this batch for what it holds: to the dead-letter file, counted, logged
@@ -2398,7 +2461,8 @@ class _Writer:
         if self._copy is not None and path is None:
             self.spool.discard(self._copy)  # type: ignore[union-attr]
             self._copy = None
-        self._durable(batch)  # handled for good: the log file source may move past it
+        if path is None:  # handled for good: the log file source may move past it
+            self._durable(batch)
 
     async def close(self, timeout: float = 8.0) -> None:
         """Write what is pending within timeout; spool (or, with no spool, count as dropped) the rest."""
@@ -2492,6 +2556,10 @@ class _Store(Protocol):
 
     async def write(self, batch: _Batch) -> None:
         """Take a batch; a batch written twice counts once."""
+
+    async def has_batch(self, instance: str, seq: int, created: float) -> bool:
+        """Whether the store took this batch (asked at a start for the one the log file's checkpoint
+        names as pending; a batch that carries a log file cursor is always recorded)."""
 
     async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None) -> _RangeData:
         """The range of `seconds` before now, summed per series and per tier slot (of one route and
@@ -2798,6 +2866,10 @@ class _SQLiteStore:
         """All-time sums per series (for /metrics): monotonic, whatever the retention."""
         return await self._r.run(lambda c: self._read(c, _TOTALS, 0))
 
+    async def has_batch(self, instance: str, seq: int, created: float) -> bool:
+        return await self._r.run(lambda c: c.execute("SELECT 1 FROM batch WHERE instance = ? AND seq = ?",
+                                                     (instance, seq)).fetchone() is not None)
+
     def _read(self, conn: sqlite3.Connection, tier: int, start: int, stop: int | None = None,
               route: tuple[str, str] | None = None, events: bool = True) -> _RangeData:
         """One range read, [start, stop). Slots come from a per-slot cache, checked against
@@ -3014,6 +3086,9 @@ _INFLUX_SOURCE_TIERS: dict[int, str] = {10: "sources_10s", 60: "sources_1m", 600
 _EVENTS_MEASUREMENT = "events"
 #: The slowest requests of each window of each tier (tag tier), ranked: a page reads its tier's.
 _SLOWEST_MEASUREMENT = "slowest"
+#: One point per batch that carries a log file cursor (its seq, at the batch's time): has_batch()
+#: reads it at a start. Kept _BATCH_MEMORY_S, as SQLite keeps batch ids.
+_BATCHES_MEASUREMENT = "batches"
 #: A worker keeps a window's running totals this long after the window ends (s), for late samples
 #: (a log backlog); a later sample starts new totals, written as a point of their own, which sum().
 _WINDOW_GRACE_S = 120.0
@@ -3202,6 +3277,8 @@ def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Itera
         if e.kind == "error":  # (slow requests are in the slowest lists)
             out.append(f"{_EVENTS_MEASUREMENT},instance={inst},kind=error,source={_lp_tag(e.source)} "
                        f"{_lp_event_fields(e)} {round(e.ts * 1e6) * 1000}")
+    if batch.cursor is not None:  # in the same write as the batch: kept together or not at all
+        out.append(f"{_BATCHES_MEASUREMENT},instance={inst} seq={batch.seq}i {round(batch.created * 1e6) * 1000}")
 
 
 def _flux_time(ts: float) -> str:
@@ -3312,6 +3389,14 @@ def _flux_errors(bucket: str, start_ts: float, route: tuple[str, str] | None = N
     """The newest 5xx since start_ts (the errors table looks back in steps: _ERROR_LOOKBACK_S)."""
     return _flux_events(bucket, start_ts, f'r._measurement == "{_EVENTS_MEASUREMENT}" and r.kind == "error"',
                         "_time", route)
+
+
+def _flux_batch(bucket: str, instance: str, seq: int, created: float) -> str:
+    """The point of one batch (has_batch()): a second around its time, one instance."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(created - 1, created + 2)}\n'
+            f'  |> filter(fn: (r) => r._measurement == "{_BATCHES_MEASUREMENT}" and r._field == "seq"'
+            f' and r.instance == {_flux_string(instance)})\n'
+            f'  |> filter(fn: (r) => r._value == {int(seq)})\n  |> limit(n: 1)\n')
 
 
 def _flux_health(bucket: str, now: float) -> str:
@@ -3469,21 +3554,21 @@ class _InfluxStore:
             await self.trim()
 
     async def trim(self, now: float | None = None) -> None:
-        """Delete the finer tiers' points past what _TIERS keeps of them (a failure is logged: the
-        next trim does it)."""
+        """Delete the finer tiers' points past what _TIERS keeps of them, and the batch points past
+        _BATCH_MEMORY_S (as SQLite forgets batch ids); a failure is logged: the next trim does it."""
         now = time.time() if now is None else now
         delete = self.client.delete_api()
-        for tier, keep in _TIERS.items():
-            if not keep:
-                continue
-            stop = datetime.fromtimestamp(now - keep, tz=timezone.utc)
-            for predicate in (f'_measurement="{_INFLUX_TIERS[tier]}"', f'_measurement="{_INFLUX_SOURCE_TIERS[tier]}"',
-                              f'_measurement="{_SLOWEST_MEASUREMENT}" AND tier="{tier}"'):
-                try:
-                    await delete.delete(start=datetime.fromtimestamp(0, tz=timezone.utc), stop=stop,
-                                        predicate=predicate, bucket=self.bucket, org=self.org)
-                except Exception as exc:
-                    _log.warning("telemetry: trimming InfluxDB's %s s tier failed: %s", tier, _one_line(exc))
+        cuts = [(f"{tier} s tier", keep, predicate) for tier, keep in _TIERS.items() if keep
+                for predicate in (f'_measurement="{_INFLUX_TIERS[tier]}"', f'_measurement="{_INFLUX_SOURCE_TIERS[tier]}"',
+                                  f'_measurement="{_SLOWEST_MEASUREMENT}" AND tier="{tier}"')]
+        cuts.append(("batch points", _BATCH_MEMORY_S, f'_measurement="{_BATCHES_MEASUREMENT}"'))
+        for what, keep, predicate in cuts:
+            try:
+                await delete.delete(start=datetime.fromtimestamp(0, tz=timezone.utc),
+                                    stop=datetime.fromtimestamp(now - keep, tz=timezone.utc),
+                                    predicate=predicate, bucket=self.bucket, org=self.org)
+            except Exception as exc:
+                _log.warning("telemetry: trimming InfluxDB's %s failed: %s", what, _one_line(exc))
 
     async def _query(self, text: str) -> list[dict[str, str]]:
         return _parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
@@ -3519,6 +3604,9 @@ class _InfluxStore:
                             route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
         return await self.read(seconds, tier, now, route, ["slots", "slot_hist"], start - seconds, start)
+
+    async def has_batch(self, instance: str, seq: int, created: float) -> bool:
+        return bool(await self._query(_flux_batch(self.bucket, instance, seq, created)))
 
     async def _errors(self, start: float, now: float, route: tuple[str, str] | None = None) -> list[dict[str, str]]:
         """The newest 5xx of the range, looking back in steps so that a page reads about its rows,
@@ -4363,6 +4451,7 @@ class _Pipeline:
             self.reader = _CaddyLogFile(config.caddy_log_file, self.parser,
                                         _status_dir(config.db) / "caddy-log.checkpoint")
             self.writer.on_durable = self.reader.on_durable
+            self.writer.on_pending = self.reader.on_pending
         self.status_dir = _status_dir(config.db)
         #: The last failed read of the store (a page, the JSON, /metrics), until one succeeds.
         self.read_error = ""
@@ -4387,11 +4476,29 @@ class _Pipeline:
         await self.store.open()
         self.writer.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-flush")
+        if isinstance(self.reader, _CaddyLogFile):
+            await self._resolve_pending(self.reader)
         if self.reader is not None:
             self.reader.start()
         cls = type(app)
         base = cls.base_handle()
         cls.install(self.sanic, self.sanic.timed_hook(base) if other else self.sanic.hook(base))
+
+    async def _resolve_pending(self, reader: _CaddyLogFile) -> None:
+        """The batch the log file's checkpoint names as pending when the last run ended: if the
+        store or the spool holds it, reading resumes after its lines (else they are read again)."""
+        pending = reader.pending()
+        if pending is None:
+            return
+        instance, seq, created = pending
+        try:
+            kept = (self.writer.spool is not None and self.writer.spool.holds(instance, seq)) \
+                or await self.store.has_batch(instance, seq, created)
+        except Exception as exc:  # the store cannot say: its lines are read again (counted twice if it had them)
+            _log.warning("telemetry: could not tell whether the store holds the last batch of the log file "
+                         "(%s); its lines are read again", _one_line(exc))
+            kept = False
+        reader.resolve(kept)
 
     async def stop(self, deadline: float | None = None) -> None:
         """After Sanic has finished the requests in flight: stop the reader (reading what it has
@@ -4505,7 +4612,7 @@ class _Pipeline:
         elif not self.writer.queue and not self.writer.degraded:  # nothing new or unwritten: current
             self.caught_up_at = time.time()
             if cursor is not None:  # lines that made no batch (ignored, malformed) need no re-read
-                self.reader.save(cursor)  # type: ignore[union-attr]
+                self.reader.save(cursor, self.aggregator.seq)  # type: ignore[union-attr]
         return batch
 
     async def catch_up(self) -> None:
@@ -5157,7 +5264,7 @@ def _print_flux(argv: Sequence[str]) -> int:
     previous = _flux_queries(args.bucket, seconds, tier, now, start - seconds, start, route)
     queries = {**_flux_queries(args.bucket, seconds, tier, now, route=route), "as_of": _flux_as_of(args.bucket, now),
                "errors": _flux_errors(args.bucket, now - 600, route), "health": _flux_health(args.bucket, now),
-               "bucket": _flux_bucket(args.bucket),
+               "bucket": _flux_bucket(args.bucket), "batch": _flux_batch(args.bucket, "host1-w0", 1, now),
                "previous_slots": previous["slots"], "previous_slot_hist": previous["slot_hist"]}
     if not route:
         queries["slowest"] = _flux_slowest(args.bucket, tier, "host1", "caddy", start)

@@ -363,9 +363,19 @@ class CaddyLog:
         os.truncate(self.path, 0)
 
 
-def _caddy_count(demo: Demo, n: int) -> dict:
-    return wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == n else None)(demo.summary()), 5,
-                    f"{n} caddy requests")
+def _caddy_count(demo: Demo, n: int, timeout: float = 15) -> dict:
+    """Wait until the page counts n caddy requests; a timeout names the count it saw last."""
+    seen: list[int] = []
+
+    def counted():
+        s = demo.summary()
+        seen.append(s["sources"]["caddy"]["requests"])
+        return s if seen[-1] == n else None
+    try:
+        return wait_for(counted, timeout, f"{n} caddy requests")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; counted {seen[-1:]} (first {seen[:1]}); "
+                             f"the app said:\n{demo.output()[-3000:]}") from None
 
 
 def sanic_python(version: str) -> str:
@@ -557,6 +567,8 @@ def _batches_written(fake: FakeInflux, since: int = 0) -> list[float]:
 async def _contract(tmp_path: Path, url: str, token: str, org: str, bucket: str) -> None:
     now = int(time.time())
     batches = random_batches(now)
+    last = batches[-1]
+    last.cursor = {"dev": 1, "ino": 2, "pos": 3, "path": "/l"}  # a log file's: a start may ask for it
     lite = t._SQLiteStore(str(tmp_path / "contract.db"))
     flux = t._InfluxStore(url, token, org, bucket)
     await lite.open()
@@ -568,6 +580,9 @@ async def _contract(tmp_path: Path, url: str, token: str, org: str, bucket: str)
         for b in batches[-5:]:  # the last ones replayed, in order (a crash before they were known
             await lite.write(b)  # written): no double count in either store
             await flux.write(b)
+        for store in (lite, flux):  # what a start asks of the batch its log file checkpoint names
+            assert await store.has_batch(last.instance, last.seq, last.created), store.kind
+            assert not await store.has_batch(last.instance, last.seq + 1, last.created), store.kind
         read_at = time.time()
         pages = 0
         for rng, (seconds, tier) in t._RANGES.items():
@@ -1495,6 +1510,52 @@ def test_log_file_resumes_after_restart_and_rotation_while_down(tmp_path):
         assert demo.stop() == 0
 
 
+@pytest.mark.parametrize("kept", ["store", "spool", "nowhere"])
+@pytest.mark.parametrize("kind", ["sqlite", "influx"])
+def test_log_file_a_crash_between_the_store_and_the_checkpoint_reads_no_line_twice(tmp_path, kind, kept, request):
+    """The process dies after the batch went to the store (or the spool) but before the checkpoint
+    said so, or before it went anywhere: the next start asks where the batch the checkpoint names
+    as pending is, and every line is counted exactly once."""
+    log_ = CaddyLog(tmp_path / "access.log")
+    log_.path.touch()
+    wire = {}
+    if kind == "influx":
+        fake = request.getfixturevalue("fake")
+        wire = {"influxdb_url": fake.url, "influxdb_token": fake.token, "influxdb_org": fake.org,
+                "influxdb_bucket": BUCKET}
+    config = t.Config(db=str(tmp_path / "telemetry.db"), caddy_log_file=str(log_.path),
+                      spool_dir=str(tmp_path / "spool"), **wire)
+
+    async def run(crash: bool) -> int:
+        tel = t._Pipeline(config, reader=True)
+        await tel.store.open()
+        await tel._resolve_pending(tel.reader)
+        tel.reader.start()
+        tel.reader.poll()  # what the last run left unread
+        log_.write(7)
+        tel.reader.poll()
+        batch = tel._cut()
+        assert batch is not None and batch.cursor is not None
+        if crash:  # the writer's steps, then the end, before on_durable()
+            tel.writer.on_pending(batch)
+            if kept == "store":
+                await tel.store.write(batch)
+            elif kept == "spool":
+                tel.writer.spool.save(batch)
+        else:
+            tel.writer.start()
+            tel.writer.put(batch)
+            await until(lambda: not tel.writer.queue and tel.writer.spool.count() == 0, 10, "the batches written")
+        await tel.reader.stop()
+        total = sum(row[3] for row in (await tel.store.read_totals()).series if row[0] == "caddy")
+        if tel.writer._task is not None:
+            tel.writer._task.cancel()
+        await tel.close()
+        return total
+    asyncio.run(run(crash=True))
+    assert asyncio.run(run(crash=False)) == log_.n == 14
+
+
 def test_log_file_sigkill_under_load_counts_every_line_once(tmp_path):
     """SIGKILL while lines are being written: the checkpoint is only moved on by batches that are
     stored, so after a restart every line is counted exactly once."""
@@ -1677,6 +1738,39 @@ def test_writer_spools_while_refused_and_replays_in_order(tmp_path, fake):
     assert _batches_written(fake, since) == [b.created for b in batches]  # oldest first
     assert fake.counts()["status"] == expected_status(batches)
     assert not list((tmp_path / "spool").iterdir())
+
+
+def test_writer_replaying_the_spool_never_moves_the_log_checkpoint_back(tmp_path, fake):
+    """Batches spooled while the store is down are kept: the log file's checkpoint moves to the
+    newest of them then, and their replays later move it nowhere (back to an older batch's
+    position, a crash would read the newer batches' lines again while they wait in the spool)."""
+    log_path = tmp_path / "access.log"
+    log_path.touch()
+    reader = t._CaddyLogFile(str(log_path), t._CaddyParser(t._RouteResolver(None), lambda ev: None),
+                             tmp_path / "caddy-log.checkpoint")
+    reader._resume()
+    saved: list[int] = []
+    write = reader._write
+    reader._write = lambda doc: (saved.append(doc["pos"]) if "next" not in doc else None, write(doc))[1]
+    now = int(time.time())
+    batches = [mk_batch(300 + i, [mk_rollup(now, count=1)]) for i in range(4)]
+    for i, b in enumerate(batches):
+        b.cursor = {"dev": 1, "ino": 2, "pos": 100 * (i + 1), "path": str(log_path)}
+
+    async def go():
+        async with influx_writer(fake, tmp_path) as (w, spool):
+            w.on_pending, w.on_durable = reader.on_pending, reader.on_durable
+            fake.down()
+            w.put(batches[0])
+            await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
+            for b in batches[1:]:
+                w.put(b)
+            assert saved[-1] == 400
+            fake.up()
+            await until(lambda: _done(w, 4) and spool.count() == 0, 10, "the spool replayed")
+    asyncio.run(go())
+    assert saved == sorted(saved) and saved[-1] == 400, saved
+    assert json.loads(reader.checkpoint.read_text()) == batches[-1].cursor
 
 
 def test_writer_spool_cap_drops_oldest_and_counts(tmp_path, fake):
@@ -1979,8 +2073,9 @@ def live_influx(monkeypatch) -> Iterator[tuple[str, str, str, str]]:
     monkeypatch.setattr(t, "_INFLUX_SOURCE_TIERS", {k: v + tag for k, v in t._INFLUX_SOURCE_TIERS.items()})
     monkeypatch.setattr(t, "_SLOWEST_MEASUREMENT", t._SLOWEST_MEASUREMENT + tag)
     monkeypatch.setattr(t, "_EVENTS_MEASUREMENT", t._EVENTS_MEASUREMENT + tag)
+    monkeypatch.setattr(t, "_BATCHES_MEASUREMENT", t._BATCHES_MEASUREMENT + tag)
     measurements = [*t._INFLUX_TIERS.values(), *t._INFLUX_SOURCE_TIERS.values(), t._SLOWEST_MEASUREMENT,
-                    t._EVENTS_MEASUREMENT]
+                    t._EVENTS_MEASUREMENT, t._BATCHES_MEASUREMENT]
 
     async def cleanup() -> None:
         from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
@@ -2134,14 +2229,21 @@ def test_influx_finer_tiers_are_trimmed_and_a_short_bucket_retention_is_reported
         store = t._InfluxStore(fake.url, fake.token, fake.org, BUCKET)
         await store.open()
         await store.write(mk_batch(1, [mk_rollup(old, count=2), mk_rollup(recent, count=3)]))
+        for seq, created in ((2, now - 3 * 86400), (3, recent)):  # a batch point each (a log file's)
+            b = mk_batch(seq, [])
+            b.cursor, b.created = {"dev": 1, "ino": 2, "pos": seq, "path": "/l"}, created
+            await store.write(b)
         await store.trim(now)
         health = await store.health()
+        held = [await store.has_batch("wire-w0", seq, created) for seq, created in ((2, now - 3 * 86400), (3, recent))]
         await store.close()
-        return store, health
-    store, health = asyncio.run(go())
+        return store, health, held
+    store, health, held = asyncio.run(go())
     kept = {m: sum(f["count"] for _, _, f in fake.points(m)) for m in t._INFLUX_TIERS.values()}
     # 3 h ago: in the 10 min and 1 h tiers only
     assert kept == {"requests_10s": 3, "requests_1m": 5, "requests_10m": 5, "requests_1h": 5}
+    # batch points are kept 2 days, as SQLite keeps batch ids
+    assert [f["seq"] for _, _, f in fake.points(t._BATCHES_MEASUREMENT)] == [3] and held == [False, True]
     assert "keeps 1 h" in store.note and "24 h range" in store.note and health["note"] == store.note
 
 
@@ -2191,7 +2293,7 @@ def test_flux_queries_pass_flux_check_and_the_checker_bites(tmp_path):
         for args in ((), ("--route", *hostile)):
             named = _flux_of("--range", rng, *args)
             base = set(t._flux_queries(BUCKET, *t._RANGES[rng], time.time(), route=hostile if args else None))
-            assert set(named) == base | {"as_of", "errors", "health", "bucket", "previous_slots",
+            assert set(named) == base | {"as_of", "errors", "health", "bucket", "batch", "previous_slots",
                                          "previous_slot_hist"} | (set() if args else {"slowest"}), named.keys()
             for name, text in named.items():
                 path = tmp_path / f"{rng}-{'route-' if args else ''}{name}.flux"
