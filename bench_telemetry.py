@@ -55,6 +55,15 @@ never asserts, and it exits 0.
 6. memory     `python telemetry.py` with its default settings; 8 clients POST 9.9 MB of Caddy
               lines each to /telemetry/ingest at once: RSS before and at its peak (VmHWM), and the
               answers (the byte budget takes two at a time and answers the rest 503).
+7. influx     One synthetic hour and day of 1,000 req/s x 50 routes x 3 instances written through
+              the real InfluxStore into the test file's InfluxDB wire server: per range, the points
+              and field values each page view's queries select, and what a flush writes.
+8. crash      `python telemetry.py --caddy-log-file` (flush every 50 ms) while 25 lines are
+              appended every 50 ms: SIGKILL after 10 such writes, 10 more lines while it is down,
+              a restart; then the summary's caddy count against the lines written, 100 times
+              (--quick: 5): exact, lines read twice, or lines lost. Killed anywhere in the flush
+              cycle, then killed 0-0.6 ms after the database's write-ahead log grows (a batch being
+              stored): where a crash between the store and the log file checkpoint would double.
 --against REV|DIR compares this build with another in the same run: a git revision of this
 repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
 loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
@@ -66,6 +75,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import functools
 import http.client
 import json
@@ -1196,6 +1206,87 @@ def influx_before(models: list, now: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# 8. crash: SIGKILL while Caddy log lines are being written
+
+def kill_after_a_commit(pid: int, wal: Path, after: float, timeout: float = 2.0) -> None:
+    """SIGKILL pid `after` seconds after its SQLite write-ahead log grows (a batch being committed;
+    or after timeout): the kill lands in or just after a store write, before what follows it."""
+    size = wal.stat().st_size if wal.exists() else 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if wal.stat().st_size != size:
+                break
+    end = time.perf_counter() + after
+    while time.perf_counter() < end:  # (a sleep this short overshoots)
+        pass
+    os.kill(pid, signal.SIGKILL)
+
+
+def crash_run(build: Path, work: Path, seed: int, at_commit: bool = False) -> tuple[int, int | None]:
+    """One SIGKILL and restart of `python telemetry.py --caddy-log-file` of build: (lines written,
+    caddy requests counted after the restart; None when the app did not answer). at_commit: the
+    kill waits for the next write to the database (kill_after_a_commit), else it lands anywhere."""
+    work.mkdir()
+    log = work / "access.log"
+    log.touch()
+    lines = [line for line in caddy_lines(400, seed) if b'"/telemetry' not in line][:260]  # (its own: not counted)
+    argv = demo_argv(free_port(), work / "telemetry.db", work, "--caddy-log-file", str(log), "--flush-interval",
+                     "0.05", "--no-caddy")
+    port = int(argv[argv.index("--port") + 1])
+    demo = Child(argv, work / "first.log", cwd=build)
+    try:
+        if not answers(port, "/telemetry/healthz"):
+            return len(lines), None
+        with open(log, "ab", buffering=0) as f:
+            for i in range(0, 250, 25):
+                f.write(b"\n".join(lines[i:i + 25]) + b"\n")
+                if not (at_commit and i == 225):
+                    time.sleep(0.05)
+            if at_commit:  # 0 to 0.6 ms after the write began: here, about the write's own length
+                kill_after_a_commit(demo.proc.pid, work / "telemetry.db-wal", random.Random(seed).uniform(0, 0.0006))
+            else:
+                os.kill(demo.proc.pid, signal.SIGKILL)
+            demo.proc.wait(10)
+            f.write(b"\n".join(lines[250:]) + b"\n")
+    finally:
+        demo.stop()
+    demo = Child(argv, work / "second.log", cwd=build)
+    app = Client(port)
+    try:
+        if not answers(port, "/telemetry/healthz"):
+            return len(lines), None
+        seen: list[int] = []
+        wait_until(lambda: seen.append(app.counts()[0]) or seen[-1] == len(lines), 8.0, 0.1)
+        return len(lines), (seen[-1] if seen else None)
+    finally:
+        app.close()
+        demo.stop()
+
+
+def bench_crash(quick: bool, tmp: Path) -> None:
+    n = 5 if quick else 100
+    builds = [("this build", HERE)] + ([(f"against {AGAINST.name}", AGAINST)] if AGAINST is not None else [])
+    figures = []
+    for at_commit in (False, True):
+        when = "right after a database write" if at_commit else "anywhere"
+        for label, build in builds:
+            outcomes: Counter = Counter()
+            off: list[int] = []
+            for i in range(n):
+                wrote, counted = crash_run(build, tmp / f"crash-{label.split()[0]}-{int(at_commit)}-{i}", i, at_commit)
+                kind = "no answer" if counted is None else "exact" if counted == wrote else \
+                    "read twice" if counted > wrote else "lost"
+                outcomes[kind] += 1
+                if counted is not None and counted != wrote:
+                    off.append(counted - wrote)
+            spread = ", ".join(f"{k:+d} lines x{v}" for k, v in sorted(Counter(off).items())) or "none"
+            print(f"  killed {when}: {label}: {n} kills: {dict(outcomes)}; off by: {spread}")
+            figures.append(f"{when}: {label} exact in {outcomes['exact']} of {n}" + (f" ({spread})" if off else ""))
+    SUMMARY["crash"] = "SIGKILL mid-log, then restart  " + "; ".join(figures)
+
+
 def against_build(spec: str, tmp: Path) -> Path:
     """--against's folder: spec itself when it is one, else the files of git revision spec."""
     if Path(spec).is_dir():
@@ -1215,7 +1306,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
     ap.add_argument("--only", action="append",
-                    choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory", "influx"],
+                    choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory", "influx",
+                             "crash"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--against", metavar="REV|DIR",
                     help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
@@ -1233,7 +1325,8 @@ def main() -> int:
     parts = [("hot path", lambda: bench_hot_path(quick, tmp)), ("tail", lambda: bench_tail(quick, tmp)),
              ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick, tmp)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp)),
-             ("memory", lambda: bench_memory(quick, tmp)), ("influx", lambda: bench_influx(quick, tmp))]
+             ("memory", lambda: bench_memory(quick, tmp)), ("influx", lambda: bench_influx(quick, tmp)),
+             ("crash", lambda: bench_crash(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:
