@@ -1658,6 +1658,8 @@ class _CaddyLogFile:
         self.state = "idle"
         self.last_error = ""  # the last poll's error; cleared by the next good poll
         self.lost = ""  # lines a restart could not read (their file is gone): stays until the next start
+        #: Why the checkpoint cannot be written (a restart would read lines again): until a write works.
+        self.checkpoint_error = ""
         self.rotations = self.truncations = 0
         self._fd: int | None = None
         self._ident: tuple[int, int] = (0, 0)
@@ -1706,10 +1708,14 @@ class _CaddyLogFile:
             tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(doc))
             os.replace(tmp, self.checkpoint)
-            return True
         except OSError as exc:
-            self.last_error = f"checkpoint: {exc}"
+            if not self.checkpoint_error:
+                _log.warning("telemetry: cannot write the log file checkpoint %s: %s", self.checkpoint, exc)
+            self.checkpoint_error = (f"the log file position cannot be saved ({exc.strerror or exc}: {self.checkpoint}): "
+                                     "a restart would read the lines since the last save again")
             return False
+        self.checkpoint_error = ""
+        return True
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         saved = None
@@ -1860,7 +1866,8 @@ class _CaddyLogFile:
     def health(self) -> dict[str, Any]:
         st = self.parser.stats
         return {"state": self.state, "file": self.path, "pid": None, "restarts": 0, "last_exit": None,
-                "last_error": self.last_error, "lost": self.lost, "rotations": self.rotations,
+                "last_error": self.last_error, "lost": self.lost, "checkpoint_error": self.checkpoint_error,
+                "rotations": self.rotations,
                 "truncations": self.truncations,
                 "position": self.cursor()["pos"], "lines": st.lines, "access_lines": st.access,
                 "malformed": st.malformed, "last_line_at": st.last_line_at or None}
@@ -4751,7 +4758,8 @@ class _Pipeline:
         for st in statuses:
             for code, text in st.get("problems", {}).items():
                 problems.setdefault(code, text)
-        notes = [text for text in (store.get("loss"), store.get("note"), reader.get("lost")) if text]
+        notes = [text for text in (store.get("loss"), store.get("note"), reader.get("lost"),
+                                   reader.get("checkpoint_error")) if text]
         return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
                 "notes": notes, "instance": self.instance, "workers": len(statuses), "sanic": _SANIC_VERSION,
                 "store": store, "reader": reader, **merged}

@@ -1548,12 +1548,36 @@ def test_log_file_a_crash_between_the_store_and_the_checkpoint_reads_no_line_twi
             await until(lambda: not tel.writer.queue and tel.writer.spool.count() == 0, 10, "the batches written")
         await tel.reader.stop()
         total = sum(row[3] for row in (await tel.store.read_totals()).series if row[0] == "caddy")
-        if tel.writer._task is not None:
-            tel.writer._task.cancel()
+        if not crash:
+            await tel.writer.close(timeout=2.0)
         await tel.close()
         return total
     asyncio.run(run(crash=True))
     assert asyncio.run(run(crash=False)) == log_.n == 14
+
+
+def test_log_file_checkpoint_that_cannot_be_written_is_said_and_counting_goes_on(tmp_path):
+    """The checkpoint's place is not writable (here a folder stands there): the lines are still
+    counted, healthz and the page say a restart would read lines again, and the note goes once a
+    checkpoint is written."""
+    log_ = CaddyLog(tmp_path / "access.log")
+    log_.path.touch()
+    blocker = tmp_path / "telemetry.db.status" / "caddy-log.checkpoint"
+    (blocker / "x").mkdir(parents=True)
+    demo = Demo(tmp_path, "--caddy-log-file", str(log_.path), caddy=False)
+    try:
+        log_.write(5)
+        _caddy_count(demo, 5)
+        h = wait_for(lambda: (lambda h: h if h["notes"] else None)(demo.health()), 10, "a note on healthz")
+        assert h["ok"] and "position cannot be saved" in h["notes"][0] and h["reader"]["checkpoint_error"], h
+        assert "position cannot be saved" in http("GET", demo.app + "/telemetry/?range=5m&refresh=0")[1].decode()
+        shutil.rmtree(blocker)
+        log_.write(3)
+        _caddy_count(demo, 8)
+        wait_for(lambda: not demo.health()["notes"], 10, "the note gone once a checkpoint is written")
+    finally:
+        assert demo.stop() == 0
+    assert json.loads(blocker.read_text())["pos"] == log_.path.stat().st_size
 
 
 def test_log_file_sigkill_under_load_counts_every_line_once(tmp_path):
@@ -1749,9 +1773,14 @@ def test_writer_replaying_the_spool_never_moves_the_log_checkpoint_back(tmp_path
     reader = t._CaddyLogFile(str(log_path), t._CaddyParser(t._RouteResolver(None), lambda ev: None),
                              tmp_path / "caddy-log.checkpoint")
     reader._resume()
-    saved: list[int] = []
+    saved: list[int] = []  # the position of every checkpoint written (not the pending notes)
     write = reader._write
-    reader._write = lambda doc: (saved.append(doc["pos"]) if "next" not in doc else None, write(doc))[1]
+
+    def recording(doc: dict) -> bool:
+        if "next" not in doc:
+            saved.append(doc["pos"])
+        return write(doc)
+    reader._write = recording
     now = int(time.time())
     batches = [mk_batch(300 + i, [mk_rollup(now, count=1)]) for i in range(4)]
     for i, b in enumerate(batches):
