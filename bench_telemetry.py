@@ -64,11 +64,43 @@ never asserts, and it exits 0.
               (--quick: 5): exact, lines read twice, or lines lost. Killed anywhere in the flush
               cycle, then killed 0-0.6 ms after the database's write-ahead log grows (a batch being
               stored): where a crash between the store and the log file checkpoint would double.
+9. burst      A guest that never hurts its host. A Sanic app (one process, access log off) with 200
+              routes (/api/r{i}/<id:int>) and GET /api/ping, instrumented with the embedded store.
+              600,000 Caddy 2.11 lines (--quick: 60,000), 4,000 (route, status) series in every
+              second of log time (200 routes x 20 statuses, two of them 5xx; lognormal durations,
+              median 20 ms), ending 2 s ago, are POSTed to /telemetry/ingest in 1-4 MB bodies by 3
+              clients as fast as the app takes them (a 503 sent again after its Retry-After,
+              counted), while another process GETs /api/ping every 5 ms over one keep-alive
+              connection: the pings' p50/p99/max from the first POST until the summary (polled every
+              0.5 s, range=15m) shows every line, that time, whether the count is exact, RSS before
+              and at its peak (VmHWM). Then over that history, pings still running: one render of
+              GET /telemetry/?range=15m alone (median of 3), then 8 clients rendering it for 10 s
+              (--quick: 4 s), the same for range=24h: page latency p50/p95, the pings meanwhile.
+              With py-spy on PATH, sampled (py-spy record --nonblocking) through the burst and each
+              render load: the main thread's idle share and which telemetry.py functions hold it
+              (by entry: the route handler or task; and the innermost one).
+10. backlog   `python telemetry.py --caddy-log-file LOG --no-caddy`: a few lines written and counted,
+              a stop (SIGINT), 1,200,000 demo lines (--quick: 120,000; no /telemetry ones, which are
+              never counted) appended, ts over the last 4 minutes (--quick: 1), a start with the
+              pinger (as in 9) running from the same moment: when the first ping was answered
+              (from the process start) and its latency, ping p99/max until the summary's count of
+              the backlog is exact, that time, exact or not; py-spy as in 9.
+11. bodies    `python telemetry.py --no-caddy`, default settings, no token: 6 anonymous clients at
+              once each send a 99 MB body (declared Content-Length, streamed in 1 MB chunks) to GET
+              /telemetry/metrics, /healthz, /dashboard.css and POST /telemetry/login in turn: RSS
+              before, its peak (VmHWM), and what each client got (status, or the error).
+12. slow      `python telemetry.py --no-caddy`, default settings: two connections send the headers of
+              POST /telemetry/ingest with Content-Length 10 MiB, then one byte every 2 s; at 5 s a
+              third client POSTs one valid line (status, latency), and again every 5 s until 40 s
+              (--quick: 10 s): how many got 200 and 503, and whether and when the server closed the
+              slow connections.
 --against REV|DIR compares this build with another in the same run: a git revision of this
 repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
 loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
-times the two builds in turns; memory runs both.
+times the two builds in turns; memory, crash, burst, backlog, bodies and slow run both, one after
+the other.
 """
+
 
 from __future__ import annotations
 
@@ -84,6 +116,7 @@ import os
 import platform
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -511,12 +544,12 @@ PATHS = [(30, "GET", "/api/ping", 200), (25, "GET", "/api/items/{id}", 200),
          for i in range(37)]
 
 
-def caddy_lines(n: int, seed: int = 1) -> list[bytes]:
+def caddy_lines(n: int, seed: int = 1, rate: float = 2000.0) -> list[bytes]:
     rng = random.Random(seed)
-    ts, out = time.time() - n / 2000.0, []  # 2,000 lines/s of traffic, ending now
+    ts, out = time.time() - n / rate, []  # `rate` lines/s of traffic (2,000), ending now
     for _, method, template, status in rng.choices(PATHS, [p[0] for p in PATHS], k=n):
         uri = template.format(id=rng.randint(1, 2000), n=rng.randint(1, 50), ms=rng.choice([10, 50, 100, 250]))
-        ts += rng.expovariate(2000.0)
+        ts += rng.expovariate(rate)
         dur = rng.lognormvariate(math.log(0.004), 0.9)
         rid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         size = 0 if method == "HEAD" else 13 if uri == "/api/ping" else rng.randint(20, 4000)
@@ -1287,6 +1320,669 @@ def bench_crash(quick: bool, tmp: Path) -> None:
     SUMMARY["crash"] = "SIGKILL mid-log, then restart  " + "; ".join(figures)
 
 
+# ---------------------------------------------------------------------------------------------
+# 9-12. a guest that never hurts its host: a burst of log lines, a backlog, big bodies, slow bodies
+
+#: The host app of the burst part: 200 routes and GET /api/ping, instrumented, one process.
+BURST_SRC = """
+import sys
+from sanic import Sanic, response
+port, db, here = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, here)
+import telemetry
+app = Sanic("bench_burst")
+app.config.ACCESS_LOG = False
+
+@app.get("/api/ping")
+async def ping(request):
+    return response.json({"pong": True})
+
+def route(i):
+    async def handler(request, id):
+        return response.json({"route": i, "id": id})
+    app.add_route(handler, f"/api/r{i}/<id:int>", methods=["GET"], name=f"r{i}")
+
+for i in range(200):
+    route(i)
+telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
+app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
+"""
+
+#: The host's user: GET /api/ping every INTERVAL s over one keep-alive connection (reconnecting
+#: after an error or a refused connection); one line per ping, as it ends: monotonic start,
+#: latency (s), status or error name. CLOCK_MONOTONIC is one clock for every process here.
+PINGER_SRC = """
+import http.client, sys, time
+port, interval, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+f, conn, due = open(out, "w", buffering=1), None, time.monotonic()
+try:
+    while True:
+        t0 = time.monotonic()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("GET", "/api/ping")
+            r = conn.getresponse()
+            r.read()
+            f.write(f"{t0:.6f} {time.monotonic() - t0:.6f} {r.status}\\n")
+        except (OSError, http.client.HTTPException) as exc:
+            f.write(f"{t0:.6f} {time.monotonic() - t0:.6f} {type(exc).__name__}\\n")
+            if conn is not None:
+                conn.close()
+            conn = None
+        due = max(due + interval, time.monotonic())
+        time.sleep(max(0.0, due - time.monotonic()))
+except KeyboardInterrupt:
+    pass
+"""
+
+PING_INTERVAL = 0.005
+BURST_ROUTES = 200
+#: 20 statuses: 18 of 2xx-4xx, two 5xx (5xx lines are events: they take the parser's long way).
+BURST_STATUSES = (200, 201, 202, 204, 206, 301, 302, 304, 307, 400, 401, 403, 404, 405, 409, 410, 422, 429, 500, 503)
+
+
+class Pinger:
+    """A PINGER_SRC process against port (a Child), and what it wrote."""
+
+    def __init__(self, port: int, tmp: Path, tag: str) -> None:
+        script = tmp / "pinger.py"
+        if not script.exists():
+            script.write_text(PINGER_SRC)
+        self.out = tmp / f"pings-{tag}.txt"
+        self.child = Child([sys.executable, str(script), str(port), str(PING_INTERVAL), str(self.out)],
+                           tmp / f"pinger-{tag}.log")
+
+    def pings(self) -> list[tuple[float, float, str]]:
+        """(start, latency s, status or error) of every ping so far."""
+        out = []
+        with contextlib.suppress(OSError):
+            for line in self.out.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3:
+                    out.append((float(parts[0]), float(parts[1]), parts[2]))
+        return out
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def ping_stats(pings: list[tuple[float, float, str]], start: float, end: float) -> dict[str, Any]:
+    """The pings that started in [start, end]: p50/p99/max (ms) of those answered, how many, errors."""
+    lat = [p[1] * 1e3 for p in pings if start <= p[0] <= end and p[2] == "200"]
+    errors = sum(1 for p in pings if start <= p[0] <= end and p[2] != "200")
+    if not lat:
+        return {"n": 0, "errors": errors, "p50": float("nan"), "p99": float("nan"), "max": float("nan"), "over100": 0}
+    return {"n": len(lat), "errors": errors, "p50": statistics.median(lat), "p99": pct(lat, 0.99), "max": max(lat),
+            "over100": sum(1 for v in lat if v >= 100)}
+
+
+def fmt_pings(s: dict[str, Any]) -> str:
+    return (f"p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms, max {s['max']:.0f} ms ({s['n']:,} pings, "
+            f"{s['over100']} >= 100 ms" + (f", {s['errors']} errors" if s["errors"] else "") + ")")
+
+
+class Sampler:
+    """`py-spy record` of a process (100 Hz, nonblocking, idle samples too, no line numbers) in
+    speedscope format, which keeps each thread's samples in order; stopped by SIGINT. top() says
+    which functions held the process's main thread (its event loop)."""
+
+    #: A main-thread sample whose innermost frame is one of these is the event loop waiting.
+    IDLE = ("_run_server_forever", "select", "poll", "BaseEventLoop.run_forever", "BaseEventLoop._run_once")
+
+    def __init__(self, pid: int, tmp: Path, tag: str, seconds: int = 900) -> None:
+        self.out, self.child, self.pid = tmp / f"pyspy-{tag}.json", None, pid
+        spy = shutil.which("py-spy")
+        if spy is None:
+            return
+        for _ in range(20):  # a process just started may not be readable yet: tried again, bounded
+            child = Child([spy, "record", "--pid", str(pid), "--format", "speedscope", "-o", str(self.out), "-d",
+                           str(seconds), "-r", "100", "--nonblocking", "--idle", "--nolineno"],
+                          tmp / f"pyspy-{tag}.log")
+            time.sleep(0.3)
+            if child.proc.poll() is None:
+                self.child = child
+                return
+            child.stop()
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.child is not None and self.child.proc.poll() is None:
+            self.child.stop(timeout=30)
+
+    def samples(self) -> list[tuple[str, str] | None]:
+        """The main thread's samples in order: None when idle, else (entry, innermost): entry is
+        the outermost telemetry.py function under Sanic's hook and the token guard (a route
+        handler or a task), innermost the innermost telemetry.py function or the page's Jinja2
+        template; 'other' where there is none (Sanic, asyncio, the app, telemetry.py's start-up)."""
+        try:
+            doc = json.loads(self.out.read_text())
+        except (OSError, ValueError):
+            return []
+        frames = doc["shared"]["frames"]
+        names = [("jinja2 template" if f.get("file") == "<template>" else f["name"])
+                 if f.get("file") == "<template>" or str(f.get("file", "")).endswith("telemetry.py") else None
+                 for f in frames]
+        idle = {i for i, f in enumerate(frames) if f["name"] in self.IDLE}
+        # the main thread's id is the pid (its name may be unknown to py-spy in a process just started)
+        main = next((p for p in doc["profiles"] if f"{p.get('name', '')} ".startswith(f"Thread {self.pid} ")),
+                    None) or next((p for p in doc["profiles"] if "MainThread" in p.get("name", "")), None)
+        out: list[tuple[str, str] | None] = []
+        for stack in (main or {}).get("samples", []):
+            if not stack or stack[-1] in idle:
+                out.append(None)
+                continue
+            ours = [names[i] for i in stack if names[i] is not None]
+            outer = [f for f in ours if "hook.<locals>" not in f and "guarded" not in f
+                     and f not in ("<module>", "main", "_serve", "jinja2 template")]
+            out.append((outer[0] if outer else "other", ours[-1] if ours else "other"))
+        return out
+
+    def top(self, n: int = 4) -> str:
+        """The main thread's idle share; the busy samples' shares by entry and by innermost
+        function; the longest runs of busy samples (the loop never seen waiting) and what they held."""
+        if self.child is None:
+            return "no py-spy (pip install py-spy)"
+        samples = self.samples()
+        if not samples:
+            log = self.child.tail(1).strip()
+            return "no samples" + (f" (py-spy: {log[:160]})" if log else "")
+        total = len(samples)
+
+        def shares(c: Counter, of: int, k: int = n) -> str:
+            return ", ".join(f"{name} {v / of:.0%}" for name, v in c.most_common(k))
+        busy = [x for x in samples if x is not None]
+        runs, i = [], 0
+        while i < total:
+            j = i
+            while j < total and samples[j] is not None:
+                j += 1
+            if j > i:
+                runs.append(samples[i:j])
+            i = j + 1
+        runs.sort(key=len, reverse=True)
+        longest = "; ".join(f"{len(r) * 10} ms ({shares(Counter(e for e, _ in r), len(r), 1)}: "
+                            f"{shares(Counter(f for _, f in r), len(r), 2)})" for r in runs[:3])
+        return (f"main thread {total:,} samples, idle {1 - len(busy) / total:.0%}; by entry: "
+                f"{shares(Counter(e for e, _ in busy), total)}; innermost: {shares(Counter(f for _, f in busy), total)}; "
+                f"longest busy runs (10 ms samples): {longest or 'none'}")
+
+
+def burst_lines(n: int, seed: int = 11) -> tuple[list[bytes], int]:
+    """n Caddy 2.11 lines, BURST_ROUTES x len(BURST_STATUSES) = 4,000 series in every second of
+    log time (each series once a second, in random order within it), lognormal durations (median
+    20 ms, sigma 0.8), ending 2 s ago: (lines, seconds of log time)."""
+    rng = random.Random(seed)
+    series = [(r, s) for r in range(BURST_ROUTES) for s in BURST_STATUSES]
+    seconds = max(1, n // len(series))
+    base, out = int(time.time()) - seconds - 2, []
+    for sec in range(seconds):
+        rng.shuffle(series)
+        for r, status in series[:n - len(out)]:
+            dur = rng.lognormvariate(math.log(0.02), 0.8)
+            rid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            out.append(LINE.format(ts=base + sec + rng.random(), port=rng.randint(30000, 60999), method="GET",
+                                   uri=f"/api/r{r}/{rng.randint(1, 99999)}", ua=rng.choice(UAS), rid=rid, read=0,
+                                   dur=dur, size=rng.randint(20, 4000), status=status, up=dur * 800).encode())
+    return out, seconds
+
+
+def bodies_of(lines: list[bytes], rng: random.Random, lo: int = 1 << 20, hi: int = 4 << 20) -> list[tuple[bytes, int]]:
+    """Lines cut into POST bodies of lo..hi bytes: (body, lines in it)."""
+    out, i = [], 0
+    while i < len(lines):
+        target, size, j = rng.randint(lo, hi), 0, i
+        while j < len(lines) and size < target:
+            size += len(lines[j])
+            j += 1
+        out.append((b"".join(lines[i:j]), j - i))
+        i = j
+    return out
+
+
+def caddy_count(client: Client, rng: str = "15m") -> int:
+    """The caddy requests the summary of a range shows."""
+    return json.loads(client.get(f"/telemetry/api/summary?range={rng}")[1])["sources"]["caddy"]["requests"]
+
+
+def post_all(port: int, bodies: list[tuple[bytes, int]], threads: int, deadline: float) -> dict[str, Any]:
+    """bodies POSTed to /telemetry/ingest by `threads` clients, each over a keep-alive connection,
+    as fast as the app takes them; a 503 is sent again after its Retry-After (counted)."""
+    todo = collections.deque(bodies)
+    lock = threading.Lock()
+    stats: dict[str, Any] = {"retries": 0, "accepted": 0, "other": Counter(), "errors": 0, "done_at": None}
+
+    def run() -> None:
+        conn = None
+        while time.monotonic() < deadline:
+            with lock:
+                if not todo:
+                    return
+                body, _ = todo.popleft()
+            while time.monotonic() < deadline:
+                try:
+                    if conn is None:
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                    conn.request("POST", "/telemetry/ingest", body, {"Content-Type": "application/x-ndjson"})
+                    r = conn.getresponse()
+                    data = r.read()
+                except (OSError, http.client.HTTPException):
+                    with lock:
+                        stats["errors"] += 1
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    time.sleep(0.5)
+                    continue
+                if r.status == 503:
+                    with lock:
+                        stats["retries"] += 1
+                    time.sleep(float(r.getheader("retry-after") or 1))
+                    continue
+                with lock:
+                    if r.status == 200:
+                        stats["accepted"] += json.loads(data)["accepted"]
+                    else:
+                        stats["other"][r.status] += 1
+                break
+        if conn is not None:
+            conn.close()
+
+    workers = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(max(deadline - time.monotonic(), 0) + 130)
+    stats["done_at"] = time.monotonic()
+    return stats
+
+
+def render_load(port: int, path: str, clients: int, seconds: float) -> list[float]:
+    """`clients` clients GET path over and over for `seconds`: every latency (s)."""
+    out: list[float] = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def run() -> None:
+        c = Client(port, timeout=120)
+        try:
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                status, _ = c.get(path)
+                if status == 200:
+                    with lock:
+                        out.append(time.perf_counter() - t0)
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            c.close()
+    workers = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(seconds + 150)
+    return out
+
+
+def burst_run(build: Path, tmp: Path, tag: str, quick: bool) -> dict[str, Any]:
+    """One build's burst: the lines POSTed, the pings, the count, the renders (see bench_burst)."""
+    n, render_s = (60_000, 4.0) if quick else (600_000, 10.0)
+    t0 = time.perf_counter()
+    lines, seconds = burst_lines(n)
+    bodies = bodies_of(lines, random.Random(5))
+    mb = sum(len(b) for b, _ in bodies) / 1e6
+    del lines
+    print(f"  [{tag}] {n:,} lines ({seconds} s of log time x {BURST_ROUTES * len(BURST_STATUSES):,} series, "
+          f"{mb:.0f} MB) in {len(bodies)} bodies of 1-4 MB, built in {time.perf_counter() - t0:.1f} s")
+    (tmp / "burst_app.py").write_text(BURST_SRC)
+    port, db = free_port(), tmp / f"burst-{tag}.db"
+    app = Child([sys.executable, str(tmp / "burst_app.py"), str(port), str(db), str(build)], tmp / f"burst-{tag}.log",
+                cwd=build)
+    pinger = sampler = None
+    out: dict[str, Any] = {"n": n}
+    try:
+        if not answers(port, "/telemetry/healthz"):
+            raise RuntimeError(f"burst app did not answer in 30 s:\n{app.tail()}")
+        pid = app.proc.pid
+        out["rss_before"] = rss_mb(pid, "VmRSS")
+        pinger = Pinger(port, tmp, f"burst-{tag}")
+        wait_until(lambda: len(pinger.pings()) >= 20, 10.0)
+        sampler = Sampler(pid, tmp, f"burst-{tag}")
+        stats: dict[str, Any] = {"retries": 0, "accepted": 0, "other": Counter(), "errors": 0}
+        start = time.monotonic()
+        out["idle_pings"] = ping_stats(pinger.pings(), 0.0, start)
+        poster = threading.Thread(target=lambda: stats.update(post_all(port, bodies, 3, start + 600)), daemon=True)
+        poster.start()
+        poll, seen, exact_at, summary_ms = Client(port, timeout=120), [], None, []
+        while exact_at is None:
+            done = stats.get("done_at")
+            if done is not None and time.monotonic() > done + 300 or time.monotonic() > start + 900:
+                break
+            t = time.perf_counter()
+            with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
+                seen.append(caddy_count(poll))
+                summary_ms.append((time.perf_counter() - t) * 1e3)
+                if seen[-1] >= n:
+                    exact_at = time.monotonic()
+            time.sleep(max(0.0, 0.5 - (time.perf_counter() - t)))
+        end = exact_at or time.monotonic()
+        poster.join(150)
+        sampler.stop()
+        out.update(stats=stats, counted=seen[-1] if seen else None, exact_s=(exact_at - start) if exact_at else None,
+                   posted_s=(stats["done_at"] - start) if stats.get("done_at") else None,
+                   peak=rss_mb(pid, "VmHWM"), rss_after=rss_mb(pid, "VmRSS"), summary_ms=summary_ms,
+                   pings=ping_stats(pinger.pings(), start, end), spy=sampler.top())
+        # the history's pages: one render alone (median of 3), then 8 clients at once for render_s
+        out["render"] = {}
+        for rng in ("15m", "24h"):
+            path = f"/telemetry/?range={rng}&refresh=0"
+            alone = []
+            for _ in range(3):
+                t = time.perf_counter()
+                status, _ = poll.get(path)
+                alone.append((time.perf_counter() - t) * 1e3)
+            sampler = Sampler(pid, tmp, f"render-{rng}-{tag}")
+            r0 = time.monotonic()
+            lat = [v * 1e3 for v in render_load(port, path, 8, render_s)]
+            r1 = time.monotonic()
+            sampler.stop()
+            out["render"][rng] = {"alone": statistics.median(alone), "status": status, "n": len(lat),
+                                  "p50": statistics.median(lat) if lat else float("nan"),
+                                  "p95": pct(lat, 0.95) if lat else float("nan"),
+                                  "pings": ping_stats(pinger.pings(), r0, r1), "spy": sampler.top()}
+        out["peak_after_render"] = rss_mb(pid, "VmHWM")
+        poll.close()
+        return out
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if pinger is not None:
+            pinger.stop()
+        app.stop()
+
+
+def builds_here() -> list[tuple[str, Path]]:
+    return [("this build", HERE)] + ([(f"against {AGAINST.name}", AGAINST)] if AGAINST is not None else [])
+
+
+def bench_burst(quick: bool, tmp: Path) -> None:
+    figures = []
+    for label, build in builds_here():
+        r = burst_run(build, tmp, label.split()[0], quick)
+        st, p = r["stats"], r["pings"]
+        exact = r["counted"] == r["n"]
+        print(f"  {label}: POSTed in {r['posted_s'] or float('nan'):.1f} s (3 clients; 503 retries {st['retries']}, "
+              f"other answers {dict(st['other'])}, connection errors {st['errors']}); summary shows "
+              f"{r['counted'] if r['counted'] is not None else '?':,} of {r['n']:,} "
+              + (f"after {r['exact_s']:.1f} s from the first POST" if r["exact_s"] else "(not within the bound)")
+              + f" ({'exact' if exact else 'NOT exact'}); summary?range=15m p50 "
+              f"{statistics.median(r['summary_ms']) if r['summary_ms'] else float('nan'):.0f} ms, max "
+              f"{max(r['summary_ms'], default=float('nan')):.0f} ms")
+        print(f"  {label}: /api/ping idle before: {fmt_pings(r['idle_pings'])}")
+        print(f"  {label}: /api/ping during the burst {fmt_pings(p)}; RSS {r['rss_before']:.0f} MB before, peak "
+              f"{r['peak']:.0f} MB (+{r['peak'] - r['rss_before']:.0f} MB), {r['rss_after']:.0f} MB after")
+        print(f"  {label}: py-spy, burst: {r['spy']}")
+        renders = []
+        for rng, x in r["render"].items():
+            print(f"  {label}: GET /telemetry/?range={rng}: alone {x['alone']:.0f} ms (median of 3, status "
+                  f"{x['status']}); 8 clients: {x['n']} renders, p50 {x['p50']:.0f} ms, p95 {x['p95']:.0f} ms; "
+                  f"/api/ping meanwhile {fmt_pings(x['pings'])}")
+            print(f"  {label}: py-spy, renders {rng}: {x['spy']}")
+            renders.append(f"{rng} alone {x['alone']:.0f} ms, x8 p95 {x['p95']:.0f} ms, ping p99 "
+                           f"{x['pings']['p99']:.0f}/max {x['pings']['max']:.0f} ms")
+        print(f"  {label}: peak RSS after the renders {r['peak_after_render']:.0f} MB")
+        figures.append(f"{label}: ping p99 {p['p99']:.0f} ms, max {p['max']:.0f} ms during {r['n']:,} lines; exact "
+                       + (f"after {r['exact_s']:.0f} s" if exact and r["exact_s"] else "NO")
+                       + f"; peak RSS +{r['peak'] - r['rss_before']:.0f} MB; " + "; ".join(renders))
+    SUMMARY["burst"] = "4,000 series/s of log lines    " + " | ".join(figures)
+
+
+def backlog_run(build: Path, tmp: Path, tag: str, quick: bool) -> dict[str, Any]:
+    """One build's backlog: a few lines read and counted, a stop, n lines appended, a start."""
+    n = 120_000 if quick else 1_200_000
+    work = tmp / f"backlog-{tag}"
+    work.mkdir()
+    log = work / "access.log"
+    log.touch()
+    argv = demo_argv(free_port(), work / "telemetry.db", work, "--caddy-log-file", str(log), "--no-caddy")
+    port = int(argv[argv.index("--port") + 1])
+    few = [line for line in caddy_lines(40, 99) if b'"/telemetry' not in line]
+    demo = Child(argv, work / "first.log", cwd=build)
+    try:
+        c = Client(port)
+        if not answers(port, "/telemetry/healthz"):
+            raise RuntimeError(f"demo did not answer in 30 s:\n{demo.tail()}")
+        with open(log, "ab") as f:
+            f.write(b"".join(few))
+        counted_first = wait_until(lambda: caddy_count(c) == len(few), 20.0, 0.2)
+        c.close()
+    finally:
+        demo.stop()
+    t0 = time.perf_counter()
+    span = 60.0 if quick else 240.0
+    made = int(n * 1.12)  # about 9% are the dashboard's own requests (never counted): left out
+    lines = [line for line in caddy_lines(made, 7, rate=made / span) if b'"/telemetry' not in line][:n]
+    with open(log, "ab") as f:
+        for i in range(0, len(lines), 50_000):
+            f.write(b"".join(lines[i:i + 50_000]))
+    total, size = len(few) + len(lines), log.stat().st_size
+    print(f"  [{tag}] {len(few)} lines read and counted ({'yes' if counted_first else 'NO'}), stopped; "
+          f"{len(lines):,} lines ({size / 1e6:.0f} MB, ts over the last {span:.0f} s) appended in "
+          f"{time.perf_counter() - t0:.1f} s")
+    del lines
+    started = time.monotonic()
+    demo = Child(argv, work / "second.log", cwd=build)
+    pinger = Pinger(port, tmp, f"backlog-{tag}")
+    sampler = Sampler(demo.proc.pid, tmp, f"backlog-{tag}")
+    out: dict[str, Any] = {"n": total, "size": size}
+    try:
+        c, seen, exact_at = Client(port, timeout=120), [], None
+        first = wait_until(lambda: next((p for p in pinger.pings() if p[2] == "200"), None), 300.0, 0.05)
+        while exact_at is None and time.monotonic() < started + 600:
+            t = time.perf_counter()
+            with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
+                seen.append(caddy_count(c))
+                if seen[-1] >= total:
+                    exact_at = time.monotonic()
+            time.sleep(max(0.0, 0.5 - (time.perf_counter() - t)))
+        end = exact_at or time.monotonic()
+        time.sleep(0.5)
+        sampler.stop()
+        c.close()
+        out.update(first=first, first_s=(first[0] + first[1] - started) if first else None,
+                   counted=seen[-1] if seen else None, exact_s=(exact_at - started) if exact_at else None,
+                   pings=ping_stats(pinger.pings(), first[0] if first else started, end), spy=sampler.top(),
+                   peak=rss_mb(demo.proc.pid, "VmHWM"))
+        return out
+    finally:
+        sampler.stop()
+        pinger.stop()
+        demo.stop()
+
+
+def bench_backlog(quick: bool, tmp: Path) -> None:
+    figures = []
+    for label, build in builds_here():
+        r = backlog_run(build, tmp, label.split()[0], quick)
+        first, exact = r["first"], r["counted"] == r["n"]
+        print(f"  {label}: restart over a {r['size'] / 1e6:.0f} MB backlog: first /api/ping answered "
+              + (f"{r['first_s']:.2f} s after the process started (that ping was sent at "
+                 f"{r['first_s'] - first[1]:.2f} s and took {first[1] * 1e3:.0f} ms)"
+                 if first else "never (300 s)"))
+        print(f"  {label}: /api/ping while the backlog is read {fmt_pings(r['pings'])}; summary "
+              f"{r['counted'] if r['counted'] is not None else '?':,} of {r['n']:,} "
+              + (f"after {r['exact_s']:.1f} s from the start" if r["exact_s"] else "(not within 600 s)")
+              + f" ({'exact' if exact else 'NOT exact'}); peak RSS {r['peak']:.0f} MB")
+        print(f"  {label}: py-spy: {r['spy']}")
+        figures.append(f"{label}: first ping at {r['first_s'] or float('nan'):.1f} s (took "
+                       f"{first[1] * 1e3 if first else float('nan'):.0f} ms), ping p99 {r['pings']['p99']:.0f} ms, max "
+                       f"{r['pings']['max']:.0f} ms; " + (f"exact after {r['exact_s']:.0f} s" if exact else "NOT exact"))
+    SUMMARY["backlog"] = "restart over a log backlog      " + " | ".join(figures)
+
+
+def big_body(port: int, method: str, path: str, size: int, timeout: float = 60.0) -> str:
+    """One request with a body of `size` bytes (declared, streamed in 1 MB chunks): its status,
+    or the error that ended it (and how much of the body was sent by then)."""
+    chunk, sent = memoryview(b"x" * (1 << 20)), 0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path)
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        failed = ""
+        try:
+            while sent < size:
+                n = min(size - sent, len(chunk))
+                conn.send(chunk[:n])
+                sent += n
+        except OSError as exc:  # the server may have answered and closed before the whole body
+            failed = f"{type(exc).__name__} after {sent / 1e6:.0f} MB"
+        try:
+            r = conn.getresponse()
+            r.read()
+            return f"{r.status}" + (f" ({failed})" if failed else "")
+        except (OSError, http.client.HTTPException) as exc:
+            return failed or f"{type(exc).__name__} after {sent / 1e6:.0f} MB"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__} after {sent / 1e6:.0f} MB"
+    finally:
+        conn.close()
+
+
+BODY_TARGETS = (("GET", "/telemetry/metrics"), ("GET", "/telemetry/healthz"), ("GET", "/telemetry/dashboard.css"),
+                ("POST", "/telemetry/login"))
+
+
+def bench_bodies(quick: bool, tmp: Path) -> None:
+    size, clients = 99_000_000, 6
+    figures = []
+    for label, build in builds_here():
+        tag = label.split()[0]
+        port = free_port()
+        demo = Child(demo_argv(port, tmp / f"bodies-{tag}.db", tmp / f"bodies-{tag}", "--no-caddy"),
+                     tmp / f"bodies-{tag}.log", cwd=build)
+        try:
+            if not answers(port, "/telemetry/healthz"):
+                raise RuntimeError(f"demo did not answer in 30 s:\n{demo.tail()}")
+            base = rss_mb(demo.proc.pid, "VmRSS")
+            got: dict[int, str] = {}
+            targets = [BODY_TARGETS[i % len(BODY_TARGETS)] for i in range(clients)]
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=lambda i=i, m=m, p=p: got.__setitem__(i, big_body(port, m, p, size)),
+                                        daemon=True) for i, (m, p) in enumerate(targets)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(180)
+            secs = time.perf_counter() - t0
+            peak, alive = rss_mb(demo.proc.pid, "VmHWM"), answers(port, "/telemetry/healthz", 10)
+        finally:
+            demo.stop()
+        answers_ = "; ".join(f"{m} {p}: {got.get(i, 'no answer in 180 s')}" for i, (m, p) in enumerate(targets))
+        print(f"  {label}: {clients} anonymous clients, a {size / 1e6:.0f} MB body each, at once ({secs:.1f} s): RSS "
+              f"{base:.0f} MB before, peak {peak:.0f} MB (+{peak - base:.0f} MB); app answers after: {alive}")
+        print(f"  {label}: {answers_}")
+        codes = Counter(got.get(i, "none").split()[0] for i in range(clients))
+        figures.append(f"{label} +{peak - base:.0f} MB (peak {peak:.0f} MB), answers {dict(codes)}")
+    SUMMARY["bodies"] = "peak RSS, 6 x 99 MB bodies      " + "; ".join(figures)
+
+
+def trickle(port: int, until: float, out: dict[str, Any]) -> None:
+    """POST /telemetry/ingest with Content-Length 10 MiB, then one byte every 2 s until `until`
+    (monotonic): when and how the server ended it (out), if it did."""
+    t0 = time.monotonic()
+    out.update(sent=0, closed=None, how="")
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError as exc:
+        out.update(closed=0.0, how=f"connect: {type(exc).__name__}")
+        return
+    try:
+        s.sendall(b"POST /telemetry/ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\n"
+                  b"Content-Length: 10485760\r\n\r\n")
+        while time.monotonic() < until:
+            ready, _, _ = select.select([s], [], [], min(2.0, max(until - time.monotonic(), 0)))
+            if ready:
+                data = s.recv(4096)
+                out.update(closed=time.monotonic() - t0,
+                           how=(data.split(b"\r\n", 1)[0].decode(errors="replace") if data else "closed (EOF)"))
+                return
+            if time.monotonic() >= until:
+                return
+            try:
+                s.send(b" ")
+                out["sent"] += 1
+            except OSError as exc:
+                out.update(closed=time.monotonic() - t0, how=type(exc).__name__)
+                return
+    except OSError as exc:
+        out.update(closed=time.monotonic() - t0, how=type(exc).__name__)
+    finally:
+        s.close()
+
+
+def one_line_ingest(port: int, line: bytes) -> tuple[str, float]:
+    """POST one Caddy line to /telemetry/ingest on a fresh connection: (status or error, ms)."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/telemetry/ingest", line, {"Content-Type": "application/x-ndjson"})
+        r = conn.getresponse()
+        r.read()
+        return str(r.status), (time.perf_counter() - t0) * 1e3
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__, (time.perf_counter() - t0) * 1e3
+    finally:
+        conn.close()
+
+
+def bench_slow(quick: bool, tmp: Path) -> None:
+    window = 10.0 if quick else 40.0
+    figures = []
+    for label, build in builds_here():
+        tag = label.split()[0]
+        port = free_port()
+        demo = Child(demo_argv(port, tmp / f"slow-{tag}.db", tmp / f"slow-{tag}", "--no-caddy"),
+                     tmp / f"slow-{tag}.log", cwd=build)
+        try:
+            if not answers(port, "/telemetry/healthz"):
+                raise RuntimeError(f"demo did not answer in 30 s:\n{demo.tail()}")
+            start = time.monotonic()
+            until = start + window
+            slow = [{}, {}]
+            threads = [threading.Thread(target=trickle, args=(port, until, o), daemon=True) for o in slow]
+            for th in threads:
+                th.start()
+            time.sleep(5.0)
+            tries = []
+            while True:
+                status, ms = one_line_ingest(port, caddy_lines(1, random.randrange(1 << 30))[0])
+                tries.append((time.monotonic() - start, status, ms))
+                if time.monotonic() + 5.0 > until:
+                    break
+                time.sleep(max(0.0, 5.0 - (time.monotonic() - start - tries[-1][0])))
+            for th in threads:
+                th.join(window + 10)
+        finally:
+            demo.stop()
+        first = tries[0]
+        codes = Counter(t[1] for t in tries)
+        ends = "; ".join(f"slow connection {i + 1}: " + (f"ended by the server at {o['closed']:.1f} s ({o['how']})"
+                                                          if o.get("closed") is not None else
+                                                          f"still open at {window:.0f} s")
+                         + f", {o.get('sent', 0)} bytes trickled" for i, o in enumerate(slow))
+        print(f"  {label}: 2 connections hold POST /ingest (Content-Length 10 MiB, 1 byte / 2 s); at 5 s one "
+              f"line: {first[1]} in {first[2]:.0f} ms; every 5 s until {window:.0f} s: {dict(codes)} "
+              f"({', '.join(f'{t:.0f} s {s} {ms:.0f} ms' for t, s, ms in tries)})")
+        print(f"  {label}: {ends}")
+        closed = [o["closed"] for o in slow if o.get("closed") is not None]
+        figures.append(f"{label}: one line at 5 s -> {first[1]} ({first[2]:.0f} ms); over {window:.0f} s "
+                       f"{dict(codes)}; slow connections "
+                       + (f"closed at {', '.join(f'{c:.0f} s' for c in closed)}" if closed else "never closed"))
+    SUMMARY["slow"] = "2 slow 10 MiB ingest bodies     " + " | ".join(figures)
+
+
 def against_build(spec: str, tmp: Path) -> Path:
     """--against's folder: spec itself when it is one, else the files of git revision spec."""
     if Path(spec).is_dir():
@@ -1307,7 +2003,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
     ap.add_argument("--only", action="append",
                     choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory", "influx",
-                             "crash"],
+                             "crash", "burst", "backlog", "bodies", "slow"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--against", metavar="REV|DIR",
                     help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
@@ -1326,7 +2022,9 @@ def main() -> int:
              ("instructions", lambda: bench_instructions(quick, tmp)), ("ingest", lambda: bench_ingest(quick, tmp)),
              ("freshness", lambda: bench_freshness(quick, tmp)), ("render 1h", lambda: bench_render(quick, tmp)),
              ("memory", lambda: bench_memory(quick, tmp)), ("influx", lambda: bench_influx(quick, tmp)),
-             ("crash", lambda: bench_crash(quick, tmp))]
+             ("crash", lambda: bench_crash(quick, tmp)), ("burst", lambda: bench_burst(quick, tmp)),
+             ("backlog", lambda: bench_backlog(quick, tmp)), ("bodies", lambda: bench_bodies(quick, tmp)),
+             ("slow", lambda: bench_slow(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:

@@ -58,9 +58,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import collections
 import contextlib
 import ctypes
 import errno
+import functools
 import glob
 import gzip
 import hashlib
@@ -88,7 +90,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict, astuple
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 from sanic import Sanic, __version__ as _SANIC_VERSION, response as _resp
 from sanic.http.http1 import Http as _Http1
@@ -634,6 +636,34 @@ class _Event:
     request_id: str = ""
 
 
+class _WindowTotals(NamedTuple):
+    """One worker's running totals of one series in one window of one storage tier, as a batch
+    carries them to InfluxDB (_InfluxWindows makes them): a replay writes what the first try did."""
+
+    tier: int  # window length (s)
+    start: int  # window start (Unix s)
+    source: str
+    route: str | None  # None: the whole source (the sources_* tiers)
+    method: str | None
+    point: int  # ns after the window's start: this accumulator's own point
+    count: int
+    dur_sum: float  # seconds
+    dur_max: float  # seconds
+    nbytes: int
+    statuses: list[tuple[int, int]]  # (status, requests), the window's whole count per status
+    buckets: list[tuple[int, int]]  # (histogram bucket, count): the buckets this batch changed
+
+
+class _SlowestList(NamedTuple):
+    """A window's slowest requests of one source, as a batch carries them to InfluxDB."""
+
+    tier: int
+    start: int
+    source: str
+    point: int
+    top: list[_Event]
+
+
 @dataclass
 class _Batch:
     """What one flush hands to the writer. (instance, seq) makes a replayed write idempotent."""
@@ -648,38 +678,76 @@ class _Batch:
     cursor: dict[str, Any] | None = None
     #: For InfluxDB, the window totals and slowest lists as this batch brought them (_InfluxWindows),
     #: so a replay writes what the first try did; None until the store prepares the batch.
-    windows: list[tuple] | None = None
-    slowest: list[tuple] | None = None
+    windows: list[_WindowTotals] | None = None
+    slowest: list[_SlowestList] | None = None
 
 
-#: The stored form's version: 2 holds seconds (1, before it, milliseconds).
-_BATCH_FORMAT = 2
+#: The stored form's version (the spool's files): 3 is JSON lines, a head and then parts of at
+#: most _BATCH_PART rollups, windows or slowest lists each, so that no one line takes long to
+#: write or read (a burst's batch holds tens of thousands of rollups). 2 was one JSON document in
+#: seconds, 1 one in milliseconds: both are still read.
+_BATCH_FORMAT = 3
+_BATCH_PART = 256
+
+
+def _rollup_row(r: _Rollup) -> list:
+    return [r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
+            sorted(r.hist.items())]
+
+
+def _slowest_row(x: _SlowestList) -> list:
+    return [x.tier, x.start, x.source, x.point, [astuple(e) for e in x.top]]
 
 
 def _batch_to_json(batch: _Batch) -> bytes:
-    """A batch as one JSON document (the spool's and the dead-letter file's form): rollups, events
-    and the log file cursor, so a batch on disk holds all that its flush saw."""
-    rows = [[r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
-             sorted(r.hist.items())] for r in batch.rows]
-    slowest = None if batch.slowest is None else [[*k, point, [astuple(e) for e in top]]
-                                                    for *k, point, top in batch.slowest]
-    return json.dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-                       "rows": rows, "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
-                       "windows": batch.windows, "slowest": slowest}, separators=(",", ":")).encode()
+    """A batch as the spool keeps it (format _BATCH_FORMAT): its head (ids, events, the log file
+    cursor), then its rollups, windows and slowest lists in parts, one JSON line each."""
+    dumps = functools.partial(json.dumps, separators=(",", ":"))
+    lines = [dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
+                    "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
+                    "windows": batch.windows is not None, "slowest": batch.slowest is not None})]
+    for key, items, row in (("rows", batch.rows, _rollup_row), ("windows", batch.windows or (), list),
+                            ("slowest", batch.slowest or (), _slowest_row)):
+        for i in range(0, len(items), _BATCH_PART):
+            lines.append(dumps({key: [row(x) for x in items[i:i + _BATCH_PART]]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _batch_doc(batch: _Batch) -> dict[str, Any]:
+    """A batch as one JSON object (a dead-letter line holds one; _batch_from_doc() reads it)."""
+    return {"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
+            "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
+            "rows": [_rollup_row(r) for r in batch.rows],
+            "windows": None if batch.windows is None else [list(w) for w in batch.windows],
+            "slowest": None if batch.slowest is None else [_slowest_row(x) for x in batch.slowest]}
 
 
 def _batch_from_json(data: bytes) -> _Batch:
-    obj = json.loads(data)
-    unit = 1.0 if obj.get("v") == _BATCH_FORMAT else 0.001  # spooled by a version that kept ms
+    """A batch from its stored form, of any version (see _BATCH_FORMAT)."""
+    head, _, rest = data.partition(b"\n")
+    obj = json.loads(head)
+    if obj.get("v") != _BATCH_FORMAT:  # one document: 2 in seconds, 1 (no "v") in milliseconds
+        return _batch_from_doc(obj, 1.0 if obj.get("v") == 2 else 0.001)
+    parts: dict[str, list] = {"rows": [], "windows": [], "slowest": []}
+    for line in rest.splitlines():
+        if line:
+            for key, items in json.loads(line).items():
+                parts[key] += items
+    return _batch_from_doc({**obj, "rows": parts["rows"], "windows": parts["windows"] if obj["windows"] else None,
+                            "slowest": parts["slowest"] if obj["slowest"] else None}, 1.0)
+
+
+def _batch_from_doc(obj: dict[str, Any], unit: float) -> _Batch:
+    """A batch from its parts as JSON gave them; unit: seconds per stored duration unit."""
     rows = [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist={int(i): int(n) for i, n in r[9]})
             for r in obj["rows"]]
     events = [_Event(*e[:7], e[7] * unit, *e[8:]) for e in obj.get("events") or ()]
     windows = obj.get("windows")
     if windows is not None:
-        windows = [(*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]) for w in windows]
+        windows = [_WindowTotals(*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]) for w in windows]
     slowest = obj.get("slowest")
     if slowest is not None:
-        slowest = [(*k, point, [_Event(*e) for e in top]) for *k, point, top in slowest]
+        slowest = [_SlowestList(*k, point, [_Event(*e) for e in top]) for *k, point, top in slowest]
     return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"), windows, slowest)
 
 
@@ -1317,11 +1385,20 @@ class _CaddyParser:
         other samples grouped per second and series. A line dated ahead of this host's clock (up
         to _TS_AHEAD_S: another host's skew) counts in the current second: a range's cards and
         its chart, which ends now, then hold the same requests."""
+        return list(self.take())
+
+    def take(self) -> Iterator[_SeriesRun]:
+        """collect(), as the runs are made: what feed() has read is taken at once (lines read
+        later are the next call's), the runs made one at a time, so that a caller can add them to
+        the aggregator in steps."""
         groups, samples = self._groups, self._samples
         self._groups, self._samples, self.pending = {}, [], 0
-        now = int(time.time())
-        runs = [_SeriesRun(min(int(ts), now), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])))
-                for (ts, (method, route), status), g in groups.items()]
+        return self._runs(groups, samples, int(time.time()))
+
+    @staticmethod
+    def _runs(groups: dict[tuple, list], samples: list[tuple], now: int) -> Iterator[_SeriesRun]:
+        for (ts, (method, route), status), g in groups.items():
+            yield _SeriesRun(min(int(ts), now), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])))
         keyed: dict[tuple, _SeriesRun] = {}
         for ts, route, method, status, seconds, size in samples:
             slot = min(int(ts), now)
@@ -1330,7 +1407,7 @@ class _CaddyParser:
                 run = keyed[(slot, route, method, status)] = _SeriesRun(slot, "caddy", route, method, status, [], 0)
             run.durations.append(seconds)
             run.nbytes += size
-        return runs + list(keyed.values())
+        yield from keyed.values()
 
     def _line(self, raw: bytes) -> tuple | None | bool:
         """One line the regex did not take -> a sample, None (ignored or malformed, both
@@ -1489,6 +1566,23 @@ class _CaddyParser:
         st.last_line_at = max(st.last_line_at, o.last_line_at)
         st.last_malformed = o.last_malformed or st.last_malformed
         other._groups, other._samples, other.pending = {}, [], 0
+
+    async def absorb_steps(self, other: "_CaddyParser", step: int = 1024) -> None:
+        """absorb(), its groups moved `step` at a time with a yield to the event loop between: a
+        large body spread over many seconds and series has tens of thousands of them."""
+        while len(other._groups) > step:
+            part = dict(itertools.islice(other._groups.items(), step))
+            for key in part:
+                del other._groups[key]
+            groups = self._groups
+            for key, g in part.items():
+                mine = groups.get(key)
+                if mine is None:
+                    groups[key] = g
+                else:
+                    mine += g
+            await asyncio.sleep(0)
+        self.absorb(other)
 
     def too_long(self, limit: int) -> None:
         """A line longer than limit was skipped before it reached feed(): one malformed line."""
@@ -1720,12 +1814,19 @@ class _CaddyLogFile:
     """
 
     POLL_S = 0.1
+    #: How often a reader that the pipeline has no room for looks again.
+    WAIT_S = 0.05
     LINE_LIMIT = 1 << 20  # as _CaddyReader's: longer lines are counted as malformed and skipped
+    #: The most stop() reads of what is left (s): the rest is read at the next start, from the checkpoint.
+    STOP_READ_S = 1.0
 
-    def __init__(self, path: str, parser: _CaddyParser, checkpoint: Path) -> None:
+    def __init__(self, path: str, parser: _CaddyParser, checkpoint: Path,
+                 room: Callable[[], bool] = lambda: True) -> None:
         self.path = path
         self.parser = parser
         self.checkpoint = checkpoint
+        #: Whether the pipeline takes more lines now (its memory caps): a backlog is read no faster.
+        self.room = room
         self.state = "idle"
         self.last_error = ""  # the last poll's error; cleared by the next good poll
         self.lost = ""  # lines a restart could not read (their file is gone): stays until the next start
@@ -1739,6 +1840,8 @@ class _CaddyLogFile:
         self._then_path = False  # the open file is a rotated one: the path's file comes next, from 0
         self._saved: dict[str, Any] | None = None  # the checkpoint's cursor ...
         self._saved_seq = 0  # ... and this run's batch it came with (0: none yet)
+        self._timed: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, bytes) of recent reads
+        self._read_total = 0  # bytes read since the start, of every file
         self._task: asyncio.Task | None = None
 
     # health() and stop() are the reader's interface, shared with _CaddyReader
@@ -1877,84 +1980,137 @@ class _CaddyLogFile:
             self._fd = None
 
     async def _run(self) -> None:
+        """Follow the file: a read of 64 KiB is a step, with a yield to the event loop after each
+        (a backlog of millions of lines is read while the app answers its requests); while the
+        pipeline has no room for more (room()), wait for it; at the file's end, poll every POLL_S."""
         while True:
             try:
-                self.poll()
+                more = self.step(1)
             except OSError as exc:  # an I/O error on the file: reported, tried again next poll
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                self.state = "error"
-            await asyncio.sleep(self.POLL_S)
+                self.state, more = "error", False
+            if not more:
+                await asyncio.sleep(self.POLL_S)
+                continue
+            await asyncio.sleep(0)
+            while not self.room():
+                await asyncio.sleep(self.WAIT_S)
 
     def poll(self) -> None:
-        """Read what was appended; follow a rotation or a truncation."""
+        """Read all that was appended; follow a rotation or a truncation."""
+        while self.step(None):
+            pass
+
+    def step(self, chunks: int | None) -> bool:
+        """Read on (at most `chunks` reads of 64 KiB, None: to the end); at the open file's end,
+        follow a rotation or a truncation. True when there is more to read now."""
         if self._fd is None:
             if _file_ident(self.path) is None:
                 self.state = "waiting"
-                return
+                return False
             if not self._open(self.path, pos=0):  # appeared after start-up: every line in it is new
                 self.state = "refused"
-                return
+                return False
             self.save(self.cursor(), self._saved_seq)  # so a restart reads it from 0 too
-        self._drain()
+        if not self._drain(chunks):
+            self.state, self.last_error = "running", ""
+            return True
         if self._then_path:  # the rest of a rotated file is read: now the log itself
             self._then_path = False
-            if not self._next_file():
-                return
+            return self._next_file()
         here = _file_ident(self.path)
         if here is not None and here != self._ident:  # renamed away: Caddy writes the new file now
-            self._drain()  # what was written to the old file before the switch
+            self._drain(None)  # what was written to the old file before the switch
             self.rotations += 1
-            if not self._next_file():
-                return
-        elif self._fd is not None and os.fstat(self._fd).st_size < self._read:  # copytruncate
+            return self._next_file()
+        if self._fd is not None and os.fstat(self._fd).st_size < self._read:  # copytruncate
             self.truncations += 1
             os.lseek(self._fd, 0, os.SEEK_SET)
             self._read, self._blocks = 0, _LineBlocks(self.LINE_LIMIT)
-            self._drain()
+            return True
         self.state, self.last_error = "running", ""
+        return False
 
-    def _drain(self) -> None:
+    def _drain(self, chunks: int | None) -> bool:
+        """Read on, at most `chunks` reads (None: no limit); True at the file's end."""
         if self._fd is None:
-            return
-        while True:
+            return True
+        while chunks is None or chunks > 0:
             chunk = os.read(self._fd, 1 << 16)
             if not chunk:
-                return
+                return True
             self._read += len(chunk)
+            self._read_total += len(chunk)
+            now = time.monotonic()
+            self._timed.append((now, len(chunk)))
+            while now - self._timed[0][0] > 5.0:  # the pace of the last 5 s is all behind() needs
+                self._timed.popleft()
             _feed_chunk(self.parser, self._blocks, chunk)
+            if chunks is not None:
+                chunks -= 1
+        return False
+
+    def behind(self) -> tuple[int, float | None]:
+        """(bytes not yet read, seconds to go at the pace of the last few seconds, None when
+        unknown): what the page says while a backlog is being read."""
+        if self._fd is None:
+            return 0, None
+        with contextlib.suppress(OSError):
+            left = os.fstat(self._fd).st_size - self._read
+            if self._then_path:  # the log itself is still to come after the rotated file
+                left += os.stat(self.path).st_size
+            now = time.monotonic()
+            while self._timed and now - self._timed[0][0] > 5.0:
+                self._timed.popleft()
+            pace = sum(n for _, n in self._timed) / 5.0
+            return max(left, 0), (left / pace if pace > 0 else None)
+        return 0, None
 
     def _finish_file(self) -> None:
         """The open file will get no more lines: its last one, if it has no newline, is whole."""
         _feed_chunk(self.parser, self._blocks, b"")
 
     def _next_file(self) -> bool:
-        """The open file is done: on to the file at the path, from its start. False when that one
-        is refused (state 'refused', why in last_error): none is open until a poll finds one to read."""
+        """The open file is done: on to the file at the path, from its start (read by the next
+        step). False when that one is refused (state 'refused', why in last_error): none is open
+        until a poll finds one to read."""
         self._finish_file()
         self._close()
         if not self._open(self.path, pos=0):
             self.state = "refused"
             return False
-        self._drain()
         return True
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Read to the file's current end, then stop following it."""
+        """Read on towards the file's current end, for STOP_READ_S at most (what is left then is
+        read at the next start, from the checkpoint), then stop following it."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        deadline = time.monotonic() + min(self.STOP_READ_S, timeout)
         with contextlib.suppress(OSError):
-            self.poll()
+            while self.step(16) and time.monotonic() < deadline:
+                await asyncio.sleep(0)
         self._close()
         self.state = "stopped"
 
+    #: A reader this far behind the file's end (bytes) is catching up: the page and healthz say so.
+    BEHIND_BYTES = 1 << 20
+
     def health(self) -> dict[str, Any]:
         st = self.parser.stats
+        left, eta = self.behind()
+        read = sum(n for _, n in self._timed) or 1
+        per_line = max(self._read_total / max(st.lines, 1), 1.0) if st.lines else 300.0
+        catching_up = (f"catching up on Caddy's log: about {round(left / per_line):,} lines behind"
+                       + (f", about {eta:.0f} s to go" if eta is not None else "")) if left >= self.BEHIND_BYTES else ""
         return {"state": self.state, "file": self.path, "pid": None, "restarts": 0, "last_exit": None,
                 "last_error": self.last_error, "lost": self.lost, "checkpoint_error": self.checkpoint_error,
                 "rotations": self.rotations,
                 "truncations": self.truncations,
-                "position": self.cursor()["pos"], "lines": st.lines, "access_lines": st.access,
+                "position": self.cursor()["pos"], "behind_bytes": left, "eta_s": None if eta is None else round(eta, 1),
+                "catching_up": catching_up and catching_up + f" (reading {read / 5 / 1e6:.1f} MB/s)",
+                "lines": st.lines, "access_lines": st.access,
                 "malformed": st.malformed, "last_line_at": st.last_line_at or None}
 
 
@@ -2076,33 +2232,77 @@ class _Aggregator:
 # === Writer
 # ================================================================================================
 
-class _Spool:
-    """Batches on disk while the store is down or slow: one file each, named so they sort in write
-    order, and beside the folder a dead-letter file for batches a store refused for what they hold.
+class _Claimed(NamedTuple):
+    """A spooled batch this process claimed for a replay: its file (renamed as claimed) and it."""
 
-    Files are written to a temporary name and renamed, so a crash leaves no half batch. Several
-    workers may share the folder: a worker claims a file by renaming it before replaying it. Past
-    max_bytes the oldest files are dropped, and counted. The listing and the size are kept in
-    memory and re-read from disk every few seconds, so a long outage costs no O(n) scan per batch.
+    path: Path
+    batch: _Batch
+
+
+class _Spool:
+    """Batches on disk while the store is down, slow or behind: one file each, named so they sort
+    in write order, and beside the folder a dead-letter file for batches a store refused for what
+    they hold.
+
+    Every file operation runs on the spool's own thread (await run(spool.save, batch), ...): a
+    burst's batch of tens of thousands of rollups takes tens of milliseconds to write or read,
+    which the event loop must never wait out (the stored form comes in parts, so neither does the
+    thread hold the interpreter long at a time). The listing, sizes and times are kept in memory,
+    read from the loop as they are, and read again from disk on that thread at most every
+    RESCAN_S. Files are written to a temporary name of their own and renamed, so a crash leaves no
+    half batch. Several workers may share the folder: a worker claims a file by renaming it before
+    replaying it. Past max_bytes the oldest files are dropped, and counted.
     """
 
+    enabled = True
     RESCAN_S = 2.0
 
     def __init__(self, folder: str, max_bytes: int) -> None:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
         #: One JSON line per refused batch ({"at", "reason", "batch"}); never replayed by itself.
-        self.dead_letter_path = self.folder.with_name(self.folder.name + ".dead-letter.jsonl")
+        self.dead_letter_path: Path | None = self.folder.with_name(self.folder.name + ".dead-letter.jsonl")
         self.dropped = 0
         self.dropped_rows = 0
         self.dropped_events = 0
         self.dropped_at: list[float] = []  # time.time() of each drop (the writer reports recent ones)
         self._names: list[str] = []
+        self._sizes: dict[str, int] = {}
+        self._mtimes: dict[str, float] = {}
         self._bytes = 0
         self._scanned = 0.0
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="telemetry-spool")
         self._release_stale_claims()
         self._rescan()
 
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), one of this spool's file operations, on its thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+
+    # --- read from the event loop: the listing as the spool's thread last left it -----------------
+    def count(self) -> int:
+        return len(self._names)
+
+    def size(self) -> int:
+        return self._bytes
+
+    def oldest_seq(self) -> int | None:
+        try:
+            return int(self._names[0].split("-", 1)[0])
+        except IndexError:
+            return None
+
+    def oldest_mtime(self) -> float | None:
+        """When the oldest spooled batch was written to disk (None: the spool is empty)."""
+        try:
+            return self._mtimes.get(self._names[0])
+        except IndexError:
+            return None
+
+    # --- the file operations: on the spool's thread (run()) ----------------------------------------
     def _release_stale_claims(self) -> None:
         for p in self.folder.glob("*.claimed-*"):
             pid = p.name.rsplit("-", 1)[-1]
@@ -2112,24 +2312,32 @@ class _Spool:
                     p.rename(p.with_name(p.name.split(".claimed-")[0]))
 
     def _rescan(self) -> None:
-        names, total = [], 0
+        sizes, mtimes = {}, {}
         for p in self.folder.glob("*.batch"):
             with contextlib.suppress(OSError):
-                total += p.stat().st_size
-                names.append(p.name)
-        self._names, self._bytes, self._scanned = sorted(names), total, time.monotonic()
+                st = p.stat()
+                sizes[p.name], mtimes[p.name] = st.st_size, st.st_mtime
+        self._sizes, self._mtimes = sizes, mtimes
+        self._names, self._bytes, self._scanned = sorted(sizes), sum(sizes.values()), time.monotonic()
 
-    def _fresh(self) -> None:
+    def refresh(self) -> None:
+        """Read the listing from disk again if it is older than RESCAN_S (other workers' files)."""
         if time.monotonic() - self._scanned > self.RESCAN_S:
             self._rescan()
 
-    def count(self) -> int:
-        self._fresh()
-        return len(self._names)
+    def _add(self, name: str, size: int) -> None:
+        if name in self._sizes:
+            self._bytes -= self._sizes[name]
+        else:
+            bisect.insort(self._names, name)
+        self._sizes[name], self._mtimes[name] = size, time.time()
+        self._bytes += size
 
-    def size(self) -> int:
-        self._fresh()
-        return self._bytes
+    def _forget(self, name: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._names.remove(name)
+        self._bytes -= self._sizes.pop(name, 0)
+        self._mtimes.pop(name, None)
 
     @staticmethod
     def name_of(batch: _Batch) -> str:
@@ -2154,15 +2362,12 @@ class _Spool:
             self.dropped_events += len(batch.events)
             self.dropped_at.append(time.time())
             return None
-        self._fresh()
+        self.refresh()
         name = self.name_of(batch)
         while self._names and self._bytes + len(data) > self.max_bytes:
-            self._drop_file(self.folder / self._names.pop(0))
+            self._drop_file(self._names[0])
         _write_private(self.folder / name, data)
-        i = bisect.bisect_left(self._names, name)
-        if i == len(self._names) or self._names[i] != name:
-            self._names.insert(i, name)
-            self._bytes += len(data)
+        self._add(name, len(data))
         return name
 
     def discard(self, name: str) -> None:
@@ -2170,52 +2375,35 @@ class _Spool:
         pending). A copy another worker has claimed meanwhile is replayed there: stores take a
         batch once, whoever writes it."""
         with contextlib.suppress(OSError):
-            size = (self.folder / name).stat().st_size
             (self.folder / name).unlink()
-            self._bytes -= size
-        with contextlib.suppress(ValueError):
-            self._names.remove(name)
+        self._forget(name)
 
-    def _drop_file(self, path: Path) -> None:
+    def _drop_file(self, name: str) -> None:
+        path = self.folder / name
+        self._forget(name)
         with contextlib.suppress(OSError, ValueError, KeyError):
-            size = path.stat().st_size
             dropped = _batch_from_json(path.read_bytes())
-            rows = len(dropped.rows)
             path.unlink()
-            self._bytes -= size
             self.dropped += 1
-            self.dropped_rows += rows
+            self.dropped_rows += len(dropped.rows)
             self.dropped_events += len(dropped.events)
             self.dropped_at.append(time.time())
-            _log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", rows)
+            _log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", len(dropped.rows))
 
-    def oldest_seq(self) -> int | None:
-        self._fresh()
-        return int(self._names[0].split("-", 1)[0]) if self._names else None
-
-    def oldest_mtime(self) -> float | None:
-        """When the oldest spooled batch was written to disk (None: the spool is empty)."""
-        self._fresh()
-        for name in self._names[:3]:  # one may just have been claimed by another worker
-            with contextlib.suppress(OSError):
-                return (self.folder / name).stat().st_mtime
-        return None
-
-    def claim_oldest(self) -> tuple[Path, _Batch] | None:
+    def claim_oldest(self) -> _Claimed | None:
         """The oldest unclaimed batch, now owned by this process (None when the spool is empty)."""
-        self._fresh()
+        self.refresh()
         while self._names:
-            name = self._names.pop(0)
+            name = self._names[0]
+            self._forget(name)
             path = self.folder / name
             claimed = path.with_name(f"{name}.claimed-{os.getpid()}")
             try:
-                size = path.stat().st_size
                 path.rename(claimed)
             except OSError:
                 continue  # another worker took it
-            self._bytes -= size
             try:
-                return claimed, _batch_from_json(claimed.read_bytes())
+                return _Claimed(claimed, _batch_from_json(claimed.read_bytes()))
             except (ValueError, KeyError, TypeError, IndexError):
                 claimed.rename(claimed.with_name(name + ".corrupt"))
                 _log.error("telemetry: spool file %s is corrupt; set aside", name)
@@ -2226,13 +2414,18 @@ class _Spool:
         name = claimed.name.split(".claimed-")[0]
         with contextlib.suppress(OSError):
             claimed.rename(claimed.with_name(name))
-            bisect.insort(self._names, name)
-            self._bytes += claimed.with_name(name).stat().st_size
+            self._add(name, claimed.with_name(name).stat().st_size)
+
+    def remove(self, claimed: Path) -> None:
+        """A claimed batch is in the store: its file goes."""
+        with contextlib.suppress(OSError):
+            claimed.unlink()
 
     def dead_letter(self, batch: _Batch, reason: str) -> bool:
         """Append a refused batch to the dead-letter file; False when that would take the file past
         max_bytes (the batch is then lost, and the caller counts it)."""
-        line = json.dumps({"at": _iso(time.time()), "reason": reason, "batch": json.loads(_batch_to_json(batch))},
+        assert self.dead_letter_path is not None
+        line = json.dumps({"at": _iso(time.time()), "reason": reason, "batch": _batch_doc(batch)},
                           separators=(",", ":")) + "\n"
         try:
             size = self.dead_letter_path.stat().st_size
@@ -2242,6 +2435,50 @@ class _Spool:
             return False
         _append_private(self.dead_letter_path, line.encode())
         return True
+
+
+class _NoSpool(_Spool):
+    """--spool-dir off: a spool that holds nothing. The writer keeps what it can in memory and
+    drops (and counts) the oldest past its caps; a refused batch is lost, and counted."""
+
+    enabled = False
+
+    def __init__(self) -> None:  # (no folder, no thread)
+        self.dead_letter_path = None
+        self.dropped = self.dropped_rows = self.dropped_events = 0
+        self.dropped_at = []
+        self._names, self._bytes = [], 0
+        self._mtimes = {}
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def close(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def holds(self, instance: str, seq: int) -> bool:
+        return False
+
+    def save(self, batch: _Batch) -> str | None:
+        raise AssertionError("the writer drops batches itself when there is no spool")
+
+    def claim_oldest(self) -> _Claimed | None:
+        return None
+
+    def dead_letter(self, batch: _Batch, reason: str) -> bool:
+        return False
+
+    def discard(self, name: str) -> None:
+        pass
+
+    def release(self, claimed: Path) -> None:
+        pass
+
+    def remove(self, claimed: Path) -> None:
+        pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -2304,6 +2541,23 @@ def _retry_after(headers: Any) -> float | None:
 _RECENT_S = 300.0
 
 
+#: The most rollups the writer holds in memory (about 1 kB each): past it the oldest batches go
+#: to the spool (without one, they are dropped and counted), whatever the batches' count.
+_QUEUE_ROLLUPS = 60_000
+
+
+@dataclass(eq=False)
+class _Pending:
+    """The batch being written, and where it came from: memory (claimed None) or the spool file
+    it was claimed from. copy: the spool's copy of a batch from memory, made while its write
+    stalled (a crash then loses nothing), removed once the write is done."""
+
+    batch: _Batch
+    claimed: Path | None = None
+    copy: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
 class _Writer:
     """Between the aggregator and a store: a bounded queue, retries, a disk spool, counters.
 
@@ -2313,9 +2567,11 @@ class _Writer:
     takes them; a batch refused for what it holds goes to the dead-letter file and never blocks the
     ones behind it. A write still pending after stall_after seconds puts everything held in memory
     on disk, a copy of the pending batch included, so a crash while the store hangs loses no more
-    than the aggregator holds. Writes are idempotent per batch, so a retry, a replay or a copy
-    written twice never counts twice. close() flushes within its timeout (8 s, under Docker's
-    10 s) and spools what is left.
+    than the aggregator holds. Memory holds at most max_batches batches and _QUEUE_ROLLUPS
+    rollups; past either the oldest go to the spool. Every file operation runs on the spool's
+    thread (a spiller task moves batches to disk), so the event loop never waits for one. Writes
+    are idempotent per batch, so a retry, a replay or a copy written twice never counts twice.
+    close() flushes within its timeout (8 s, under Docker's 10 s) and spools what is left.
     """
 
     BACKOFF_START, BACKOFF_MAX = 0.2, 10.0  # a store that is back is written to within ~10 s
@@ -2323,52 +2579,68 @@ class _Writer:
     REPEATS = 3
 
     def __init__(self, store: Any, max_batches: int = 10_000, spool: _Spool | None = None,
-                 stall_after: float = 2.0) -> None:
+                 stall_after: float = 2.0, max_rollups: int = _QUEUE_ROLLUPS) -> None:
         self.store = store
-        self.max_batches = max_batches
-        self.spool = spool
+        self.max_batches, self.max_rollups = max_batches, max_rollups
+        self.spool: _Spool = spool if spool is not None else _NoSpool()
         self.stall_after = stall_after
-        self.queue: list[_Batch] = []
+        self.queue: collections.deque[_Batch] = collections.deque()
+        self.queued_rollups = 0
         self.counters = {"written": 0, "rows": 0, "retried": 0, "spooled": 0, "replayed": 0,
                          "dropped": 0, "rejected": 0}
         self.last_error = ""
         self.last_rejected = ""
         #: 5xx and slow-request records lost with the batches dropped here (the spool counts its own)
         self.events_dropped = 0
-        self.write_ms = 0.0
+        self.write_s = 0.0  # how long the last write took
         self.down_since: float | None = None  # writes failing since (time.time())
         self.stalled_since: float | None = None  # a write pending past stall_after since
         self.refused = ""  # why the store refuses every write (401/403/404), until one succeeds
         self.on_durable: Callable[[_Batch], None] | None = None  # a batch is in the store or on disk
         self.on_pending: Callable[[_Batch], None] | None = None  # a batch is about to go to either
+        self.current: _Pending | None = None
         self._losses: list[float] = []  # time.time() of recent drops and refusals
-        self._current: _Batch | None = None  # the batch being written
-        self._current_t0 = 0.0
-        self._copy: str | None = None  # the spool's copy of the batch being written
         self._repeats: tuple[int, str, int] = (0, "", 0)  # (batch seq, error, times)
         self._rejected_kinds: set[str] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
+        self._spill = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._spiller: asyncio.Task | None = None
         self._closing = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-writer")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="telemetry-writer")
+        self._spiller = loop.create_task(self._spill_loop(), name="telemetry-spiller")
 
     @property
     def degraded(self) -> bool:
         """The store is down, refusing or stalled: new batches go straight to disk."""
         return self.down_since is not None or self.stalled_since is not None
 
+    def over_caps(self) -> bool:
+        """Memory holds more than max_batches batches or max_rollups rollups."""
+        return len(self.queue) > self.max_batches or self.queued_rollups > self.max_rollups
+
+    def has_room(self) -> bool:
+        """Whether the sources may hand over more now: what memory holds is under half its caps, or
+        the spool takes the rest (the log file source waits, POST /ingest answers 503 otherwise)."""
+        return (len(self.queue) <= self.max_batches // 2 and self.queued_rollups <= self.max_rollups // 2) \
+            or (self.spool.enabled and not self._spill.is_set())
+
     def put(self, batch: _Batch) -> None:
-        if self.degraded and self.spool is not None:
-            self._to_spool(batch)  # keep memory small, keep order on disk
-        else:
-            if len(self.queue) >= self.max_batches:
-                self._spool_or_drop(self.queue.pop(0))
-            self.queue.append(batch)
+        self.queue.append(batch)
+        self.queued_rollups += len(batch.rows)
         self._idle.clear()
         self._wake.set()
+        if not self.spool.enabled:  # nowhere else to go: the oldest past the caps are dropped, counted
+            while len(self.queue) > 1 and self.over_caps():
+                batch = self.queue.popleft()
+                self.queued_rollups -= len(batch.rows)
+                self._drop(batch)
+        elif self.degraded or self.over_caps():
+            self._spill.set()
 
     async def wait_written(self, timeout: float) -> None:
         """Until the queue is written (bounded by timeout); at once while the store is down."""
@@ -2377,31 +2649,51 @@ class _Writer:
                 await asyncio.wait_for(self._idle.wait(), timeout)
 
     def guard(self) -> None:
-        """Called on every tick of the flush loop: a write pending longer than stall_after puts the
-        memory queue on disk, a copy of the pending batch included (removed again if the write
-        then succeeds), and new batches go to disk until a write completes."""
-        batch = self._current
-        if batch is None or self.spool is None or time.monotonic() - self._current_t0 < self.stall_after:
+        """Called on every tick of the flush loop: a write pending longer than stall_after has the
+        spiller put the memory queue on disk, a copy of the pending batch included (removed again
+        if the write then succeeds), and new batches go to disk until a write completes."""
+        p = self.current
+        if p is None or time.monotonic() - p.started < self.stall_after:
             return
         if self.stalled_since is None:
             self.stalled_since = time.time()
             _log.warning("telemetry: a store write has been pending for %.1f s; batches go to the spool",
-                        time.monotonic() - self._current_t0)
-        if self._copy is None and self.queue and self.queue[0] is batch:
-            self._copy = self._to_spool(batch)
-        self._spill()
+                         time.monotonic() - p.started)
+        self._spill.set()
 
-    def _spool_or_drop(self, batch: _Batch) -> None:
-        if self.spool is not None:
-            self._to_spool(batch)
-        else:
-            self._drop(batch)
+    # --- the spiller: memory to disk, on the spool's thread --------------------------------------
+    async def _spill_loop(self) -> None:
+        while True:
+            await self._spill.wait()
+            await self._spill_once()
+            if not (self.degraded and self.queue):
+                self._spill.clear()
 
-    def _to_spool(self, batch: _Batch) -> str | None:
-        assert self.spool is not None
+    async def _spill_once(self) -> None:
+        """While the store is degraded (or memory over its caps), move the memory queue to the
+        spool, oldest first (without a spool, drop the oldest past the caps); and copy a stalled
+        write's batch to disk."""
+        p = self.current
+        if self.stalled_since is not None and p is not None and p.claimed is None and p.copy is None \
+                and self.spool.enabled:
+            copy = await self._to_spool(p.batch)
+            if self.current is p:
+                p.copy = copy
+            elif copy is not None:  # written meanwhile: the copy is not needed
+                await self.spool.run(self.spool.discard, copy)
+        while self.queue and (self.over_caps() or (self.degraded and self.spool.enabled)):
+            batch = self.queue.popleft()
+            self.queued_rollups -= len(batch.rows)
+            if self.spool.enabled:
+                await self._to_spool(batch)
+            else:
+                self._drop(batch)
+
+    async def _to_spool(self, batch: _Batch) -> str | None:
+        """batch to disk, on the spool's thread; its file's name (None: dropped, and counted)."""
         self._pending(batch)
         try:
-            name = self.spool.save(batch)
+            name = await self.spool.run(self.spool.save, batch)
         except OSError as exc:
             self.last_error = f"spool: {exc}"
             self._drop(batch)
@@ -2426,40 +2718,49 @@ class _Writer:
         self._losses.append(time.time())
         _log.error("telemetry: dropped a batch of %d rollups (%s)", len(batch.rows), self.last_error)
 
-    def _next(self) -> tuple[_Batch, Path | None] | None:
-        """The oldest pending batch: the memory head or the spool's oldest, by batch number."""
-        spooled = self.spool.oldest_seq() if self.spool is not None else None
+    # --- the writer: oldest first, from memory or the spool --------------------------------------
+    async def _next(self) -> _Pending | None:
+        """The oldest batch waiting: the memory head or the spool's oldest, by batch number."""
+        spooled = self.spool.oldest_seq()
         if spooled is not None and (not self.queue or spooled < self.queue[0].seq):
-            claimed = self.spool.claim_oldest()  # type: ignore[union-attr]
+            claimed = await self.spool.run(self.spool.claim_oldest)
             if claimed is not None:
-                return claimed[1], claimed[0]
-        return (self.queue[0], None) if self.queue else None
+                return _Pending(claimed.batch, claimed.path)
+        if self.queue:
+            batch = self.queue.popleft()
+            self.queued_rollups -= len(batch.rows)
+            return _Pending(batch)
+        return None
 
     async def _run(self) -> None:
         delay = self.BACKOFF_START
         while True:
-            item = self._next()
-            if item is None:
+            await self.spool.run(self.spool.refresh)
+            pending = await self._next()
+            if pending is None:
                 self._idle.set()
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch, path = item
-            self._current, self._current_t0 = batch, time.monotonic()
-            if path is None:  # (a spooled batch is kept already)
-                self._pending(batch)
+            self.current = pending
+            if pending.claimed is None:  # (a spooled batch is kept already)
+                self._pending(pending.batch)
             t0 = time.perf_counter()
             try:
-                await self.store.write(batch)
-            except asyncio.CancelledError:  # shutdown: a claimed spool file must go back, not stay claimed
-                if path is not None:
-                    self.spool.release(path)  # type: ignore[union-attr]
+                await self.store.write(pending.batch)
+            except asyncio.CancelledError:  # shutdown: a claimed file goes back; a batch from memory too
+                self.current = None
+                if pending.claimed is not None:
+                    self.spool.release(pending.claimed)  # (a rename: quick, and the loop is stopping)
+                elif pending.copy is None:
+                    self.queue.appendleft(pending.batch)
+                    self.queued_rollups += len(pending.batch.rows)
                 raise
             except Exception as exc:
-                self._current = None
-                if self._failed(batch, path, exc):
+                self.current = None
+                if await self._failed(pending, exc):
                     continue  # the batch was set aside: the next one goes at once
                 status = getattr(exc, "status", None)
                 hint = _retry_after(getattr(exc, "headers", None)) \
@@ -2468,17 +2769,18 @@ class _Writer:
                 delay = min(delay * 2, self.BACKOFF_MAX)
                 await asyncio.sleep(wait)  # backoff
                 continue
-            self._current = None
-            self.write_ms = (time.perf_counter() - t0) * 1000
+            self.current = None
+            self.write_s = time.perf_counter() - t0
             if self.degraded:
                 _log.warning("telemetry: store is back after %.1f s",
-                            time.time() - (self.down_since or self.stalled_since or time.time()))
+                             time.time() - (self.down_since or self.stalled_since or time.time()))
             self.down_since = self.stalled_since = None
             self.refused, delay = "", self.BACKOFF_START
-            self._done(batch, path)
+            await self._done(pending)
 
-    def _failed(self, batch: _Batch, path: Path | None, exc: Exception) -> bool:
+    async def _failed(self, pending: _Pending, exc: Exception) -> bool:
         """A write failed: classify it; True when the batch was set aside as refused for what it holds."""
+        batch = pending.batch
         verdict, error = _classify_error(exc), _one_line(exc)
         self.last_error = error
         if verdict == _UNKNOWN:
@@ -2487,127 +2789,112 @@ class _Writer:
             self._repeats = (batch.seq, error, times)
             verdict = _PERMANENT if times >= self.REPEATS else _TRANSIENT
         if verdict == _PERMANENT:
-            self._reject(batch, path, exc, error)
+            await self._reject(pending, exc, error)
             return True
         if verdict == _REFUSED and not self.refused:
             _log.error("telemetry: the store refuses writes (%s); batches are kept and retried", error)
         self.refused = error if verdict == _REFUSED else ""
-        if path is not None:
-            self.spool.release(path)  # type: ignore[union-attr]
-        elif self.spool is not None and self.queue and self.queue[0] is batch:
-            self.queue.pop(0)  # replayed from disk: while the store fails, memory holds nothing
-            if self._copy is None:
-                self._to_spool(batch)
-            self._copy = None
         if self.down_since is None:
             self.down_since = time.time()
             _log.warning("telemetry: store write failed (%s); retrying with backoff", error)
-        self._spill(keep=0)
+        if pending.claimed is not None:
+            await self.spool.run(self.spool.release, pending.claimed)
+        elif not self.spool.enabled:  # memory is all there is: back to the head of the queue
+            self.queue.appendleft(batch)
+            self.queued_rollups += len(batch.rows)
+        elif pending.copy is None:  # from memory: on disk while the store fails (a copy may be there)
+            await self._to_spool(batch)
+        self._spill.set()
         self.counters["retried"] += 1
         return False
 
-    def _spill(self, keep: int = 1) -> None:
-        """The store is down or stalled: move the memory queue to the spool, oldest first, but for
-        its first `keep` batches (the one being written, whose copy is on disk already)."""
-        if self.spool is None:
-            return
-        while len(self.queue) > keep:
-            self._to_spool(self.queue.pop(keep))
-
-    def _done(self, batch: _Batch, path: Path | None) -> None:
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+    async def _done(self, pending: _Pending) -> None:
+        if pending.claimed is not None:
+            await self.spool.run(self.spool.remove, pending.claimed)
             self.counters["replayed"] += 1
-        else:
-            if self.queue and self.queue[0] is batch:
-                self.queue.pop(0)
-            if self._copy is not None:
-                self.spool.discard(self._copy)  # type: ignore[union-attr]
-                self._copy = None
+        elif pending.copy is not None:
+            await self.spool.run(self.spool.discard, pending.copy)
         self.counters["written"] += 1
-        self.counters["rows"] += len(batch.rows)
-        if path is None:  # (a spooled batch was kept when it was spooled: its cursor is older than the checkpoint)
-            self._durable(batch)
+        self.counters["rows"] += len(pending.batch.rows)
+        if pending.claimed is None:  # (a spooled batch was kept when it was spooled: its cursor is older than the checkpoint)
+            self._durable(pending.batch)
 
-    def _reject(self, batch: _Batch, path: Path | None, exc: BaseException, error: str) -> None:
+    async def _reject(self, pending: _Pending, exc: BaseException, error: str) -> None:
         """The store refused this batch for what it holds: to the dead-letter file, counted, logged
         once per kind; the queue moves on."""
+        batch = pending.batch
         kind = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
         kept = False
-        if self.spool is not None:
-            try:
-                kept = self.spool.dead_letter(batch, error)
-            except OSError as dead:
-                error = f"{error}; dead-letter file: {dead}"
+        try:
+            kept = await self.spool.run(self.spool.dead_letter, batch, error)
+        except OSError as dead:
+            error = f"{error}; dead-letter file: {dead}"
         if kind not in self._rejected_kinds:
             self._rejected_kinds.add(kind)
             _log.error("telemetry: the store refused a batch (%s): %s; %s", kind, error,
-                      f"kept in {self.spool.dead_letter_path}" if kept else "lost")  # type: ignore[union-attr]
+                       f"kept in {self.spool.dead_letter_path}" if kept else "lost")
         self.counters["rejected"] += 1
         self.last_rejected = error
         self._losses.append(time.time())
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        elif self.queue and self.queue[0] is batch:
-            self.queue.pop(0)
-        if self._copy is not None and path is None:
-            self.spool.discard(self._copy)  # type: ignore[union-attr]
-            self._copy = None
-        if path is None:  # handled for good: the log file source may move past it
-            self._durable(batch)
+        if pending.claimed is not None:
+            await self.spool.run(self.spool.remove, pending.claimed)
+        else:
+            if pending.copy is not None:
+                await self.spool.run(self.spool.discard, pending.copy)
+            self._durable(batch)  # handled for good: the log file source may move past it
 
     async def close(self, timeout: float = 8.0) -> None:
         """Write what is pending within timeout; spool (or, with no spool, count as dropped) the rest."""
         self._closing = True
         self._wake.set()
-        budget = timeout - 1.0 if self.spool is not None else timeout  # keep a second to spool
-        if self.degraded and self.spool is not None:
+        budget = timeout - 1.0 if self.spool.enabled else timeout  # keep a second to spool
+        if self.degraded and self.spool.enabled:
             budget = 0.0  # the store is down or stalled: spool now rather than wait out the budget
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(budget, 0.01))
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        left, self.queue = self.queue, []
-        if left and self._copy is not None and left[0] is self._current:
-            left.pop(0)  # already on disk
+        for task in (self._task, self._spiller):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        left = list(self.queue)
+        self.queue.clear()
+        self.queued_rollups = 0
         for batch in left:
-            self._spool_or_drop(batch)
+            if self.spool.enabled:
+                await self._to_spool(batch)
+            else:
+                self._drop(batch)
         if left:
             _log.warning("telemetry: %d batches not written at shutdown were %s", len(left),
-                        "spooled" if self.spool is not None else "dropped")
+                         "spooled" if self.spool.enabled else "dropped")
+        await asyncio.get_running_loop().run_in_executor(None, self.spool.close)
 
     def oldest_unwritten(self) -> float | None:
         """time.time() when the oldest batch not yet in the store was cut (None: none waits)."""
-        times = [b.created for b in self.queue[:1]]
-        if self._current is not None:
-            times.append(self._current.created)
-        if self.spool is not None:
-            mtime = self.spool.oldest_mtime()
-            if mtime is not None:
-                times.append(mtime)
+        times = [b.created for b in itertools.islice(self.queue, 1)]
+        if self.current is not None:
+            times.append(self.current.batch.created)
+        mtime = self.spool.oldest_mtime()
+        if mtime is not None:
+            times.append(mtime)
         return min(times, default=None)
 
     def health(self) -> dict[str, Any]:
         spool, now = self.spool, time.time()
         counters = dict(self.counters)
-        counters["dropped"] += spool.dropped if spool else 0
+        counters["dropped"] += spool.dropped
         self._losses = [t for t in self._losses if now - t < _RECENT_S]
-        if spool is not None:
-            spool.dropped_at = [t for t in spool.dropped_at if now - t < _RECENT_S]
+        spool.dropped_at = [t for t in spool.dropped_at if now - t < _RECENT_S]
         oldest = self.oldest_unwritten()
-        return {"queued": len(self.queue), **counters,
-                "events_dropped": self.events_dropped + (spool.dropped_events if spool else 0),
-                "spool_files": spool.count() if spool else 0,
-                "spool_bytes": spool.size() if spool else 0,
+        return {"queued": len(self.queue) + (self.current is not None and self.current.claimed is None), **counters,
+                "events_dropped": self.events_dropped + spool.dropped_events,
+                "spool_files": spool.count(), "spool_bytes": spool.size(),
                 "down_since": self.down_since, "stalled_since": self.stalled_since,
                 "refused": self.refused, "last_error": self.last_error, "last_rejected": self.last_rejected,
-                "dead_letter": str(spool.dead_letter_path) if spool else None,
-                "lost_recently": len(self._losses) + (len(spool.dropped_at) if spool else 0),
+                "dead_letter": str(spool.dead_letter_path) if spool.dead_letter_path else None,
+                "lost_recently": len(self._losses) + len(spool.dropped_at),
                 "oldest_unwritten_s": round(now - oldest, 3) if oldest is not None else None,
-                "write_ms": round(self.write_ms, 2)}
+                "write_ms": round(self.write_s * 1000, 2)}
 
 
 # ================================================================================================
@@ -3251,11 +3538,9 @@ class _InfluxWindows:
         self._next_point = (self._next_point + 1) % 900_000_000
         return self._next_point
 
-    def add(self, batch: _Batch) -> tuple[list[tuple], list[tuple]]:
-        """Add a batch; the windows and the slowest lists it touched, as they stand now:
-        ([(tier, start, source, route, method, point, count, dur_sum, dur_max, bytes, statuses,
-           changed buckets)], [(tier, start, source, point, [events])]). A window of a whole source
-        has route None."""
+    def add(self, batch: _Batch) -> tuple[list[_WindowTotals], list[_SlowestList]]:
+        """Add a batch; the windows and the slowest lists it touched, as they stand now (a window
+        of a whole source has route None)."""
         steps = self.add_steps(batch, len(batch.rows) + 1)
         for _ in steps:
             pass
@@ -3309,9 +3594,10 @@ class _InfluxWindows:
         for done, (k, (w, changed)) in enumerate(touched.items(), 1):
             if done % (4 * step) == 0:
                 yield
-            windows.append((*k, w.point, w.count, w.dur_sum, w.dur_max, w.nbytes, sorted(w.statuses.items()),
-                            [(i, w.hist[i]) for i in sorted(changed)]))
-        batch.windows, batch.slowest = windows, [(*k[1:], *self.slow[k]) for k in slow_touched]
+            windows.append(_WindowTotals(*k, w.point, w.count, w.dur_sum, w.dur_max, w.nbytes,
+                                         sorted(w.statuses.items()), [(i, w.hist[i]) for i in sorted(changed)]))
+        batch.windows = windows
+        batch.slowest = [_SlowestList(*k[1:], *self.slow[k]) for k in slow_touched]
         yield from self._evict()
 
     def _evict(self) -> Iterator[None]:
@@ -3368,25 +3654,24 @@ def _line_protocol(batch: _Batch) -> str:
 def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Iterator[None]:
     """_line_protocol()'s lines appended to out, yielding after every `step` windows."""
     inst = _lp_tag(batch.instance)
-    for done, (tier, start, source, route, method, point, count, dur_sum, dur_max, nbytes, statuses,
-               hist) in enumerate(batch.windows or (), 1):
+    for done, w in enumerate(batch.windows or (), 1):
         if done % step == 0:
             yield
-        time_ns, buckets = start * 1_000_000_000 + point, ",".join(f"b{i}={n}i" for i, n in hist)
-        if route is None:  # a whole source: requests, 5xx, latency, for the charts
-            errors = sum(n for s, n in statuses if s >= 500)
-            out.append(f"{_INFLUX_SOURCE_TIERS[tier]},instance={inst},source={_lp_tag(source)} "
-                       f"count={count}i,errors={errors}i{',' + buckets if buckets else ''} {time_ns}")
+        time_ns, buckets = w.start * 1_000_000_000 + w.point, ",".join(f"b{i}={n}i" for i, n in w.buckets)
+        if w.route is None or w.method is None:  # a whole source: requests, 5xx, latency, for the charts
+            errors = sum(n for s, n in w.statuses if s >= 500)
+            out.append(f"{_INFLUX_SOURCE_TIERS[w.tier]},instance={inst},source={_lp_tag(w.source)} "
+                       f"count={w.count}i,errors={errors}i{',' + buckets if buckets else ''} {time_ns}")
             continue
-        fields = [f"count={count}i", f"dur_sum={float(dur_sum)!r}", f"dur_max={float(dur_max)!r}",
-                  f"bytes={min(nbytes, _INT64_MAX)}i", *(f"s{s}={n}i" for s, n in statuses),
+        fields = [f"count={w.count}i", f"dur_sum={float(w.dur_sum)!r}", f"dur_max={float(w.dur_max)!r}",
+                  f"bytes={min(w.nbytes, _INT64_MAX)}i", *(f"s{s}={n}i" for s, n in w.statuses),
                   *([buckets] if buckets else []), f"at={batch.created!r}"]
-        out.append(f"{_INFLUX_TIERS[tier]},instance={inst},method={_lp_tag(method)},route={_lp_tag(route)},"
-                   f"source={_lp_tag(source)} {','.join(fields)} {time_ns}")
-    for tier, start, source, point, top in batch.slowest:
-        for rank, e in enumerate(top):
-            out.append(f"{_SLOWEST_MEASUREMENT},instance={inst},rank={rank},source={_lp_tag(source)},tier={tier} "
-                       f"{_lp_event_fields(e)} {start * 1_000_000_000 + point * 100 % 1_000_000_000 + rank}")
+        out.append(f"{_INFLUX_TIERS[w.tier]},instance={inst},method={_lp_tag(w.method)},route={_lp_tag(w.route)},"
+                   f"source={_lp_tag(w.source)} {','.join(fields)} {time_ns}")
+    for x in batch.slowest or ():
+        for rank, e in enumerate(x.top):
+            out.append(f"{_SLOWEST_MEASUREMENT},instance={inst},rank={rank},source={_lp_tag(x.source)},tier={x.tier} "
+                       f"{_lp_event_fields(e)} {x.start * 1_000_000_000 + x.point * 100 % 1_000_000_000 + rank}")
     for e in batch.events:
         if e.kind == "error":  # (slow requests are in the slowest lists)
             out.append(f"{_EVENTS_MEASUREMENT},instance={inst},kind=error,source={_lp_tag(e.source)} "
@@ -4446,6 +4731,35 @@ def _template() -> Any:
     return _JINJA
 
 
+#: One thread builds what the routes answer (the summary from a store's read, the page with its
+#: charts and template, the JSON text, the Prometheus text): over thousands of series that is tens
+#: of milliseconds of Python, which the event loop must not wait out. One thread, so concurrent
+#: pages queue there and hold the interpreter from the loop no longer than one does.
+_VIEWS = ThreadPoolExecutor(1, thread_name_prefix="telemetry-views")
+
+
+async def _off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) on the views' thread."""
+    return await asyncio.get_running_loop().run_in_executor(_VIEWS, functools.partial(fn, *args, **kwargs))
+
+
+def _page_html(s: dict[str, Any], health: dict[str, Any], store_error: str, config: Any, route: tuple[str, str] | None,
+               refresh: int, t0: float) -> str:
+    """The page (or a route's page) from its summary and the deployment's health."""
+    zone = _zone(config.tz) or timezone.utc
+    edge_read = health["reader"]["state"] != "off" or s["sources"]["caddy"]["requests"] > 0
+    shown = list(_SOURCES) if edge_read else ["sanic"]  # no Caddy log read: no edge lines or columns
+    return _template().render(
+        s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
+        banners=_banners(health, store_error), charts=_dashboard_charts(s, zone, shown),
+        routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
+        unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
+        route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read, shown=shown,
+        errors=_event_rows(s["events"]["errors"], zone), slowest=_event_rows(s["events"]["slowest"], zone, True),
+        slow_ms=config.slow_ms, tz=config.tz or "UTC", as_of_local=_local_time(s["as_of"], zone) if s["as_of"] else "",
+        render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
+
+
 def _css() -> str:
     path = _HERE / "dashboard.css"
     if path.is_file():
@@ -4470,6 +4784,10 @@ _TICK_S = 0.25
 #: Samples (requests, log lines) the flush policy handles between two yields to the event loop:
 #: about 0.1 ms of work, so a tick never holds a request up long, whatever the request rate.
 _STEP_SAMPLES = 512
+#: Rollups the aggregator holds before a batch is cut at once, whatever the flush interval (a
+#: burst or a backlog over many seconds and series must not grow one batch without bound); lines
+#: read and not yet collected before the sources wait (has_room()).
+_CUT_ROLLUPS, _PENDING_LINES = 20_000, 200_000
 #: A read (the page, the JSON, /metrics) first flushes this worker, at most this often, and waits
 #: at most this long for that write: it shows every request the worker has seen.
 _READ_FLUSH_S, _READ_WAIT_S = 0.1, 0.25
@@ -4553,15 +4871,16 @@ class _Pipeline:
         self.parser = _CaddyParser(_RouteResolver(app.router if app is not None else None), self.aggregator.event,
                                    config.slow_ms / 1000.0, max_age=config.retention)
         self.store = _make_store(config)
-        spool = _Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else None
+        spool = _Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else _NoSpool()
         #: a batch not written within about two flush intervals goes to disk while its write is pending
         self.writer = _Writer(self.store, config.queue_batches, spool, stall_after=max(2 * config.flush_interval, 1.0))
         self.reader: _CaddyReader | _CaddyLogFile | None = None
+        self._cursor: dict[str, Any] | None = None  # the log file's position as of the last collection
         if reader and config.caddy_log_command:
             self.reader = _CaddyReader(config.caddy_log_command, self.parser)
         elif reader and config.caddy_log_file:
             self.reader = _CaddyLogFile(config.caddy_log_file, self.parser,
-                                        _status_dir(config.db) / "caddy-log.checkpoint")
+                                        _status_dir(config.db) / "caddy-log.checkpoint", room=self.has_room)
             self.writer.on_durable = self.reader.on_durable
             self.writer.on_pending = self.reader.on_pending
         self.status_dir = _status_dir(config.db)
@@ -4576,6 +4895,7 @@ class _Pipeline:
         self._lines_mark: tuple[float, int] | None = None
         self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
         self._flushing = asyncio.Lock()  # one flush at a time: batches are prepared in their order
+        self._health: asyncio.Future | None = None  # the health() look under way, shared
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self, app: Any) -> None:
@@ -4603,7 +4923,7 @@ class _Pipeline:
             return
         instance, seq, created = pending
         try:
-            kept = (self.writer.spool is not None and self.writer.spool.holds(instance, seq)) \
+            kept = self.writer.spool.holds(instance, seq) \
                 or await self.store.has_batch(instance, seq, created)
         except Exception as exc:  # the store cannot say: its lines are read again (counted twice if it had them)
             _log.warning("telemetry: could not tell whether the store holds the last batch of the log file "
@@ -4635,11 +4955,27 @@ class _Pipeline:
         self._flushed = time.monotonic()
         while True:
             await asyncio.sleep(tick)  # stop() may cancel the loop here, or between two steps
-            await self.collect_stepwise()
+            async with self._flushing:  # (a read's catch_up() collects and cuts too: one at a time)
+                await self.collect_stepwise()
             await asyncio.sleep(0)  # the tick's own work is a step of its own
-            if self.tick(time.monotonic()):
+            if self.tick(time.monotonic()) or len(self.aggregator.rollups) >= _CUT_ROLLUPS:
                 async with self._flushing:
                     await self.flush_stepwise()
+
+    def has_room(self) -> bool:
+        """Whether the sources may hand over more now: the log file source waits, and POST /ingest
+        answers 503, while the lines read and not yet collected, the aggregator's rollups or the
+        writer's memory are at their caps (what bounds memory, whatever a burst or a backlog holds)."""
+        return self.parser.pending < _PENDING_LINES and len(self.aggregator.rollups) < 2 * _CUT_ROLLUPS \
+            and self.writer.has_room()
+
+    def _take_parser(self) -> Iterator[_SeriesRun]:
+        """What the parser has read, taken now, and the log file's position now: every line before
+        it is among these runs or in an earlier batch (_cut() gives the next batch that cursor)."""
+        runs = self.parser.take()
+        if isinstance(self.reader, _CaddyLogFile):
+            self._cursor = self.reader.cursor()
+        return runs
 
     async def collect_stepwise(self) -> None:
         """collect(), in steps of _STEP_SAMPLES with a yield to the event loop between them. A
@@ -4651,13 +4987,12 @@ class _Pipeline:
             todo -= _STEP_SAMPLES
             if todo > 0:
                 await asyncio.sleep(0)
-        runs, step = self.parser.collect(), 0
+        runs, step = self._take_parser(), 0
         try:
-            while runs:
-                run = runs.pop()
+            for run in runs:
                 add(run)
                 step += len(run.durations)
-                if step >= _STEP_SAMPLES and runs:
+                if step >= _STEP_SAMPLES:
                     step = 0
                     await asyncio.sleep(0)
         finally:
@@ -4682,24 +5017,28 @@ class _Pipeline:
         return flushing
 
     def collect(self) -> None:
-        """The sources' samples since the last call -> the aggregator's rollups."""
+        """The sources' samples since the last call -> the aggregator's rollups, in one go (the
+        stop's last flush; the flush policy collects in steps)."""
         add = self.aggregator.add
         for run in self.sanic.collect():
             add(run)
-        for run in self.parser.collect():
+        for run in self._take_parser():
             add(run)
 
     def flush(self) -> None:
-        """Collect, then hand the aggregator's rollups to the writer as one batch."""
+        """Collect, then hand the aggregator's rollups to the writer as one batch, in one go."""
+        self.collect()
         batch = self._cut()
         if batch is not None:
             self.store.prepare(batch)
             self.writer.put(batch)
 
     async def flush_stepwise(self) -> None:
-        """flush(), with the store's preparation of the batch in steps and a yield to the event
-        loop between them (for InfluxDB, a few ms at 300 series). A cancellation (the stop)
-        between steps loses nothing: the batch is finished and handed over then."""
+        """flush(), collecting and preparing the batch in steps with a yield to the event loop
+        between them (for InfluxDB, a few ms at 300 series). Called under _flushing. A
+        cancellation (the stop) between steps loses nothing: the batch is finished and handed
+        over then, or its samples are in the aggregator for the last flush."""
+        await self.collect_stepwise()
         batch = self._cut()
         if batch is None:
             return
@@ -4713,10 +5052,9 @@ class _Pipeline:
             self.writer.put(batch)
 
     def _cut(self) -> _Batch | None:
-        """Collect, then the aggregator's rollups as one batch (None when there are none)."""
-        self.collect()
-        # the log file's position now: every line before it is in this batch or an earlier one
-        cursor = self.reader.cursor() if isinstance(self.reader, _CaddyLogFile) else None
+        """The aggregator's rollups as one batch (None when there are none), with the log file's
+        position as of the last collection: every line before it is in this batch or an earlier one."""
+        cursor = self._cursor
         batch = self.aggregator.flush()
         if batch is not None:
             batch.cursor = cursor
@@ -4735,7 +5073,7 @@ class _Pipeline:
             return
         self._read_flushed = now
         async with self._flushing:  # (after a stepwise flush under way: batches keep their order)
-            self.flush()
+            await self.flush_stepwise()
         await self.writer.wait_written(_READ_WAIT_S)
 
     # --- reads ----------------------------------------------------------------------------------
@@ -4758,7 +5096,7 @@ class _Pipeline:
                                                                self.store.read_previous(seconds, tier, now, route)))
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
             data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
-        return _summarize(data, range_name, now, before, route)
+        return await _off_loop(_summarize, data, range_name, now, before, route)
 
     # --- status and health ----------------------------------------------------------------------
     def local_status(self) -> dict[str, Any]:
@@ -4823,10 +5161,9 @@ class _Pipeline:
                 _log.warning("telemetry: cannot write status to %s: %s", path.parent, exc)
         asyncio.get_running_loop().run_in_executor(None, write)
 
-    def _statuses(self) -> list[dict[str, Any]]:
-        """This worker's status and the fresh ones other workers published."""
-        out = [self.local_status()]
-        now = time.time()
+    def _other_statuses(self) -> list[dict[str, Any]]:
+        """The fresh statuses the other workers published (file reads: called on a thread)."""
+        out, now = [], time.time()
         for p in self.status_dir.glob("*.json") if self.status_dir.is_dir() else []:
             if p.stem == self.instance:
                 continue
@@ -4839,11 +5176,17 @@ class _Pipeline:
     async def health(self) -> dict[str, Any]:
         """The deployment's pipeline (all live workers) and the store: healthz and the page.
         ok is False whenever data is not flowing end to end; `reason` then says why in one line
-        (`problems` has every reason, by code)."""
-        store = await self.store.health()
+        (`problems` has every reason, by code). Reads that come while one look is under way (pages
+        refreshed at once) share it."""
+        if self._health is None or self._health.done():
+            self._health = asyncio.ensure_future(self._health_now())
+        return await asyncio.shield(self._health)
+
+    async def _health_now(self) -> dict[str, Any]:
+        store, published = await asyncio.gather(self.store.health(), asyncio.to_thread(self._other_statuses))
         if store["ok"]:
             self.read_error = ""  # store.health() reads the store too: reads work again
-        statuses = self._statuses()
+        statuses = [self.local_status(), *published]
         readers = [st["reader"] for st in statuses if st.get("reader")]
         configured = self.config.caddy_log_command or self.config.caddy_log_file
         reader = readers[0] if readers else {"state": "unknown" if configured else "off"}
@@ -4860,7 +5203,7 @@ class _Pipeline:
             for code, text in st.get("problems", {}).items():
                 problems.setdefault(code, text)
         notes = [text for text in (store.get("loss"), store.get("note"), reader.get("lost"),
-                                   reader.get("checkpoint_error")) if text]
+                                   reader.get("checkpoint_error"), reader.get("catching_up")) if text]
         return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
                 "notes": notes, "instance": self.instance, "workers": len(statuses), "sanic": _SANIC_VERSION,
                 "store": store, "reader": reader, **merged}
@@ -5047,7 +5390,7 @@ async def _read_summary(tel: _Pipeline, range_name: str,
         return await tel.summary(range_name, route), ""
     except Exception as exc:
         empty = _RangeData([], [], [], {}, {}, None)
-        return _summarize(empty, range_name, time.time(), only=route), f"{type(exc).__name__}: {exc}"
+        return await _off_loop(_summarize, empty, range_name, time.time(), only=route), f"{type(exc).__name__}: {exc}"
 
 
 #: The longest ?route= a route's page takes (route values are templates; Caddy's are cut paths).
@@ -5081,19 +5424,7 @@ async def _dashboard(request: Any) -> Any:
                           status=400)
     tel: _Pipeline = request.app.ctx.telemetry
     (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name, route), tel.health())
-    zone = _zone(config.tz) or timezone.utc
-    edge_read = health["reader"]["state"] != "off" or s["sources"]["caddy"]["requests"] > 0
-    shown = list(_SOURCES) if edge_read else ["sanic"]  # no Caddy log read: no edge lines or columns
-    html = _template().render(
-        s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
-        banners=_banners(health, store_error), charts=_dashboard_charts(s, zone, shown),
-        routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
-        unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
-        route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read, shown=shown,
-        errors=_event_rows(s["events"]["errors"], zone), slowest=_event_rows(s["events"]["slowest"], zone, True),
-        slow_ms=config.slow_ms, tz=config.tz or "UTC", as_of_local=_local_time(s["as_of"], zone) if s["as_of"] else "",
-        render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
-    return _resp.html(html)
+    return _resp.html(await _off_loop(_page_html, s, health, store_error, config, route, refresh, t0))
 
 
 @_guarded()
@@ -5103,7 +5434,9 @@ async def _summary_json(request: Any) -> Any:
     except ValueError as exc:
         return _error(400, str(exc) or f"route= and method= go together (route at most {_ROUTE_MAX} characters)")
     s, store_error = await _read_summary(request.app.ctx.telemetry, range_name, route)
-    return _error(503, f"store unavailable: {store_error}") if store_error else _json(s)
+    if store_error:
+        return _error(503, f"store unavailable: {store_error}")
+    return _resp.text(await _off_loop(json.dumps, s, separators=(",", ":")), content_type="application/json")
 
 
 @_guarded()
@@ -5114,7 +5447,8 @@ async def _metrics(request: Any) -> Any:
         totals, health = await asyncio.gather(tel.read(tel.store.read_totals), tel.health())
     except Exception as exc:
         return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")
-    return _resp.text(_prometheus_text(totals, health), content_type="text/plain; version=0.0.4; charset=utf-8")
+    return _resp.text(await _off_loop(_prometheus_text, totals, health),
+                      content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def _healthz(request: Any) -> Any:
@@ -5124,24 +5458,57 @@ async def _healthz(request: Any) -> Any:
     return _json(health, status=200 if health["ok"] else 503)
 
 
+#: A request body that sends nothing for this long is cut (408), and one still arriving after
+#: _BODY_TOTAL_S: a slow sender holds a connection, never the ingest budget, for long.
+_BODY_STALL_S, _BODY_TOTAL_S = 10.0, 120.0
+#: The most a body is parsed in one step on the event loop (a larger read is cut into such pieces).
+_PARSE_STEP_BYTES = 1 << 16
+
+
+class _BodyStalled(Exception):
+    """A request body stopped arriving (or took too long in all): see _body_chunks()."""
+
+
+async def _body_chunks(request: Any) -> Any:
+    """The request body as it arrives, in pieces of at most _PARSE_STEP_BYTES; _BodyStalled when
+    nothing comes for _BODY_STALL_S or the body is not in after _BODY_TOTAL_S."""
+    deadline = time.monotonic() + _BODY_TOTAL_S
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            chunk = await asyncio.wait_for(request.stream.read(), min(_BODY_STALL_S, max(left, 0.0)))
+        except asyncio.TimeoutError:
+            raise _BodyStalled from None
+        if chunk is None:
+            return
+        for i in range(0, len(chunk), _PARSE_STEP_BYTES):
+            yield chunk[i:i + _PARSE_STEP_BYTES]
+
+
+def _end_connection(request: Any) -> None:
+    """After a stalled body: the connection closes once it is answered, its rest unread (Sanic
+    would otherwise read on at the sender's pace)."""
+    stream = request.stream
+    if isinstance(stream, _Http1):
+        stream.keep_alive = False
+        stream.request_body = None
+
+
 @_guarded()
 async def _ingest(request: Any) -> Any:
     """Caddy JSON lines, parsed as they arrive by a parser of their own and added only once the
-    whole body is read (a refused body adds nothing). The bytes being read share one budget per
-    worker: beyond it, 503 and Retry-After."""
+    whole body is read (a refused body adds nothing). The bytes of the bodies being read share
+    one budget per worker, taken as they arrive: beyond it, 503 and Retry-After. A body that
+    stalls is cut (408, _BODY_STALL_S), so slow senders hold no budget for long."""
     tel: _Pipeline = request.app.ctx.telemetry
     limit, budget = tel.config.max_ingest_bytes, tel.config.ingest_budget_bytes
-    too_big = _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
-    busy = _error(503, f"ingest busy: over {budget} bytes being read (TELEMETRY_INGEST_BUDGET_BYTES); retry")
-    busy.headers["retry-after"] = "1"
+    if not tel.has_room():  # memory is at its caps (the store behind): the sender retries later
+        full = _error(503, "ingest busy: the pipeline holds all it may until the store catches up; retry")
+        full.headers["retry-after"] = "1"
+        return full
     length = request.headers.get("content-length")
-    declared = int(length) if length and length.isdigit() else 0
-    if declared > limit:
-        return too_big
-    if tel.ingest_held + declared > budget:
-        return busy
-    held = declared
-    tel.ingest_held += held
+    if length and length.isdigit() and int(length) > limit:
+        return _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
     events: list[_Event] = []
     overflow = [0]  # events past the aggregator's per-flush cap: counted as dropped once the body is taken
 
@@ -5151,23 +5518,29 @@ async def _ingest(request: Any) -> Any:
         else:
             overflow[0] += 1
     parser = _CaddyParser(tel.parser.resolve, keep, tel.parser.slow_s, max_age=tel.parser.max_age)
-    blocks, size = _LineBlocks(_CaddyReader.LINE_LIMIT), 0
+    blocks, held = _LineBlocks(_CaddyReader.LINE_LIMIT), 0
     try:
-        while (chunk := await request.stream.read()) is not None:
-            size += len(chunk)
-            if size > limit:
-                return too_big
-            if size > held:
-                if tel.ingest_held + size - held > budget:
-                    return busy
-                tel.ingest_held += size - held
-                held = size
+        async for chunk in _body_chunks(request):
+            if held + len(chunk) > limit:
+                return _error(413, f"body over {limit} bytes (TELEMETRY_MAX_INGEST_BYTES)")
+            if tel.ingest_held + len(chunk) > budget:
+                busy = _error(503, f"ingest busy: over {budget} bytes being read (TELEMETRY_INGEST_BUDGET_BYTES); "
+                                   "retry")
+                busy.headers["retry-after"] = "1"
+                return busy
+            tel.ingest_held += len(chunk)
+            held += len(chunk)
             _feed_chunk(parser, blocks, chunk)
+            await asyncio.sleep(0)  # a piece parsed is a step: the app's requests go between
         _feed_chunk(parser, blocks, b"")
+    except _BodyStalled:
+        _end_connection(request)
+        return _error(408, f"body stalled: nothing for {_BODY_STALL_S:.0f} s, or not all in after "
+                           f"{_BODY_TOTAL_S:.0f} s")
     finally:
         tel.ingest_held -= held
     st = parser.stats
-    tel.parser.absorb(parser)
+    await tel.parser.absorb_steps(parser)
     tel.aggregator.events_dropped += overflow[0]
     for e in events:
         tel.aggregator.event(e)
@@ -5191,13 +5564,13 @@ async def _login(request: Any) -> Any:
     if request.method == "POST":
         throttle, client = request.app.ctx.telemetry_logins, _client(request)
         wait = throttle.wait(client)
+        given = await _login_form_token(request)
+        if given is None:
+            return _resp.text(f"a login form is at most {_LOGIN_BODY_MAX} bytes, sent within {_BODY_STALL_S:.0f} s",
+                              status=413)
         if wait:
             error, status = f"Too many wrong tokens: try again in {math.ceil(wait)} s.", 429
         else:
-            try:
-                given = (request.form.get("token") or "") if request.form else ""
-            except Exception:  # a body Sanic cannot parse as a form: no token given
-                given = ""
             if _secret_equal(given, config.token):
                 throttle.passed(client)
                 resp = _resp.redirect(f"{config.prefix}/", status=303)
@@ -5212,6 +5585,27 @@ async def _login(request: Any) -> Any:
     return resp
 
 
+#: The largest login form body read (the token field and its name, URL-encoded, with room to spare).
+_LOGIN_BODY_MAX = 4096
+
+
+async def _login_form_token(request: Any) -> str | None:
+    """The token field of a login form (a streamed body, so no more than _LOGIN_BODY_MAX bytes are
+    ever held); '' when there is none, None when the body is too large or stalls."""
+    from urllib.parse import parse_qs
+    body = b""
+    try:
+        async for chunk in _body_chunks(request):
+            body += chunk
+            if len(body) > _LOGIN_BODY_MAX:
+                return None
+    except _BodyStalled:
+        _end_connection(request)
+        return None
+    fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
+    return (fields.get("token") or [""])[0]
+
+
 async def _logout(request: Any) -> Any:
     resp = _resp.redirect(f"{_config(request).prefix}/login", status=303)
     _session_cookie(request, resp, "", 0)
@@ -5224,13 +5618,15 @@ async def _stylesheet(request: Any) -> Any:
 
 
 #: The routes instrument() adds under the prefix: (path, handler, methods, name, streamed body).
+#: A route reads a body only when it is streamed (the handler reads it, checked as it comes);
+#: every other one ignores any body sent: no anonymous client makes the app hold one.
 _ROUTES = (("/", _dashboard, ["GET"], "telemetry_dashboard", False),
            ("/route", _dashboard, ["GET"], "telemetry_route", False),
            ("/api/summary", _summary_json, ["GET"], "telemetry_summary", False),
            ("/metrics", _metrics, ["GET"], "telemetry_metrics", False),
            ("/healthz", _healthz, ["GET"], "telemetry_healthz", False),
            ("/ingest", _ingest, ["POST"], "telemetry_ingest", True),
-           ("/login", _login, ["GET", "POST"], "telemetry_login", False),
+           ("/login", _login, ["GET", "POST"], "telemetry_login", True),
            ("/logout", _logout, ["GET"], "telemetry_logout", False),
            ("/dashboard.css", _stylesheet, ["GET"], "telemetry_css", False))
 
@@ -5322,7 +5718,8 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     app.ctx.telemetry_css = _css()
     app.ctx.telemetry_logins = _Throttle()
     for path, handler, methods, name, stream in _ROUTES:
-        app.add_route(handler, f"{config.prefix}{path}", methods=methods, name=name, stream=stream)
+        app.route(f"{config.prefix}{path}", methods=methods, name=name, stream=stream,
+                  ignore_body=not stream)(handler)
     stopping_at: list[float] = []  # when this worker's stop began (monotonic)
 
     async def before_start(app: Any) -> None:

@@ -1541,6 +1541,7 @@ def test_log_file_a_crash_between_the_store_and_the_checkpoint_reads_no_line_twi
         tel.reader.poll()  # what the last run left unread
         log_.write(7)
         tel.reader.poll()
+        tel.collect()
         batch = tel._cut()
         assert batch is not None and batch.cursor is not None
         if crash:  # the writer's steps, then the end, before on_durable()
@@ -1772,7 +1773,7 @@ def test_writer_store_refusing_every_write_keeps_the_batches_and_says_so(tmp_pat
                 w.store.bucket = "no-such-bucket"
             for b in batches:
                 w.put(b)
-            await until(lambda: w.refused and spool.count() + (w._current is not None) >= 3, 10, "refused, kept")
+            await until(lambda: w.refused and spool.count() + (w.current is not None) >= 3, 10, "refused, kept")
             h = w.health()
             w.store.bucket, w.store.token = BUCKET, fake.token
             await w.store.close()
@@ -1798,6 +1799,7 @@ def test_writer_spools_while_refused_and_replays_in_order(tmp_path, fake):
             await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
             for b in batches[1:]:
                 w.put(b)
+            await until(lambda: w.counters["spooled"] == 6, 10, "the batches on disk (the spiller's thread)")
             files = sorted(p.name for p in (tmp_path / "spool").glob("*.batch*"))  # one may be claimed
             assert len(files) == 6 and w.counters["spooled"] == 6, files  # the head too: nothing in memory only
             assert fake.write_requests == 0
@@ -1842,7 +1844,7 @@ def test_writer_replaying_the_spool_never_moves_the_log_checkpoint_back(tmp_path
             await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
             for b in batches[1:]:
                 w.put(b)
-            assert saved[-1] == 400
+            await until(lambda: saved[-1] == 400, 10, "the checkpoint at the newest spooled batch")
             fake.up()
             await until(lambda: _done(w, 4) and spool.count() == 0, 10, "the spool replayed")
     asyncio.run(go())
@@ -1871,7 +1873,7 @@ def test_writer_spool_cap_drops_oldest_and_counts(tmp_path, fake):
             await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
             for b in batches[1:]:
                 w.put(b)
-            assert spool.count() == 3 and w.health()["dropped"] == 5
+            await until(lambda: spool.count() == 3 and w.health()["dropped"] == 5, 10, "3 spooled, 5 dropped")
             fake.up()
             await until(lambda: w.counters["written"] == 3 and spool.count() == 0, 10, "the rest written")
             return w.health()
@@ -3365,12 +3367,13 @@ def test_ingest_bodies_share_one_byte_budget_and_long_lines_are_malformed(tmp_pa
         for th in threads:
             th.start()
         wait_for(lambda: len(ports) == 8 and _server_has_read(demo.port, set(ports)), 10,
-                 "the app to read the eight heads (each request reserves its length, or is refused)")
+                 "the app to read the eight first halves (the budget is taken as bytes arrive)")
         barrier.wait(10)
         for th in threads:
             th.join(30)
         busy = [o for o in out if o[0] == 503]
-        assert sorted(o[0] for o in out) == [200, 200] + [503] * 6, [o[:2] for o in out]
+        statuses = Counter(o[0] for o in out)
+        assert set(statuses) == {200, 503} and sum(statuses.values()) == 8 and 1 <= statuses[200] <= 2, statuses
         assert all(o[1] == "1" for o in busy)
         for _ in busy:  # a retry after the budget is free is taken: nothing is lost
             assert http("POST", demo.app + "/telemetry/ingest", body)[0] == 200
@@ -3434,7 +3437,7 @@ def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_pa
     try:
         one_block()
         for w in writers:
-            loop.run_until_complete(until(lambda w=w: not w.queue and w._current is None and not w.spool.count(),
+            loop.run_until_complete(until(lambda w=w: not w.queue and w.current is None and not w.spool.count(),
                                           30, f"the {w.store.kind} writer to drain"))
         sums = loop.run_until_complete(sqlite_store.read_totals())
         h = [w.health() for w in writers]
