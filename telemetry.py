@@ -90,7 +90,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict, astuple
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 from sanic import Sanic, __version__ as _SANIC_VERSION, response as _resp
 from sanic.http.http1 import Http as _Http1
@@ -700,15 +700,22 @@ def _slowest_row(x: _SlowestList) -> list:
 
 
 def _batch_to_json(batch: _Batch) -> bytes:
-    """A batch as the spool keeps it (format _BATCH_FORMAT): its head (ids, events, the log file
-    cursor), then its rollups, windows and slowest lists in parts, one JSON line each."""
+    """_batch_json_steps() in one go."""
+    return _at_once(_batch_json_steps(batch))
+
+
+def _batch_json_steps(batch: _Batch) -> Generator[None, None, bytes]:
+    """A batch as the spool keeps it (format _BATCH_FORMAT), in steps: its head (ids, events, the
+    log file cursor, how many rollups), then its rollups, windows and slowest lists in parts, one
+    JSON line each."""
     dumps = functools.partial(json.dumps, separators=(",", ":"))
     lines = [dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-                    "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
+                    "events": [astuple(e) for e in batch.events], "cursor": batch.cursor, "rows": len(batch.rows),
                     "windows": batch.windows is not None, "slowest": batch.slowest is not None})]
     for key, items, row in (("rows", batch.rows, _rollup_row), ("windows", batch.windows or (), list),
                             ("slowest", batch.slowest or (), _slowest_row)):
         for i in range(0, len(items), _BATCH_PART):
+            yield
             lines.append(dumps({key: [row(x) for x in items[i:i + _BATCH_PART]]}))
     return ("\n".join(lines) + "\n").encode()
 
@@ -722,8 +729,21 @@ def _batch_doc(batch: _Batch) -> dict[str, Any]:
             "slowest": None if batch.slowest is None else [_slowest_row(x) for x in batch.slowest]}
 
 
+def _batch_head(data: bytes) -> dict[str, Any]:
+    """What a stored batch's head says (ids, events, how many rollups), without its parts."""
+    head = json.loads(data.partition(b"\n")[0])
+    if head.get("v") != _BATCH_FORMAT:  # one document: all of it is the head
+        head["rows"] = len(head["rows"])
+    return head
+
+
 def _batch_from_json(data: bytes) -> _Batch:
-    """A batch from its stored form, of any version (see _BATCH_FORMAT)."""
+    """_batch_from_json_steps() in one go."""
+    return _at_once(_batch_from_json_steps(data))
+
+
+def _batch_from_json_steps(data: bytes) -> Generator[None, None, _Batch]:
+    """A batch from its stored form, of any version (see _BATCH_FORMAT), in steps."""
     head, _, rest = data.partition(b"\n")
     obj = json.loads(head)
     if obj.get("v") != _BATCH_FORMAT:  # one document: 2 in seconds, 1 (no "v") in milliseconds
@@ -731,20 +751,33 @@ def _batch_from_json(data: bytes) -> _Batch:
     parts: dict[str, list] = {"rows": [], "windows": [], "slowest": []}
     for line in rest.splitlines():
         if line:
+            yield
             for key, items in json.loads(line).items():
                 parts[key] += items
-    return _batch_from_doc({**obj, "rows": parts["rows"], "windows": parts["windows"] if obj["windows"] else None,
-                            "slowest": parts["slowest"] if obj["slowest"] else None}, 1.0)
+    doc = {**obj, "rows": parts["rows"], "windows": parts["windows"] if obj["windows"] else None,
+           "slowest": parts["slowest"] if obj["slowest"] else None}
+    return (yield from _batch_from_doc_steps(doc, 1.0))
 
 
 def _batch_from_doc(obj: dict[str, Any], unit: float) -> _Batch:
-    """A batch from its parts as JSON gave them; unit: seconds per stored duration unit."""
-    rows = [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist={int(i): int(n) for i, n in r[9]})
-            for r in obj["rows"]]
+    return _at_once(_batch_from_doc_steps(obj, unit))
+
+
+def _batch_from_doc_steps(obj: dict[str, Any], unit: float) -> Generator[None, None, _Batch]:
+    """A batch from its parts as JSON gave them, in steps; unit: seconds per stored duration unit."""
+    rows: list[_Rollup] = []
+    for at in range(0, len(obj["rows"]), _BATCH_PART):
+        yield
+        rows += [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist={int(b): int(n) for b, n in r[9]})
+                 for r in obj["rows"][at:at + _BATCH_PART]]
     events = [_Event(*e[:7], e[7] * unit, *e[8:]) for e in obj.get("events") or ()]
-    windows = obj.get("windows")
-    if windows is not None:
-        windows = [_WindowTotals(*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]) for w in windows]
+    windows = None
+    if obj.get("windows") is not None:
+        windows = []
+        for at in range(0, len(obj["windows"]), _BATCH_PART):
+            yield
+            windows += [_WindowTotals(*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]])
+                        for w in obj["windows"][at:at + _BATCH_PART]]
     slowest = obj.get("slowest")
     if slowest is not None:
         slowest = [_SlowestList(*k, point, [_Event(*e) for e in top]) for *k, point, top in slowest]
@@ -762,6 +795,42 @@ def _one_line(exc: BaseException) -> str:
     """An exception as one line for healthz and logs: its type and the first line of its text."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+# --- steps: long work on the event loop, a little at a time ---------------------------------------
+# Telemetry's Python work that can grow with a burst or a page's series (grouping, tiering, a
+# batch's stored form, a page's view model and HTML) is written as generators that yield now and
+# then, and run by _steps() on the event loop, which it hands back whenever _STEP_S has passed.
+# Not on a thread: a thread running Python holds the interpreter lock for 5 ms slices, and the
+# loop waits for it at every system call it makes; threads are for I/O and for C work that lets
+# go of the lock (SQLite's statements, zlib).
+
+#: The longest the event loop is held by one step of telemetry's own work (s).
+_STEP_S = 0.0005
+
+_T = TypeVar("_T")
+
+
+async def _steps(work: Generator[None, None, _T]) -> _T:
+    """Run a generator of steps on the event loop, handing it back every _STEP_S; its value."""
+    began = time.perf_counter()
+    while True:
+        try:
+            next(work)
+        except StopIteration as done:
+            return done.value
+        if time.perf_counter() - began > _STEP_S:
+            await asyncio.sleep(0)
+            began = time.perf_counter()
+
+
+def _at_once(work: Generator[None, None, _T]) -> _T:
+    """Run a generator of steps to its end in one go (tools, tests, the last flush); its value."""
+    while True:
+        try:
+            next(work)
+        except StopIteration as done:
+            return done.value
 
 
 # --- files: what telemetry writes holds request paths, so it is private to the user it runs as ---
@@ -2233,10 +2302,11 @@ class _Aggregator:
 # ================================================================================================
 
 class _Claimed(NamedTuple):
-    """A spooled batch this process claimed for a replay: its file (renamed as claimed) and it."""
+    """A spooled batch this process claimed for a replay: its file (renamed as claimed) and its
+    stored form (read on the spool's thread, parsed in steps on the loop)."""
 
     path: Path
-    batch: _Batch
+    data: bytes
 
 
 class _Spool:
@@ -2353,17 +2423,19 @@ class _Spool:
         return (self.folder / name).exists() or any(self.folder.glob(glob.escape(name) + ".claimed-*"))
 
     def save(self, batch: _Batch) -> str | None:
-        """Write batch to the folder; its file name, or None when it alone is over max_bytes
-        (dropped and counted, keeping what is spooled). Saving a batch twice keeps one file."""
-        data = _batch_to_json(batch)
+        """write() of a batch's stored form, made here (tools, tests; the writer makes it in steps)."""
+        return self.write(self.name_of(batch), _batch_to_json(batch), len(batch.rows), len(batch.events))
+
+    def write(self, name: str, data: bytes, rows: int, events: int) -> str | None:
+        """Write a batch's stored form to the folder; its file name, or None when it alone is over
+        max_bytes (dropped and counted, keeping what is spooled). Saving a batch twice keeps one file."""
         if len(data) > self.max_bytes:
             self.dropped += 1
-            self.dropped_rows += len(batch.rows)
-            self.dropped_events += len(batch.events)
+            self.dropped_rows += rows
+            self.dropped_events += events
             self.dropped_at.append(time.time())
             return None
         self.refresh()
-        name = self.name_of(batch)
         while self._names and self._bytes + len(data) > self.max_bytes:
             self._drop_file(self._names[0])
         _write_private(self.folder / name, data)
@@ -2381,17 +2453,19 @@ class _Spool:
     def _drop_file(self, name: str) -> None:
         path = self.folder / name
         self._forget(name)
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            dropped = _batch_from_json(path.read_bytes())
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(path, "rb") as f:
+                head = _batch_head(f.readline())
             path.unlink()
             self.dropped += 1
-            self.dropped_rows += len(dropped.rows)
-            self.dropped_events += len(dropped.events)
+            self.dropped_rows += head["rows"]
+            self.dropped_events += len(head.get("events") or ())
             self.dropped_at.append(time.time())
-            _log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", len(dropped.rows))
+            _log.error("telemetry: spool over its cap; dropped the oldest batch (%d rollups)", head["rows"])
 
-    def claim_oldest(self) -> _Claimed | None:
-        """The oldest unclaimed batch, now owned by this process (None when the spool is empty)."""
+    def claim(self) -> _Claimed | None:
+        """The oldest unclaimed batch file, now owned by this process, and its bytes (None when the
+        spool is empty)."""
         self.refresh()
         while self._names:
             name = self._names[0]
@@ -2400,13 +2474,25 @@ class _Spool:
             claimed = path.with_name(f"{name}.claimed-{os.getpid()}")
             try:
                 path.rename(claimed)
+                return _Claimed(claimed, claimed.read_bytes())
             except OSError:
                 continue  # another worker took it
+        return None
+
+    def set_aside(self, claimed: Path) -> None:
+        """A claimed file that is no batch (corrupt): renamed *.corrupt, kept for a person to look at."""
+        name = claimed.name.split(".claimed-")[0]
+        with contextlib.suppress(OSError):
+            claimed.rename(claimed.with_name(name + ".corrupt"))
+        _log.error("telemetry: spool file %s is corrupt; set aside", name)
+
+    def claim_oldest(self) -> tuple[Path, _Batch] | None:
+        """claim(), its batch parsed here (tools, tests; the writer parses in steps)."""
+        while (got := self.claim()) is not None:
             try:
-                return _Claimed(claimed, _batch_from_json(claimed.read_bytes()))
+                return got.path, _batch_from_json(got.data)
             except (ValueError, KeyError, TypeError, IndexError):
-                claimed.rename(claimed.with_name(name + ".corrupt"))
-                _log.error("telemetry: spool file %s is corrupt; set aside", name)
+                self.set_aside(got.path)
         return None
 
     def release(self, claimed: Path) -> None:
@@ -2462,10 +2548,10 @@ class _NoSpool(_Spool):
     def holds(self, instance: str, seq: int) -> bool:
         return False
 
-    def save(self, batch: _Batch) -> str | None:
+    def write(self, name: str, data: bytes, rows: int, events: int) -> str | None:
         raise AssertionError("the writer drops batches itself when there is no spool")
 
-    def claim_oldest(self) -> _Claimed | None:
+    def claim(self) -> _Claimed | None:
         return None
 
     def dead_letter(self, batch: _Batch, reason: str) -> bool:
@@ -2690,10 +2776,13 @@ class _Writer:
                 self._drop(batch)
 
     async def _to_spool(self, batch: _Batch) -> str | None:
-        """batch to disk, on the spool's thread; its file's name (None: dropped, and counted)."""
+        """batch to disk (its stored form made in steps, written on the spool's thread); its file's
+        name (None: dropped, and counted)."""
         self._pending(batch)
+        data = await _steps(_batch_json_steps(batch))
         try:
-            name = await self.spool.run(self.spool.save, batch)
+            name = await self.spool.run(self.spool.write, self.spool.name_of(batch), data, len(batch.rows),
+                                        len(batch.events))
         except OSError as exc:
             self.last_error = f"spool: {exc}"
             self._drop(batch)
@@ -2722,10 +2811,15 @@ class _Writer:
     async def _next(self) -> _Pending | None:
         """The oldest batch waiting: the memory head or the spool's oldest, by batch number."""
         spooled = self.spool.oldest_seq()
-        if spooled is not None and (not self.queue or spooled < self.queue[0].seq):
-            claimed = await self.spool.run(self.spool.claim_oldest)
-            if claimed is not None:
-                return _Pending(claimed.batch, claimed.path)
+        while spooled is not None and (not self.queue or spooled < self.queue[0].seq):
+            claimed = await self.spool.run(self.spool.claim)
+            if claimed is None:
+                break
+            try:
+                return _Pending(await _steps(_batch_from_json_steps(claimed.data)), claimed.path)
+            except (ValueError, KeyError, TypeError, IndexError):
+                await self.spool.run(self.spool.set_aside, claimed.path)
+            spooled = self.spool.oldest_seq()
         if self.queue:
             batch = self.queue.popleft()
             self.queued_rollups -= len(batch.rows)
@@ -3219,10 +3313,11 @@ class _SQLiteStore:
 
     async def write(self, batch: _Batch) -> None:
         await self._check_file()
-        await self._w.run(lambda c: self._write(c, batch))
+        rollups, hists = await _steps(_tier_steps(batch.rows, self._write_tiers))
+        await self._w.run(lambda c: self._write(c, batch, rollups, hists))
 
-    def _write(self, conn: sqlite3.Connection, batch: _Batch) -> None:
-        rollups, hists = _tier_rows(batch.rows, self._write_tiers)
+    def _write(self, conn: sqlite3.Connection, batch: _Batch, rollups: list[tuple], hists: list[tuple]) -> None:
+        """On the write thread: one transaction adds a batch's tier rows, unless it was written before."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             cur = conn.execute("INSERT OR IGNORE INTO batch VALUES (?,?,?)",
@@ -3256,80 +3351,74 @@ class _SQLiteStore:
 
     async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
-        return await self._r.run(lambda c: self._read(c, tier, start, route=route))
+        slots, as_of, events = await self._slots(tier, start, _FAR_FUTURE, route, events=True)
+        if route is not None:
+            return await _steps(_route_sums_steps(slots, route, as_of, events))
+        sums = await _steps(self._sum_steps(tier, slots))
+        return await _steps(sums.data_steps(as_of, events))
 
     async def read_previous(self, seconds: int, tier: int, now: float,
                             route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
-        return await self._r.run(lambda c: self._read(c, tier, start - seconds, stop=start, route=route, events=False))
+        slots, as_of, _ = await self._slots(tier, start - seconds, start, route, events=False)
+        if route is not None:
+            return await _steps(_route_sums_steps(slots, route, as_of, []))
+        kept = await _steps(self._sum_steps(tier, slots, closed_too=True))  # the range before: its slots alone
+        return _RangeData([], [], kept.slot_rows, {}, kept.slot_lanes, as_of, [])
 
     async def read_totals(self) -> _RangeData:
         """All-time sums per series (for /metrics): monotonic, whatever the retention."""
-        return await self._r.run(lambda c: self._read(c, _TOTALS, 0))
+        slots, as_of, _ = await self._slots(_TOTALS, 0, _FAR_FUTURE, None, events=False)
+        sums = _Sums()
+        for slot, sd in slots:
+            await _steps(sums.add_steps(slot, sd))
+        return await _steps(sums.data_steps(as_of, []))
 
     async def has_batch(self, instance: str, seq: int, created: float) -> bool:
         return await self._r.run(lambda c: c.execute("SELECT 1 FROM batch WHERE instance = ? AND seq = ?",
                                                      (instance, seq)).fetchone() is not None)
 
-    def _read(self, conn: sqlite3.Connection, tier: int, start: int, stop: int | None = None,
-              route: tuple[str, str] | None = None, events: bool = True) -> _RangeData:
-        """One range read, [start, stop). Slots come from a per-slot cache, checked against
-        slot_version: a page re-reads only the slots written since it last looked (the newest,
-        normally), so its cost follows series x slots in memory, not the rows and histograms on
-        disk. A route's page sums that route's part of each cached slot."""
-        stop = _FAR_FUTURE if stop is None else stop
-        conn.execute("BEGIN")  # one snapshot for all reads
-        try:
-            versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ?"
-                                    " AND slot < ?", (tier, start, stop)).fetchall()
-            cache = self._cache.setdefault(tier, {})
-            for slot, version in versions:
-                hit = cache.get(slot)
-                if hit is None or hit.version != version:
-                    cache[slot] = _load_slot(conn, tier, slot, version)
-            as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
-            found = self._events(conn, start, route) if events else []
-        finally:
-            conn.execute("COMMIT")
+    async def _slots(self, tier: int, start: int, stop: int, route: tuple[str, str] | None,
+                     events: bool) -> tuple[list[tuple[int, _Slot]], float | None, list[_Event]]:
+        """The slots of [start, stop) of a tier, from a per-slot cache checked against slot_version:
+        a read fetches (on the read thread) only the slots written since the cache last had them,
+        the newest normally, so its cost follows series x slots in memory, not the rows and
+        histograms on disk. Each fetched slot is built into the cache in steps, on the loop."""
+        cache = self._cache.setdefault(tier, {})
+        known = {slot: sd.version for slot, sd in cache.items() if start <= slot < stop}
+        fetched = await self._r.run(lambda c: _fetch_slots(c, tier, start, stop, known, route, events))
+        out = []
+        for slot, version in fetched.versions:
+            raw = fetched.fresh.get(slot)
+            sd = cache.get(slot)
+            if raw is None and (sd is None or sd.version != version):  # dropped by another read meanwhile
+                raw = (await self._r.run(lambda c: _fetch_slots(c, tier, slot, slot + 1, {}, None, False))).fresh[slot]
+            if raw is not None:
+                sd = cache[slot] = await _steps(_slot_steps(version, *raw))
+            assert sd is not None
+            out.append((slot, sd))
         self._evict(tier)
-        if route is not None:
-            sums = _Sums()
-            for slot, _ in versions:
-                sums.add(slot, cache[slot].only(*route))
-            return sums.data(as_of, found)
-        if stop != _FAR_FUTURE:  # the range before: its slots are all the cards compare with
-            kept = self._sum(tier, versions, closed_too=True)
-            return _RangeData([], [], kept.slot_rows, {}, kept.slot_lanes, as_of, found)
-        return self._sum(tier, versions).data(as_of, found)
+        return out, fetched.as_of, [_Event(*row) for row in fetched.events]
 
-    @staticmethod
-    def _events(conn: sqlite3.Connection, start: int, route: tuple[str, str] | None) -> list[_Event]:
-        """The newest errors and the slowest requests since start (of one route, for its page)."""
-        where, args = ("AND route = ? AND method = ?", route) if route else ("", ())
-        return [_Event(*row) for row in conn.execute(
-            f"SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? {where} ORDER BY ts DESC LIMIT ?)"
-            f" UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ? {where}"
-            " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_READ, start, *args, _EVENTS_READ))]
-
-    def _sum(self, tier: int, versions: list[tuple[int, int]], closed_too: bool = False) -> _Sums:
+    def _sum_steps(self, tier: int, slots: list[tuple[int, _Slot]],
+                   closed_too: bool = False) -> Generator[None, None, _Sums]:
         """All slots but the newest are summed once and kept while none of them changes (a window
         moves one slot per tier step); each read then adds only the newest slot to a copy. The
         previous range (closed_too) is all closed slots, kept apart from the current one's: the
         kept sums themselves are returned then, to be read, never changed."""
-        cache = self._cache[tier]
-        closed, newest = (versions, []) if closed_too else (versions[:-1], versions[-1:])
-        key, memo = tuple(closed), (tier, closed_too)
+        closed, newest = (slots, []) if closed_too else (slots[:-1], slots[-1:])
+        key, memo = tuple((slot, sd.version) for slot, sd in closed), (tier, closed_too)
         kept = self._closed.get(memo)
         if kept is None or kept[0] != key:
             sums = _Sums()
-            for slot, _ in closed:
-                sums.add(slot, cache[slot])
+            for slot, sd in closed:
+                yield from sums.add_steps(slot, sd)
             kept = self._closed[memo] = (key, sums)
         if not newest:
             return kept[1]
-        out = kept[1].copy()
-        for slot, _ in newest:
-            out.add(slot, cache[slot])
+        out = yield from kept[1].copy_steps()
+        for slot, sd in newest:
+            yield from out.add_steps(slot, sd)
         return out
 
     def _evict(self, tier: int) -> None:
@@ -3365,9 +3454,14 @@ class _Slot:
     route_lanes: dict[tuple[str, str, str], int]
     source_lanes: dict[str, int]
 
-    def only(self, route: str, method: str) -> "_Slot":
+    def only_steps(self, route: str, method: str) -> Generator[None, None, "_Slot"]:
         """This slot's part for one route and method (its page): the same shape, summed again."""
-        series = {k: v for k, v in self.series.items() if k[1] == route and k[2] == method}
+        series: dict[tuple, list] = {}
+        for i, (k, v) in enumerate(self.series.items()):
+            if i % 512 == 511:
+                yield
+            if k[1] == route and k[2] == method:
+                series[k] = v
         sources: dict[str, list] = {}
         for (source, _r, _m, status), (count, dur_sum, _max, _bytes) in series.items():
             acc = sources.setdefault(source, [0, 0, 0.0])
@@ -3378,12 +3472,50 @@ class _Slot:
         return _Slot(self.version, series, sources, lanes, {k[0]: v for k, v in lanes.items()})
 
 
-def _load_slot(conn: sqlite3.Connection, tier: int, slot: int, version: int) -> _Slot:
+class _Fetched(NamedTuple):
+    """What the read thread fetched of a range: every slot's version, the raw rows of the slots
+    the cache did not have at that version, when the newest batch was written, the events."""
+
+    versions: list[tuple[int, int]]  # (slot, version)
+    fresh: dict[int, tuple[list[tuple], list[tuple]]]  # slot -> (rollup rows, histogram rows)
+    as_of: float | None
+    events: list[tuple]
+
+
+def _fetch_slots(conn: sqlite3.Connection, tier: int, start: int, stop: int, known: dict[int, int],
+                 route: tuple[str, str] | None, events: bool) -> _Fetched:
+    """On the read thread, in one snapshot: [start, stop)'s slot versions, the rows of the slots
+    whose version is not the one known, as_of, and (events=True) the newest errors and slowest
+    requests since start (of one route, for its page)."""
+    conn.execute("BEGIN")
+    try:
+        versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ? AND slot < ?"
+                                " ORDER BY slot", (tier, start, stop)).fetchall()
+        fresh = {slot: (conn.execute("SELECT source, route, method, status, count, dur_sum, dur_max, bytes_sum"
+                                     " FROM rollup WHERE tier = ? AND slot = ?", (tier, slot)).fetchall(),
+                        conn.execute("SELECT source, route, method, h FROM hist WHERE tier = ? AND slot = ?",
+                                     (tier, slot)).fetchall())
+                 for slot, version in versions if known.get(slot) != version}
+        as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
+        found: list[tuple] = []
+        if events:
+            where, args = ("AND route = ? AND method = ?", route) if route else ("", ())
+            found = conn.execute(
+                f"SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? {where} ORDER BY ts DESC LIMIT ?)"
+                f" UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ? {where}"
+                " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_READ, start, *args, _EVENTS_READ)).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return _Fetched(versions, fresh, as_of, found)
+
+
+def _slot_steps(version: int, rows: list[tuple], hists: list[tuple]) -> Generator[None, None, _Slot]:
+    """A slot as the cache keeps it, from its rows, in steps."""
     series: dict[tuple, list] = {}
     sources: dict[str, list] = {}
-    for source, route, method, status, count, dur_sum, dur_max, nbytes in conn.execute(
-            "SELECT source, route, method, status, count, dur_sum, dur_max, bytes_sum FROM rollup"
-            " WHERE tier = ? AND slot = ?", (tier, slot)):
+    for i, (source, route, method, status, count, dur_sum, dur_max, nbytes) in enumerate(rows):
+        if i % 256 == 255:
+            yield
         series[(source, route, method, status)] = [count, dur_sum, dur_max, nbytes]
         acc = sources.setdefault(source, [0, 0, 0.0])
         acc[0] += count
@@ -3391,16 +3523,27 @@ def _load_slot(conn: sqlite3.Connection, tier: int, slot: int, version: int) -> 
         acc[2] += dur_sum
     route_lanes: dict[tuple[str, str, str], int] = {}
     source_lanes: dict[str, int] = {}
-    for source, route, method, h in conn.execute(
-            "SELECT source, route, method, h FROM hist WHERE tier = ? AND slot = ?", (tier, slot)):
+    for i, (source, route, method, h) in enumerate(hists):
+        if i % 64 == 63:
+            yield
         lanes = _Histogram.decode(h)
         route_lanes[(source, route, method)] = lanes
         source_lanes[source] = source_lanes.get(source, 0) + lanes
     return _Slot(version, series, sources, route_lanes, source_lanes)
 
 
+def _route_sums_steps(slots: list[tuple[int, _Slot]], route: tuple[str, str], as_of: float | None,
+                      events: list[_Event]) -> Generator[None, None, _RangeData]:
+    """One route's page: its part of each slot, summed."""
+    sums = _Sums()
+    for slot, sd in slots:
+        part = yield from sd.only_steps(*route)
+        yield from sums.add_steps(slot, part)
+    return (yield from sums.data_steps(as_of, events))
+
+
 class _Sums:
-    """Slots summed in memory (big-int adds for the histograms); copy() then add() the newest."""
+    """Slots summed in memory (big-int adds for the histograms); copy, then add the newest."""
 
     def __init__(self) -> None:
         self.series: dict[tuple, list] = {}
@@ -3408,9 +3551,11 @@ class _Sums:
         self.slot_rows: list[tuple] = []
         self.slot_lanes: dict[tuple[int, str], int] = {}
 
-    def add(self, slot: int, sd: _Slot) -> None:
+    def add_steps(self, slot: int, sd: _Slot) -> Generator[None, None, None]:
         series, route_lanes = self.series, self.route_lanes
-        for key, (count, dur_sum, dur_max, nbytes) in sd.series.items():
+        for i, (key, (count, dur_sum, dur_max, nbytes)) in enumerate(sd.series.items()):
+            if i % 256 == 255:
+                yield
             acc = series.get(key)
             if acc is None:
                 series[key] = [count, dur_sum, dur_max, nbytes]
@@ -3423,18 +3568,25 @@ class _Sums:
         for source, lanes in sd.source_lanes.items():
             self.slot_lanes[(slot, source)] = lanes
 
-    def copy(self) -> "_Sums":
+    def copy_steps(self) -> Generator[None, None, "_Sums"]:
         out = _Sums()
-        out.series = {k: list(v) for k, v in self.series.items()}
+        series = out.series
+        for i, (k, v) in enumerate(self.series.items()):
+            if i % 512 == 511:
+                yield
+            series[k] = list(v)
         out.route_lanes = dict(self.route_lanes)
         out.slot_rows = list(self.slot_rows)
         out.slot_lanes = dict(self.slot_lanes)
         return out
 
-    def data(self, as_of: float | None, events: list[_Event]) -> _RangeData:
+    def data_steps(self, as_of: float | None, events: list[_Event]) -> Generator[None, None, _RangeData]:
         routes: dict[tuple, list] = {}
-        for (source, route, method, _status), (count, dur_sum, dur_max, nbytes) in self.series.items():
+        for i, ((source, route, method, _status), (count, dur_sum, dur_max, nbytes)) in enumerate(self.series.items()):
+            if i % 256 == 255:
+                yield
             _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
+        yield
         return _RangeData([(*k, *v) for k, v in routes.items()], [(*k, v[0]) for k, v in self.series.items()],
                           self.slot_rows, self.route_lanes, self.slot_lanes, as_of, events)
 
@@ -3446,10 +3598,19 @@ def _database_id(conn: sqlite3.Connection) -> str:
 
 
 def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
-    """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once."""
+    """_tier_steps() in one go."""
+    return _at_once(_tier_steps(rows, tiers))
+
+
+def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, None, tuple[list[tuple], list[tuple]]]:
+    """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once; in steps,
+    on the loop (the write thread then only runs the statements)."""
     rollups: dict[tuple, list] = {}
     hists: dict[tuple, int] = {}
-    for r in rows:
+    tiers = list(tiers)
+    for i, r in enumerate(rows):
+        if i % 64 == 63:
+            yield
         lanes = _Histogram.from_counts(r.hist)
         for tier in tiers:
             slot = r.slot - r.slot % tier if tier else 0
@@ -3462,9 +3623,12 @@ def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], 
             hkey = key[:5]
             hists[hkey] = hists.get(hkey, 0) + lanes
     blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
-    for lanes in hists.values():
+    for i, lanes in enumerate(hists.values()):
+        if i % 64 == 63:
+            yield
         if lanes not in blobs:
             blobs[lanes] = _Histogram.encode(lanes)
+    yield
     return [(*k, *v) for k, v in rollups.items()], [(*k, blobs[v]) for k, v in hists.items()]
 
 
@@ -4115,8 +4279,15 @@ def _previous(data: _RangeData, seconds: int) -> dict[str, dict[str, Any]]:
 
 def _summarize(data: _RangeData, range_name: str, now: float, previous: _RangeData | None = None,
                only: tuple[str, str] | None = None) -> dict[str, Any]:
-    """_RangeData -> the summary document (schema in the README); with the range before it, each
-    source carries `previous` (its figures there); with `only` (a route and method), the document is that route's."""
+    """_RangeData -> the summary document (schema in the README), in one go: see _summary_steps()."""
+    return _at_once(_summary_steps(data, range_name, now, previous, only))
+
+
+def _summary_steps(data: _RangeData, range_name: str, now: float, previous: _RangeData | None = None,
+                   only: tuple[str, str] | None = None) -> Generator[None, None, dict[str, Any]]:
+    """_RangeData -> the summary document (schema in the README), in steps (_steps()); with the
+    range before it, each source carries `previous` (its figures there); with `only` (a route and
+    method), the document is that route's."""
     seconds, tier = _RANGES[range_name]
     window = max(now - _range_start(now, seconds, tier), 1.0)  # whole slots: a little over `seconds`
     totals = {s: [0, 0.0, 0.0, 0] for s in _SOURCES}  # per source: count, duration sum and max, bytes
@@ -4125,42 +4296,52 @@ def _summarize(data: _RangeData, range_name: str, now: float, previous: _RangeDa
     routes: dict[tuple[str, str, str], list] = {}
     route_errors: dict[tuple[str, str, str], int] = {}
     source_lanes: dict[str, int] = {}
-    for source, route, method, count, dur_sum, dur_max, nbytes in data.series:
+    edge_only: dict[str, int] = {}
+    for i, (source, route, method, count, dur_sum, dur_max, nbytes) in enumerate(data.series):
+        if i % 256 == 255:
+            yield
         _acc_add(totals.setdefault(source, [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
         _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, 0)
-    for source, route, method, status, count in data.statuses:
+    for i, (source, route, method, status, count) in enumerate(data.statuses):
+        if i % 256 == 255:
+            yield
         err = count if status >= 500 else 0
         errors[source] = errors.get(source, 0) + err
         route_errors[(source, route, method)] = route_errors.get((source, route, method), 0) + err
         mix = status_mix.setdefault(source, {})
         mix[str(status)] = mix.get(str(status), 0) + count
+        if source == "caddy" and status in _EDGE_ONLY_STATUSES:
+            edge_only[str(status)] = edge_only.get(str(status), 0) + count
     for (source, _route, _method), lanes in data.route_lanes.items():
         source_lanes[source] = source_lanes.get(source, 0) + lanes
+    yield
     sources = {source: {"requests": count, "errors": errors[source],
                         "error_rate": round(errors[source] / count, 6) if count else 0.0,
                         "rps": round(count / window, 3), "bytes": nbytes,
                         "status": dict(sorted(status_mix[source].items())),
                         "latency_ms": _latency(source_lanes.get(source, 0), count, dur_sum, dur_max)}
                for source, (count, dur_sum, dur_max, nbytes) in totals.items()}
-    route_rows = [{"route": route, "method": method, "source": source, "requests": count,
-                   "errors": route_errors.get((source, route, method), 0),
-                   "latency_ms": _latency(data.route_lanes.get((source, route, method), 0), count, dur_sum, dur_max)}
-                  for (source, route, method), (count, dur_sum, dur_max, _) in routes.items()]
+    route_rows = []
+    for i, ((source, route, method), (count, dur_sum, dur_max, _)) in enumerate(routes.items()):
+        if i % 32 == 31:
+            yield
+        route_rows.append({"route": route, "method": method, "source": source, "requests": count,
+                           "errors": route_errors.get((source, route, method), 0),
+                           "latency_ms": _latency(data.route_lanes.get((source, route, method), 0), count, dur_sum,
+                                                  dur_max)})
     route_rows.sort(key=lambda r: (-r["requests"], r["route"], r["method"], r["source"]))
-    edge_only: dict[str, int] = {}
-    for source, _route, _method, status, count in data.statuses:
-        if source == "caddy" and status in _EDGE_ONLY_STATUSES:
-            edge_only[str(status)] = edge_only.get(str(status), 0) + count
     if previous is not None:
+        yield
         for source, before in _previous(previous, seconds).items():
             if source in sources:
                 sources[source]["previous"] = before
+    timeseries = yield from _timeseries(data, seconds, tier, now)
     return {"range": range_name, "range_seconds": seconds, "step_seconds": tier,
             "as_of": _iso(data.as_of), "generated_at": _iso(now),
             **({"route": {"route": only[0], "method": only[1]}} if only else {}),
             "sources": sources, "routes": route_rows,
             "edge_only": {"requests": sum(edge_only.values()), "status": dict(sorted(edge_only.items()))},
-            "timeseries": _timeseries(data, seconds, tier, now),
+            "timeseries": timeseries,
             "events": {"errors": [_event_doc(e) for e in data.events if e.kind == "error"],
                        "slowest": [_event_doc(e) for e in data.events if e.kind == "slow"]}}
 
@@ -4170,11 +4351,13 @@ def _event_doc(e: _Event) -> dict[str, Any]:
             "status": e.status, "latency_ms": _ms(e.seconds), "request_id": e.request_id}
 
 
-def _timeseries(data: _RangeData, seconds: int, tier: int, now: float) -> list[dict[str, Any]]:
+def _timeseries(data: _RangeData, seconds: int, tier: int, now: float) -> Generator[None, None, list[dict[str, Any]]]:
+    """The range's steps per source, in steps (a 15m range has 91 of them, each two quantiles)."""
     by_slot = {(slot, source): (count, errors) for slot, source, count, errors, _ in data.slots}
     start = _range_start(now, seconds, tier)
-    out = []
+    out: list[dict[str, Any]] = []
     for slot in range(start, int(now) + 1, tier):
+        yield
         width = min(tier, now - slot) if slot + tier > now else tier  # the newest slot is partial
         for source in _SOURCES:
             count, errors = by_slot.get((slot, source), (0, 0))
@@ -4342,11 +4525,18 @@ def _wide_spread(values: Iterable[float | None], ratio: float = 20.0) -> bool:
 
 def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc,
                       shown: Sequence[str] = _SOURCES) -> dict[str, Any]:
+    """The two charts of a page, in one go: see _dashboard_chart_steps()."""
+    return _at_once(_dashboard_chart_steps(summary, zone, shown))
+
+
+def _dashboard_chart_steps(summary: dict[str, Any], zone: Any = timezone.utc,
+                           shown: Sequence[str] = _SOURCES) -> Generator[None, None, dict[str, Any]]:
     """The two charts of a page, from the summary's timeseries: req/s per source, and p50 / p95
-    latency per source (log scale when its values spread widely)."""
+    latency per source (log scale when its values spread widely); a step each."""
     ts = summary["timeseries"]
     if not ts:
         return {}
+    yield
     t0, t1 = ts[0]["t"], ts[-1]["t"]
     by_src = {src: [p for p in ts if p["source"] == src] for src in shown}
     marker = {"caddy": "circle", "sanic": "square"}
@@ -4356,8 +4546,9 @@ def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc,
                  [(p["t"], p["latency_ms"][q]) for p in pts], marker.get(src, "circle"))
            for src, pts in by_src.items() for q in ("p50", "p95")]
     log = _wide_spread(v for ln in lat for _, v in ln.points)
-    return {"rps": _svg_chart("requests per second", lambda v: _fmt_num(v, "/s"), rps, t0, t1, zone),
-            "latency": _svg_chart("latency", _fmt_ms, lat, t0, t1, zone, log=log), "log": log}
+    rps_chart = _svg_chart("requests per second", lambda v: _fmt_num(v, "/s"), rps, t0, t1, zone)
+    yield
+    return {"rps": rps_chart, "latency": _svg_chart("latency", _fmt_ms, lat, t0, t1, zone, log=log), "log": log}
 
 
 def _route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -4493,20 +4684,29 @@ def _prom_labels(**labels: Any) -> str:
 
 
 def _prometheus_text(totals: _RangeData, health: dict[str, Any]) -> str:
-    """The all-time rollups and the pipeline counters in Prometheus' text format (0.0.4).
+    """/metrics' text, in one go: see _prometheus_steps()."""
+    return _at_once(_prometheus_steps(totals, health))
+
+
+def _prometheus_steps(totals: _RangeData, health: dict[str, Any]) -> Generator[None, None, str]:
+    """The all-time rollups and the pipeline counters in Prometheus' text format (0.0.4), in steps.
 
     Histogram buckets come from the log-scale histogram: a bucket counts toward `le` when its
     representative value is at most `le`, so a bound is exact to within the histogram's ~1%.
     """
     out = ["# HELP telemetry_requests_total Requests by source (caddy = edge, sanic = app), route, method, status.",
            "# TYPE telemetry_requests_total counter"]
-    for source, route, method, status, count in sorted(totals.statuses):
+    for i, (source, route, method, status, count) in enumerate(sorted(totals.statuses)):
+        if i % 128 == 127:
+            yield
         out.append(f"telemetry_requests_total{_prom_labels(source=source, route=route, method=method, status=status)}"
                    f" {count}")
     by_route = {(source, route, method): rest for source, route, method, *rest in totals.series}
     out += ["# HELP telemetry_request_duration_seconds Request latency by source, route and method.",
             "# TYPE telemetry_request_duration_seconds histogram"]
-    for (source, route, method), (count, dur_sum, _max, _nbytes) in sorted(by_route.items()):
+    for i, ((source, route, method), (count, dur_sum, _max, _nbytes)) in enumerate(sorted(by_route.items())):
+        if i % 16 == 15:
+            yield
         labels = dict(source=source, route=route, method=method)
         cum = list(itertools.accumulate(_Histogram.counts(totals.route_lanes.get((source, route, method), 0))))
         for le, last in zip(_PROM_BOUNDS, _PROM_LAST_BUCKET):
@@ -4731,33 +4931,49 @@ def _template() -> Any:
     return _JINJA
 
 
-#: One thread builds what the routes answer (the summary from a store's read, the page with its
-#: charts and template, the JSON text, the Prometheus text): over thousands of series that is tens
-#: of milliseconds of Python, which the event loop must not wait out. One thread, so concurrent
-#: pages queue there and hold the interpreter from the loop no longer than one does.
-_VIEWS = ThreadPoolExecutor(1, thread_name_prefix="telemetry-views")
-
-
-async def _off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs) on the views' thread."""
-    return await asyncio.get_running_loop().run_in_executor(_VIEWS, functools.partial(fn, *args, **kwargs))
-
-
-def _page_html(s: dict[str, Any], health: dict[str, Any], store_error: str, config: Any, route: tuple[str, str] | None,
-               refresh: int, t0: float) -> str:
-    """The page (or a route's page) from its summary and the deployment's health."""
+def _page_steps(s: dict[str, Any], health: dict[str, Any], store_error: str, config: Config,
+                route: tuple[str, str] | None, refresh: int, t0: float) -> Generator[None, None, str]:
+    """The page (or a route's page) from its summary and the deployment's health, in steps
+    (_steps()): the charts, the tables and the template's output, a piece at a time."""
     zone = _zone(config.tz) or timezone.utc
     edge_read = health["reader"]["state"] != "off" or s["sources"]["caddy"]["requests"] > 0
     shown = list(_SOURCES) if edge_read else ["sanic"]  # no Caddy log read: no edge lines or columns
-    return _template().render(
+    charts = yield from _dashboard_chart_steps(s, zone, shown)
+    routes = _route_table(s)
+    yield
+    context = dict(
         s=s, prefix=config.prefix, refresh=refresh, ranges=list(_RANGES), refresh_choices=_REFRESH_CHOICES,
-        banners=_banners(health, store_error), charts=_dashboard_charts(s, zone, shown),
-        routes=_route_table(s), empty=not any(src["requests"] for src in s["sources"].values()),
+        banners=_banners(health, store_error), charts=charts,
+        routes=routes, empty=not any(src["requests"] for src in s["sources"].values()),
         unmatched=_UNMATCHED, lag_ms=_lag_ms(s), health=health, token=bool(config.token),
         route=route, here=(_route_query(*route) + "&") if route else "", edge_read=edge_read, shown=shown,
         errors=_event_rows(s["events"]["errors"], zone), slowest=_event_rows(s["events"]["slowest"], zone, True),
         slow_ms=config.slow_ms, tz=config.tz or "UTC", as_of_local=_local_time(s["as_of"], zone) if s["as_of"] else "",
         render_ms=f"{(time.perf_counter() - t0) * 1000:.1f}")
+    out: list[str] = []
+    for i, piece in enumerate(_template().generate(**context)):  # the template's output, as it is made
+        out.append(piece)
+        if i % 64 == 63:
+            yield
+    return "".join(out)
+
+
+def _json_steps(doc: Any) -> Generator[None, None, str]:
+    """A document as compact JSON, a top-level part at a time (a summary's routes and timeseries
+    are thousands of objects)."""
+    if not isinstance(doc, dict):
+        return json.dumps(doc, separators=(",", ":"))
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list) and len(value) > 64:
+            items = []
+            for i in range(0, len(value), 64):
+                items.append(json.dumps(value[i:i + 64], separators=(",", ":"))[1:-1])
+                yield
+            parts.append(f"{json.dumps(key)}:[{','.join(x for x in items if x)}]")
+        else:
+            parts.append(f"{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
+    return "{" + ",".join(parts) + "}"
 
 
 def _css() -> str:
@@ -5096,7 +5312,7 @@ class _Pipeline:
                                                                self.store.read_previous(seconds, tier, now, route)))
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
             data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
-        return await _off_loop(_summarize, data, range_name, now, before, route)
+        return await _steps(_summary_steps(data, range_name, now, before, route))
 
     # --- status and health ----------------------------------------------------------------------
     def local_status(self) -> dict[str, Any]:
@@ -5390,7 +5606,7 @@ async def _read_summary(tel: _Pipeline, range_name: str,
         return await tel.summary(range_name, route), ""
     except Exception as exc:
         empty = _RangeData([], [], [], {}, {}, None)
-        return await _off_loop(_summarize, empty, range_name, time.time(), only=route), f"{type(exc).__name__}: {exc}"
+        return _summarize(empty, range_name, time.time(), only=route), f"{type(exc).__name__}: {exc}"
 
 
 #: The longest ?route= a route's page takes (route values are templates; Caddy's are cut paths).
@@ -5424,7 +5640,7 @@ async def _dashboard(request: Any) -> Any:
                           status=400)
     tel: _Pipeline = request.app.ctx.telemetry
     (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name, route), tel.health())
-    return _resp.html(await _off_loop(_page_html, s, health, store_error, config, route, refresh, t0))
+    return _resp.html(await _steps(_page_steps(s, health, store_error, config, route, refresh, t0)))
 
 
 @_guarded()
@@ -5436,7 +5652,7 @@ async def _summary_json(request: Any) -> Any:
     s, store_error = await _read_summary(request.app.ctx.telemetry, range_name, route)
     if store_error:
         return _error(503, f"store unavailable: {store_error}")
-    return _resp.text(await _off_loop(json.dumps, s, separators=(",", ":")), content_type="application/json")
+    return _resp.text(await _steps(_json_steps(s)), content_type="application/json")
 
 
 @_guarded()
@@ -5447,7 +5663,7 @@ async def _metrics(request: Any) -> Any:
         totals, health = await asyncio.gather(tel.read(tel.store.read_totals), tel.health())
     except Exception as exc:
         return _error(503, f"store unavailable: {type(exc).__name__}: {exc}")
-    return _resp.text(await _off_loop(_prometheus_text, totals, health),
+    return _resp.text(await _steps(_prometheus_steps(totals, health)),
                       content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
