@@ -1344,6 +1344,38 @@ def route(i):
 
 for i in range(200):
     route(i)
+
+import gc, time
+GC = {0: [0, 0.0, 0.0], 1: [0, 0.0, 0.0], 2: [0, 0.0, 0.0]}  # generation -> [collections, longest s, total s]
+_gc_t0 = [0.0]
+
+def _gc_timer(phase, info):
+    if phase == "start":
+        _gc_t0[0] = time.perf_counter()
+    else:
+        d, g = time.perf_counter() - _gc_t0[0], GC[info["generation"]]
+        g[0], g[1], g[2] = g[0] + 1, max(g[1], d), g[2] + d
+gc.callbacks.append(_gc_timer)
+
+@app.get("/bench/objects")
+async def objects_read(request):
+    import collections
+    objs = gc.get_objects()
+    out = {"tracked": len(objs), "by_type": collections.Counter(type(o).__name__ for o in objs).most_common(12)}
+    del objs
+    return response.json(out)
+
+@app.get("/bench/gcstats")
+async def gc_stats(request):
+    return response.json(gc.get_stats())
+
+@app.get("/bench/gc")
+async def gc_read(request):
+    out = {str(k): v[:] for k, v in GC.items()}
+    for v in GC.values():
+        v[:] = [0, 0.0, 0.0]
+    return response.json(out)
+
 telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
 app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
 """
@@ -1668,6 +1700,10 @@ def burst_run(build: Path, tmp: Path, tag: str, quick: bool) -> dict[str, Any]:
         end = exact_at or time.monotonic()
         poster.join(150)
         sampler.stop()
+        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+            out["gc"] = json.loads(poll.get("/bench/gc")[1])  # the collector's pauses during the burst
+            out["objects"] = json.loads(poll.get("/bench/objects")[1])  # what it has to look at
+            out["gcstats"] = json.loads(poll.get("/bench/gcstats")[1])
         out.update(stats=stats, counted=seen[-1] if seen else None, exact_s=(exact_at - start) if exact_at else None,
                    posted_s=(stats["done_at"] - start) if stats.get("done_at") else None,
                    peak=rss_mb(pid, "VmHWM"), rss_after=rss_mb(pid, "VmRSS"), summary_ms=summary_ms,
@@ -1722,6 +1758,15 @@ def bench_burst(quick: bool, tmp: Path) -> None:
         print(f"  {label}: /api/ping during the burst {fmt_pings(p)}; RSS {r['rss_before']:.0f} MB before, peak "
               f"{r['peak']:.0f} MB (+{r['peak'] - r['rss_before']:.0f} MB), {r['rss_after']:.0f} MB after")
         print(f"  {label}: py-spy, burst: {r['spy']}")
+        if r.get("gcstats"):
+            print(f"  {label}: cyclic garbage the collector freed: " + "; ".join(
+                f"gen {g}: {x['collected']:,}" for g, x in enumerate(r["gcstats"])))
+        if r.get("objects"):
+            print(f"  {label}: objects the collector tracks after the burst: {r['objects']['tracked']:,} "
+                  f"({', '.join(f'{k} {n:,}' for k, n in r['objects']['by_type'][:8])})")
+        if r.get("gc"):
+            print(f"  {label}: the garbage collector during the burst: " + "; ".join(
+                f"gen {g}: {n} runs, longest {mx * 1e3:.1f} ms, {tot:.2f} s in all" for g, (n, mx, tot) in r["gc"].items()))
         renders = []
         for rng, x in r["render"].items():
             print(f"  {label}: GET /telemetry/?range={rng}: alone {x['alone']:.0f} ms (median of 3, status "

@@ -61,6 +61,7 @@ import bisect
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import functools
 import glob
@@ -84,6 +85,7 @@ import sqlite3
 import stat
 import sys
 import time
+import weakref
 import zlib
 from array import array
 from concurrent.futures import ThreadPoolExecutor
@@ -435,20 +437,34 @@ def _valid_status(status: Any) -> bool:
     return type(status) is int and 100 <= status <= 599
 
 
-def _sat_add(a: int, b: int) -> int:
-    """a + b, saturated at _INT64_MAX: a stored integer sum never overflows its store."""
-    total = a + b
-    return total if total <= _INT64_MAX else _INT64_MAX
+class _Totals(NamedTuple):
+    """What requests add up to: how many, their durations' sum and longest (s), their response
+    bytes. A tuple of numbers: many thousands of them kept (a page's series) cost the garbage
+    collector nothing."""
+
+    count: int = 0
+    dur_sum: float = 0.0
+    dur_max: float = 0.0
+    nbytes: int = 0
+
+    def plus(self, count: int, dur_sum: float, dur_max: float, nbytes: int) -> "_Totals":
+        return _Totals(*_plus(self, count, dur_sum, dur_max, nbytes))
 
 
-def _acc_add(acc: list, count: int, dur_sum: float, dur_max: float, nbytes: int) -> None:
-    """acc ([count, duration sum, duration max, bytes]) += another such sum: the one way sums of
-    requests combine, in the aggregator, the stores and the views alike."""
-    acc[0] = _sat_add(acc[0], count)
-    acc[1] += dur_sum
-    if dur_max > acc[2]:
-        acc[2] = dur_max
-    acc[3] = _sat_add(acc[3], nbytes)
+def _plus(t: tuple, count: int, dur_sum: float, dur_max: float, nbytes: int) -> tuple[int, float, float, int]:
+    """Totals (count, dur_sum, dur_max, nbytes) and another's: the one way sums of requests combine,
+    in the aggregator, the stores and the views alike (SQLite's upsert does the same in SQL).
+    Integer sums saturate at _INT64_MAX, so no sum overflows a store. A plain tuple: the views'
+    and stores' dicts keep thousands, which the garbage collector stops looking at (it does not
+    for tuples of a subclass, such as _Totals)."""
+    c, b = t[0] + count, t[3] + nbytes
+    return (c if c <= _INT64_MAX else _INT64_MAX, t[1] + dur_sum, dur_max if dur_max > t[2] else t[2],
+            b if b <= _INT64_MAX else _INT64_MAX)
+
+
+_ZERO = _Totals()
+#: _ZERO as a plain tuple, for the dicts of totals (see _plus()).
+_NONE = (0, 0.0, 0.0, 0)
 
 
 class _Histogram:
@@ -547,7 +563,7 @@ class _Histogram:
         out.frombytes(lanes.to_bytes(((lanes.bit_length() + 63) // 64) * 8, "little"))
         return out
 
-    _memo: dict[tuple, list] = {}
+    _memo: dict[tuple, tuple] = {}
     MEMO_SIZE = 8192
 
     @classmethod
@@ -559,7 +575,7 @@ class _Histogram:
         if hit is None:
             if len(cls._memo) >= cls.MEMO_SIZE:
                 cls._memo.clear()
-            hit = cls._memo[key] = cls._quantiles(lanes, qs, cap)
+            hit = cls._memo[key] = tuple(cls._quantiles(lanes, qs, cap))  # (a plain tuple: the GC skips it)
         return list(hit)
 
     @classmethod
@@ -609,12 +625,12 @@ class _Rollup:
     hist: dict[int, int] = field(default_factory=dict)
 
     def add(self, count: int, dur_sum: float, dur_max: float, nbytes: int) -> None:
-        """_acc_add() for a rollup's own fields."""
-        self.count = _sat_add(self.count, count)
-        self.dur_sum += dur_sum
-        if dur_max > self.dur_max:
-            self.dur_max = dur_max
-        self.bytes_sum = _sat_add(self.bytes_sum, nbytes)
+        """_Totals.plus() for a rollup's own fields."""
+        self.count, self.dur_sum, self.dur_max, self.bytes_sum = _Totals(
+            self.count, self.dur_sum, self.dur_max, self.bytes_sum).plus(count, dur_sum, dur_max, nbytes)
+
+    def totals(self) -> _Totals:
+        return _Totals(self.count, self.dur_sum, self.dur_max, self.bytes_sum)
 
 
 @dataclass
@@ -691,8 +707,9 @@ _BATCH_PART = 256
 
 
 def _rollup_row(r: _Rollup) -> list:
+    """A rollup as a stored row: its fields, then its histogram as one flat list (bucket, count, ...)."""
     return [r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
-            sorted(r.hist.items())]
+            [x for item in sorted(r.hist.items()) for x in item]]
 
 
 def _slowest_row(x: _SlowestList) -> list:
@@ -759,6 +776,13 @@ def _batch_from_json_steps(data: bytes) -> Generator[None, None, _Batch]:
     return (yield from _batch_from_doc_steps(doc, 1.0))
 
 
+def _hist_of(stored: list) -> dict[int, int]:
+    """A stored histogram: flat (bucket, count, ...) in format 3, pairs before it."""
+    if stored and isinstance(stored[0], list):
+        return {int(b): int(n) for b, n in stored}
+    return dict(zip(map(int, stored[0::2]), map(int, stored[1::2])))
+
+
 def _batch_from_doc(obj: dict[str, Any], unit: float) -> _Batch:
     return _at_once(_batch_from_doc_steps(obj, unit))
 
@@ -768,7 +792,7 @@ def _batch_from_doc_steps(obj: dict[str, Any], unit: float) -> Generator[None, N
     rows: list[_Rollup] = []
     for at in range(0, len(obj["rows"]), _BATCH_PART):
         yield
-        rows += [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist={int(b): int(n) for b, n in r[9]})
+        rows += [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist=_hist_of(r[9]))
                  for r in obj["rows"][at:at + _BATCH_PART]]
     events = [_Event(*e[:7], e[7] * unit, *e[8:]) for e in obj.get("events") or ()]
     windows = None
@@ -810,18 +834,84 @@ _STEP_S = 0.0005
 
 _T = TypeVar("_T")
 
+class _Gate:
+    """Telemetry's turns on one event loop. Its steps take the gate one at a time, so however many
+    of its tasks have work at once (ingest bodies, pages, the flush, the writer), a turn of the
+    loop runs about one of them and the app's requests are served between; and together they take
+    at most SHARE of the loop's time (a credit earned at that rate, up to BURST, spent by each
+    step): under a burst telemetry slows down, and says so (ingest answers 503, a log backlog is
+    read later), rather than slow the app down."""
+
+    SHARE, BURST = 0.5, 0.005
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.credit, self.at = self.BURST, time.perf_counter()
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> Any:
+        """Hold the gate for one step; past the share, wait for credit first (holding it)."""
+        async with self.lock:
+            now = time.perf_counter()
+            self.credit = min(self.BURST, self.credit + (now - self.at) * self.SHARE)
+            self.at = now
+            if self.credit < 0:
+                await asyncio.sleep(-self.credit / self.SHARE)
+                self.credit, self.at = 0.0, time.perf_counter()
+            try:
+                yield
+            finally:
+                self.credit -= time.perf_counter() - self.at
+                self.at = time.perf_counter()
+
+
+#: One gate per event loop (tests and tools run several loops, one after another).
+_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gate] = weakref.WeakKeyDictionary()
+
+
+def _gate() -> _Gate:
+    loop = asyncio.get_running_loop()
+    gate = _GATES.get(loop)
+    if gate is None:
+        gate = _GATES[loop] = _Gate()
+    return gate
+
+
+@contextlib.asynccontextmanager
+async def _step() -> Any:
+    """One step of telemetry's work on the event loop, in its turn (see _Gate)."""
+    await asyncio.sleep(0)  # what the loop has ready (the app's requests) first
+    async with _gate().turn():
+        yield
+
 
 async def _steps(work: Generator[None, None, _T]) -> _T:
-    """Run a generator of steps on the event loop, handing it back every _STEP_S; its value."""
-    began = time.perf_counter()
+    """Run a generator of steps on the event loop, in turns of _STEP_S (see _Gate); its value."""
+    gate = _gate()
     while True:
-        try:
-            next(work)
-        except StopIteration as done:
-            return done.value
-        if time.perf_counter() - began > _STEP_S:
-            await asyncio.sleep(0)
+        async with gate.turn():
             began = time.perf_counter()
+            while time.perf_counter() - began < _STEP_S:
+                try:
+                    next(work)
+                except StopIteration as done:
+                    return done.value
+        await asyncio.sleep(0)
+
+
+class _Shared:
+    """Work that callers asking at the same time share: the first starts it, the others await its
+    result (pages refreshed together read, sum and render once)."""
+
+    def __init__(self) -> None:
+        self.inflight: dict[Any, asyncio.Future] = {}
+
+    async def __call__(self, key: Any, make: Callable[[], Any]) -> Any:
+        future = self.inflight.get(key)
+        if future is None:
+            future = self.inflight[key] = asyncio.ensure_future(make())
+            future.add_done_callback(lambda _: self.inflight.pop(key, None))
+        return await asyncio.shield(future)
 
 
 def _at_once(work: Generator[None, None, _T]) -> _T:
@@ -1640,17 +1730,17 @@ class _CaddyParser:
         """absorb(), its groups moved `step` at a time with a yield to the event loop between: a
         large body spread over many seconds and series has tens of thousands of them."""
         while len(other._groups) > step:
-            part = dict(itertools.islice(other._groups.items(), step))
-            for key in part:
-                del other._groups[key]
-            groups = self._groups
-            for key, g in part.items():
-                mine = groups.get(key)
-                if mine is None:
-                    groups[key] = g
-                else:
-                    mine += g
-            await asyncio.sleep(0)
+            async with _step():
+                part = dict(itertools.islice(other._groups.items(), step))
+                for key in part:
+                    del other._groups[key]
+                groups = self._groups
+                for key, g in part.items():
+                    mine = groups.get(key)
+                    if mine is None:
+                        groups[key] = g
+                    else:
+                        mine += g
         self.absorb(other)
 
     def too_long(self, limit: int) -> None:
@@ -2054,14 +2144,14 @@ class _CaddyLogFile:
         pipeline has no room for more (room()), wait for it; at the file's end, poll every POLL_S."""
         while True:
             try:
-                more = self.step(1)
+                async with _step():
+                    more = self.step(1)
             except OSError as exc:  # an I/O error on the file: reported, tried again next poll
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.state, more = "error", False
             if not more:
                 await asyncio.sleep(self.POLL_S)
                 continue
-            await asyncio.sleep(0)
             while not self.room():
                 await asyncio.sleep(self.WAIT_S)
 
@@ -2627,9 +2717,10 @@ def _retry_after(headers: Any) -> float | None:
 _RECENT_S = 300.0
 
 
-#: The most rollups the writer holds in memory (about 1 kB each): past it the oldest batches go
-#: to the spool (without one, they are dropped and counted), whatever the batches' count.
-_QUEUE_ROLLUPS = 60_000
+#: The rollups (about 1 kB each) the writer holds in memory before the sources that can wait
+#: (the log file, POST /ingest) do; past twice this the oldest batches go to the spool (without
+#: one, they are dropped and counted), whatever the batches' count.
+_QUEUE_ROLLUPS = 5_000
 
 
 @dataclass(eq=False)
@@ -2706,14 +2797,18 @@ class _Writer:
         return self.down_since is not None or self.stalled_since is not None
 
     def over_caps(self) -> bool:
-        """Memory holds more than max_batches batches or max_rollups rollups."""
-        return len(self.queue) > self.max_batches or self.queued_rollups > self.max_rollups
+        """Memory holds more than max_batches batches or twice max_rollups rollups: only the app's
+        own requests (whose sources cannot wait) and the last flush get there; the oldest go to disk."""
+        return len(self.queue) > self.max_batches or self.queued_rollups > 2 * self.max_rollups
 
     def has_room(self) -> bool:
-        """Whether the sources may hand over more now: what memory holds is under half its caps, or
-        the spool takes the rest (the log file source waits, POST /ingest answers 503 otherwise)."""
-        return (len(self.queue) <= self.max_batches // 2 and self.queued_rollups <= self.max_rollups // 2) \
-            or (self.spool.enabled and not self._spill.is_set())
+        """Whether the sources that can wait (the log file, POST /ingest) may hand over more now:
+        memory holds under half max_batches and under max_rollups (what they handed over already,
+        and the app's own requests, fit below the caps where batches are dropped), or the store is
+        down and the spool takes what comes. A store that is merely behind slows them down rather
+        than fill the disk."""
+        return (len(self.queue) < max(self.max_batches // 2, 1) and self.queued_rollups < self.max_rollups) \
+            or (self.degraded and self.spool.enabled)
 
     def put(self, batch: _Batch) -> None:
         self.queue.append(batch)
@@ -2841,9 +2936,11 @@ class _Writer:
             self.current = pending
             if pending.claimed is None:  # (a spooled batch is kept already)
                 self._pending(pending.batch)
-            t0 = time.perf_counter()
             try:
-                await self.store.write(pending.batch)
+                encoded = await self.store.encode(pending.batch)
+                pending.started = time.monotonic()  # the store's own time from here (a stall is its)
+                t0 = time.perf_counter()
+                await self.store.send(pending.batch, encoded)
             except asyncio.CancelledError:  # shutdown: a claimed file goes back; a batch from memory too
                 self.current = None
                 if pending.claimed is not None:
@@ -3030,8 +3127,15 @@ class _Store(Protocol):
     def prepare_steps(self, batch: _Batch) -> Iterator[None]:
         """prepare() in steps, yielding between them (the flush policy yields to the event loop)."""
 
+    async def encode(self, batch: _Batch) -> Any:
+        """What send() sends of a batch, made in steps on the event loop (the writer's clock for a
+        stalled store starts after it)."""
+
+    async def send(self, batch: _Batch, encoded: Any) -> None:
+        """Take a batch (encoded by encode()); a batch sent twice counts once."""
+
     async def write(self, batch: _Batch) -> None:
-        """Take a batch; a batch written twice counts once."""
+        """encode(), then send()."""
 
     async def has_batch(self, instance: str, seq: int, created: float) -> bool:
         """Whether the store took this batch (asked at a start for the one the log file's checkpoint
@@ -3052,13 +3156,44 @@ class _Store(Protocol):
         """{"ok", "kind", ..., "error" when not ok, "loss"/"loss_at" for lost history}."""
 
 
+class _SeriesSums(NamedTuple):
+    """A route's requests (of one source, all statuses) summed over a range."""
+
+    source: str
+    route: str
+    method: str
+    count: int
+    dur_sum: float  # seconds
+    dur_max: float  # seconds
+    nbytes: int
+
+
+class _StatusCount(NamedTuple):
+    """A route's requests of one status (of one source) over a range."""
+
+    source: str
+    route: str
+    method: str
+    status: int
+    count: int
+
+
+class _SlotCount(NamedTuple):
+    """One source's requests and 5xx in one tier slot of a range (a point of the charts)."""
+
+    slot: int
+    source: str
+    count: int
+    errors: int
+
+
 @dataclass
 class _RangeData:
     """What a store returns for one range; every figure is a sum over the range's slots."""
 
-    series: list[tuple]  # (source, route, method, count, dur_sum, dur_max, bytes_sum)
-    statuses: list[tuple]  # (source, route, method, status, count)
-    slots: list[tuple]  # (slot, source, count, errors, dur_sum)
+    series: list[_SeriesSums]
+    statuses: list[_StatusCount]
+    slots: list[_SlotCount]
     route_lanes: dict[tuple[str, str, str], int]  # (source, route, method) -> histogram lanes
     slot_lanes: dict[tuple[int, str], int]  # (slot, source) -> histogram lanes
     as_of: float | None  # when the newest batch was written
@@ -3229,7 +3364,10 @@ class _SQLiteStore:
         self._write_tiers = [*self.tiers, _TOTALS]
         self._w = _DBThread(path, "telemetry-sqlite-w")
         self._r = _DBThread(path, "telemetry-sqlite-r")
-        self._cache: dict[int, dict[int, _Slot]] = {}  # tier -> slot -> _Slot; used on the read thread only
+        self._cache: dict[int, dict[int, _Slot]] = {}  # tier -> slot -> _Slot (on the loop)
+        #: A read's key -> (what it saw: slot versions, as_of, events; its result): a read that sees the same returns it
+        self._results: dict[tuple, tuple[tuple, _RangeData]] = {}
+        self._shared = _Shared()  # reads asked at the same time share one
         #: (tier, previous range?) -> (the closed slots' versions, their sums)
         self._closed: dict[tuple[int, bool], tuple[tuple, _Sums]] = {}
         self._last_trim = 0.0
@@ -3311,10 +3449,16 @@ class _SQLiteStore:
         self._cache.clear()
         self._closed.clear()
 
-    async def write(self, batch: _Batch) -> None:
+    async def encode(self, batch: _Batch) -> tuple[list[tuple], list[tuple]]:
+        """A batch's tier rows (rollups, histograms), made in steps on the loop."""
+        return await _steps(_tier_steps(batch.rows, self._write_tiers))
+
+    async def send(self, batch: _Batch, encoded: tuple[list[tuple], list[tuple]]) -> None:
         await self._check_file()
-        rollups, hists = await _steps(_tier_steps(batch.rows, self._write_tiers))
-        await self._w.run(lambda c: self._write(c, batch, rollups, hists))
+        await self._w.run(lambda c: self._write(c, batch, *encoded))
+
+    async def write(self, batch: _Batch) -> None:
+        await self.send(batch, await self.encode(batch))
 
     def _write(self, conn: sqlite3.Connection, batch: _Batch, rollups: list[tuple], hists: list[tuple]) -> None:
         """On the write thread: one transaction adds a batch's tier rows, unless it was written before."""
@@ -3351,15 +3495,32 @@ class _SQLiteStore:
 
     async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
+        return await self._shared(("range", tier, start, route), lambda: self._read_range(tier, start, route))
+
+    async def _read_range(self, tier: int, start: int, route: tuple[str, str] | None) -> _RangeData:
         slots, as_of, events = await self._slots(tier, start, _FAR_FUTURE, route, events=True)
+        key = ("range", tier, start, route)
+        seen = (tuple((slot, sd.version) for slot, sd in slots), as_of, events)
+        hit = self._results.get(key)
+        if hit is not None and hit[0] == seen:  # nothing written since the last such read: its result
+            return hit[1]
         if route is not None:
-            return await _steps(_route_sums_steps(slots, route, as_of, events))
-        sums = await _steps(self._sum_steps(tier, slots))
-        return await _steps(sums.data_steps(as_of, events))
+            data = await _steps(_route_sums_steps(slots, route, as_of, events))
+        else:
+            sums = await _steps(self._sum_steps(tier, slots))
+            data = await _steps(sums.data_steps(as_of, events))
+        self._results[key] = (seen, data)
+        if len(self._results) > 2:  # (the pages refreshed now: a result of thousands of rows is kept no longer)
+            del self._results[next(iter(self._results))]
+        return data
 
     async def read_previous(self, seconds: int, tier: int, now: float,
                             route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
+        return await self._shared(("previous", tier, start, route), lambda: self._read_previous(tier, start, seconds,
+                                                                                              route))
+
+    async def _read_previous(self, tier: int, start: int, seconds: int, route: tuple[str, str] | None) -> _RangeData:
         slots, as_of, _ = await self._slots(tier, start - seconds, start, route, events=False)
         if route is not None:
             return await _steps(_route_sums_steps(slots, route, as_of, []))
@@ -3368,6 +3529,9 @@ class _SQLiteStore:
 
     async def read_totals(self) -> _RangeData:
         """All-time sums per series (for /metrics): monotonic, whatever the retention."""
+        return await self._shared(("totals",), self._read_totals)
+
+    async def _read_totals(self) -> _RangeData:
         slots, as_of, _ = await self._slots(_TOTALS, 0, _FAR_FUTURE, None, events=False)
         sums = _Sums()
         for slot, sd in slots:
@@ -3449,27 +3613,30 @@ class _Slot:
     """One stored slot of one tier, summed per series, as the read cache keeps it."""
 
     version: int
-    series: dict[tuple, list]  # (source, route, method, status) -> [count, dur_sum, dur_max, bytes]
-    sources: dict[str, list]  # source -> [count, errors, dur_sum]
+    series: dict[tuple, tuple]  # (source, route, method, status) -> its _Totals, as a plain tuple
+    sources: dict[str, tuple[int, int]]  # source -> (requests, 5xx)
     route_lanes: dict[tuple[str, str, str], int]
     source_lanes: dict[str, int]
 
     def only_steps(self, route: str, method: str) -> Generator[None, None, "_Slot"]:
         """This slot's part for one route and method (its page): the same shape, summed again."""
-        series: dict[tuple, list] = {}
+        series: dict[tuple, tuple] = {}
         for i, (k, v) in enumerate(self.series.items()):
             if i % 512 == 511:
                 yield
             if k[1] == route and k[2] == method:
                 series[k] = v
-        sources: dict[str, list] = {}
-        for (source, _r, _m, status), (count, dur_sum, _max, _bytes) in series.items():
-            acc = sources.setdefault(source, [0, 0, 0.0])
-            acc[0] += count
-            acc[1] += count if status >= 500 else 0
-            acc[2] += dur_sum
         lanes = {k: v for k, v in self.route_lanes.items() if k[1] == route and k[2] == method}
-        return _Slot(self.version, series, sources, lanes, {k[0]: v for k, v in lanes.items()})
+        return _Slot(self.version, series, _source_counts(series), lanes, {k[0]: v for k, v in lanes.items()})
+
+
+def _source_counts(series: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
+    """Per source, (requests, 5xx) of a slot's series."""
+    out: dict[str, tuple[int, int]] = {}
+    for (source, _route, _method, status), t in series.items():
+        count, errors = out.get(source, (0, 0))
+        out[source] = (count + t[0], errors + (t[0] if status >= 500 else 0))
+    return out
 
 
 class _Fetched(NamedTuple):
@@ -3511,16 +3678,13 @@ def _fetch_slots(conn: sqlite3.Connection, tier: int, start: int, stop: int, kno
 
 def _slot_steps(version: int, rows: list[tuple], hists: list[tuple]) -> Generator[None, None, _Slot]:
     """A slot as the cache keeps it, from its rows, in steps."""
-    series: dict[tuple, list] = {}
-    sources: dict[str, list] = {}
+    series: dict[tuple, tuple] = {}
     for i, (source, route, method, status, count, dur_sum, dur_max, nbytes) in enumerate(rows):
         if i % 256 == 255:
             yield
-        series[(source, route, method, status)] = [count, dur_sum, dur_max, nbytes]
-        acc = sources.setdefault(source, [0, 0, 0.0])
-        acc[0] += count
-        acc[1] += count if status >= 500 else 0
-        acc[2] += dur_sum
+        series[(source, route, method, status)] = (count, dur_sum, dur_max, nbytes)
+    sources = _source_counts(series)
+    yield
     route_lanes: dict[tuple[str, str, str], int] = {}
     source_lanes: dict[str, int] = {}
     for i, (source, route, method, h) in enumerate(hists):
@@ -3546,48 +3710,43 @@ class _Sums:
     """Slots summed in memory (big-int adds for the histograms); copy, then add the newest."""
 
     def __init__(self) -> None:
-        self.series: dict[tuple, list] = {}
+        self.series: dict[tuple, tuple] = {}  # (source, route, method, status) -> _Totals as a plain tuple
         self.route_lanes: dict[tuple[str, str, str], int] = {}
-        self.slot_rows: list[tuple] = []
+        self.slot_rows: list[_SlotCount] = []
         self.slot_lanes: dict[tuple[int, str], int] = {}
 
     def add_steps(self, slot: int, sd: _Slot) -> Generator[None, None, None]:
         series, route_lanes = self.series, self.route_lanes
-        for i, (key, (count, dur_sum, dur_max, nbytes)) in enumerate(sd.series.items()):
+        for i, (key, t) in enumerate(sd.series.items()):
             if i % 256 == 255:
                 yield
-            acc = series.get(key)
-            if acc is None:
-                series[key] = [count, dur_sum, dur_max, nbytes]
-            else:
-                _acc_add(acc, count, dur_sum, dur_max, nbytes)
+            series[key] = _plus(series.get(key, _NONE), *t)
         for key, lanes in sd.route_lanes.items():
             route_lanes[key] = route_lanes.get(key, 0) + lanes
-        for source, (count, errors, dur_sum) in sd.sources.items():
-            self.slot_rows.append((slot, source, count, errors, dur_sum))
+        for source, (count, errors) in sd.sources.items():
+            self.slot_rows.append(_SlotCount(slot, source, count, errors))
         for source, lanes in sd.source_lanes.items():
             self.slot_lanes[(slot, source)] = lanes
 
     def copy_steps(self) -> Generator[None, None, "_Sums"]:
         out = _Sums()
-        series = out.series
-        for i, (k, v) in enumerate(self.series.items()):
-            if i % 512 == 511:
-                yield
-            series[k] = list(v)
+        out.series = dict(self.series)  # (totals are tuples: shared, never changed)
         out.route_lanes = dict(self.route_lanes)
         out.slot_rows = list(self.slot_rows)
         out.slot_lanes = dict(self.slot_lanes)
+        yield
         return out
 
     def data_steps(self, as_of: float | None, events: list[_Event]) -> Generator[None, None, _RangeData]:
-        routes: dict[tuple, list] = {}
-        for i, ((source, route, method, _status), (count, dur_sum, dur_max, nbytes)) in enumerate(self.series.items()):
+        routes: dict[tuple, tuple] = {}
+        for i, ((source, route, method, _status), t) in enumerate(self.series.items()):
             if i % 256 == 255:
                 yield
-            _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
+            key = (source, route, method)
+            routes[key] = _plus(routes.get(key, _NONE), *t)
         yield
-        return _RangeData([(*k, *v) for k, v in routes.items()], [(*k, v[0]) for k, v in self.series.items()],
+        return _RangeData([_SeriesSums(*k, *v) for k, v in routes.items()],
+                          [_StatusCount(*k, v[0]) for k, v in self.series.items()],
                           self.slot_rows, self.route_lanes, self.slot_lanes, as_of, events)
 
 
@@ -3605,7 +3764,7 @@ def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], 
 def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, None, tuple[list[tuple], list[tuple]]]:
     """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once; in steps,
     on the loop (the write thread then only runs the statements)."""
-    rollups: dict[tuple, list] = {}
+    rollups: dict[tuple, tuple] = {}
     hists: dict[tuple, int] = {}
     tiers = list(tiers)
     for i, r in enumerate(rows):
@@ -3615,11 +3774,7 @@ def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, No
         for tier in tiers:
             slot = r.slot - r.slot % tier if tier else 0
             key = (tier, slot, r.source, r.route, r.method, r.status)
-            acc = rollups.get(key)
-            if acc is None:
-                rollups[key] = [r.count, r.dur_sum, r.dur_max, r.bytes_sum]
-            else:
-                _acc_add(acc, r.count, r.dur_sum, r.dur_max, r.bytes_sum)
+            rollups[key] = _plus(rollups.get(key, _NONE), r.count, r.dur_sum, r.dur_max, r.bytes_sum)
             hkey = key[:5]
             hists[hkey] = hists.get(hkey, 0) + lanes
     blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
@@ -3669,10 +3824,7 @@ class _Window:
     """One worker's running totals of one series in one window of one tier."""
 
     point: int  # ns after the window's start: this accumulator's own point
-    count: int = 0
-    dur_sum: float = 0.0
-    dur_max: float = 0.0
-    nbytes: int = 0
+    totals: _Totals = _ZERO
     statuses: dict[int, int] = field(default_factory=dict)
     hist: dict[int, int] = field(default_factory=dict)
 
@@ -3731,10 +3883,7 @@ class _InfluxWindows:
                     w = group.get(key)
                     if w is None:
                         w = group[key] = _Window(self._point())
-                    w.count = _sat_add(w.count, r.count)
-                    w.dur_sum += r.dur_sum
-                    w.dur_max = max(w.dur_max, r.dur_max)
-                    w.nbytes = _sat_add(w.nbytes, r.bytes_sum)
+                    w.totals = w.totals.plus(r.count, r.dur_sum, r.dur_max, r.bytes_sum)
                     w.statuses[r.status] = w.statuses.get(r.status, 0) + r.count
                     hist = w.hist
                     for i, n in r.hist.items():
@@ -3758,7 +3907,7 @@ class _InfluxWindows:
         for done, (k, (w, changed)) in enumerate(touched.items(), 1):
             if done % (4 * step) == 0:
                 yield
-            windows.append(_WindowTotals(*k, w.point, w.count, w.dur_sum, w.dur_max, w.nbytes,
+            windows.append(_WindowTotals(*k, w.point, *w.totals,
                                          sorted(w.statuses.items()), [(i, w.hist[i]) for i in sorted(changed)]))
         batch.windows = windows
         batch.slowest = [_SlowestList(*k[1:], *self.slow[k]) for k in slow_touched]
@@ -4099,18 +4248,25 @@ class _InfluxStore:
     def prepare_steps(self, batch: _Batch) -> Iterator[None]:
         return self.windows.add_steps(batch)
 
-    async def write(self, batch: _Batch) -> None:
-        from influxdb_client import WritePrecision
+    async def encode(self, batch: _Batch) -> bytes:
+        """A batch's line protocol (made in steps on the loop; compressed on a thread), or b"" when
+        it has no points."""
         if batch.windows is None:  # a batch spooled before it was prepared (a version without tiers)
-            self.prepare(batch)
+            await _steps(self.prepare_steps(batch))
         lines: list[str] = []
-        for _ in _line_protocol_steps(batch, lines):  # (about 1 ms a step: the event loop goes on between)
-            await asyncio.sleep(0)
-        if lines:  # (an empty body is refused: 400 "writing requires points")
-            body = "\n".join(lines).encode()
-            if self._gzip_here:  # zlib lets go of the GIL: the event loop runs meanwhile
-                body = await asyncio.to_thread(gzip.compress, body, 6)
-            await self.client.write_api().write(bucket=self.bucket, org=self.org, record=body,
+        await _steps(_line_protocol_steps(batch, lines))
+        body = "\n".join(lines).encode()
+        if body and self._gzip_here:  # zlib lets go of the GIL: the event loop runs meanwhile
+            body = await asyncio.to_thread(gzip.compress, body, 6)
+        return body
+
+    async def write(self, batch: _Batch) -> None:
+        await self.send(batch, await self.encode(batch))
+
+    async def send(self, batch: _Batch, encoded: bytes) -> None:
+        from influxdb_client import WritePrecision
+        if encoded:  # (an empty body is refused: 400 "writing requires points")
+            await self.client.write_api().write(bucket=self.bucket, org=self.org, record=encoded,
                                                 write_precision=WritePrecision.NS)
         if time.monotonic() - self._trimmed > _TRIM_EVERY_S:
             self._trimmed = time.monotonic()
@@ -4202,14 +4358,15 @@ class _InfluxStore:
         maxes: dict[tuple, float] = {}
         for r in results["series_max"]:
             maxes[route(r)] = max(maxes.get(route(r), 0.0), float(r["_value"] or 0))
-        series = [(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0), int(v.get("bytes", 0)))
-                  for k, v in sums.items()]
-        statuses = [(*route(r), int(r["_field"][1:]), int(float(r["_value"] or 0))) for r in results["statuses"]]
+        series = [_SeriesSums(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0),
+                              int(v.get("bytes", 0))) for k, v in sums.items()]
+        statuses = [_StatusCount(*route(r), int(r["_field"][1:]), int(float(r["_value"] or 0)))
+                    for r in results["statuses"]]
         slot_acc: dict[tuple[int, str], list] = {}
         for r in results["slots"]:
             acc = slot_acc.setdefault((int(_rfc3339(r["_time"])), r["source"]), [0, 0])
             acc[r["_field"] != "count"] += int(float(r["_value"] or 0))  # count, or errors
-        slots = [(slot, source, c, e, 0.0) for (slot, source), (c, e) in slot_acc.items()]
+        slots = [_SlotCount(slot, source, c, e) for (slot, source), (c, e) in slot_acc.items()]
         route_lanes = _lanes(results["route_hist"], route)
         slot_lanes = _lanes(results["slot_hist"], lambda r: (int(_rfc3339(r["_time"])), r["source"]))
         as_of = max((float(r["_value"]) for r in results["as_of"] if r.get("_value")), default=None)
@@ -4265,7 +4422,7 @@ def _previous(data: _RangeData, seconds: int) -> dict[str, dict[str, Any]]:
     """Per source, the range before this one (its slots): requests, req/s, 5xx rate and p95, the
     figures each card compares with."""
     acc = {s: [0, 0] for s in _SOURCES}
-    for _slot, source, count, errors, _dur in data.slots:
+    for _slot, source, count, errors in data.slots:
         a = acc.setdefault(source, [0, 0])
         a[0], a[1] = a[0] + count, a[1] + errors
     lanes: dict[str, int] = {}
@@ -4290,18 +4447,18 @@ def _summary_steps(data: _RangeData, range_name: str, now: float, previous: _Ran
     method), the document is that route's."""
     seconds, tier = _RANGES[range_name]
     window = max(now - _range_start(now, seconds, tier), 1.0)  # whole slots: a little over `seconds`
-    totals = {s: [0, 0.0, 0.0, 0] for s in _SOURCES}  # per source: count, duration sum and max, bytes
+    totals = {s: _ZERO for s in _SOURCES}
     errors = {s: 0 for s in _SOURCES}
     status_mix: dict[str, dict[str, int]] = {s: {} for s in _SOURCES}
-    routes: dict[tuple[str, str, str], list] = {}
+    routes: dict[tuple[str, str, str], _Totals] = {}
     route_errors: dict[tuple[str, str, str], int] = {}
     source_lanes: dict[str, int] = {}
     edge_only: dict[str, int] = {}
     for i, (source, route, method, count, dur_sum, dur_max, nbytes) in enumerate(data.series):
         if i % 256 == 255:
             yield
-        _acc_add(totals.setdefault(source, [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, nbytes)
-        _acc_add(routes.setdefault((source, route, method), [0, 0.0, 0.0, 0]), count, dur_sum, dur_max, 0)
+        totals[source] = totals.get(source, _ZERO).plus(count, dur_sum, dur_max, nbytes)
+        routes[(source, route, method)] = routes.get((source, route, method), _ZERO).plus(count, dur_sum, dur_max, 0)
     for i, (source, route, method, status, count) in enumerate(data.statuses):
         if i % 256 == 255:
             yield
@@ -4353,7 +4510,7 @@ def _event_doc(e: _Event) -> dict[str, Any]:
 
 def _timeseries(data: _RangeData, seconds: int, tier: int, now: float) -> Generator[None, None, list[dict[str, Any]]]:
     """The range's steps per source, in steps (a 15m range has 91 of them, each two quantiles)."""
-    by_slot = {(slot, source): (count, errors) for slot, source, count, errors, _ in data.slots}
+    by_slot = {(slot, source): (count, errors) for slot, source, count, errors in data.slots}
     start = _range_start(now, seconds, tier)
     out: list[dict[str, Any]] = []
     for slot in range(start, int(now) + 1, tier):
@@ -5003,7 +5160,7 @@ _STEP_SAMPLES = 512
 #: Rollups the aggregator holds before a batch is cut at once, whatever the flush interval (a
 #: burst or a backlog over many seconds and series must not grow one batch without bound); lines
 #: read and not yet collected before the sources wait (has_room()).
-_CUT_ROLLUPS, _PENDING_LINES = 20_000, 200_000
+_CUT_ROLLUPS, _PENDING_LINES = 5_000, 10_000
 #: A read (the page, the JSON, /metrics) first flushes this worker, at most this often, and waits
 #: at most this long for that write: it shows every request the worker has seen.
 _READ_FLUSH_S, _READ_WAIT_S = 0.1, 0.25
@@ -5112,6 +5269,7 @@ class _Pipeline:
         self._read_flushed = 0.0  # monotonic time of catch_up()'s last flush
         self._flushing = asyncio.Lock()  # one flush at a time: batches are prepared in their order
         self._health: asyncio.Future | None = None  # the health() look under way, shared
+        self.shared = _Shared()  # summaries and pages asked for at the same time, made once
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self, app: Any) -> None:
@@ -5170,7 +5328,11 @@ class _Pipeline:
         tick = min(self.config.flush_interval, _TICK_S)
         self._flushed = time.monotonic()
         while True:
-            await asyncio.sleep(tick)  # stop() may cancel the loop here, or between two steps
+            # stop() may cancel the loop here, or between two steps; lines that pile up (a burst
+            # to /ingest, a log backlog) are collected sooner
+            began = time.monotonic()
+            while time.monotonic() - began < tick and self.parser.pending < _PENDING_LINES // 2:
+                await asyncio.sleep(tick / 10)
             async with self._flushing:  # (a read's catch_up() collects and cuts too: one at a time)
                 await self.collect_stepwise()
             await asyncio.sleep(0)  # the tick's own work is a step of its own
@@ -5194,26 +5356,30 @@ class _Pipeline:
         return runs
 
     async def collect_stepwise(self) -> None:
-        """collect(), in steps of _STEP_SAMPLES with a yield to the event loop between them. A
-        cancellation (the stop) between steps loses nothing: what is not yet added is added then."""
+        """collect(), in steps (_steps()). A cancellation (the stop) between steps loses nothing:
+        what is not yet added is added then (the app's samples stay in the hook's list, the
+        parser's runs are added here)."""
+        runs = self._take_parser()
+        try:
+            await _steps(self._collect_steps(runs))
+        finally:
+            for run in runs:
+                self.aggregator.add(run)
+
+    def _collect_steps(self, runs: Iterator[_SeriesRun]) -> Generator[None, None, None]:
         add, todo = self.aggregator.add, self.sanic.pending()
         while todo > 0:
             for run in self.sanic.collect(_STEP_SAMPLES):
                 add(run)
             todo -= _STEP_SAMPLES
-            if todo > 0:
-                await asyncio.sleep(0)
-        runs, step = self._take_parser(), 0
-        try:
-            for run in runs:
-                add(run)
-                step += len(run.durations)
-                if step >= _STEP_SAMPLES:
-                    step = 0
-                    await asyncio.sleep(0)
-        finally:
-            for run in runs:
-                add(run)
+            yield
+        step = 0
+        for run in runs:
+            add(run)
+            step += len(run.durations)
+            if step >= 64:
+                step = 0
+                yield
 
     def tick(self, now: float) -> bool:
         """What the flush policy does on the event loop once per tick, after collect_stepwise()
@@ -5260,8 +5426,7 @@ class _Pipeline:
             return
         steps = self.store.prepare_steps(batch)
         try:
-            for _ in steps:
-                await asyncio.sleep(0)
+            await _steps(steps)
         finally:
             for _ in steps:
                 pass
@@ -5304,14 +5469,18 @@ class _Pipeline:
         return out
 
     async def summary(self, range_name: str, route: tuple[str, str] | None = None) -> dict[str, Any]:
-        """The summary of a range (of one route's page when given) and of the range before it."""
+        """The summary of a range (of one route's page when given) and of the range before it;
+        asked for at the same time (pages refreshed together), made once."""
+        return await self.shared(("summary", range_name, route), lambda: self._summary(range_name, route))
+
+    async def _summary(self, range_name: str, route: tuple[str, str] | None) -> dict[str, Any]:
         seconds, tier = _RANGES[range_name]
         await self.catch_up()
         now = time.time()
         data, before = await self.read(lambda: asyncio.gather(self.store.read(seconds, tier, now, route),
                                                                self.store.read_previous(seconds, tier, now, route)))
         if self.caught_up_at and (data.as_of is None or self.caught_up_at > data.as_of):
-            data.as_of = self.caught_up_at  # idle, not stale: "as of" the last empty flush
+            data = dataclasses.replace(data, as_of=self.caught_up_at)  # idle, not stale: "as of" the last empty flush
         return await _steps(_summary_steps(data, range_name, now, before, route))
 
     # --- status and health ----------------------------------------------------------------------
@@ -5639,8 +5808,11 @@ async def _dashboard(request: Any) -> Any:
                           f"{', '.join(map(str, _REFRESH_CHOICES))}; a route's page needs route= and method=",
                           status=400)
     tel: _Pipeline = request.app.ctx.telemetry
-    (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name, route), tel.health())
-    return _resp.html(await _steps(_page_steps(s, health, store_error, config, route, refresh, t0)))
+
+    async def page() -> str:
+        (s, store_error), health = await asyncio.gather(_read_summary(tel, range_name, route), tel.health())
+        return await _steps(_page_steps(s, health, store_error, config, route, refresh, t0))
+    return _resp.html(await tel.shared(("page", range_name, route, refresh), page))
 
 
 @_guarded()
@@ -5746,8 +5918,8 @@ async def _ingest(request: Any) -> Any:
                 return busy
             tel.ingest_held += len(chunk)
             held += len(chunk)
-            _feed_chunk(parser, blocks, chunk)
-            await asyncio.sleep(0)  # a piece parsed is a step: the app's requests go between
+            async with _step():  # a piece parsed is a step: the app's requests go between
+                _feed_chunk(parser, blocks, chunk)
         _feed_chunk(parser, blocks, b"")
     except _BodyStalled:
         _end_connection(request)
