@@ -30,8 +30,9 @@ Every setting has a command-line flag and/or an environment variable (``_SETTING
 README); a bad value stops start-up with a one-line error naming it and the values it takes. With
 ``INFLUXDB_URL`` set the store is InfluxDB 2. Closed by default: without ``TELEMETRY_TOKEN`` every
 route but /healthz answers only clients on this machine (loopback, or a loopback proxy such as
-Caddy forwarding for a loopback client); with it, whoever carries the token. ``python telemetry.py flux [--range R] [--route ROUTE METHOD]`` prints the Flux
-queries the InfluxDB store runs. The ``# /// script`` block above lets ``uv run telemetry.py`` or
+Caddy forwarding for a loopback client); with it, whoever carries the token.
+``python telemetry.py flux [--range R] [--route ROUTE METHOD]`` prints the Flux queries the
+InfluxDB store runs. The ``# /// script`` block above lets ``uv run telemetry.py`` or
 ``pipx run telemetry.py`` start it with no install step.
 
 Sections, in the order data flows; each uses only those above it (grep for the banner):
@@ -83,20 +84,24 @@ import signal
 import socket
 import sqlite3
 import stat
+import subprocess
 import sys
 import time
 import weakref
 import zlib
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, asdict, astuple
+from dataclasses import asdict, astuple, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence, TypeVar
 
-from sanic import Sanic, __version__ as _SANIC_VERSION, response as _resp
+from sanic import Sanic
+from sanic import __version__ as _SANIC_VERSION
+from sanic import response as _resp
 from sanic.http.http1 import Http as _Http1
 
+_fastjson: Any
 try:  # ujson ships with Sanic on CPython; only the slow fallback parser needs it
     import ujson as _fastjson
 except ImportError:  # pragma: no cover
@@ -105,9 +110,6 @@ except ImportError:  # pragma: no cover
 __all__ = ["Config", "ConfigError", "instrument", "create_app", "main"]
 
 _log = logging.getLogger("telemetry")
-
-#: Where this module lives: the Caddyfile and dashboard.css are looked up beside it.
-_HERE = Path(__file__).resolve().parent
 
 
 # ================================================================================================
@@ -192,6 +194,17 @@ def _port(v: int) -> bool:
     return 0 < v < 65536
 
 
+def _zone(name: str) -> Any:
+    """The tzinfo of an IANA zone name (UTC for '' or 'UTC'); None when there is no such zone."""
+    if name in ("", "UTC"):
+        return timezone.utc
+    from zoneinfo import ZoneInfo
+    try:
+        return ZoneInfo(name)
+    except (KeyError, ValueError, OSError):  # (ZoneInfoNotFoundError is a KeyError)
+        return None
+
+
 #: Every setting, in the order the README lists them. The env var is read first, a flag overrides.
 _SETTINGS: tuple[_Setting, ...] = (
     _Setting("host", "TELEMETRY_HOST", "--host", str, "address the app binds"),
@@ -231,7 +244,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("influxdb_url", "INFLUXDB_URL", None, str, "InfluxDB 2 URL; when set, the store is InfluxDB",
              lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", v)), "http(s)://host:port"),
     _Setting("influxdb_token", "INFLUXDB_TOKEN", None, str, "InfluxDB API token (required with INFLUXDB_URL)",
-             lambda v: not v.startswith(_PLACEHOLDER_PREFIX), "a token of your own, not the placeholder of .env.example"),
+             lambda v: not v.startswith(_PLACEHOLDER_PREFIX),
+             "a token of your own, not the placeholder of .env.example"),
     _Setting("influxdb_org", "INFLUXDB_ORG", None, str, "InfluxDB organization (required with INFLUXDB_URL)"),
     _Setting("influxdb_bucket", "INFLUXDB_BUCKET", None, str, "InfluxDB bucket (required with INFLUXDB_URL)",
              lambda v: v == "" or bool(_BUCKET_RX.fullmatch(v)), "letters, digits, '.', '_', '-' (up to 128)"),
@@ -252,15 +266,30 @@ _SETTINGS: tuple[_Setting, ...] = (
 )
 
 
-def _zone(name: str) -> Any:
-    """The tzinfo of an IANA zone name (UTC for '' or 'UTC'); None when there is no such zone."""
-    if name in ("", "UTC"):
-        return timezone.utc
-    from zoneinfo import ZoneInfo
+_SETTING = {s.name: s for s in _SETTINGS}
+
+
+def _bad(where: str, shown: str, s: _Setting) -> str:
+    """The one-line error of a value a setting does not take."""
+    return f"{where}: {shown} is not valid; {s.help}: {s.valid}" if s.valid else \
+        f"{where}: {shown} is not valid ({s.help})"
+
+
+def _shown(name: str, value: Any) -> str:
+    """A value as an error shows it: a secret as ***, unless it is .env.example's placeholder."""
+    secret = name.endswith("token") and not str(value).startswith(_PLACEHOLDER_PREFIX)
+    return "***" if secret else repr(value)
+
+
+def _convert(s: _Setting, raw: str, where: str) -> Any:
+    shown = _shown(s.name, raw)
     try:
-        return ZoneInfo(name)
-    except (KeyError, ValueError, OSError):  # (ZoneInfoNotFoundError is a KeyError)
-        return None
+        value = s.parse(raw)
+    except ValueError:
+        raise ConfigError(_bad(where, shown, s)) from None
+    if not s.check(value):
+        raise ConfigError(_bad(where, shown, s))
+    return value
 
 
 @dataclass
@@ -296,7 +325,7 @@ class Config:
     origin: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> "Config":
+    def load(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "Config":
         """Settings from env (TELEMETRY_*) then flags; raises ConfigError naming a bad one."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -305,7 +334,7 @@ class Config:
             if env.get(s.env) not in (None, ""):
                 values[s.name], origin[s.name] = _convert(s, env[s.env], s.env), s.env
         if argv:
-            args = _arg_parser().parse_args(list(argv))
+            args = _arg_parser().parse_args(list(argv))  # (a cycle: the flags say Config's own defaults)
             for s in _SETTINGS:
                 raw = getattr(args, s.name, None)
                 if raw is not None and raw is not False:
@@ -340,36 +369,10 @@ class Config:
                                   "(pip install 'influxdb-client[async]')")
 
 
-_SETTING = {s.name: s for s in _SETTINGS}
-
-
-def _bad(where: str, shown: str, s: _Setting) -> str:
-    """The one-line error of a value a setting does not take."""
-    return f"{where}: {shown} is not valid; {s.help}: {s.valid}" if s.valid else \
-        f"{where}: {shown} is not valid ({s.help})"
-
-
 def _status_dir(db: str) -> Path:
     """The folder beside the database file for what the workers share besides it: each worker's
     published status, the database file's id, the log file source's checkpoint."""
     return Path(db).parent / (Path(db).name + ".status")
-
-
-def _shown(name: str, value: Any) -> str:
-    """A value as an error shows it: a secret as ***, unless it is .env.example's placeholder."""
-    secret = name.endswith("token") and not str(value).startswith(_PLACEHOLDER_PREFIX)
-    return "***" if secret else repr(value)
-
-
-def _convert(s: _Setting, raw: str, where: str) -> Any:
-    shown = _shown(s.name, raw)
-    try:
-        value = s.parse(raw)
-    except ValueError:
-        raise ConfigError(_bad(where, shown, s)) from None
-    if not s.check(value):
-        raise ConfigError(_bad(where, shown, s))
-    return value
 
 
 def _default_shown(s: _Setting) -> str:
@@ -437,20 +440,6 @@ def _valid_status(status: Any) -> bool:
     return type(status) is int and 100 <= status <= 599
 
 
-class _Totals(NamedTuple):
-    """What requests add up to: how many, their durations' sum and longest (s), their response
-    bytes. A tuple of numbers: many thousands of them kept (a page's series) cost the garbage
-    collector nothing."""
-
-    count: int = 0
-    dur_sum: float = 0.0
-    dur_max: float = 0.0
-    nbytes: int = 0
-
-    def plus(self, count: int, dur_sum: float, dur_max: float, nbytes: int) -> "_Totals":
-        return _Totals(*_plus(self, count, dur_sum, dur_max, nbytes))
-
-
 def _plus(t: tuple, count: int, dur_sum: float, dur_max: float, nbytes: int) -> tuple[int, float, float, int]:
     """Totals (count, dur_sum, dur_max, nbytes) and another's: the one way sums of requests combine,
     in the aggregator, the stores and the views alike (SQLite's upsert does the same in SQL).
@@ -460,6 +449,20 @@ def _plus(t: tuple, count: int, dur_sum: float, dur_max: float, nbytes: int) -> 
     c, b = t[0] + count, t[3] + nbytes
     return (c if c <= _INT64_MAX else _INT64_MAX, t[1] + dur_sum, dur_max if dur_max > t[2] else t[2],
             b if b <= _INT64_MAX else _INT64_MAX)
+
+
+class _Totals(NamedTuple):
+    """What requests add up to: how many, their durations' sum and longest (s), their response
+    bytes. A tuple of numbers: many thousands of them kept (a page's series) cost the garbage
+    collector nothing."""
+
+    requests: int = 0
+    dur_sum: float = 0.0
+    dur_max: float = 0.0
+    nbytes: int = 0
+
+    def plus(self, count: int, dur_sum: float, dur_max: float, nbytes: int) -> "_Totals":
+        return _Totals(*_plus(self, count, dur_sum, dur_max, nbytes))
 
 
 _ZERO = _Totals()
@@ -585,7 +588,7 @@ class _Histogram:
         lo = ((lanes & -lanes).bit_length() - 1) // 64  # skip the empty buckets below the lowest
         cum = list(itertools.accumulate(cls.counts(lanes >> (lo * 64))))
         total = cum[-1]
-        out = []
+        out: list[float | None] = []
         for q in qs:
             rank = max(1, math.ceil(q * total))
             v = cls.value(lo + bisect.bisect_left(cum, rank))
@@ -621,16 +624,16 @@ class _Rollup:
     count: int = 0
     dur_sum: float = 0.0  # seconds
     dur_max: float = 0.0  # seconds
-    bytes_sum: int = 0
+    nbytes: int = 0  # response bytes
     hist: dict[int, int] = field(default_factory=dict)
 
     def add(self, count: int, dur_sum: float, dur_max: float, nbytes: int) -> None:
         """_Totals.plus() for a rollup's own fields."""
-        self.count, self.dur_sum, self.dur_max, self.bytes_sum = _Totals(
-            self.count, self.dur_sum, self.dur_max, self.bytes_sum).plus(count, dur_sum, dur_max, nbytes)
+        self.count, self.dur_sum, self.dur_max, self.nbytes = _Totals(
+            self.count, self.dur_sum, self.dur_max, self.nbytes).plus(count, dur_sum, dur_max, nbytes)
 
     def totals(self) -> _Totals:
-        return _Totals(self.count, self.dur_sum, self.dur_max, self.bytes_sum)
+        return _Totals(self.count, self.dur_sum, self.dur_max, self.nbytes)
 
 
 @dataclass
@@ -662,7 +665,7 @@ class _WindowTotals(NamedTuple):
     route: str | None  # None: the whole source (the sources_* tiers)
     method: str | None
     point: int  # ns after the window's start: this accumulator's own point
-    count: int
+    requests: int
     dur_sum: float  # seconds
     dur_max: float  # seconds
     nbytes: int
@@ -698,116 +701,6 @@ class _Batch:
     slowest: list[_SlowestList] | None = None
 
 
-#: The stored form's version (the spool's files): 3 is JSON lines, a head and then parts of at
-#: most _BATCH_PART rollups, windows or slowest lists each, so that no one line takes long to
-#: write or read (a burst's batch holds tens of thousands of rollups). 2 was one JSON document in
-#: seconds, 1 one in milliseconds: both are still read.
-_BATCH_FORMAT = 3
-_BATCH_PART = 256
-
-
-def _rollup_row(r: _Rollup) -> list:
-    """A rollup as a stored row: its fields, then its histogram as one flat list (bucket, count, ...)."""
-    return [r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.bytes_sum,
-            [x for item in sorted(r.hist.items()) for x in item]]
-
-
-def _slowest_row(x: _SlowestList) -> list:
-    return [x.tier, x.start, x.source, x.point, [astuple(e) for e in x.top]]
-
-
-def _batch_to_json(batch: _Batch) -> bytes:
-    """_batch_json_steps() in one go."""
-    return _at_once(_batch_json_steps(batch))
-
-
-def _batch_json_steps(batch: _Batch) -> Generator[None, None, bytes]:
-    """A batch as the spool keeps it (format _BATCH_FORMAT), in steps: its head (ids, events, the
-    log file cursor, how many rollups), then its rollups, windows and slowest lists in parts, one
-    JSON line each."""
-    dumps = functools.partial(json.dumps, separators=(",", ":"))
-    lines = [dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-                    "events": [astuple(e) for e in batch.events], "cursor": batch.cursor, "rows": len(batch.rows),
-                    "windows": batch.windows is not None, "slowest": batch.slowest is not None})]
-    for key, items, row in (("rows", batch.rows, _rollup_row), ("windows", batch.windows or (), list),
-                            ("slowest", batch.slowest or (), _slowest_row)):
-        for i in range(0, len(items), _BATCH_PART):
-            yield
-            lines.append(dumps({key: [row(x) for x in items[i:i + _BATCH_PART]]}))
-    return ("\n".join(lines) + "\n").encode()
-
-
-def _batch_doc(batch: _Batch) -> dict[str, Any]:
-    """A batch as one JSON object (a dead-letter line holds one; _batch_from_doc() reads it)."""
-    return {"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-            "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
-            "rows": [_rollup_row(r) for r in batch.rows],
-            "windows": None if batch.windows is None else [list(w) for w in batch.windows],
-            "slowest": None if batch.slowest is None else [_slowest_row(x) for x in batch.slowest]}
-
-
-def _batch_head(data: bytes) -> dict[str, Any]:
-    """What a stored batch's head says (ids, events, how many rollups), without its parts."""
-    head = json.loads(data.partition(b"\n")[0])
-    if head.get("v") != _BATCH_FORMAT:  # one document: all of it is the head
-        head["rows"] = len(head["rows"])
-    return head
-
-
-def _batch_from_json(data: bytes) -> _Batch:
-    """_batch_from_json_steps() in one go."""
-    return _at_once(_batch_from_json_steps(data))
-
-
-def _batch_from_json_steps(data: bytes) -> Generator[None, None, _Batch]:
-    """A batch from its stored form, of any version (see _BATCH_FORMAT), in steps."""
-    head, _, rest = data.partition(b"\n")
-    obj = json.loads(head)
-    if obj.get("v") != _BATCH_FORMAT:  # one document: 2 in seconds, 1 (no "v") in milliseconds
-        return _batch_from_doc(obj, 1.0 if obj.get("v") == 2 else 0.001)
-    parts: dict[str, list] = {"rows": [], "windows": [], "slowest": []}
-    for line in rest.splitlines():
-        if line:
-            yield
-            for key, items in json.loads(line).items():
-                parts[key] += items
-    doc = {**obj, "rows": parts["rows"], "windows": parts["windows"] if obj["windows"] else None,
-           "slowest": parts["slowest"] if obj["slowest"] else None}
-    return (yield from _batch_from_doc_steps(doc, 1.0))
-
-
-def _hist_of(stored: list) -> dict[int, int]:
-    """A stored histogram: flat (bucket, count, ...) in format 3, pairs before it."""
-    if stored and isinstance(stored[0], list):
-        return {int(b): int(n) for b, n in stored}
-    return dict(zip(map(int, stored[0::2]), map(int, stored[1::2])))
-
-
-def _batch_from_doc(obj: dict[str, Any], unit: float) -> _Batch:
-    return _at_once(_batch_from_doc_steps(obj, unit))
-
-
-def _batch_from_doc_steps(obj: dict[str, Any], unit: float) -> Generator[None, None, _Batch]:
-    """A batch from its parts as JSON gave them, in steps; unit: seconds per stored duration unit."""
-    rows: list[_Rollup] = []
-    for at in range(0, len(obj["rows"]), _BATCH_PART):
-        yield
-        rows += [_Rollup(*r[:6], r[6] * unit, r[7] * unit, r[8], hist=_hist_of(r[9]))
-                 for r in obj["rows"][at:at + _BATCH_PART]]
-    events = [_Event(*e[:7], e[7] * unit, *e[8:]) for e in obj.get("events") or ()]
-    windows = None
-    if obj.get("windows") is not None:
-        windows = []
-        for at in range(0, len(obj["windows"]), _BATCH_PART):
-            yield
-            windows += [_WindowTotals(*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]])
-                        for w in obj["windows"][at:at + _BATCH_PART]]
-    slowest = obj.get("slowest")
-    if slowest is not None:
-        slowest = [_SlowestList(*k, point, [_Event(*e) for e in top]) for *k, point, top in slowest]
-    return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"), windows, slowest)
-
-
 def _iso(ts: float | None) -> str | None:
     """Unix seconds -> RFC 3339 UTC with milliseconds ('2026-11-25T10:00:00.123Z')."""
     if ts is None:
@@ -821,6 +714,58 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
+#: A value's type, where a function returns what it is given (or a record of the type asked for).
+_T = TypeVar("_T")
+
+
+# --- health: what each part reports, and how the workers' reports combine ---------------------
+# Each part (reader, ingest, aggregator, writer) reports a record of its own type; every field
+# of it is declared with the rule by which the workers' values combine into the deployment's
+# (_field()), and a record without a rule for a field is refused when the module loads: healthz,
+# /metrics, the page's banners and its template all read the merged records, so no field can be
+# reported by a worker and then lost in the merge.
+
+#: How the workers' values of a health field combine: sum (counters), max (sizes and delays: the
+#: worst), most (the same, of values that may be unset: None), latest / earliest (a time, or
+#: None), first (the first value that is set: a text, or a field of the one worker's reader).
+_MERGE_RULES: dict[str, Callable[[list[Any]], Any]] = {
+    "sum": lambda v: sum(x or 0 for x in v),
+    "max": lambda v: max((x or 0 for x in v), default=0),
+    "latest": lambda v: max((x for x in v if x), default=None),
+    "earliest": lambda v: min((x for x in v if x), default=None),
+    "most": lambda v: max((x for x in v if x is not None), default=None),
+    "first": lambda v: next((x for x in v if x), v[0] if v else None),
+}
+
+
+def _field(rule: str, default: Any = 0) -> Any:
+    """A health field, its default, and the rule (_MERGE_RULES) by which workers' values combine."""
+    return field(default=default, metadata={"merge": rule})
+
+
+def _health_record(cls: type[_T]) -> type[_T]:
+    """A dataclass of health fields (put it on @dataclass), each with its merge rule; a field
+    without one is refused here, when the module loads (it would be dropped from the deployment's
+    health)."""
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.metadata.get("merge") not in _MERGE_RULES:
+            raise TypeError(f"{cls.__name__}.{f.name}: a health field needs a merge rule: declare it with _field()")
+    return cls
+
+
+def _merged(cls: type[_T], records: list[Any]) -> _T:
+    """The records of the workers as one, each field combined by its rule."""
+    return cls(**{f.name: _MERGE_RULES[f.metadata["merge"]]([getattr(r, f.name) for r in records])
+                  for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def _record_of(cls: type[_T], doc: Any) -> _T:
+    """A record from its JSON (a worker's published status): fields it lacks take their default,
+    fields it does not know (another version's) are left out."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in (doc or {}).items() if k in names})
+
+
 # --- steps: long work on the event loop, a little at a time ---------------------------------------
 # Telemetry's Python work that can grow with a burst or a page's series (grouping, tiering, a
 # batch's stored form, a page's view model and HTML) is written as generators that yield now and
@@ -831,8 +776,6 @@ def _one_line(exc: BaseException) -> str:
 
 #: The longest the event loop is held by one step of telemetry's own work (s).
 _STEP_S = 0.0005
-
-_T = TypeVar("_T")
 
 class _Gate:
     """Telemetry's turns on one event loop. Its steps take the gate one at a time, so however many
@@ -958,6 +901,123 @@ def _append_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+#: The stored form's version (the spool's files): 3 is JSON lines, a head and then parts of at
+#: most _BATCH_PART rollups, windows or slowest lists each, so that no one line takes long to
+#: write or read (a burst's batch holds tens of thousands of rollups). 2 was one JSON document in
+#: seconds, 1 one in milliseconds: both are still read.
+_BATCH_FORMAT = 3
+_BATCH_PART = 256
+
+
+def _rollup_row(r: _Rollup) -> list:
+    """A rollup as a stored row: its fields, then its histogram as one flat list (bucket, count, ...)."""
+    return [r.slot, r.source, r.route, r.method, r.status, r.count, r.dur_sum, r.dur_max, r.nbytes,
+            [x for item in sorted(r.hist.items()) for x in item]]
+
+
+def _slowest_row(x: _SlowestList) -> list:
+    return [x.tier, x.start, x.source, x.point, [astuple(e) for e in x.top]]
+
+
+def _batch_json_steps(batch: _Batch) -> Generator[None, None, bytes]:
+    """A batch as the spool keeps it (format _BATCH_FORMAT), in steps: its head (ids, events, the
+    log file cursor, how many rollups), then its rollups, windows and slowest lists in parts, one
+    JSON line each."""
+    dumps = functools.partial(json.dumps, separators=(",", ":"))
+    lines = [dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
+                    "events": [astuple(e) for e in batch.events], "cursor": batch.cursor, "rows": len(batch.rows),
+                    "windows": batch.windows is not None, "slowest": batch.slowest is not None})]
+    parts: tuple[tuple[str, list[list]], ...] = (
+        ("rows", [_rollup_row(r) for r in batch.rows]), ("windows", [list(w) for w in batch.windows or ()]),
+        ("slowest", [_slowest_row(x) for x in batch.slowest or ()]))
+    for key, rows in parts:
+        for i in range(0, len(rows), _BATCH_PART):
+            yield
+            lines.append(dumps({key: rows[i:i + _BATCH_PART]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _batch_to_json(batch: _Batch) -> bytes:
+    """_batch_json_steps() in one go."""
+    return _at_once(_batch_json_steps(batch))
+
+
+def _batch_doc(batch: _Batch) -> dict[str, Any]:
+    """A batch as one JSON object (a dead-letter line holds one; _batch_from_doc() reads it)."""
+    return {"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
+            "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
+            "rows": [_rollup_row(r) for r in batch.rows],
+            "windows": None if batch.windows is None else [list(w) for w in batch.windows],
+            "slowest": None if batch.slowest is None else [_slowest_row(x) for x in batch.slowest]}
+
+
+def _batch_head(data: bytes) -> dict[str, Any]:
+    """What a stored batch's head says (ids, events, how many rollups), without its parts."""
+    head = json.loads(data.partition(b"\n")[0])
+    if head.get("v") != _BATCH_FORMAT:  # one document: all of it is the head
+        head["rows"] = len(head["rows"])
+    return head
+
+
+def _hist_of(stored: list) -> dict[int, int]:
+    """A stored histogram: flat (bucket, count, ...) in format 3, pairs before it."""
+    if stored and isinstance(stored[0], list):
+        return {int(b): int(n) for b, n in stored}
+    return dict(zip(map(int, stored[0::2]), map(int, stored[1::2]), strict=True))
+
+
+def _event_row(e: list, unit: float) -> _Event:
+    """An event from its stored row (astuple()); unit: seconds per stored duration unit."""
+    return _Event(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7] * unit, e[8] if len(e) > 8 else "")
+
+
+def _batch_from_doc_steps(obj: dict[str, Any], unit: float) -> Generator[None, None, _Batch]:
+    """A batch from its parts as JSON gave them, in steps; unit: seconds per stored duration unit."""
+    rows: list[_Rollup] = []
+    for at in range(0, len(obj["rows"]), _BATCH_PART):
+        yield
+        rows += [_Rollup(r[0], r[1], r[2], r[3], r[4], r[5], r[6] * unit, r[7] * unit, r[8], _hist_of(r[9]))
+                 for r in obj["rows"][at:at + _BATCH_PART]]
+    events = [_event_row(e, unit) for e in obj.get("events") or ()]
+    windows = None
+    if obj.get("windows") is not None:
+        windows = []
+        for at in range(0, len(obj["windows"]), _BATCH_PART):
+            yield
+            windows += [_WindowTotals._make([*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]])
+                        for w in obj["windows"][at:at + _BATCH_PART]]
+    slowest = obj.get("slowest")
+    if slowest is not None:
+        slowest = [_SlowestList(x[0], x[1], x[2], x[3], [_event_row(e, 1.0) for e in x[4]]) for x in slowest]
+    return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"), windows, slowest)
+
+
+def _batch_from_doc(obj: dict[str, Any], unit: float) -> _Batch:
+    return _at_once(_batch_from_doc_steps(obj, unit))
+
+
+def _batch_from_json_steps(data: bytes) -> Generator[None, None, _Batch]:
+    """A batch from its stored form, of any version (see _BATCH_FORMAT), in steps."""
+    head, _, rest = data.partition(b"\n")
+    obj = json.loads(head)
+    if obj.get("v") != _BATCH_FORMAT:  # one document: 2 in seconds, 1 (no "v") in milliseconds
+        return _batch_from_doc(obj, 1.0 if obj.get("v") == 2 else 0.001)
+    parts: dict[str, list] = {"rows": [], "windows": [], "slowest": []}
+    for line in rest.splitlines():
+        if line:
+            yield
+            for key, items in json.loads(line).items():
+                parts[key] += items
+    doc = {**obj, "rows": parts["rows"], "windows": parts["windows"] if obj["windows"] else None,
+           "slowest": parts["slowest"] if obj["slowest"] else None}
+    return (yield from _batch_from_doc_steps(doc, 1.0))
+
+
+def _batch_from_json(data: bytes) -> _Batch:
+    """_batch_from_json_steps() in one go."""
+    return _at_once(_batch_from_json_steps(data))
+
+
 # ================================================================================================
 # === Sources
 # ================================================================================================
@@ -1016,6 +1076,68 @@ _JSONResponse = _resp.JSONResponse
 #: before, every request takes timed_hook(). Over ASGI those versions also drop the response as
 #: they send it, so nothing could be recorded: start-up refuses that instead (_other_transport()).
 _HTTP1_STARTS = hasattr(_Http1, "perft0")
+
+
+def _route_path(route: Any) -> str | None:
+    return route.path if route is not None else None
+
+
+def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[float], list[int]]]:
+    """Samples start..end of the flat raw list -> {(route path, method, status): ([seconds], [bytes])}.
+
+    Each field is taken out as one strided slice (C, no per-sample Python). Routes are grouped by
+    identity (`is` against the first, else id() per sample, both in C): Sanic's Route compares in
+    Python and does not hash. A second's samples usually fall into one series (counted column by
+    column) or a few: then each series is picked out with compress() over a key comparison, also
+    in C; with many, one Python pass groups them. Two Route objects with one path (routes per
+    host) end in one series."""
+    a, b, w, n = start * _RAW_WIDTH, end * _RAW_WIDTH, _RAW_WIDTH, end - start
+    routes, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
+    durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
+    if all(map(operator.is_, routes, itertools.repeat(routes[0]))) and methods.count(methods[0]) == n \
+            and statuses.count(statuses[0]) == n:
+        return {(_route_path(routes[0]), methods[0], statuses[0]): (durations, sizes)}  # no key per sample
+    ids = list(map(id, routes))
+    keys = list(zip(ids, methods, statuses, strict=True))
+    series = dict.fromkeys(keys)
+    groups: dict[tuple, tuple[list[float], list[int]]] = {}
+    if len(series) <= 4:
+        for key in series:
+            picked = list(map(key.__eq__, keys))
+            groups[key] = (list(itertools.compress(durations, picked)), list(itertools.compress(sizes, picked)))
+        route_of = {rid: routes[ids.index(rid)] for rid, _, _ in series}
+    else:
+        route_of = dict(zip(ids, routes, strict=True))
+        get = groups.get
+        for key, seconds, nbytes in zip(keys, durations, sizes, strict=True):
+            g = get(key)
+            if g is None:
+                g = groups[key] = ([], [])
+            g[0].append(seconds)
+            g[1].append(nbytes)
+    out: dict[tuple, tuple[list[float], list[int]]] = {}
+    for (rid, method, status), g in groups.items():
+        named = (_route_path(route_of[rid]), method, status)
+        if named in out:
+            out[named][0].extend(g[0])
+            out[named][1].extend(g[1])
+        else:
+            out[named] = g
+    return out
+
+
+def _body_bytes(response: Any) -> int:
+    """The body's length, or a streamed (or empty) response's Content-Length, or 0. A declared
+    length past _MAX_BYTES is refused (the request is then counted as one not recorded)."""
+    body = response.body
+    if body:
+        return len(body)
+    length = response.headers.get("content-length")
+    if not (length and length.isdigit()):
+        return 0
+    if len(length) > 16 or int(length) > _MAX_BYTES:
+        raise ValueError(f"Content-Length {length[:20]} is past 2^53")
+    return int(length)
 
 
 class _SanicSource:
@@ -1100,7 +1222,8 @@ class _SanicSource:
         (the response has been written); bytes are the body's length, or the declared length of
         a streamed response."""
         t1 = time.perf_counter()
-        seconds = t1 - (getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", t1))
+        t0 = getattr(request.stream, "perft0", None) or getattr(request.ctx, "_telemetry_t0", None) or t1
+        seconds = t1 - t0
         nbytes = _body_bytes(response) if response is not None else 0
         if status is None:
             status = response.status if response is not None else 499
@@ -1143,7 +1266,8 @@ class _SanicSource:
         self.errors += 1
         self.last_error, self.last_error_at = _one_line(exc), time.time()
 
-    def pending(self) -> int:
+    def uncollected(self) -> int:
+        """Requests recorded and not yet collected."""
         return len(self.raw) // _RAW_WIDTH
 
     def _route_name(self, path: str | None) -> str:
@@ -1187,68 +1311,6 @@ class _SanicSource:
         return runs
 
 
-def _group_raw(raw: list[Any], start: int, end: int) -> dict[tuple, tuple[list[float], list[int]]]:
-    """Samples start..end of the flat raw list -> {(route path, method, status): ([seconds], [bytes])}.
-
-    Each field is taken out as one strided slice (C, no per-sample Python). Routes are grouped by
-    identity (`is` against the first, else id() per sample, both in C): Sanic's Route compares in
-    Python and does not hash. A second's samples usually fall into one series (counted column by
-    column) or a few: then each series is picked out with compress() over a key comparison, also
-    in C; with many, one Python pass groups them. Two Route objects with one path (routes per
-    host) end in one series."""
-    a, b, w, n = start * _RAW_WIDTH, end * _RAW_WIDTH, _RAW_WIDTH, end - start
-    routes, methods, statuses = raw[a + 2:b:w], raw[a + 3:b:w], raw[a + 4:b:w]
-    durations, sizes = raw[a + 1:b:w], raw[a + 5:b:w]
-    if all(map(operator.is_, routes, itertools.repeat(routes[0]))) and methods.count(methods[0]) == n \
-            and statuses.count(statuses[0]) == n:
-        return {(_route_path(routes[0]), methods[0], statuses[0]): (durations, sizes)}  # no key per sample
-    ids = list(map(id, routes))
-    keys = list(zip(ids, methods, statuses))
-    series = dict.fromkeys(keys)
-    groups: dict[tuple, tuple[list[float], list[int]]] = {}
-    if len(series) <= 4:
-        for key in series:
-            picked = list(map(key.__eq__, keys))
-            groups[key] = (list(itertools.compress(durations, picked)), list(itertools.compress(sizes, picked)))
-        route_of = {rid: routes[ids.index(rid)] for rid, _, _ in series}
-    else:
-        route_of = dict(zip(ids, routes))
-        get = groups.get
-        for key, seconds, nbytes in zip(keys, durations, sizes):
-            g = get(key)
-            if g is None:
-                g = groups[key] = ([], [])
-            g[0].append(seconds)
-            g[1].append(nbytes)
-    out: dict[tuple, tuple[list[float], list[int]]] = {}
-    for (rid, method, status), g in groups.items():
-        key = (_route_path(route_of[rid]), method, status)
-        if key in out:
-            out[key][0].extend(g[0])
-            out[key][1].extend(g[1])
-        else:
-            out[key] = g
-    return out
-
-
-def _route_path(route: Any) -> str | None:
-    return route.path if route is not None else None
-
-
-def _body_bytes(response: Any) -> int:
-    """The body's length, or a streamed (or empty) response's Content-Length, or 0. A declared
-    length past _MAX_BYTES is refused (the request is then counted as one not recorded)."""
-    body = response.body
-    if body:
-        return len(body)
-    length = response.headers.get("content-length")
-    if not (length and length.isdigit()):
-        return 0
-    if len(length) > 16 or int(length) > _MAX_BYTES:
-        raise ValueError(f"Content-Length {length[:20]} is past 2^53")
-    return int(length)
-
-
 def _other_transport(app: Any) -> bool:
     """Whether a request to app may come other than over Sanic's HTTP/1 protocol with its start
     time: served as ASGI, by a server of another HTTP version (HTTP/3), or by Sanic before 24.6."""
@@ -1270,6 +1332,32 @@ _NESTED = frozenset({"handle_request", "handle_exception"})
 
 #: The instrumented classes made so far, by name (see _instrumented_class() and __getattr__).
 _INSTRUMENTED: dict[str, type] = {}
+
+
+class _Instrumented:
+    """Marks an instrumented class (_instrumented_class()); it adds no slot, so the app's class can
+    be switched to it. telemetry_source is the worker's _SanicSource while it serves."""
+
+    __slots__ = ()
+    telemetry_source: _SanicSource | None = None
+
+    @classmethod
+    def install(cls, source: _SanicSource, hook: Callable[..., Any]) -> None:
+        """This worker serves: its hook is handle_request (Sanic's own rewrite of the method has
+        run by now, at start-up, so it stays this)."""
+        cls.telemetry_source, cls.handle_request = source, hook  # type: ignore[attr-defined]
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """This worker stopped: Sanic's own handle_request again."""
+        cls.telemetry_source = None
+        if "handle_request" in cls.__dict__:
+            del cls.handle_request  # type: ignore[attr-defined]
+
+    @classmethod
+    def base_handle(cls) -> Callable[..., Any]:
+        """Sanic's handle_request for this class, as Sanic rewrote it at start-up."""
+        return super(_Instrumented, cls).handle_request  # type: ignore[misc]  # skips an installed hook
 
 
 def _instrumented_class(app: Any) -> type:
@@ -1300,35 +1388,10 @@ def _instrumented_class(app: Any) -> type:
                 stream = request.stream
                 source.observe(request, stream.response if stream is not None else None)
 
-        made = _INSTRUMENTED[name] = type(cls)(name, (_Instrumented, cls), {
+        meta: Any = type(cls)
+        made = _INSTRUMENTED[name] = meta(name, (_Instrumented, cls), {
             "__slots__": (), "__module__": __name__, "__qualname__": name, "handle_exception": handle_exception})
     return made
-
-
-class _Instrumented:
-    """Marks an instrumented class (_instrumented_class()); it adds no slot, so the app's class can
-    be switched to it. telemetry_source is the worker's _SanicSource while it serves."""
-
-    __slots__ = ()
-    telemetry_source: _SanicSource | None = None
-
-    @classmethod
-    def install(cls, source: _SanicSource, hook: Callable[..., Any]) -> None:
-        """This worker serves: its hook is handle_request (Sanic's own rewrite of the method has
-        run by now, at start-up, so it stays this)."""
-        cls.telemetry_source, cls.handle_request = source, hook  # type: ignore[attr-defined]
-
-    @classmethod
-    def uninstall(cls) -> None:
-        """This worker stopped: Sanic's own handle_request again."""
-        cls.telemetry_source = None
-        if "handle_request" in cls.__dict__:
-            del cls.handle_request  # type: ignore[attr-defined]
-
-    @classmethod
-    def base_handle(cls) -> Callable[..., Any]:
-        """Sanic's handle_request for this class, as Sanic rewrote it at start-up."""
-        return super(_Instrumented, cls).handle_request  # type: ignore[misc]  # skips an installed hook
 
 
 def __getattr__(name: str) -> type:
@@ -1422,20 +1485,20 @@ class _CaddyParser:
         #: (seconds bytes, (method, route), status bytes) -> [duration s, size bytes, duration, ...]
         self._groups: dict[tuple, list] = {}
         self._samples: list[tuple] = []  # the lines _line() read: (ts, route, method, status, s, bytes)
-        self.pending = 0  # lines read and not yet collected
+        self.uncollected = 0  # lines read and not yet collected
 
     def parse(self, line: str | bytes) -> tuple | None:
         """One line -> (slot or ts, route, method, status, seconds, bytes), or None (ignored or
         malformed; both are counted). For tools and tests: the pipeline feeds blocks."""
-        saved = self._groups, self._samples, self.pending
+        saved = self._groups, self._samples, self.uncollected
         self._groups, self._samples = {}, []
         try:
             self.feed(line)
             out = self._samples + [(int(ts), route, method, int(status), d, int(size))
                                    for (ts, (method, route), status), g in self._groups.items()
-                                   for d, size in zip(g[0::2], g[1::2])]
+                                   for d, size in zip(g[0::2], g[1::2], strict=True)]
         finally:
-            self._groups, self._samples, self.pending = saved
+            self._groups, self._samples, self.uncollected = saved
         return out[0] if out else None
 
     def feed(self, data: bytes | str) -> int:
@@ -1450,7 +1513,7 @@ class _CaddyParser:
             data = self._utf8(data)  # type: ignore[arg-type]
         rows = _RX_BLOCK.findall(data)
         now = time.time()
-        self._ts_lo, self._ts_hi = lo, hi = int(now - self.max_age), int(now + _TS_AHEAD_S)
+        self._ts_lo, self._ts_hi = int(now - self.max_age), int(now + _TS_AHEAD_S)
         groups, series, below = self._groups, self._series, self._below
         group, known = groups.get, series.get
         redo: list[tuple] = []  # lines in the layout that still need the long way (slow, odd)
@@ -1467,7 +1530,7 @@ class _CaddyParser:
                         k = (ts, s, status)
                         g = group(k)
                         if g is None:
-                            if not lo <= int(ts) <= hi:  # checked once per group: the long way says why
+                            if not self._ts_ok(int(ts)):  # checked once per group: the long way says why
                                 redo.append(row)
                                 continue
                             groups[k] = [d, size]
@@ -1486,7 +1549,7 @@ class _CaddyParser:
         st.access += fast + accepted
         if fast or seen:
             st.last_line_at = time.time()
-            self.pending += fast + accepted
+            self.uncollected += fast + accepted
         return fast + accepted
 
     def _long_way(self, data: bytes, rows: list[tuple], redo: list[tuple], rest: list[bytes]) -> tuple[int, int]:
@@ -1500,7 +1563,7 @@ class _CaddyParser:
             sample = self._line(line)
             if sample is not False:
                 seen += 1
-                if sample is not None:
+                if isinstance(sample, tuple):
                     self._samples.append(sample)
                     accepted += 1
         return seen, accepted
@@ -1551,7 +1614,7 @@ class _CaddyParser:
         later are the next call's), the runs made one at a time, so that a caller can add them to
         the aggregator in steps."""
         groups, samples = self._groups, self._samples
-        self._groups, self._samples, self.pending = {}, [], 0
+        self._groups, self._samples, self.uncollected = {}, [], 0
         return self._runs(groups, samples, int(time.time()))
 
     @staticmethod
@@ -1574,7 +1637,8 @@ class _CaddyParser:
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
-            return self._malformed(raw[:200].decode("utf-8", "replace"), "not UTF-8")
+            self._malformed(raw[:200].decode("utf-8", "replace"), "not UTF-8")
+            return None
         if not line:
             return False
         return self._fast(line) or self._other(line)
@@ -1585,7 +1649,8 @@ class _CaddyParser:
             if line[0] == "{" and line[-1] == "}":
                 self.stats.ignored += 1
                 return None
-            return self._malformed(line, "not a JSON object")
+            self._malformed(line, "not a JSON object")
+            return None
         return self._slow(line)
 
     def _fast(self, line: str) -> tuple | None:
@@ -1629,7 +1694,7 @@ class _CaddyParser:
             return None
         uri, method = line[u + 7:v], line[k + 10:m]
         if "\\" in uri or "?" in uri or "#" in uri or method not in _METHODS \
-                or not (self._ts_lo <= sec <= self._ts_hi) or not (0 <= dur < _MAX_DURATION_S) \
+                or not self._ts_ok(sec) or not (0 <= dur < _MAX_DURATION_S) \
                 or not (0 <= size <= _MAX_BYTES) or not (100 <= status <= 599) or dur >= self.slow_s or status >= 500:
             try:
                 ts = float(line[i + 5:j])
@@ -1671,7 +1736,8 @@ class _CaddyParser:
             return self._sample(float(ts), method, uri, float(dur), size, status,
                                 request_id=rid[:64] if isinstance(rid, str) else "")
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
-            return self._malformed(line, str(exc) or type(exc).__name__)
+            self._malformed(line, str(exc) or type(exc).__name__)
+            return None
 
     def _sample(self, ts: float, method: str, uri: str, dur_s: float, size: int, status: int,
                 line: str = "", tail: int = 0, request_id: str | None = None) -> tuple | None:
@@ -1680,7 +1746,7 @@ class _CaddyParser:
         # Seconds since 1970 near now and a duration under a day: anything else is not Caddy's
         # default encoding (e.g. unix_nano timestamps) or not a request of this deployment, and
         # would corrupt the slots (NaN and infinities fail every comparison).
-        if not (self._ts_lo <= ts <= self._ts_hi + 1):
+        if not self._ts_ok(ts):
             raise ValueError(f"ts {str(ts)[:40]} is not float seconds within {self.max_age:.0f} s before now"
                              f" and {_TS_AHEAD_S:.0f} s after")
         if not (0 <= dur_s < _MAX_DURATION_S):
@@ -1700,6 +1766,11 @@ class _CaddyParser:
                                 path, status, dur_s, request_id))
         return (ts, route, method, status, dur_s, size)
 
+    def _ts_ok(self, ts: float) -> bool:
+        """The one check of a line's time (s, whole or not): at most max_age before now and
+        _TS_AHEAD_S after it, as of this block's feed() (NaN fails it)."""
+        return self._ts_lo <= ts < self._ts_hi + 1
+
     def _malformed(self, line: str, why: str) -> None:
         self.stats.malformed += 1
         self.stats.last_malformed = f"{why}: {line[:200]}"
@@ -1716,7 +1787,7 @@ class _CaddyParser:
             else:
                 mine += g
         self._samples += other._samples
-        self.pending += other.pending
+        self.uncollected += other.uncollected
         st, o = self.stats, other.stats
         st.lines += o.lines
         st.access += o.access
@@ -1724,7 +1795,7 @@ class _CaddyParser:
         st.malformed += o.malformed
         st.last_line_at = max(st.last_line_at, o.last_line_at)
         st.last_malformed = o.last_malformed or st.last_malformed
-        other._groups, other._samples, other.pending = {}, [], 0
+        other._groups, other._samples, other.uncollected = {}, [], 0
 
     async def absorb_steps(self, other: "_CaddyParser", step: int = 1024) -> None:
         """absorb(), its groups moved `step` at a time with a yield to the event loop between: a
@@ -1799,6 +1870,100 @@ def _feed_chunk(parser: _CaddyParser, blocks: _LineBlocks, chunk: bytes,
 _READER_OK = ("off", "running", "starting", "finished", "waiting")
 
 
+@_health_record
+@dataclass
+class _ReaderHealth:
+    """A Caddy log reader's report: the command reader's, or the log file's (which fills in the
+    file's fields too). One worker runs the reader: its report is the deployment's ("first")."""
+
+    state: str = _field("first", "off")
+    pid: int | None = _field("first", None)
+    restarts: int = _field("first")
+    last_exit: int | None = _field("first", None)
+    last_error: str = _field("first", "")
+    lines: int = _field("first")
+    access_lines: int = _field("first")
+    malformed: int = _field("first")
+    last_line_at: float | None = _field("first", None)
+    file: str = _field("first", "")
+    lost: str = _field("first", "")  # lines a restart could not read (their file was gone)
+    checkpoint_error: str = _field("first", "")  # why the checkpoint cannot be written
+    rotations: int = _field("first")
+    truncations: int = _field("first")
+    position: int = _field("first")
+    behind_bytes: int = _field("first")  # what the file holds beyond what was read
+    eta_s: float | None = _field("first", None)
+    catching_up: str = _field("first", "")  # the line the page shows while a backlog is read
+
+
+@_health_record
+@dataclass
+class _IngestHealth:
+    """What a worker's Caddy parser has read (the reader's lines, POST /ingest bodies)."""
+
+    lines: int = _field("sum")
+    access_lines: int = _field("sum")
+    malformed: int = _field("sum")
+    ignored: int = _field("sum")
+    lines_per_s: float = _field("sum", 0.0)
+    last_line_at: float | None = _field("latest", None)
+    last_malformed: str = _field("first", "")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class _LogSource(Protocol):
+    """What the pipeline needs of a Caddy log reader: _CaddyReader (a command's output) or
+    _CaddyLogFile (a file followed across rotations and restarts, from a checkpoint)."""
+
+    def start(self) -> None: ...
+
+    async def stop(self, timeout: float = 5.0) -> None: ...
+
+    def health(self) -> _ReaderHealth: ...
+
+    def cursor(self) -> dict[str, Any] | None:
+        """Where a restart may resume: after the last whole line handed to the parser (None: a
+        source with no position, a command's output)."""
+
+    def pending_batch(self) -> tuple[str, int, float] | None:
+        """The batch the last run left on its way to the store, if the source keeps a checkpoint."""
+
+    def resolve(self, kept: bool) -> None:
+        """Before start(): whether pending_batch() was kept (stored or spooled)."""
+
+    def save(self, cursor: dict[str, Any], seq: int) -> None:
+        """Every line before cursor is in batch seq or an earlier one, all kept."""
+
+    def on_pending(self, batch: _Batch) -> None:
+        """A batch is about to go to the store or the spool."""
+
+    def on_durable(self, batch: _Batch) -> None:
+        """A batch is stored or spooled."""
+
+
+async def _stream(pipe: Any) -> asyncio.StreamReader:
+    """An asyncio reader of a child's pipe (subprocess's), read on the event loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    return reader
+
+
 class _CaddyReader:
     """Runs one command whose stdout is Caddy JSON log lines and feeds them to the parser.
 
@@ -1820,7 +1985,7 @@ class _CaddyReader:
         self.restarts = 0
         self.last_exit: int | None = None
         self.last_error = ""
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -1848,15 +2013,19 @@ class _CaddyReader:
             self.state = "stopped"
 
     async def _run_once(self) -> None:
+        """Start the command and read its output to its end. It is started by the standard
+        library, not the event loop: uvloop's (Sanic's) subprocesses inherit every inheritable
+        descriptor of the app, its listening socket among them, which a Caddy child would then
+        hold open for its whole life; subprocess's close_fds closes them all."""
         self.state = "starting"
-        self._proc = proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env,
-            start_new_session=True, preexec_fn=_die_with_parent)
+        self._proc = proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, env=self.env, close_fds=True,
+                                             start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = proc.pid
         self.state = "running"
-        await asyncio.gather(self._pump(proc.stdout, access=True), self._pump(proc.stderr, access=False))
-        self.last_exit = await proc.wait()
+        await asyncio.gather(self._pump(await _stream(proc.stdout), access=True),
+                             self._pump(await _stream(proc.stderr), access=False))
+        self.last_exit = await asyncio.to_thread(proc.wait)
         self.pid = None
         if self.last_exit == 0 and not self._stopping:  # `cat FILE` is done: a rerun would count it twice
             self.state = "finished"
@@ -1874,7 +2043,8 @@ class _CaddyReader:
         blocks = _LineBlocks(self.LINE_LIMIT)
         while True:
             chunk = await stream.read(1 << 16)
-            self.take(blocks, chunk, access)
+            async with _step():
+                self.take(blocks, chunk, access)
             if not chunk:
                 return
 
@@ -1899,13 +2069,13 @@ class _CaddyReader:
         to its end of output, bounded: a grandchild may hold the pipe open) and end the loop."""
         self._stopping = True
         proc = self._proc
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.poll() is None:
             _signal_pid(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
             except asyncio.TimeoutError:
                 _signal_pid(proc.pid, signal.SIGKILL)
-                await asyncio.wait_for(proc.wait(), timeout)
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
         if self._task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._task), 2.0)
@@ -1913,12 +2083,29 @@ class _CaddyReader:
             await asyncio.gather(self._task, return_exceptions=True)
         self.state = "stopped"
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> _ReaderHealth:
         st = self.parser.stats
-        return {"state": self.state, "pid": self.pid, "restarts": self.restarts,
-                "last_exit": self.last_exit, "last_error": self.last_error,
-                "lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
-                "last_line_at": st.last_line_at or None}
+        return _ReaderHealth(self.state, self.pid, self.restarts, self.last_exit, self.last_error, st.lines, st.access,
+                             st.malformed, st.last_line_at or None)
+
+    # --- positions: a command's output has none to resume from ------------------------------------
+    def cursor(self) -> dict[str, Any] | None:
+        return None
+
+    def pending_batch(self) -> tuple[str, int, float] | None:
+        return None
+
+    def resolve(self, kept: bool) -> None:
+        pass
+
+    def save(self, cursor: dict[str, Any], seq: int) -> None:
+        pass
+
+    def on_pending(self, batch: _Batch) -> None:
+        pass
+
+    def on_durable(self, batch: _Batch) -> None:
+        pass
 
 
 def _file_ident(path: str) -> tuple[int, int] | None:
@@ -1963,13 +2150,14 @@ class _CaddyLogFile:
     start resumes there. Just before a batch goes to the store or the spool, on_pending() names it
     in the checkpoint too, with its cursor: a crash after the store took it but before the
     checkpoint said so would read its lines twice, so a start asks where that batch is
-    (pending(), then resolve(), before start()) and resumes after it when it was kept. Lines
+    (pending_batch(), then resolve(), before start()) and resumes after it when it was kept. Lines
     written while the app was down are read, and so is the rest of a file rotated away meanwhile
     (a file of the same folder with the checkpoint's inode). A line is read once across a restart
     and a rotation. With no checkpoint reading starts at the file's end, as `tail -n 0 -F` does
-    (and the checkpoint is written there at once), and at 0 for a file that appears later. A file Caddy compresses after rotating (roll_gzip, its default) is gone once
-    compressed: the compose Caddyfile sets roll_uncompressed, and a checkpoint whose file is gone
-    is reported, with the bytes it held unread.
+    (and the checkpoint is written there at once), and at 0 for a file that appears later. A
+    file Caddy compresses after rotating (roll_gzip, its default) is gone once compressed: the
+    compose Caddyfile sets roll_uncompressed, and a checkpoint whose file is gone is reported,
+    with the bytes it held unread.
     """
 
     POLL_S = 0.1
@@ -2002,10 +2190,6 @@ class _CaddyLogFile:
         self._timed: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, bytes) of recent reads
         self._read_total = 0  # bytes read since the start, of every file
         self._task: asyncio.Task | None = None
-
-    # health() and stop() are the reader's interface, shared with _CaddyReader
-    pid = None
-    restarts = 0
 
     def start(self) -> None:
         self._resume()
@@ -2041,8 +2225,8 @@ class _CaddyLogFile:
         except OSError as exc:
             if not self.checkpoint_error:
                 _log.warning("telemetry: cannot write the log file checkpoint %s: %s", self.checkpoint, exc)
-            self.checkpoint_error = (f"the log file position cannot be saved ({exc.strerror or exc}: {self.checkpoint}): "
-                                     "a restart would read the lines since the last save again")
+            self.checkpoint_error = (f"the log file position cannot be saved ({exc.strerror or exc}: "
+                                     f"{self.checkpoint}): a restart would read the lines since the last save again")
             return False
         self.checkpoint_error = ""
         return True
@@ -2053,12 +2237,13 @@ class _CaddyLogFile:
             saved = json.loads(self.checkpoint.read_text())
         return saved if isinstance(saved, dict) and {"dev", "ino", "pos"} <= set(saved) else None
 
-    def pending(self) -> tuple[str, int, float] | None:
+    def pending_batch(self) -> tuple[str, int, float] | None:
         """The batch (instance, seq, created) the checkpoint names as on its way to the store or the spool
         when the last run ended, if any: resolve() is told whether it was kept."""
         nxt = (self._read_checkpoint() or {}).get("next")
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            return str(nxt["instance"]), int(nxt["seq"]), float(nxt["created"])
+        if isinstance(nxt, dict):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                return str(nxt["instance"]), int(nxt["seq"]), float(nxt["created"])
         return None
 
     def resolve(self, kept: bool) -> None:
@@ -2256,42 +2441,39 @@ class _CaddyLogFile:
     #: A reader this far behind the file's end (bytes) is catching up: the page and healthz say so.
     BEHIND_BYTES = 1 << 20
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> _ReaderHealth:
         st = self.parser.stats
         left, eta = self.behind()
-        read = sum(n for _, n in self._timed) or 1
         per_line = max(self._read_total / max(st.lines, 1), 1.0) if st.lines else 300.0
-        catching_up = (f"catching up on Caddy's log: about {round(left / per_line):,} lines behind"
-                       + (f", about {eta:.0f} s to go" if eta is not None else "")) if left >= self.BEHIND_BYTES else ""
-        return {"state": self.state, "file": self.path, "pid": None, "restarts": 0, "last_exit": None,
-                "last_error": self.last_error, "lost": self.lost, "checkpoint_error": self.checkpoint_error,
-                "rotations": self.rotations,
-                "truncations": self.truncations,
-                "position": self.cursor()["pos"], "behind_bytes": left, "eta_s": None if eta is None else round(eta, 1),
-                "catching_up": catching_up and catching_up + f" (reading {read / 5 / 1e6:.1f} MB/s)",
-                "lines": st.lines, "access_lines": st.access,
-                "malformed": st.malformed, "last_line_at": st.last_line_at or None}
-
-
-def _signal_pid(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-        except OSError:
-            pass
+        catching_up = ""
+        if left >= self.BEHIND_BYTES:
+            catching_up = (f"catching up on Caddy's log: about {round(left / per_line):,} lines behind"
+                           + (f", about {eta:.0f} s to go" if eta is not None else "")
+                           + f" (reading {sum(n for _, n in self._timed) / 5 / 1e6:.1f} MB/s)")
+        return _ReaderHealth(self.state, None, 0, None, self.last_error, st.lines, st.access, st.malformed,
+                             st.last_line_at or None, self.path, self.lost, self.checkpoint_error, self.rotations,
+                             self.truncations, self.cursor()["pos"], left, None if eta is None else round(eta, 1),
+                             catching_up)
 
 
 # ================================================================================================
 # === Aggregator
 # ================================================================================================
+
+@_health_record
+@dataclass
+class _AggregatorHealth:
+    """What a worker's aggregator and the app's hook report."""
+
+    samples: int = _field("sum")
+    uncollected: int = _field("sum")  # requests and lines not yet in a rollup
+    collapsed_routes: int = _field("sum")
+    malformed_samples: int = _field("sum")
+    events_dropped: int = _field("sum")
+    hook_errors: int = _field("sum")
+    last_hook_error: str = _field("first", "")
+    last_malformed_sample: str = _field("first", "")
+
 
 class _Aggregator:
     """Series runs -> rollups per slot and series; flush() hands them over as one _Batch.
@@ -2372,7 +2554,8 @@ class _Aggregator:
             r = self.rollups[key] = _Rollup(*key)
         return r
 
-    def pending(self) -> int:
+    def uncollected(self) -> int:
+        """Requests in rollups not yet cut into a batch."""
         return sum(r.count for r in self.rollups.values())
 
     def flush(self) -> _Batch | None:
@@ -2390,6 +2573,16 @@ class _Aggregator:
 # ================================================================================================
 # === Writer
 # ================================================================================================
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 class _Claimed(NamedTuple):
     """A spooled batch this process claimed for a replay: its file (renamed as claimed) and its
@@ -2657,16 +2850,6 @@ class _NoSpool(_Spool):
         pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 #: _classify_error()'s verdicts.
 _TRANSIENT, _REFUSED, _PERMANENT, _UNKNOWN = "transient", "refused", "permanent", "unknown"
 
@@ -2715,6 +2898,33 @@ def _retry_after(headers: Any) -> float | None:
 #: What "recently" means for losses on healthz and the page (s): a drop or a refusal this recent
 #: makes health fail, with the reason; older ones stay in the counters.
 _RECENT_S = 300.0
+
+
+@_health_record
+@dataclass
+class _WriterHealth:
+    """What a worker's writer reports: counters, what waits in memory and on disk, the store's state."""
+
+    queued: int = _field("sum")
+    written: int = _field("sum")
+    rows: int = _field("sum")
+    retried: int = _field("sum")
+    spooled: int = _field("sum")
+    replayed: int = _field("sum")
+    dropped: int = _field("sum")
+    rejected: int = _field("sum")
+    events_dropped: int = _field("sum")
+    lost_recently: int = _field("sum")  # drops and refusals in the last _RECENT_S
+    spool_files: int = _field("max")
+    spool_bytes: int = _field("max")
+    write_ms: float = _field("max", 0.0)
+    oldest_unwritten_s: float | None = _field("most", None)
+    down_since: float | None = _field("earliest", None)
+    stalled_since: float | None = _field("earliest", None)
+    last_error: str = _field("first", "")
+    refused: str = _field("first", "")
+    last_rejected: str = _field("first", "")
+    dead_letter: str | None = _field("first", None)
 
 
 #: The rollups (about 1 kB each) the writer holds in memory before the sources that can wait
@@ -3007,7 +3217,7 @@ class _Writer:
             await self.spool.run(self.spool.discard, pending.copy)
         self.counters["written"] += 1
         self.counters["rows"] += len(pending.batch.rows)
-        if pending.claimed is None:  # (a spooled batch was kept when it was spooled: its cursor is older than the checkpoint)
+        if pending.claimed is None:  # (a spooled batch was kept when spooled: its cursor is older than the checkpoint)
             self._durable(pending.batch)
 
     async def _reject(self, pending: _Pending, exc: BaseException, error: str) -> None:
@@ -3070,22 +3280,22 @@ class _Writer:
             times.append(mtime)
         return min(times, default=None)
 
-    def health(self) -> dict[str, Any]:
-        spool, now = self.spool, time.time()
-        counters = dict(self.counters)
-        counters["dropped"] += spool.dropped
+    def health(self) -> _WriterHealth:
+        spool, now, c = self.spool, time.time(), self.counters
         self._losses = [t for t in self._losses if now - t < _RECENT_S]
         spool.dropped_at = [t for t in spool.dropped_at if now - t < _RECENT_S]
         oldest = self.oldest_unwritten()
-        return {"queued": len(self.queue) + (self.current is not None and self.current.claimed is None), **counters,
-                "events_dropped": self.events_dropped + spool.dropped_events,
-                "spool_files": spool.count(), "spool_bytes": spool.size(),
-                "down_since": self.down_since, "stalled_since": self.stalled_since,
-                "refused": self.refused, "last_error": self.last_error, "last_rejected": self.last_rejected,
-                "dead_letter": str(spool.dead_letter_path) if spool.dead_letter_path else None,
-                "lost_recently": len(self._losses) + len(spool.dropped_at),
-                "oldest_unwritten_s": round(now - oldest, 3) if oldest is not None else None,
-                "write_ms": round(self.write_s * 1000, 2)}
+        return _WriterHealth(
+            queued=len(self.queue) + (self.current is not None and self.current.claimed is None),
+            written=c["written"], rows=c["rows"], retried=c["retried"], spooled=c["spooled"], replayed=c["replayed"],
+            dropped=c["dropped"] + spool.dropped, rejected=c["rejected"],
+            events_dropped=self.events_dropped + spool.dropped_events,
+            lost_recently=len(self._losses) + len(spool.dropped_at),
+            spool_files=spool.count(), spool_bytes=spool.size(), write_ms=round(self.write_s * 1000, 2),
+            oldest_unwritten_s=round(now - oldest, 3) if oldest is not None else None,
+            down_since=self.down_since, stalled_since=self.stalled_since, last_error=self.last_error,
+            refused=self.refused, last_rejected=self.last_rejected,
+            dead_letter=str(spool.dead_letter_path) if spool.dead_letter_path else None)
 
 
 # ================================================================================================
@@ -3111,6 +3321,67 @@ _EVENTS_KEPT, _EVENTS_SHOWN = 1000, 15
 _EVENTS_READ = 2 * _EVENTS_SHOWN
 
 
+@_health_record
+@dataclass
+class _StoreHealth:
+    """A store's answer to a health look: the serving worker's own (its fields' rule: "first")."""
+
+    ok: bool = _field("first", True)
+    kind: str = _field("first", "")
+    error: str = _field("first", "")  # why it is not ok
+    loss: str = _field("first", "")  # history lost (a database file deleted or replaced)
+    loss_at: float | None = _field("first", None)  # when, if it happened under the running app
+    note: str = _field("first", "")  # what the start-up check found (an InfluxDB bucket's retention)
+    path: str = _field("first", "")  # SQLite's file
+    bytes: int | None = _field("first", None)  # its size
+    url: str = _field("first", "")  # InfluxDB's
+    bucket: str = _field("first", "")
+
+
+class _SeriesSums(NamedTuple):
+    """A route's requests (of one source, all statuses) summed over a range."""
+
+    source: str
+    route: str
+    method: str
+    requests: int
+    dur_sum: float  # seconds
+    dur_max: float  # seconds
+    nbytes: int
+
+
+class _StatusCount(NamedTuple):
+    """A route's requests of one status (of one source) over a range."""
+
+    source: str
+    route: str
+    method: str
+    status: int
+    requests: int
+
+
+class _SlotCount(NamedTuple):
+    """One source's requests and 5xx in one tier slot of a range (a point of the charts)."""
+
+    slot: int
+    source: str
+    requests: int
+    errors: int
+
+
+@dataclass
+class _RangeData:
+    """What a store returns for one range; every figure is a sum over the range's slots."""
+
+    series: list[_SeriesSums]
+    statuses: list[_StatusCount]
+    slots: list[_SlotCount]
+    route_lanes: dict[tuple[str, str, str], int]  # (source, route, method) -> histogram lanes
+    slot_lanes: dict[tuple[int, str], int]  # (slot, source) -> histogram lanes
+    as_of: float | None  # when the newest batch was written
+    events: list[_Event] = field(default_factory=list)  # newest errors, slowest requests
+
+
 class _Store(Protocol):
     """What the writer and the pages need of a store; _SQLiteStore and _InfluxStore are the two,
     held to one contract by the tests (the same batches give the same summary for every range)."""
@@ -3124,7 +3395,7 @@ class _Store(Protocol):
     def prepare(self, batch: _Batch) -> None:
         """At the flush, before the batch goes to the writer: what the store needs of it then."""
 
-    def prepare_steps(self, batch: _Batch) -> Iterator[None]:
+    def prepare_steps(self, batch: _Batch) -> Generator[None, None, None]:
         """prepare() in steps, yielding between them (the flush policy yields to the event loop)."""
 
     async def encode(self, batch: _Batch) -> Any:
@@ -3152,52 +3423,8 @@ class _Store(Protocol):
     async def read_totals(self) -> _RangeData:
         """All-time sums per series (monotonic: /metrics)."""
 
-    async def health(self) -> dict[str, Any]:
-        """{"ok", "kind", ..., "error" when not ok, "loss"/"loss_at" for lost history}."""
-
-
-class _SeriesSums(NamedTuple):
-    """A route's requests (of one source, all statuses) summed over a range."""
-
-    source: str
-    route: str
-    method: str
-    count: int
-    dur_sum: float  # seconds
-    dur_max: float  # seconds
-    nbytes: int
-
-
-class _StatusCount(NamedTuple):
-    """A route's requests of one status (of one source) over a range."""
-
-    source: str
-    route: str
-    method: str
-    status: int
-    count: int
-
-
-class _SlotCount(NamedTuple):
-    """One source's requests and 5xx in one tier slot of a range (a point of the charts)."""
-
-    slot: int
-    source: str
-    count: int
-    errors: int
-
-
-@dataclass
-class _RangeData:
-    """What a store returns for one range; every figure is a sum over the range's slots."""
-
-    series: list[_SeriesSums]
-    statuses: list[_StatusCount]
-    slots: list[_SlotCount]
-    route_lanes: dict[tuple[str, str, str], int]  # (source, route, method) -> histogram lanes
-    slot_lanes: dict[tuple[int, str], int]  # (slot, source) -> histogram lanes
-    as_of: float | None  # when the newest batch was written
-    events: list[_Event] = field(default_factory=list)  # newest errors, slowest requests
+    async def health(self) -> _StoreHealth:
+        """A look at the store: does it answer, and has history been lost."""
 
 
 # --- the embedded store: SQLite ---------------------------------------------------------------
@@ -3292,6 +3519,12 @@ ON CONFLICT DO UPDATE SET h = hist_add(h, excluded.h)
 """
 
 
+#: Connections to a database file that was deleted and recreated by another process meanwhile:
+#: closing the last connection to a WAL database deletes "<file>-wal" by name, which is now the new
+#: file's journal. They are kept open instead (one pair per such event) until the process ends.
+_ABANDONED: list[sqlite3.Connection] = []
+
+
 class _DBThread:
     """One SQLite connection owned by one thread; calls run there, awaited from asyncio."""
 
@@ -3338,10 +3571,183 @@ class _DBThread:
         self.pool.shutdown(wait=True)
 
 
-#: Connections to a database file that was deleted and recreated by another process meanwhile:
-#: closing the last connection to a WAL database deletes "<file>-wal" by name, which is now the new
-#: file's journal. They are kept open instead (one pair per such event) until the process ends.
-_ABANDONED: list[sqlite3.Connection] = []
+def _source_counts(series: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
+    """Per source, (requests, 5xx) of a slot's series."""
+    out: dict[str, tuple[int, int]] = {}
+    for (source, _route, _method, status), t in series.items():
+        count, errors = out.get(source, (0, 0))
+        out[source] = (count + t[0], errors + (t[0] if status >= 500 else 0))
+    return out
+
+
+@dataclass
+class _Slot:
+    """One stored slot of one tier, summed per series, as the read cache keeps it."""
+
+    version: int
+    series: dict[tuple, tuple]  # (source, route, method, status) -> its _Totals, as a plain tuple
+    sources: dict[str, tuple[int, int]]  # source -> (requests, 5xx)
+    route_lanes: dict[tuple[str, str, str], int]
+    source_lanes: dict[str, int]
+
+    def only_steps(self, route: str, method: str) -> Generator[None, None, "_Slot"]:
+        """This slot's part for one route and method (its page): the same shape, summed again."""
+        series: dict[tuple, tuple] = {}
+        for i, (k, v) in enumerate(self.series.items()):
+            if i % 512 == 511:
+                yield
+            if k[1] == route and k[2] == method:
+                series[k] = v
+        lanes = {k: v for k, v in self.route_lanes.items() if k[1] == route and k[2] == method}
+        return _Slot(self.version, series, _source_counts(series), lanes, {k[0]: v for k, v in lanes.items()})
+
+
+class _Fetched(NamedTuple):
+    """What the read thread fetched of a range: every slot's version, the raw rows of the slots
+    the cache did not have at that version, when the newest batch was written, the events."""
+
+    versions: list[tuple[int, int]]  # (slot, version)
+    fresh: dict[int, tuple[list[tuple], list[tuple]]]  # slot -> (rollup rows, histogram rows)
+    as_of: float | None
+    events: list[tuple]
+
+
+def _fetch_slots(conn: sqlite3.Connection, tier: int, start: int, stop: int, known: dict[int, int],
+                 route: tuple[str, str] | None, events: bool) -> _Fetched:
+    """On the read thread, in one snapshot: [start, stop)'s slot versions, the rows of the slots
+    whose version is not the one known, as_of, and (events=True) the newest errors and slowest
+    requests since start (of one route, for its page)."""
+    conn.execute("BEGIN")
+    try:
+        versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ? AND slot < ?"
+                                " ORDER BY slot", (tier, start, stop)).fetchall()
+        fresh = {slot: (conn.execute("SELECT source, route, method, status, count, dur_sum, dur_max, bytes_sum"
+                                     " FROM rollup WHERE tier = ? AND slot = ?", (tier, slot)).fetchall(),
+                        conn.execute("SELECT source, route, method, h FROM hist WHERE tier = ? AND slot = ?",
+                                     (tier, slot)).fetchall())
+                 for slot, version in versions if known.get(slot) != version}
+        as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
+        found: list[tuple] = []
+        if events:
+            where, args = ("AND route = ? AND method = ?", route) if route else ("", ())
+            found = conn.execute(
+                f"SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? {where} ORDER BY ts DESC LIMIT ?)"
+                f" UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ? {where}"
+                " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_READ, start, *args, _EVENTS_READ)).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return _Fetched(versions, fresh, as_of, found)
+
+
+def _slot_steps(version: int, rows: list[tuple], hists: list[tuple]) -> Generator[None, None, _Slot]:
+    """A slot as the cache keeps it, from its rows, in steps."""
+    series: dict[tuple, tuple] = {}
+    for i, (source, route, method, status, count, dur_sum, dur_max, nbytes) in enumerate(rows):
+        if i % 256 == 255:
+            yield
+        series[(source, route, method, status)] = (count, dur_sum, dur_max, nbytes)
+    sources = _source_counts(series)
+    yield
+    route_lanes: dict[tuple[str, str, str], int] = {}
+    source_lanes: dict[str, int] = {}
+    for i, (source, route, method, h) in enumerate(hists):
+        if i % 64 == 63:
+            yield
+        lanes = _Histogram.decode(h)
+        route_lanes[(source, route, method)] = lanes
+        source_lanes[source] = source_lanes.get(source, 0) + lanes
+    return _Slot(version, series, sources, route_lanes, source_lanes)
+
+
+class _Sums:
+    """Slots summed in memory (big-int adds for the histograms); copy, then add the newest."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple, tuple] = {}  # (source, route, method, status) -> _Totals as a plain tuple
+        self.route_lanes: dict[tuple[str, str, str], int] = {}
+        self.slot_rows: list[_SlotCount] = []
+        self.slot_lanes: dict[tuple[int, str], int] = {}
+
+    def add_steps(self, slot: int, sd: _Slot) -> Generator[None, None, None]:
+        series, route_lanes = self.series, self.route_lanes
+        for i, (key, t) in enumerate(sd.series.items()):
+            if i % 256 == 255:
+                yield
+            series[key] = _plus(series.get(key, _NONE), *t)
+        for key, lanes in sd.route_lanes.items():
+            route_lanes[key] = route_lanes.get(key, 0) + lanes
+        for source, (count, errors) in sd.sources.items():
+            self.slot_rows.append(_SlotCount(slot, source, count, errors))
+        for source, lanes in sd.source_lanes.items():
+            self.slot_lanes[(slot, source)] = lanes
+
+    def copy_steps(self) -> Generator[None, None, "_Sums"]:
+        out = _Sums()
+        out.series = dict(self.series)  # (totals are tuples: shared, never changed)
+        out.route_lanes = dict(self.route_lanes)
+        out.slot_rows = list(self.slot_rows)
+        out.slot_lanes = dict(self.slot_lanes)
+        yield
+        return out
+
+    def data_steps(self, as_of: float | None, events: list[_Event]) -> Generator[None, None, _RangeData]:
+        routes: dict[tuple, tuple] = {}
+        for i, ((source, route, method, _status), t) in enumerate(self.series.items()):
+            if i % 256 == 255:
+                yield
+            key = (source, route, method)
+            routes[key] = _plus(routes.get(key, _NONE), *t)
+        yield
+        return _RangeData([_SeriesSums(k[0], k[1], k[2], v[0], v[1], v[2], v[3]) for k, v in routes.items()],
+                          [_StatusCount(k[0], k[1], k[2], k[3], v[0]) for k, v in self.series.items()],
+                          self.slot_rows, self.route_lanes, self.slot_lanes, as_of, events)
+
+
+def _route_sums_steps(slots: list[tuple[int, _Slot]], route: tuple[str, str], as_of: float | None,
+                      events: list[_Event]) -> Generator[None, None, _RangeData]:
+    """One route's page: its part of each slot, summed."""
+    sums = _Sums()
+    for slot, sd in slots:
+        part = yield from sd.only_steps(*route)
+        yield from sums.add_steps(slot, part)
+    return (yield from sums.data_steps(as_of, events))
+
+
+def _database_id(conn: sqlite3.Connection) -> str:
+    """The id this database file was given when it was made ('<created>/<random>')."""
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (f"{_iso(time.time())}/{os.urandom(6).hex()}",))
+    return conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0]
+
+
+def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, None, tuple[list[tuple], list[tuple]]]:
+    """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once; in steps,
+    on the loop (the write thread then only runs the statements)."""
+    rollups: dict[tuple, tuple] = {}
+    hists: dict[tuple, int] = {}
+    tiers = list(tiers)
+    for i, r in enumerate(rows):
+        if i % 64 == 63:
+            yield
+        lanes = _Histogram.from_counts(r.hist)
+        for tier in tiers:
+            slot = r.slot - r.slot % tier if tier else 0
+            key = (tier, slot, r.source, r.route, r.method, r.status)
+            rollups[key] = _plus(rollups.get(key, _NONE), r.count, r.dur_sum, r.dur_max, r.nbytes)
+            hkey = key[:5]
+            hists[hkey] = hists.get(hkey, 0) + lanes
+    blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
+    for i, lanes in enumerate(hists.values()):
+        if i % 64 == 63:
+            yield
+        if lanes not in blobs:
+            blobs[lanes] = _Histogram.encode(lanes)
+    yield
+    return [(*k, *v) for k, v in rollups.items()], [(*k, blobs[v]) for k, v in hists.items()]
+
+
+def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
+    """_tier_steps() in one go."""
+    return _at_once(_tier_steps(rows, tiers))
 
 
 class _SQLiteStore:
@@ -3392,8 +3798,9 @@ class _SQLiteStore:
     def prepare(self, batch: _Batch) -> None:
         """Nothing to do: batches add into the tiers when they are written."""
 
-    def prepare_steps(self, batch: _Batch) -> Iterator[None]:
-        return iter(())
+    def prepare_steps(self, batch: _Batch) -> Generator[None, None, None]:
+        """Nothing to do: batches add into the tiers when they are written."""
+        yield from ()
 
     def _note_path(self) -> Path:
         return _status_dir(self.path) / "database.id"  # not *.json: those are the workers' statuses
@@ -3556,7 +3963,9 @@ class _SQLiteStore:
             raw = fetched.fresh.get(slot)
             sd = cache.get(slot)
             if raw is None and (sd is None or sd.version != version):  # dropped by another read meanwhile
-                raw = (await self._r.run(lambda c: _fetch_slots(c, tier, slot, slot + 1, {}, None, False))).fresh[slot]
+                alone = functools.partial(_fetch_slots, tier=tier, start=slot, stop=slot + 1, known={}, route=None,
+                                          events=False)
+                raw = (await self._r.run(alone)).fresh[slot]
             if raw is not None:
                 sd = cache[slot] = await _steps(_slot_steps(version, *raw))
             assert sd is not None
@@ -3593,198 +4002,18 @@ class _SQLiteStore:
         for slot in [s for s in cache if s < oldest]:
             del cache[slot]
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> _StoreHealth:
         """A read of the file, its identity and whether it can be written."""
-        out: dict[str, Any] = {"ok": True, "kind": self.kind, "path": self.path, "loss": self.loss,
-                               "loss_at": self.loss_at or None}
+        out = _StoreHealth(kind=self.kind, path=self.path, loss=self.loss, loss_at=self.loss_at or None)
         try:
             await self._check_file()
             await self._r.run(lambda c: c.execute("SELECT 1 FROM batch LIMIT 1").fetchall())
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(f"{self.path} is not writable")
-            out["bytes"] = os.path.getsize(self.path)
+            out.bytes = os.path.getsize(self.path)
         except Exception as exc:
-            out.update(ok=False, error=_one_line(exc))
+            out.ok, out.error = False, _one_line(exc)
         return out
-
-
-@dataclass
-class _Slot:
-    """One stored slot of one tier, summed per series, as the read cache keeps it."""
-
-    version: int
-    series: dict[tuple, tuple]  # (source, route, method, status) -> its _Totals, as a plain tuple
-    sources: dict[str, tuple[int, int]]  # source -> (requests, 5xx)
-    route_lanes: dict[tuple[str, str, str], int]
-    source_lanes: dict[str, int]
-
-    def only_steps(self, route: str, method: str) -> Generator[None, None, "_Slot"]:
-        """This slot's part for one route and method (its page): the same shape, summed again."""
-        series: dict[tuple, tuple] = {}
-        for i, (k, v) in enumerate(self.series.items()):
-            if i % 512 == 511:
-                yield
-            if k[1] == route and k[2] == method:
-                series[k] = v
-        lanes = {k: v for k, v in self.route_lanes.items() if k[1] == route and k[2] == method}
-        return _Slot(self.version, series, _source_counts(series), lanes, {k[0]: v for k, v in lanes.items()})
-
-
-def _source_counts(series: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
-    """Per source, (requests, 5xx) of a slot's series."""
-    out: dict[str, tuple[int, int]] = {}
-    for (source, _route, _method, status), t in series.items():
-        count, errors = out.get(source, (0, 0))
-        out[source] = (count + t[0], errors + (t[0] if status >= 500 else 0))
-    return out
-
-
-class _Fetched(NamedTuple):
-    """What the read thread fetched of a range: every slot's version, the raw rows of the slots
-    the cache did not have at that version, when the newest batch was written, the events."""
-
-    versions: list[tuple[int, int]]  # (slot, version)
-    fresh: dict[int, tuple[list[tuple], list[tuple]]]  # slot -> (rollup rows, histogram rows)
-    as_of: float | None
-    events: list[tuple]
-
-
-def _fetch_slots(conn: sqlite3.Connection, tier: int, start: int, stop: int, known: dict[int, int],
-                 route: tuple[str, str] | None, events: bool) -> _Fetched:
-    """On the read thread, in one snapshot: [start, stop)'s slot versions, the rows of the slots
-    whose version is not the one known, as_of, and (events=True) the newest errors and slowest
-    requests since start (of one route, for its page)."""
-    conn.execute("BEGIN")
-    try:
-        versions = conn.execute("SELECT slot, version FROM slot_version WHERE tier = ? AND slot >= ? AND slot < ?"
-                                " ORDER BY slot", (tier, start, stop)).fetchall()
-        fresh = {slot: (conn.execute("SELECT source, route, method, status, count, dur_sum, dur_max, bytes_sum"
-                                     " FROM rollup WHERE tier = ? AND slot = ?", (tier, slot)).fetchall(),
-                        conn.execute("SELECT source, route, method, h FROM hist WHERE tier = ? AND slot = ?",
-                                     (tier, slot)).fetchall())
-                 for slot, version in versions if known.get(slot) != version}
-        as_of = conn.execute("SELECT MAX(at) FROM batch").fetchone()[0]
-        found: list[tuple] = []
-        if events:
-            where, args = ("AND route = ? AND method = ?", route) if route else ("", ())
-            found = conn.execute(
-                f"SELECT * FROM (SELECT * FROM event WHERE kind = 'error' AND ts >= ? {where} ORDER BY ts DESC LIMIT ?)"
-                f" UNION ALL SELECT * FROM (SELECT * FROM event WHERE kind = 'slow' AND ts >= ? {where}"
-                " ORDER BY seconds DESC LIMIT ?)", (start, *args, _EVENTS_READ, start, *args, _EVENTS_READ)).fetchall()
-    finally:
-        conn.execute("COMMIT")
-    return _Fetched(versions, fresh, as_of, found)
-
-
-def _slot_steps(version: int, rows: list[tuple], hists: list[tuple]) -> Generator[None, None, _Slot]:
-    """A slot as the cache keeps it, from its rows, in steps."""
-    series: dict[tuple, tuple] = {}
-    for i, (source, route, method, status, count, dur_sum, dur_max, nbytes) in enumerate(rows):
-        if i % 256 == 255:
-            yield
-        series[(source, route, method, status)] = (count, dur_sum, dur_max, nbytes)
-    sources = _source_counts(series)
-    yield
-    route_lanes: dict[tuple[str, str, str], int] = {}
-    source_lanes: dict[str, int] = {}
-    for i, (source, route, method, h) in enumerate(hists):
-        if i % 64 == 63:
-            yield
-        lanes = _Histogram.decode(h)
-        route_lanes[(source, route, method)] = lanes
-        source_lanes[source] = source_lanes.get(source, 0) + lanes
-    return _Slot(version, series, sources, route_lanes, source_lanes)
-
-
-def _route_sums_steps(slots: list[tuple[int, _Slot]], route: tuple[str, str], as_of: float | None,
-                      events: list[_Event]) -> Generator[None, None, _RangeData]:
-    """One route's page: its part of each slot, summed."""
-    sums = _Sums()
-    for slot, sd in slots:
-        part = yield from sd.only_steps(*route)
-        yield from sums.add_steps(slot, part)
-    return (yield from sums.data_steps(as_of, events))
-
-
-class _Sums:
-    """Slots summed in memory (big-int adds for the histograms); copy, then add the newest."""
-
-    def __init__(self) -> None:
-        self.series: dict[tuple, tuple] = {}  # (source, route, method, status) -> _Totals as a plain tuple
-        self.route_lanes: dict[tuple[str, str, str], int] = {}
-        self.slot_rows: list[_SlotCount] = []
-        self.slot_lanes: dict[tuple[int, str], int] = {}
-
-    def add_steps(self, slot: int, sd: _Slot) -> Generator[None, None, None]:
-        series, route_lanes = self.series, self.route_lanes
-        for i, (key, t) in enumerate(sd.series.items()):
-            if i % 256 == 255:
-                yield
-            series[key] = _plus(series.get(key, _NONE), *t)
-        for key, lanes in sd.route_lanes.items():
-            route_lanes[key] = route_lanes.get(key, 0) + lanes
-        for source, (count, errors) in sd.sources.items():
-            self.slot_rows.append(_SlotCount(slot, source, count, errors))
-        for source, lanes in sd.source_lanes.items():
-            self.slot_lanes[(slot, source)] = lanes
-
-    def copy_steps(self) -> Generator[None, None, "_Sums"]:
-        out = _Sums()
-        out.series = dict(self.series)  # (totals are tuples: shared, never changed)
-        out.route_lanes = dict(self.route_lanes)
-        out.slot_rows = list(self.slot_rows)
-        out.slot_lanes = dict(self.slot_lanes)
-        yield
-        return out
-
-    def data_steps(self, as_of: float | None, events: list[_Event]) -> Generator[None, None, _RangeData]:
-        routes: dict[tuple, tuple] = {}
-        for i, ((source, route, method, _status), t) in enumerate(self.series.items()):
-            if i % 256 == 255:
-                yield
-            key = (source, route, method)
-            routes[key] = _plus(routes.get(key, _NONE), *t)
-        yield
-        return _RangeData([_SeriesSums(*k, *v) for k, v in routes.items()],
-                          [_StatusCount(*k, v[0]) for k, v in self.series.items()],
-                          self.slot_rows, self.route_lanes, self.slot_lanes, as_of, events)
-
-
-def _database_id(conn: sqlite3.Connection) -> str:
-    """The id this database file was given when it was made ('<created>/<random>')."""
-    conn.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (f"{_iso(time.time())}/{os.urandom(6).hex()}",))
-    return conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0]
-
-
-def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
-    """_tier_steps() in one go."""
-    return _at_once(_tier_steps(rows, tiers))
-
-
-def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, None, tuple[list[tuple], list[tuple]]]:
-    """1 s rollups -> upsert rows per tier, pre-summed so each tier row is written once; in steps,
-    on the loop (the write thread then only runs the statements)."""
-    rollups: dict[tuple, tuple] = {}
-    hists: dict[tuple, int] = {}
-    tiers = list(tiers)
-    for i, r in enumerate(rows):
-        if i % 64 == 63:
-            yield
-        lanes = _Histogram.from_counts(r.hist)
-        for tier in tiers:
-            slot = r.slot - r.slot % tier if tier else 0
-            key = (tier, slot, r.source, r.route, r.method, r.status)
-            rollups[key] = _plus(rollups.get(key, _NONE), r.count, r.dur_sum, r.dur_max, r.bytes_sum)
-            hkey = key[:5]
-            hists[hkey] = hists.get(hkey, 0) + lanes
-    blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
-    for i, lanes in enumerate(hists.values()):
-        if i % 64 == 63:
-            yield
-        if lanes not in blobs:
-            blobs[lanes] = _Histogram.encode(lanes)
-    yield
-    return [(*k, *v) for k, v in rollups.items()], [(*k, blobs[v]) for k, v in hists.items()]
 
 
 # --- InfluxDB 2 --------------------------------------------------------------------------------
@@ -3862,7 +4091,7 @@ class _InfluxWindows:
             pass
         return batch.windows or [], batch.slowest or []
 
-    def add_steps(self, batch: _Batch, step: int = 16) -> Iterator[None]:
+    def add_steps(self, batch: _Batch, step: int = 16) -> Generator[None, None, None]:
         """add() in steps of `step` rollups (a rollup updates seven windows): yields between
         them; sets batch.windows and batch.slowest when it is done."""
         touched: dict[tuple, tuple[_Window, set[int]]] = {}
@@ -3876,14 +4105,14 @@ class _InfluxWindows:
                 group = self.groups.get((inst, tier, start))
                 if group is None:
                     group = self.groups[(inst, tier, start)] = {}
-                series = [(r.source, r.route, r.method)]
+                series: list[tuple[str, str | None, str | None]] = [(r.source, r.route, r.method)]
                 if tier in _INFLUX_SOURCE_TIERS:
                     series.append((r.source, None, None))
                 for key in series:
                     w = group.get(key)
                     if w is None:
                         w = group[key] = _Window(self._point())
-                    w.totals = w.totals.plus(r.count, r.dur_sum, r.dur_max, r.bytes_sum)
+                    w.totals = w.totals.plus(r.count, r.dur_sum, r.dur_max, r.nbytes)
                     w.statuses[r.status] = w.statuses.get(r.status, 0) + r.count
                     hist = w.hist
                     for i, n in r.hist.items():
@@ -3898,22 +4127,22 @@ class _InfluxWindows:
             if e.kind != "slow":
                 continue
             for tier in _INFLUX_SOURCE_TIERS:  # (the tiers a page's charts and tables read)
-                key = (inst, tier, int(e.ts) - int(e.ts) % tier, e.source)
-                point, top = self.slow.get(key) or (self._point(), [])
+                which = (inst, tier, int(e.ts) - int(e.ts) % tier, e.source)
+                point, top = self.slow.get(which) or (self._point(), [])
                 top = sorted([*top, e], key=lambda x: -x.seconds)[:_EVENTS_READ]
-                self.slow[key] = (point, top)
-                slow_touched.add(key)
+                self.slow[which] = (point, top)
+                slow_touched.add(which)
         windows = []
         for done, (k, (w, changed)) in enumerate(touched.items(), 1):
             if done % (4 * step) == 0:
                 yield
-            windows.append(_WindowTotals(*k, w.point, *w.totals,
+            windows.append(_WindowTotals(k[0], k[1], k[2], k[3], k[4], w.point, *w.totals,
                                          sorted(w.statuses.items()), [(i, w.hist[i]) for i in sorted(changed)]))
         batch.windows = windows
-        batch.slowest = [_SlowestList(*k[1:], *self.slow[k]) for k in slow_touched]
+        batch.slowest = [_SlowestList(k[1], k[2], k[3], *self.slow[k]) for k in slow_touched]
         yield from self._evict()
 
-    def _evict(self) -> Iterator[None]:
+    def _evict(self) -> Generator[None, None, None]:
         """Forget windows that ended more than _WINDOW_GRACE_S before their instance's newest slot,
         a window at a time. (A window forgotten and then added to again gets a point of its own:
         the sum stays exact.)"""
@@ -3949,22 +4178,7 @@ def _lp_event_fields(e: _Event) -> str:
             f"seconds={float(e.seconds)!r},request_id={_lp_str(e.request_id)},ts={float(e.ts)!r}")
 
 
-def _line_protocol(batch: _Batch) -> str:
-    """A batch's windows (see _InfluxWindows), slowest lists and events as InfluxDB line protocol.
-
-    A window is one point of its tier's measurement: tags instance, source, route, method; fields
-    count, dur_sum, dur_max (float seconds), bytes, s<status> (its requests per status), b<i> (the
-    histogram's buckets) and at (when it was written); a window of a whole source is a point of
-    the tier's sources measurement (fields count, errors, b<i>). Integers are integer fields and durations
-    always floats: a field that changes type is refused (422). Its time is the window's start
-    plus the accumulator's point in ns; the slowest of a window are points rank ns after that."""
-    out: list[str] = []
-    for _ in _line_protocol_steps(batch, out, len(batch.windows or ()) + 1):
-        pass
-    return "\n".join(out)
-
-
-def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Iterator[None]:
+def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Generator[None, None, None]:
     """_line_protocol()'s lines appended to out, yielding after every `step` windows."""
     inst = _lp_tag(batch.instance)
     for done, w in enumerate(batch.windows or (), 1):
@@ -3974,9 +4188,9 @@ def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Itera
         if w.route is None or w.method is None:  # a whole source: requests, 5xx, latency, for the charts
             errors = sum(n for s, n in w.statuses if s >= 500)
             out.append(f"{_INFLUX_SOURCE_TIERS[w.tier]},instance={inst},source={_lp_tag(w.source)} "
-                       f"count={w.count}i,errors={errors}i{',' + buckets if buckets else ''} {time_ns}")
+                       f"count={w.requests}i,errors={errors}i{',' + buckets if buckets else ''} {time_ns}")
             continue
-        fields = [f"count={w.count}i", f"dur_sum={float(w.dur_sum)!r}", f"dur_max={float(w.dur_max)!r}",
+        fields = [f"count={w.requests}i", f"dur_sum={float(w.dur_sum)!r}", f"dur_max={float(w.dur_max)!r}",
                   f"bytes={min(w.nbytes, _INT64_MAX)}i", *(f"s{s}={n}i" for s, n in w.statuses),
                   *([buckets] if buckets else []), f"at={batch.created!r}"]
         out.append(f"{_INFLUX_TIERS[w.tier]},instance={inst},method={_lp_tag(w.method)},route={_lp_tag(w.route)},"
@@ -3993,6 +4207,21 @@ def _line_protocol_steps(batch: _Batch, out: list[str], step: int = 64) -> Itera
         out.append(f"{_BATCHES_MEASUREMENT},instance={inst} seq={batch.seq}i {round(batch.created * 1e6) * 1000}")
 
 
+def _line_protocol(batch: _Batch) -> str:
+    """A batch's windows (see _InfluxWindows), slowest lists and events as InfluxDB line protocol.
+
+    A window is one point of its tier's measurement: tags instance, source, route, method; fields
+    count, dur_sum, dur_max (float seconds), bytes, s<status> (its requests per status), b<i> (the
+    histogram's buckets) and at (when it was written); a window of a whole source is a point of
+    the tier's sources measurement (fields count, errors, b<i>). Integers are integer fields and durations
+    always floats: a field that changes type is refused (422). Its time is the window's start
+    plus the accumulator's point in ns; the slowest of a window are points rank ns after that."""
+    out: list[str] = []
+    for _ in _line_protocol_steps(batch, out, len(batch.windows or ()) + 1):
+        pass
+    return "\n".join(out)
+
+
 def _flux_time(ts: float) -> str:
     return datetime.fromtimestamp(int(ts), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -4004,6 +4233,28 @@ def _flux_range(start: float, stop: float | None = None) -> str:
 def _flux_route(route: tuple[str, str] | None) -> str:
     """The filter clause of one route's page (its tags, quoted), or nothing."""
     return f" and r.route == {_flux_string(route[0])} and r.method == {_flux_string(route[1])}" if route else ""
+
+
+def _pivot_of(route: tuple[str, str] | None) -> str:
+    """An event's fields side by side, then (one route's page) only that route's: route and method
+    are fields of an event, not tags, so this filter follows the pivot."""
+    out = '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n'
+    return out + (f"  |> filter(fn: (r) => {_flux_route(route)[5:]})\n" if route else "")
+
+
+def _flux_events(bucket: str, start: float, where: str, first_by: str, route: tuple[str, str] | None) -> str:
+    """Event records (a slowest list's or a 5xx) matching `where` since start, of one route when
+    given, the first _EVENTS_READ by `first_by`, descending."""
+    return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start)}\n'
+            f'  |> filter(fn: (r) => {where})\n' + _pivot_of(route) +
+            f'  |> group()\n  |> sort(columns: ["{first_by}"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
+
+
+def _flux_slowest_of_route(bucket: str, tier: int, start: int, route: tuple[str, str]) -> str:
+    """One route's slowest requests: the entries of its tier's slowest lists in the range (lists
+    are capped at write time, so this reads at most lists x their length)."""
+    return _flux_events(bucket, start, f'r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}"',
+                        "seconds", route)
 
 
 def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: int | None = None,
@@ -4063,31 +4314,10 @@ def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: in
 
 def _flux_slowest(bucket: str, tier: int, instance: str, source: str, start: int) -> str:
     """One slowest list: an instance's and source's slowest requests of the tier window at start."""
-    return (f'from(bucket: {_flux_string(bucket)})\n  |> range(start: {_flux_time(start)}, stop: {_flux_time(start + tier)})\n'
+    return (f'from(bucket: {_flux_string(bucket)})\n'
+            f'  |> range(start: {_flux_time(start)}, stop: {_flux_time(start + tier)})\n'
             f'  |> filter(fn: (r) => r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}" and '
             f'r.instance == {_flux_string(instance)} and r.source == {_flux_string(source)})\n' + _pivot_of(None))
-
-
-def _pivot_of(route: tuple[str, str] | None) -> str:
-    """An event's fields side by side, then (one route's page) only that route's: route and method
-    are fields of an event, not tags, so this filter follows the pivot."""
-    out = '  |> pivot(rowKey: ["_time", "instance", "source"], columnKey: ["_field"], valueColumn: "_value")\n'
-    return out + (f"  |> filter(fn: (r) => {_flux_route(route)[5:]})\n" if route else "")
-
-
-def _flux_events(bucket: str, start: float, where: str, first_by: str, route: tuple[str, str] | None) -> str:
-    """Event records (a slowest list's or a 5xx) matching `where` since start, of one route when
-    given, the first _EVENTS_READ by `first_by`, descending."""
-    return (f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start)}\n'
-            f'  |> filter(fn: (r) => {where})\n' + _pivot_of(route) +
-            f'  |> group()\n  |> sort(columns: ["{first_by}"], desc: true)\n  |> limit(n: {_EVENTS_READ})\n')
-
-
-def _flux_slowest_of_route(bucket: str, tier: int, start: int, route: tuple[str, str]) -> str:
-    """One route's slowest requests: the entries of its tier's slowest lists in the range (lists
-    are capped at write time, so this reads at most lists x their length)."""
-    return _flux_events(bucket, start, f'r._measurement == "{_SLOWEST_MEASUREMENT}" and r.tier == "{tier}"',
-                        "seconds", route)
 
 
 def _flux_as_of(bucket: str, now: float) -> str:
@@ -4139,7 +4369,7 @@ def _parse_annotated_csv(text: str) -> list[dict[str, str]]:
         if header is None:
             header = rec
             continue
-        row = dict(zip(header, rec))
+        row = dict(zip(header, rec, strict=False))  # (a short record: the columns it has)
         if "error" in row and "reference" in row and len(header) <= 3:
             raise RuntimeError(f"flux error: {row['error']}")
         rows.append(row)
@@ -4171,7 +4401,7 @@ def _gzip_writes_ourselves(client: Any) -> bool:
     6 on a thread. False (the client compresses) where its configuration has no such hook."""
     conf = getattr(client, "conf", None)
     own = getattr(conf, "update_request_body", None)
-    if own is None:
+    if conf is None or own is None:
         return False
 
     def update_request_body(path: str, body: Any) -> Any:
@@ -4194,10 +4424,10 @@ class _InfluxStore:
 
     kind = "influxdb"
 
-    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_ms: int = 10_000,
+    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_s: float = 10.0,
                  retention: float = 7 * 86400.0) -> None:
         # the bucket was checked as a setting; in Flux text it is a quoted string (_flux_string)
-        self.url, self.token, self.org, self.bucket, self.timeout_ms = url, token, org, bucket, timeout_ms
+        self.url, self.token, self.org, self.bucket, self.timeout_s = url, token, org, bucket, timeout_s
         self.retention = retention
         self.client: Any = None
         self.windows = _InfluxWindows()
@@ -4208,7 +4438,7 @@ class _InfluxStore:
     async def open(self) -> None:
         from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
         self.client = InfluxDBClientAsync(url=self.url, token=self.token, org=self.org,
-                                          timeout=self.timeout_ms, enable_gzip=True)
+                                          timeout=round(self.timeout_s * 1000), enable_gzip=True)  # (its unit: ms)
         self._gzip_here = _gzip_writes_ourselves(self.client)
         await self._check_bucket()
 
@@ -4245,7 +4475,7 @@ class _InfluxStore:
         spooled batch write the same values)."""
         self.windows.add(batch)
 
-    def prepare_steps(self, batch: _Batch) -> Iterator[None]:
+    def prepare_steps(self, batch: _Batch) -> Generator[None, None, None]:
         return self.windows.add_steps(batch)
 
     async def encode(self, batch: _Batch) -> bytes:
@@ -4278,7 +4508,8 @@ class _InfluxStore:
         now = time.time() if now is None else now
         delete = self.client.delete_api()
         cuts = [(f"{tier} s tier", keep, predicate) for tier, keep in _TIERS.items() if keep
-                for predicate in (f'_measurement="{_INFLUX_TIERS[tier]}"', f'_measurement="{_INFLUX_SOURCE_TIERS[tier]}"',
+                for predicate in (f'_measurement="{_INFLUX_TIERS[tier]}"',
+                                  f'_measurement="{_INFLUX_SOURCE_TIERS[tier]}"',
                                   f'_measurement="{_SLOWEST_MEASUREMENT}" AND tier="{tier}"')]
         cuts.append(("batch points", _BATCH_MEMORY_S, f'_measurement="{_BATCHES_MEASUREMENT}"'))
         for what, keep, predicate in cuts:
@@ -4292,21 +4523,25 @@ class _InfluxStore:
     async def _query(self, text: str) -> list[dict[str, str]]:
         return _parse_annotated_csv(await self.client.query_api().query_raw(text, org=self.org))
 
-    async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None,
-                   names: Sequence[str] | None = None, start_ts: int | None = None,
-                   stop_ts: int | None = None) -> _RangeData:
-        queries = _flux_queries(self.bucket, seconds, tier, now, start_ts, stop_ts, route)
-        names = list(names or queries)
-        reads = [self._slowest(queries[n], tier) if n == "slowest_lists" else self._query(queries[n]) for n in names]
-        extra = start_ts is None and names == list(queries)  # a page: as_of and the errors too
-        if extra:
-            reads += [self._query(_flux_as_of(self.bucket, now)),
-                      self._errors(max(_range_start(now, seconds, tier), now - seconds), now, route)]
-        results = await asyncio.gather(*reads)
-        named = {"slowest" if n == "slowest_lists" else n: rows for n, rows in zip(names, results)}
-        if extra:
-            named["as_of"], named["errors"] = results[-2], results[-1]
+    async def read(self, seconds: int, tier: int, now: float, route: tuple[str, str] | None = None) -> _RangeData:
+        """A page's range: its queries, the slowest lists in two steps, as_of and the newest errors."""
+        queries = _flux_queries(self.bucket, seconds, tier, now, route=route)
+        lists = queries.pop("slowest_lists", None)
+        named = await self._run(queries)
+        extra = [self._query(_flux_as_of(self.bucket, now)),
+                 self._errors(max(_range_start(now, seconds, tier), now - seconds), now, route)]
+        if lists is not None:
+            extra.append(self._slowest(lists, tier))
+        found = await asyncio.gather(*extra)
+        named["as_of"], named["errors"] = found[0], found[1]
+        if lists is not None:
+            named["slowest"] = found[2]
         return self.to_range(named)
+
+    async def _run(self, queries: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+        """Flux queries, run at once; their rows by name."""
+        rows = await asyncio.gather(*(self._query(text) for text in queries.values()))
+        return dict(zip(queries, rows, strict=True))
 
     async def _slowest(self, lists_query: str, tier: int) -> list[dict[str, str]]:
         """The slowest requests of a range in two steps: the slowest of each window's lists (one
@@ -4322,7 +4557,8 @@ class _InfluxStore:
     async def read_previous(self, seconds: int, tier: int, now: float,
                             route: tuple[str, str] | None = None) -> _RangeData:
         start = _range_start(now, seconds, tier)
-        return await self.read(seconds, tier, now, route, ["slots", "slot_hist"], start - seconds, start)
+        queries = _flux_queries(self.bucket, seconds, tier, now, start - seconds, start, route)
+        return self.to_range(await self._run({name: queries[name] for name in ("slots", "slot_hist")}))
 
     async def has_batch(self, instance: str, seq: int, created: float) -> bool:
         return bool(await self._query(_flux_batch(self.bucket, instance, seq, created)))
@@ -4340,7 +4576,7 @@ class _InfluxStore:
     async def read_totals(self) -> _RangeData:
         """All-time sums per series (for /metrics): the 1 h tier from the Unix epoch, so what the
         bucket keeps."""
-        return await self.read(0, _HOUR_TIER, time.time(), start_ts=0)
+        return self.to_range(await self._run(_flux_queries(self.bucket, 0, _HOUR_TIER, time.time(), start_ts=0)))
 
     @staticmethod
     def to_range(results: dict[str, list[dict[str, str]]]) -> _RangeData:
@@ -4358,10 +4594,10 @@ class _InfluxStore:
         maxes: dict[tuple, float] = {}
         for r in results["series_max"]:
             maxes[route(r)] = max(maxes.get(route(r), 0.0), float(r["_value"] or 0))
-        series = [_SeriesSums(*k, int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0),
+        series = [_SeriesSums(k[0], k[1], k[2], int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0),
                               int(v.get("bytes", 0))) for k, v in sums.items()]
-        statuses = [_StatusCount(*route(r), int(r["_field"][1:]), int(float(r["_value"] or 0)))
-                    for r in results["statuses"]]
+        statuses = [_StatusCount(r["source"], r["route"], r["method"], int(r["_field"][1:]),
+                                 int(float(r["_value"] or 0))) for r in results["statuses"]]
         slot_acc: dict[tuple[int, str], list] = {}
         for r in results["slots"]:
             acc = slot_acc.setdefault((int(_rfc3339(r["_time"])), r["source"]), [0, 0])
@@ -4374,16 +4610,15 @@ class _InfluxStore:
                   for r in results.get(name, [])]
         return _RangeData(series, statuses, slots, route_lanes, slot_lanes, as_of, events)
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> _StoreHealth:
         """A ping and a small read of the bucket: a server that answers pings but refuses the
         page's reads (a token without read access, a missing bucket) is not healthy."""
-        out: dict[str, Any] = {"ok": True, "kind": self.kind, "url": self.url, "bucket": self.bucket,
-                               "loss": "", "note": self.note}
+        out = _StoreHealth(kind=self.kind, url=self.url, bucket=self.bucket, note=self.note)
         try:
             await self.client.ping()
             await self._query(_flux_health(self.bucket, time.time()))
         except Exception as exc:
-            out.update(ok=False, error=_one_line(exc))
+            out.ok, out.error = False, _one_line(exc)
         return out
 
 
@@ -4434,10 +4669,25 @@ def _previous(data: _RangeData, seconds: int) -> dict[str, dict[str, Any]]:
             for source, (count, errors) in acc.items()}
 
 
-def _summarize(data: _RangeData, range_name: str, now: float, previous: _RangeData | None = None,
-               only: tuple[str, str] | None = None) -> dict[str, Any]:
-    """_RangeData -> the summary document (schema in the README), in one go: see _summary_steps()."""
-    return _at_once(_summary_steps(data, range_name, now, previous, only))
+def _event_doc(e: _Event) -> dict[str, Any]:
+    return {"time": _iso(e.ts), "source": e.source, "method": e.method, "route": e.route, "path": e.path,
+            "status": e.status, "latency_ms": _ms(e.seconds), "request_id": e.request_id}
+
+
+def _timeseries(data: _RangeData, seconds: int, tier: int, now: float) -> Generator[None, None, list[dict[str, Any]]]:
+    """The range's steps per source, in steps (a 15m range has 91 of them, each two quantiles)."""
+    by_slot = {(slot, source): (count, errors) for slot, source, count, errors in data.slots}
+    start = _range_start(now, seconds, tier)
+    out: list[dict[str, Any]] = []
+    for slot in range(start, int(now) + 1, tier):
+        yield
+        width = min(tier, now - slot) if slot + tier > now else tier  # the newest slot is partial
+        for source in _SOURCES:
+            count, errors = by_slot.get((slot, source), (0, 0))
+            p50, p95 = _Histogram.quantiles(data.slot_lanes.get((slot, source), 0), (0.5, 0.95))
+            out.append({"t": slot, "source": source, "requests": count, "errors": errors,
+                        "rps": round(count / max(width, 1.0), 3), "latency_ms": {"p50": _ms(p50), "p95": _ms(p95)}})
+    return out
 
 
 def _summary_steps(data: _RangeData, range_name: str, now: float, previous: _RangeData | None = None,
@@ -4478,7 +4728,7 @@ def _summary_steps(data: _RangeData, range_name: str, now: float, previous: _Ran
                         "status": dict(sorted(status_mix[source].items())),
                         "latency_ms": _latency(source_lanes.get(source, 0), count, dur_sum, dur_max)}
                for source, (count, dur_sum, dur_max, nbytes) in totals.items()}
-    route_rows = []
+    route_rows: list[dict[str, Any]] = []
     for i, ((source, route, method), (count, dur_sum, dur_max, _)) in enumerate(routes.items()):
         if i % 32 == 31:
             yield
@@ -4503,25 +4753,78 @@ def _summary_steps(data: _RangeData, range_name: str, now: float, previous: _Ran
                        "slowest": [_event_doc(e) for e in data.events if e.kind == "slow"]}}
 
 
-def _event_doc(e: _Event) -> dict[str, Any]:
-    return {"time": _iso(e.ts), "source": e.source, "method": e.method, "route": e.route, "path": e.path,
-            "status": e.status, "latency_ms": _ms(e.seconds), "request_id": e.request_id}
+def _summarize(data: _RangeData, range_name: str, now: float, previous: _RangeData | None = None,
+               only: tuple[str, str] | None = None) -> dict[str, Any]:
+    """_RangeData -> the summary document (schema in the README), in one go: see _summary_steps()."""
+    return _at_once(_summary_steps(data, range_name, now, previous, only))
 
 
-def _timeseries(data: _RangeData, seconds: int, tier: int, now: float) -> Generator[None, None, list[dict[str, Any]]]:
-    """The range's steps per source, in steps (a 15m range has 91 of them, each two quantiles)."""
-    by_slot = {(slot, source): (count, errors) for slot, source, count, errors in data.slots}
-    start = _range_start(now, seconds, tier)
-    out: list[dict[str, Any]] = []
-    for slot in range(start, int(now) + 1, tier):
-        yield
-        width = min(tier, now - slot) if slot + tier > now else tier  # the newest slot is partial
-        for source in _SOURCES:
-            count, errors = by_slot.get((slot, source), (0, 0))
-            p50, p95 = _Histogram.quantiles(data.slot_lanes.get((slot, source), 0), (0.5, 0.95))
-            out.append({"t": slot, "source": source, "requests": count, "errors": errors,
-                        "rps": round(count / max(width, 1.0), 3), "latency_ms": {"p50": _ms(p50), "p95": _ms(p95)}})
-    return out
+@dataclass
+class _WorkerStatus:
+    """One worker's part of the pipeline, as it publishes it for the others (the status folder) and
+    as the deployment's health merges it: its parts' records, and what of it stops data from
+    flowing (problems: code -> one line)."""
+
+    instance: str
+    pid: int
+    at: float
+    reader: _ReaderHealth | None  # in the one worker that reads Caddy's log
+    ingest: _IngestHealth
+    writer: _WriterHealth
+    aggregator: _AggregatorHealth
+    problems: dict[str, str]
+
+    @classmethod
+    def of(cls, doc: dict[str, Any]) -> "_WorkerStatus":
+        """A status another worker published (its JSON)."""
+        return cls(str(doc.get("instance", "")), int(doc.get("pid", 0)), float(doc.get("at", 0)),
+                   _record_of(_ReaderHealth, doc["reader"]) if doc.get("reader") else None,
+                   _record_of(_IngestHealth, doc.get("ingest")), _record_of(_WriterHealth, doc.get("writer")),
+                   _record_of(_AggregatorHealth, doc.get("aggregator")), dict(doc.get("problems") or {}))
+
+
+@dataclass
+class _Health:
+    """The deployment's health: what healthz answers, and what the page, its banners and /metrics
+    read. ok is False whenever data is not flowing end to end; `reason` then says why in one line
+    (`problems` has every reason, by code); `notes` are lasting facts that do not fail it."""
+
+    ok: bool
+    reason: str
+    problems: dict[str, str]
+    notes: list[str]
+    instance: str
+    workers: int
+    sanic: str
+    store: _StoreHealth
+    reader: _ReaderHealth
+    ingest: _IngestHealth
+    writer: _WriterHealth
+    aggregator: _AggregatorHealth
+
+    @classmethod
+    def of(cls, store: _StoreHealth, statuses: list[_WorkerStatus], instance: str, log_configured: bool) -> "_Health":
+        """The workers' statuses merged, field by field, by each field's rule."""
+        readers = [st.reader for st in statuses if st.reader is not None]
+        reader = _merged(_ReaderHealth, readers) if readers else \
+            _ReaderHealth(state="unknown" if log_configured else "off")
+        problems: dict[str, str] = {}
+        if not store.ok:
+            problems["store_down"] = f"store unavailable: {store.error}"
+        if store.loss and time.time() - (store.loss_at or 0) < _RECENT_S:
+            problems["history_lost"] = store.loss
+        if reader.state not in _READER_OK:
+            what = f" ({reader.last_error})" if reader.last_error else ""
+            problems["reader_down"] = f"Caddy log reader {reader.state}{what}: edge requests are not being read"
+        for st in statuses:
+            for code, text in st.problems.items():
+                problems.setdefault(code, text)
+        notes = [text for text in (store.loss, store.note, reader.lost, reader.checkpoint_error, reader.catching_up)
+                 if text]
+        return cls(not problems, next(iter(problems.values()), ""), problems, notes, instance, len(statuses),
+                   _SANIC_VERSION, store, reader, _merged(_IngestHealth, [st.ingest for st in statuses]),
+                   _merged(_WriterHealth, [st.writer for st in statuses]),
+                   _merged(_AggregatorHealth, [st.aggregator for st in statuses]))
 
 
 # ================================================================================================
@@ -4648,19 +4951,21 @@ def _svg_chart(title: str, fmt: Callable[[float], str], lines: list[_Line], t0: 
     parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
     clocks: dict[int, str] = {}  # the lines share their times: each formatted once
     for ln in lines:
-        cls, label, runs, run = _esc(ln.cls), _esc(ln.label), [], []
-        for t, v in ln.points:
-            if v is None:
+        cls, label = _esc(ln.cls), _esc(ln.label)
+        runs: list[list[tuple[int, float]]] = []
+        run: list[tuple[int, float]] = []
+        for t, value in ln.points:
+            if value is None:
                 runs, run = runs + [run] if run else runs, []
             else:
-                run.append((t, v))
-        for run in runs + ([run] if run else []):
-            if len(run) > 1:
+                run.append((t, value))
+        for part in runs + ([run] if run else []):
+            if len(part) > 1:
                 parts.append(f'<polyline class="{cls}" fill="none" points="'
-                             + " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run) + '"/>')
-            size = 2.2 if len(run) > 1 else 4  # a lone point is all there is of its line: larger
+                             + " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in part) + '"/>')
+            size = 2.2 if len(part) > 1 else 4  # a lone point is all there is of its line: larger
             parts.append(f'<g class="pt {cls}">')
-            for t, v in run:
+            for t, v in part:
                 clock = clocks.get(t) or clocks.setdefault(t, _clock(t, zone))
                 tip = f"<title>{clock} · {label}: {_esc(fmt(v))}</title>"
                 if ln.marker == "square":
@@ -4678,12 +4983,6 @@ def _wide_spread(values: Iterable[float | None], ratio: float = 20.0) -> bool:
     so one slow request does not flatten the rest to the floor."""
     vals = [v for v in values if v is not None and v > 0]
     return bool(vals) and max(vals) / min(vals) > ratio
-
-
-def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc,
-                      shown: Sequence[str] = _SOURCES) -> dict[str, Any]:
-    """The two charts of a page, in one go: see _dashboard_chart_steps()."""
-    return _at_once(_dashboard_chart_steps(summary, zone, shown))
 
 
 def _dashboard_chart_steps(summary: dict[str, Any], zone: Any = timezone.utc,
@@ -4706,6 +5005,12 @@ def _dashboard_chart_steps(summary: dict[str, Any], zone: Any = timezone.utc,
     rps_chart = _svg_chart("requests per second", lambda v: _fmt_num(v, "/s"), rps, t0, t1, zone)
     yield
     return {"rps": rps_chart, "latency": _svg_chart("latency", _fmt_ms, lat, t0, t1, zone, log=log), "log": log}
+
+
+def _dashboard_charts(summary: dict[str, Any], zone: Any = timezone.utc,
+                      shown: Sequence[str] = _SOURCES) -> dict[str, Any]:
+    """The two charts of a page, in one go: see _dashboard_chart_steps()."""
+    return _at_once(_dashboard_chart_steps(summary, zone, shown))
 
 
 def _route_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -4809,16 +5114,16 @@ def _lag_ms(s: dict[str, Any]) -> int | None:
     return max(0, round((now - as_of) * 1000))
 
 
-def _banners(health: dict[str, Any], store_error: str) -> list[dict[str, str]]:
+def _banners(health: _Health, store_error: str) -> list[dict[str, str]]:
     """The page's banners: every reason health is not ok, a store read that failed, lasting notes."""
-    out = [{"level": "err", "text": text[:1].upper() + text[1:]} for text in health["problems"].values()]
-    if store_error and "reads_failing" not in health["problems"]:
+    out = [{"level": "err", "text": text[:1].upper() + text[1:]} for text in health.problems.values()]
+    if store_error and "reads_failing" not in health.problems:
         out.append({"level": "err", "text": f"Store reads failing: {store_error}"})
-    out += [{"level": "warn", "text": text[:1].upper() + text[1:]} for text in health["notes"]
-            if text not in health["problems"].values()]
-    w = health["writer"]
-    if (w["dropped"] or w["rejected"]) and "data_lost" not in health["problems"]:
-        out.append({"level": "warn", "text": f"Since start-up {w['dropped']} batches were dropped and {w['rejected']} "
+    out += [{"level": "warn", "text": text[:1].upper() + text[1:]} for text in health.notes
+            if text not in health.problems.values()]
+    w = health.writer
+    if (w.dropped or w.rejected) and "data_lost" not in health.problems:
+        out.append({"level": "warn", "text": f"Since start-up {w.dropped} batches were dropped and {w.rejected} "
                                              "refused by the store"})
     return out
 
@@ -4840,12 +5145,7 @@ def _prom_labels(**labels: Any) -> str:
     return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def _prometheus_text(totals: _RangeData, health: dict[str, Any]) -> str:
-    """/metrics' text, in one go: see _prometheus_steps()."""
-    return _at_once(_prometheus_steps(totals, health))
-
-
-def _prometheus_steps(totals: _RangeData, health: dict[str, Any]) -> Generator[None, None, str]:
+def _prometheus_steps(totals: _RangeData, health: _Health) -> Generator[None, None, str]:
     """The all-time rollups and the pipeline counters in Prometheus' text format (0.0.4), in steps.
 
     Histogram buckets come from the log-scale histogram: a bucket counts toward `le` when its
@@ -4858,15 +5158,16 @@ def _prometheus_steps(totals: _RangeData, health: dict[str, Any]) -> Generator[N
             yield
         out.append(f"telemetry_requests_total{_prom_labels(source=source, route=route, method=method, status=status)}"
                    f" {count}")
-    by_route = {(source, route, method): rest for source, route, method, *rest in totals.series}
+    by_route = {(r.source, r.route, r.method): r for r in totals.series}
     out += ["# HELP telemetry_request_duration_seconds Request latency by source, route and method.",
             "# TYPE telemetry_request_duration_seconds histogram"]
-    for i, ((source, route, method), (count, dur_sum, _max, _nbytes)) in enumerate(sorted(by_route.items())):
+    for i, ((source, route, method), r) in enumerate(sorted(by_route.items())):
         if i % 16 == 15:
             yield
+        count, dur_sum = r.requests, r.dur_sum
         labels = dict(source=source, route=route, method=method)
         cum = list(itertools.accumulate(_Histogram.counts(totals.route_lanes.get((source, route, method), 0))))
-        for le, last in zip(_PROM_BOUNDS, _PROM_LAST_BUCKET):
+        for le, last in zip(_PROM_BOUNDS, _PROM_LAST_BUCKET, strict=True):
             n = cum[min(last, len(cum) - 1)] if cum and last >= 0 else 0
             out.append(f"telemetry_request_duration_seconds_bucket{_prom_labels(**labels, le=le)} {n}")
         out.append(f'telemetry_request_duration_seconds_bucket{_prom_labels(**labels, le="+Inf")} {count}')
@@ -4874,22 +5175,246 @@ def _prometheus_steps(totals: _RangeData, health: dict[str, Any]) -> Generator[N
         out.append(f"telemetry_request_duration_seconds_count{_prom_labels(**labels)} {count}")
     out += ["# HELP telemetry_response_size_bytes_total Response body bytes by source, route and method.",
             "# TYPE telemetry_response_size_bytes_total counter"]
-    for (source, route, method), (_count, _sum, _max, nbytes) in sorted(by_route.items()):
+    for (source, route, method), r in sorted(by_route.items()):
         out.append(f"telemetry_response_size_bytes_total{_prom_labels(source=source, route=route, method=method)}"
-                   f" {nbytes}")
-    ingest, writer = health["ingest"], health["writer"]
+                   f" {r.nbytes}")
+    ingest, writer = health.ingest, health.writer
     for name, kind, value, help_ in (
-            ("telemetry_ingest_lines_total", "counter", ingest["lines"], "Caddy log lines read by live workers."),
-            ("telemetry_ingest_malformed_lines_total", "counter", ingest["malformed"], "Malformed lines skipped."),
-            ("telemetry_writer_batches_written_total", "counter", writer["written"], "Batches the store took."),
-            ("telemetry_writer_retries_total", "counter", writer["retried"], "Store writes retried."),
-            ("telemetry_writer_batches_dropped_total", "counter", writer["dropped"], "Batches lost (counted)."),
-            ("telemetry_writer_batches_rejected_total", "counter", writer["rejected"], "Batches the store refused."),
-            ("telemetry_writer_queue_batches", "gauge", writer["queued"], "Batches waiting in memory."),
-            ("telemetry_writer_spool_batches", "gauge", writer["spool_files"], "Batches waiting on disk."),
-            ("telemetry_store_up", "gauge", int(health["store"]["ok"]), "1 when the store answers.")):
+            ("telemetry_ingest_lines_total", "counter", ingest.lines, "Caddy log lines read by live workers."),
+            ("telemetry_ingest_malformed_lines_total", "counter", ingest.malformed, "Malformed lines skipped."),
+            ("telemetry_writer_batches_written_total", "counter", writer.written, "Batches the store took."),
+            ("telemetry_writer_retries_total", "counter", writer.retried, "Store writes retried."),
+            ("telemetry_writer_batches_dropped_total", "counter", writer.dropped, "Batches lost (counted)."),
+            ("telemetry_writer_batches_rejected_total", "counter", writer.rejected, "Batches the store refused."),
+            ("telemetry_writer_queue_batches", "gauge", writer.queued, "Batches waiting in memory."),
+            ("telemetry_writer_spool_batches", "gauge", writer.spool_files, "Batches waiting on disk."),
+            ("telemetry_store_up", "gauge", int(health.store.ok), "1 when the store answers.")):
         out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(out) + "\n"
+
+
+def _prometheus_text(totals: _RangeData, health: _Health) -> str:
+    """/metrics' text, in one go: see _prometheus_steps()."""
+    return _at_once(_prometheus_steps(totals, health))
+
+
+#: The dashboard's stylesheet, served at {prefix}/dashboard.css: here, so that this file alone serves
+#: the whole page. dashboard.css beside it is the same text, to read and edit as CSS; a test fails
+#: the moment the two differ (edit one, copy it to the other).
+_DASHBOARD_CSS = """/* dashboard.css: hand-written, no build step */
+:root {
+  color-scheme: light dark;
+  --bg: #f5f6f8; --surface: #fff; --fg: #1a1d21; --muted: #59616c;
+  --line: #d9dde3; --zebra: #f7f8fa; --link: #0b5cad;
+  --caddy: #0e7490; --sanic: #b4460a; --ok: #17702f; --bad: #b42318; --hl: #fff3c4;
+  --warn-bg: #fff6db; --warn-fg: #6b4a00; --warn-ln: #e0b43c;
+  --err-bg: #fdeceb; --err-fg: #8a1c13; --err-ln: #e5867e;
+  --inf-bg: #e8f1fb; --inf-fg: #0b3f73; --inf-ln: #8db8e6;
+  --s2: #2f9e55; --s3: #3a7bd5; --s4: #e0a526; --s5: #d1433a;
+  --r: 8px;
+  --mono: ui-monospace, Menlo, Consolas, "Liberation Mono", monospace;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0f1216; --surface: #171b21; --fg: #e6e9ee; --muted: #9ba5b2;
+    --line: #2e3540; --zebra: #1b2028; --link: #7cb7ff;
+    --caddy: #38bdf8; --sanic: #fb923c; --ok: #4ade80; --bad: #f87171; --hl: #3a3113;
+    --warn-bg: #2e2508; --warn-fg: #f5d77a; --warn-ln: #7a5f12;
+    --err-bg: #341414; --err-fg: #fcb4ae; --err-ln: #82302a;
+    --inf-bg: #10243a; --inf-fg: #b5d6fb; --inf-ln: #2c5580;
+    --s2: #3fb96a; --s3: #5b95e6; --s4: #e8b53c; --s5: #ec6158;
+  }
+}
+
+*, ::before, ::after { box-sizing: border-box; }
+html { background: var(--bg); -webkit-text-size-adjust: 100%; }
+/* flex body: blocks take full rows; nav.choices inline; charts pair up when wide */
+body {
+  display: flex; flex-wrap: wrap; align-content: flex-start; column-gap: 1rem;
+  max-width: 1400px; margin: 0 auto; padding: 1rem clamp(.75rem, 2.5vw, 2rem) 2rem;
+  background: var(--bg); color: var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif;
+  overflow-wrap: anywhere;
+}
+body > * { flex: 1 1 100%; min-width: 0; }
+body > nav.choices { flex: 0 1 auto; }
+body > figure.chart { flex: 1 1 34rem; }
+a { color: var(--link); }
+:focus-visible { outline: 3px solid var(--link); outline-offset: 2px; }
+h1, h2 { line-height: 1.25; margin: 0; }
+h1 { font-size: 1.35rem; }
+code { font-family: var(--mono); font-size: .92em; }
+
+header.top {
+  display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1.25rem;
+  padding-bottom: .75rem; margin-bottom: 1rem; border-bottom: 1px solid var(--line);
+}
+header.top p { margin: 0; color: var(--muted); font-size: .9rem; }
+header.top nav { margin-left: auto; display: flex; flex-wrap: wrap; gap: .25rem .9rem; }
+header.top nav a:not(:hover) { text-decoration: none; }
+
+nav.choices {
+  display: flex; flex-wrap: wrap; align-items: center; gap: .3rem; margin: 0 1rem .9rem 0;
+  font-size: .9rem;
+}
+nav.choices > span { color: var(--muted); margin-right: .2rem; }
+nav.choices a {
+  min-width: 2.6em; padding: .2rem .55rem; text-align: center; text-decoration: none;
+  border: 1px solid var(--line); border-radius: 999px;
+  background: var(--surface); color: var(--fg); font-variant-numeric: tabular-nums;
+}
+nav.choices a:hover, form.login input:hover { border-color: var(--link); }
+nav.choices a.on { background: var(--fg); color: var(--bg); border-color: var(--fg); font-weight: 600; }
+
+.banner {
+  margin: 0 0 1rem; padding: .6rem .9rem; border-radius: var(--r);
+  border: 1px solid var(--inf-ln); border-left-width: 4px;
+  background: var(--inf-bg); color: var(--inf-fg);
+}
+.banner.warn { background: var(--warn-bg); color: var(--warn-fg); border-color: var(--warn-ln); }
+.banner.err { background: var(--err-bg); color: var(--err-fg); border-color: var(--err-ln); }
+.empty {
+  margin: 0 0 1.25rem; padding: 2rem 1rem; text-align: center; color: var(--muted);
+  background: var(--surface); border: 2px dashed var(--line); border-radius: var(--r);
+}
+.empty strong { display: block; color: var(--fg); font-size: 1.1rem; }
+
+section.cards { display: grid; gap: 1rem; margin: 0 0 1.25rem; }
+.card, figure.chart, .scroll { background: var(--surface); border: 1px solid var(--line); border-radius: var(--r); }
+.card { min-width: 0; padding: .9rem 1rem; border-top: 3px solid var(--accent, var(--line)); }
+.card h2 {
+  font-size: .8rem; font-weight: 600; letter-spacing: .04em; text-transform: uppercase;
+  color: var(--muted);
+}
+.big { font-size: 2rem; font-weight: 650; line-height: 1.15; margin: .25rem 0 .5rem; }
+.unit { font-size: .9rem; font-weight: 400; color: var(--muted); margin-left: .2em; }
+.src-caddy { --accent: var(--caddy); }
+.src-sanic { --accent: var(--sanic); }
+.src-caddy > h2, span.src-caddy { color: var(--caddy); }
+.src-sanic > h2, span.src-sanic { color: var(--sanic); }
+dl.kv { display: grid; grid-template-columns: auto 1fr; gap: .15rem .75rem; margin: 0; font-size: .9rem; }
+dl.kv dt { color: var(--muted); }
+dl.kv dd { margin: 0; text-align: right; }
+
+.scroll { overflow-x: auto; margin: 0 0 1.25rem; }
+table.data { width: 100%; border-collapse: collapse; font-size: .9rem; }
+table.data caption { text-align: left; padding: .5rem .75rem; font-weight: 600; }
+table.data th, table.data td {
+  padding: .4rem .75rem; text-align: left; vertical-align: top;
+  border-bottom: 1px solid var(--line);
+}
+table.data th {
+  font-size: .8rem; font-weight: 600; color: var(--muted); white-space: nowrap;
+  background: var(--zebra);
+}
+table.data tbody tr:nth-child(even) { background: var(--zebra); }
+table.data tbody tr:last-child > * { border-bottom: 0; }
+table.data .num { text-align: right; white-space: nowrap; }
+table.data td.path { font-family: var(--mono); font-size: .85rem; word-break: break-all; min-width: 12rem; }
+table.data tbody tr.unmatched { background: var(--hl); box-shadow: inset 3px 0 0 var(--bad); }
+
+/* charts: viewBox ~640x220, leave ~48 units left, ~30 below for labels */
+figure.chart { margin: 0 0 1.25rem; padding: .75rem 1rem .6rem; }
+figure.chart svg { display: block; width: 100%; height: auto; overflow: visible; }
+figure.chart figcaption { font-weight: 600; margin-bottom: .35rem; }
+figure.chart figcaption .muted { font-weight: 400; }
+figure.chart svg * { vector-effect: non-scaling-stroke; }
+.axis { stroke: var(--muted); fill: none; }
+.grid { stroke: var(--line); fill: none; }
+.tick { fill: var(--muted); font-size: 13px; }
+.line-caddy, .line-sanic, .line-p95 { fill: none; stroke-width: 2; stroke-linejoin: round; stroke-linecap: round; }
+.line-caddy { stroke: var(--caddy); }
+.line-sanic { stroke: var(--sanic); }
+.line-p95 { stroke-dasharray: 6 4; stroke-width: 1.5; stroke-linecap: butt; }
+.line-p95:not(.line-caddy, .line-sanic) { stroke: var(--muted); }
+@media (max-width: 640px) { .tick { font-size: 19px; } }
+@media (max-width: 440px) { .tick { font-size: 22px; } }
+.legend {
+  display: flex; flex-wrap: wrap; gap: .2rem 1rem; margin: .4rem 0 0; padding: 0; list-style: none;
+  font-size: .85rem; color: var(--muted);
+}
+.legend > * { display: flex; align-items: center; gap: .35rem; }
+.legend > *::before { content: ""; width: 1.1rem; border-top: 3px solid var(--accent, var(--muted)); }
+.legend > .p95::before { border-top-style: dashed; }
+text.legend { fill: var(--muted); font-size: 12px; }
+
+.bar {
+  display: flex; height: .75rem; margin: .35rem 0 .6rem; overflow: hidden; border-radius: 999px;
+  background: var(--line);
+}
+.s2xx { background: var(--s2); }
+.s3xx { background: var(--s3); }
+.s4xx { background: var(--s4); }
+.s5xx { background: var(--s5); }
+
+.muted { color: var(--muted); }
+.ok { color: var(--ok); }
+.bad { color: var(--bad); font-weight: 600; }
+.big, .num, dd, td, time, .tick { font-variant-numeric: tabular-nums; }
+
+footer {
+  margin-top: 1.5rem; padding-top: .75rem; border-top: 1px solid var(--line); color: var(--muted);
+  font-size: .85rem;
+}
+
+form.login {
+  display: grid; gap: .6rem; max-width: 22rem; margin: 12vh auto 2rem; padding: 1.5rem;
+  background: var(--surface); border: 1px solid var(--line); border-radius: var(--r);
+}
+form.login h1 { font-size: 1.2rem; }
+form.login label { font-size: .9rem; font-weight: 600; }
+form.login input, form.login button { font: inherit; padding: .5rem .7rem; border-radius: 6px; }
+form.login input { width: 100%; color: var(--fg); background: var(--bg); border: 1px solid var(--muted); }
+form.login button {
+  font-weight: 600; cursor: pointer; color: var(--bg); background: var(--fg);
+  border: 1px solid var(--fg);
+}
+
+/* narrow screens: fewer time labels, captions that wrap in view, times that do not break */
+@media (max-width: 640px) { .tick.minor { display: none; } }
+table.data caption { position: sticky; left: 0; max-width: calc(100vw - 2rem); }
+table.data time { white-space: nowrap; }
+
+/* the card row fills the width; a card that says what is missing instead of showing zeros */
+section.cards { grid-template-columns: repeat(auto-fit, minmax(min(100%, 240px), 1fr)); }
+.card.off { border-top-style: dashed; }
+.card.off p, .card.off ul { font-size: .9rem; margin: .4rem 0; }
+.card.off ul { padding-left: 1.1rem; }
+.card.off .big { font-size: 1.4rem; }
+.delta { font-size: .78rem; margin-left: .3em; color: var(--muted); white-space: nowrap; }
+.delta.bad { color: var(--bad); font-weight: 600; }
+.delta.ok { color: var(--ok); }
+h1 a.up { color: inherit; text-decoration: none; }
+h1 .path { font-family: var(--mono); font-size: 1.05rem; }
+p.note { font-size: .8rem; margin: 0; padding: .4rem .75rem .6rem; }
+table.data td.path a { text-decoration: none; }
+table.data td.path a:hover { text-decoration: underline; }
+
+/* charts: sources told apart where their lines overlap (caddy wide and pale beneath, sanic thin
+   on top; circles and squares), p95 dashed with hollow markers */
+.line-caddy:not(.pt) { stroke-width: 4.5; stroke-opacity: .55; }
+.line-sanic:not(.pt) { stroke-width: 1.75; }
+.line-p95:not(.pt) { stroke-width: 1.75; }
+.line-caddy.line-p95:not(.pt) { stroke-width: 3; stroke-opacity: .55; }
+.pt { stroke-width: 1.25; }
+.pt.line-caddy { fill: var(--caddy); stroke: var(--surface); }
+.pt.line-sanic { fill: var(--sanic); stroke: var(--surface); }
+.pt.line-p95 { fill: var(--surface); stroke-dasharray: none; }
+.pt.line-p95.line-caddy { stroke: var(--caddy); }
+.pt.line-p95.line-sanic { stroke: var(--sanic); }
+.legend > .mk-sanic::before { border-top-width: 2px; }
+.legend > .mk-caddy::before { border-top-width: 5px; opacity: .7; }
+
+/* narrow screens: tables drop to their key columns (route, requests, p95; time, request, status,
+   latencies), which fit 375 px; what is left still scrolls inside its card */
+@media (max-width: 640px) {
+  table.data .opt { display: none; }
+  table.data { font-size: .8rem; }
+  table.data th, table.data td { padding: .35rem .3rem; }
+  table.data td.path { min-width: 5rem; font-size: .78rem; }
+  table.data th { white-space: normal; font-size: .72rem; }
+}
+"""
 
 
 #: The dashboard page. Rendered with autoescape on: every value, above all logged paths, is escaped.
@@ -5070,7 +5595,7 @@ percentiles fall in different requests or histogram buckets (about 1 % wide).{% 
 {% endif %}
 </body>
 </html>
-"""
+"""  # noqa: E501  (HTML lines are kept whole where a break would put a space between inline elements)
 
 
 _JINJA: Any = None
@@ -5088,12 +5613,12 @@ def _template() -> Any:
     return _JINJA
 
 
-def _page_steps(s: dict[str, Any], health: dict[str, Any], store_error: str, config: Config,
+def _page_steps(s: dict[str, Any], health: _Health, store_error: str, config: Config,
                 route: tuple[str, str] | None, refresh: int, t0: float) -> Generator[None, None, str]:
     """The page (or a route's page) from its summary and the deployment's health, in steps
     (_steps()): the charts, the tables and the template's output, a piece at a time."""
     zone = _zone(config.tz) or timezone.utc
-    edge_read = health["reader"]["state"] != "off" or s["sources"]["caddy"]["requests"] > 0
+    edge_read = health.reader.state != "off" or s["sources"]["caddy"]["requests"] > 0
     shown = list(_SOURCES) if edge_read else ["sanic"]  # no Caddy log read: no edge lines or columns
     charts = yield from _dashboard_chart_steps(s, zone, shown)
     routes = _route_table(s)
@@ -5133,21 +5658,14 @@ def _json_steps(doc: Any) -> Generator[None, None, str]:
     return "{" + ",".join(parts) + "}"
 
 
-def _css() -> str:
-    path = _HERE / "dashboard.css"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    _log.warning("telemetry: %s not found; the dashboard is served unstyled", path)
-    return ""
-
-
 # ================================================================================================
 # === Wiring
 # ================================================================================================
 # One _Pipeline per worker process, made in before_server_start: the sources, the aggregator, the
 # writer and the store of that worker, and the one flush policy that moves data between them.
-# Workers publish their status beside the database; any worker's healthz and page merge them
-# (_STATUS_MERGE), since the reader runs in one of them. instrument(app) attaches it all.
+# Workers publish their status (_WorkerStatus) beside the database; any worker's healthz and page
+# merge them (_Health: each field by its rule), since the reader runs in one of them.
+# instrument(app) attaches it all.
 
 #: A worker's published status older than this is a dead worker's, and ignored.
 _STATUS_FRESH_S = 10.0
@@ -5165,38 +5683,6 @@ _CUT_ROLLUPS, _PENDING_LINES = 5_000, 10_000
 #: at most this long for that write: it shows every request the worker has seen.
 _READ_FLUSH_S, _READ_WAIT_S = 0.1, 0.25
 
-#: How the workers' published statuses combine into the deployment's health: part -> field -> rule.
-#: sum: counters; max: sizes and delays, the worst; latest/earliest: a time, or None; first: the
-#: first non-empty text.
-_STATUS_MERGE: dict[str, dict[str, str]] = {
-    "ingest": {"lines": "sum", "access_lines": "sum", "malformed": "sum", "ignored": "sum", "lines_per_s": "sum",
-               "last_line_at": "latest", "last_malformed": "first"},
-    "writer": {"queued": "sum", "written": "sum", "rows": "sum", "retried": "sum", "spooled": "sum",
-               "events_dropped": "sum",
-               "replayed": "sum", "dropped": "sum", "rejected": "sum", "lost_recently": "sum",
-               "spool_files": "max", "spool_bytes": "max", "write_ms": "max", "oldest_unwritten_s": "latest",
-               "down_since": "earliest", "stalled_since": "earliest", "last_error": "first", "refused": "first",
-               "last_rejected": "first", "dead_letter": "first"},
-    "aggregator": {"samples": "sum", "pending": "sum", "collapsed_routes": "sum", "malformed_samples": "sum",
-                   "events_dropped": "sum", "hook_errors": "sum", "last_hook_error": "first",
-                   "last_malformed_sample": "first"},
-}
-_MERGE_RULES: dict[str, Callable[[list[Any]], Any]] = {
-    "sum": lambda v: sum(x or 0 for x in v),
-    "max": lambda v: max((x or 0 for x in v), default=0),
-    "latest": lambda v: max((x for x in v if x), default=None),
-    "earliest": lambda v: min((x for x in v if x), default=None),
-    "first": lambda v: next((x for x in v if x), ""),
-}
-
-
-def _merge_statuses(statuses: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The parts of _STATUS_MERGE, each field combined across the workers by its rule."""
-    return {part: {key: _MERGE_RULES[rule]([st.get(part, {}).get(key) for st in statuses])
-                   for key, rule in fields.items()}
-            for part, fields in _STATUS_MERGE.items()}
-
-
 def _status_every() -> float:
     """How often this process publishes its status: every second under Sanic's worker manager,
     whose other workers show it on their pages; a lone process has no reader of it but another
@@ -5205,7 +5691,7 @@ def _status_every() -> float:
     return 1.0 if os.environ.get("SANIC_WORKER_NAME") else _STATUS_FRESH_S / 2
 
 
-def _is_reader_worker() -> bool:
+def _reads_log() -> bool:
     """True in the one process that runs the Caddy reader: the first worker, or a lone process."""
     name = os.environ.get("SANIC_WORKER_NAME")
     return name is None or name.endswith("-0-0")
@@ -5236,7 +5722,7 @@ class _Pipeline:
     requests in flight.
     """
 
-    def __init__(self, config: Config, app: Any | None = None, reader: bool = False) -> None:
+    def __init__(self, config: Config, app: Any | None = None, reads_log: bool = False) -> None:
         self.config = config
         self.instance = _worker_instance(config.instance)
         self.aggregator = _Aggregator(self.instance, config.max_routes)
@@ -5247,13 +5733,14 @@ class _Pipeline:
         spool = _Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else _NoSpool()
         #: a batch not written within about two flush intervals goes to disk while its write is pending
         self.writer = _Writer(self.store, config.queue_batches, spool, stall_after=max(2 * config.flush_interval, 1.0))
-        self.reader: _CaddyReader | _CaddyLogFile | None = None
+        self.reader: _LogSource | None = None  # in the one worker that reads Caddy's log
         self._cursor: dict[str, Any] | None = None  # the log file's position as of the last collection
-        if reader and config.caddy_log_command:
+        if reads_log and config.caddy_log_command:
             self.reader = _CaddyReader(config.caddy_log_command, self.parser)
-        elif reader and config.caddy_log_file:
+        elif reads_log and config.caddy_log_file:
             self.reader = _CaddyLogFile(config.caddy_log_file, self.parser,
                                         _status_dir(config.db) / "caddy-log.checkpoint", room=self.has_room)
+        if self.reader is not None:
             self.writer.on_durable = self.reader.on_durable
             self.writer.on_pending = self.reader.on_pending
         self.status_dir = _status_dir(config.db)
@@ -5281,7 +5768,7 @@ class _Pipeline:
         await self.store.open()
         self.writer.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-flush")
-        if isinstance(self.reader, _CaddyLogFile):
+        if self.reader is not None:
             await self._resolve_pending(self.reader)
         if self.reader is not None:
             self.reader.start()
@@ -5289,10 +5776,10 @@ class _Pipeline:
         base = cls.base_handle()
         cls.install(self.sanic, self.sanic.timed_hook(base) if other else self.sanic.hook(base))
 
-    async def _resolve_pending(self, reader: _CaddyLogFile) -> None:
+    async def _resolve_pending(self, reader: _LogSource) -> None:
         """The batch the log file's checkpoint names as pending when the last run ended: if the
         store or the spool holds it, reading resumes after its lines (else they are read again)."""
-        pending = reader.pending()
+        pending = reader.pending_batch()
         if pending is None:
             return
         instance, seq, created = pending
@@ -5331,7 +5818,7 @@ class _Pipeline:
             # stop() may cancel the loop here, or between two steps; lines that pile up (a burst
             # to /ingest, a log backlog) are collected sooner
             began = time.monotonic()
-            while time.monotonic() - began < tick and self.parser.pending < _PENDING_LINES // 2:
+            while time.monotonic() - began < tick and self.parser.uncollected < _PENDING_LINES // 2:
                 await asyncio.sleep(tick / 10)
             async with self._flushing:  # (a read's catch_up() collects and cuts too: one at a time)
                 await self.collect_stepwise()
@@ -5344,14 +5831,14 @@ class _Pipeline:
         """Whether the sources may hand over more now: the log file source waits, and POST /ingest
         answers 503, while the lines read and not yet collected, the aggregator's rollups or the
         writer's memory are at their caps (what bounds memory, whatever a burst or a backlog holds)."""
-        return self.parser.pending < _PENDING_LINES and len(self.aggregator.rollups) < 2 * _CUT_ROLLUPS \
+        return self.parser.uncollected < _PENDING_LINES and len(self.aggregator.rollups) < 2 * _CUT_ROLLUPS \
             and self.writer.has_room()
 
     def _take_parser(self) -> Iterator[_SeriesRun]:
         """What the parser has read, taken now, and the log file's position now: every line before
         it is among these runs or in an earlier batch (_cut() gives the next batch that cursor)."""
         runs = self.parser.take()
-        if isinstance(self.reader, _CaddyLogFile):
+        if self.reader is not None:
             self._cursor = self.reader.cursor()
         return runs
 
@@ -5367,7 +5854,7 @@ class _Pipeline:
                 self.aggregator.add(run)
 
     def _collect_steps(self, runs: Iterator[_SeriesRun]) -> Generator[None, None, None]:
-        add, todo = self.aggregator.add, self.sanic.pending()
+        add, todo = self.aggregator.add, self.sanic.uncollected()
         while todo > 0:
             for run in self.sanic.collect(_STEP_SAMPLES):
                 add(run)
@@ -5442,7 +5929,7 @@ class _Pipeline:
         elif not self.writer.queue and not self.writer.degraded:  # nothing new or unwritten: current
             self.caught_up_at = time.time()
             if cursor is not None:  # lines that made no batch (ignored, malformed) need no re-read
-                self.reader.save(cursor, self.aggregator.seq)  # type: ignore[union-attr]
+                self.reader.save(cursor, self.aggregator.seq)  # type: ignore[union-attr]  # (a cursor: a reader)
         return batch
 
     async def catch_up(self) -> None:
@@ -5458,10 +5945,10 @@ class _Pipeline:
         await self.writer.wait_written(_READ_WAIT_S)
 
     # --- reads ----------------------------------------------------------------------------------
-    async def read(self, reader: Callable[[], Any]) -> Any:
+    async def read(self, fetch: Callable[[], Any]) -> Any:
         """A read of the store, remembered when it fails (healthz says so until one succeeds)."""
         try:
-            out = await reader()
+            out = await fetch()
         except Exception as exc:
             self.read_error = _one_line(exc)
             raise
@@ -5484,9 +5971,8 @@ class _Pipeline:
         return await _steps(_summary_steps(data, range_name, now, before, route))
 
     # --- status and health ----------------------------------------------------------------------
-    def local_status(self) -> dict[str, Any]:
-        """This worker's part of the pipeline: reader, ingest counters, writer, aggregator, and
-        what of it stops data from flowing (problems: code -> one line)."""
+    def local_status(self) -> _WorkerStatus:
+        """This worker's part of the pipeline (see _WorkerStatus)."""
         st, now, src = self.parser.stats, time.time(), self.sanic
         rate = 0.0
         if self._lines_mark is not None:
@@ -5501,97 +5987,72 @@ class _Pipeline:
         if now - src.last_error_at < _RECENT_S:
             problems["requests_unrecorded"] = (f"{src.errors} app request(s) could not be recorded since start-up "
                                                f"(last: {src.last_error})")
-        return {"instance": self.instance, "pid": os.getpid(), "at": now,
-                "reader": self.reader.health() if self.reader is not None else None,
-                "ingest": {"lines": st.lines, "access_lines": st.access, "malformed": st.malformed,
-                           "ignored": st.ignored, "lines_per_s": round(rate, 1),
-                           "last_line_at": st.last_line_at or None, "last_malformed": st.last_malformed},
-                "writer": writer,
-                "aggregator": {"samples": self.aggregator.samples,
-                               "pending": self.aggregator.pending() + src.pending() + self.parser.pending,
-                               "collapsed_routes": self.aggregator.collapsed,
-                               "malformed_samples": self.aggregator.malformed,
-                               "last_malformed_sample": self.aggregator.last_malformed,
-                               "events_dropped": self.aggregator.events_dropped + writer["events_dropped"],
-                               "hook_errors": src.errors, "last_hook_error": src.last_error},
-                "problems": problems}
+        ingest = _IngestHealth(st.lines, st.access, st.malformed, st.ignored, round(rate, 1), st.last_line_at or None,
+                               st.last_malformed)
+        aggregator = _AggregatorHealth(
+            samples=self.aggregator.samples,
+            uncollected=self.aggregator.uncollected() + src.uncollected() + self.parser.uncollected,
+            collapsed_routes=self.aggregator.collapsed, malformed_samples=self.aggregator.malformed,
+            events_dropped=self.aggregator.events_dropped + writer.events_dropped, hook_errors=src.errors,
+            last_hook_error=src.last_error, last_malformed_sample=self.aggregator.last_malformed)
+        return _WorkerStatus(self.instance, os.getpid(), now, self.reader.health() if self.reader is not None else None,
+                             ingest, writer, aggregator, problems)
 
-    def _writer_problems(self, w: dict[str, Any]) -> dict[str, str]:
+    def _writer_problems(self, w: _WriterHealth) -> dict[str, str]:
         out: dict[str, str] = {}
-        if w["refused"]:
-            out["writes_refused"] = f"the store refuses writes: {w['refused']} (batches are kept and retried)"
-        elif w["down_since"]:
-            out["writes_failing"] = f"store writes failing since {_iso(w['down_since'])}: {w['last_error']}"
-        if (w["oldest_unwritten_s"] or 0) > max(5.0, 5 * self.config.flush_interval):
+        if w.refused:
+            out["writes_refused"] = f"the store refuses writes: {w.refused} (batches are kept and retried)"
+        elif w.down_since:
+            out["writes_failing"] = f"store writes failing since {_iso(w.down_since)}: {w.last_error}"
+        if (w.oldest_unwritten_s or 0) > max(5.0, 5 * self.config.flush_interval):
             out["writes_stalled"] = (f"data is not reaching the store: the oldest unwritten batch is "
-                                     f"{w['oldest_unwritten_s']:.0f} s old ({w['queued']} in memory, "
-                                     f"{w['spool_files']} on disk)")
-        if w["lost_recently"]:
-            out["data_lost"] = (f"{w['lost_recently']} batch(es) dropped or refused in the last "
-                                f"{_RECENT_S / 60:.0f} min ({w['dropped']} dropped, {w['rejected']} refused in all"
-                                + (f"; refused ones are kept in {w['dead_letter']}" if w["dead_letter"] else "")
-                                + (f"; last: {w['last_rejected']}" if w["last_rejected"] else "") + ")")
+                                     f"{w.oldest_unwritten_s:.0f} s old ({w.queued} in memory, "
+                                     f"{w.spool_files} on disk)")
+        if w.lost_recently:
+            out["data_lost"] = (f"{w.lost_recently} batch(es) dropped or refused in the last "
+                                f"{_RECENT_S / 60:.0f} min ({w.dropped} dropped, {w.rejected} refused in all"
+                                + (f"; refused ones are kept in {w.dead_letter}" if w.dead_letter else "")
+                                + (f"; last: {w.last_rejected}" if w.last_rejected else "") + ")")
         return out
 
     def _publish_status(self) -> None:
         """Write local_status() where the other workers read it: the page shows the whole pipeline,
         whichever worker serves it (the reader runs in one of them). The status is taken here, on
         the loop; the file is written on a thread (file-system calls would hold the loop up)."""
-        status, path = self.local_status(), self.status_dir / f"{self.instance}.json"
+        doc, path = asdict(self.local_status()), self.status_dir / f"{self.instance}.json"
 
         def write() -> None:
             try:
-                _write_private(path, json.dumps(status).encode())
+                _write_private(path, json.dumps(doc).encode())
             except OSError as exc:
                 _log.warning("telemetry: cannot write status to %s: %s", path.parent, exc)
         asyncio.get_running_loop().run_in_executor(None, write)
 
-    def _other_statuses(self) -> list[dict[str, Any]]:
+    def _other_statuses(self) -> list[_WorkerStatus]:
         """The fresh statuses the other workers published (file reads: called on a thread)."""
         out, now = [], time.time()
         for p in self.status_dir.glob("*.json") if self.status_dir.is_dir() else []:
             if p.stem == self.instance:
                 continue
-            with contextlib.suppress(OSError, ValueError):
-                status = json.loads(p.read_text())
-                if now - status.get("at", 0) < _STATUS_FRESH_S:
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                status = _WorkerStatus.of(json.loads(p.read_text()))
+                if now - status.at < _STATUS_FRESH_S:
                     out.append(status)
         return out
 
-    async def health(self) -> dict[str, Any]:
-        """The deployment's pipeline (all live workers) and the store: healthz and the page.
-        ok is False whenever data is not flowing end to end; `reason` then says why in one line
-        (`problems` has every reason, by code). Reads that come while one look is under way (pages
-        refreshed at once) share it."""
+    async def health(self) -> _Health:
+        """The deployment's pipeline (all live workers) and the store: healthz and the page (see
+        _Health). Reads that come while one look is under way (pages refreshed at once) share it."""
         if self._health is None or self._health.done():
             self._health = asyncio.ensure_future(self._health_now())
         return await asyncio.shield(self._health)
 
-    async def _health_now(self) -> dict[str, Any]:
+    async def _health_now(self) -> _Health:
         store, published = await asyncio.gather(self.store.health(), asyncio.to_thread(self._other_statuses))
-        if store["ok"]:
+        if store.ok:
             self.read_error = ""  # store.health() reads the store too: reads work again
-        statuses = [self.local_status(), *published]
-        readers = [st["reader"] for st in statuses if st.get("reader")]
-        configured = self.config.caddy_log_command or self.config.caddy_log_file
-        reader = readers[0] if readers else {"state": "unknown" if configured else "off"}
-        merged = _merge_statuses(statuses)
-        problems: dict[str, str] = {}
-        if not store["ok"]:
-            problems["store_down"] = f"store unavailable: {store.get('error', '')}"
-        if store.get("loss") and time.time() - (store.get("loss_at") or 0) < _RECENT_S:
-            problems["history_lost"] = store["loss"]
-        if reader["state"] not in _READER_OK:
-            what = f" ({reader['last_error']})" if reader.get("last_error") else ""
-            problems["reader_down"] = f"Caddy log reader {reader['state']}{what}: edge requests are not being read"
-        for st in statuses:
-            for code, text in st.get("problems", {}).items():
-                problems.setdefault(code, text)
-        notes = [text for text in (store.get("loss"), store.get("note"), reader.get("lost"),
-                                   reader.get("checkpoint_error"), reader.get("catching_up")) if text]
-        return {"ok": not problems, "reason": next(iter(problems.values()), ""), "problems": problems,
-                "notes": notes, "instance": self.instance, "workers": len(statuses), "sanic": _SANIC_VERSION,
-                "store": store, "reader": reader, **merged}
+        return _Health.of(store, [self.local_status(), *published], self.instance,
+                          bool(self.config.caddy_log_command or self.config.caddy_log_file))
 
 
 # --- route handlers (under the prefix; each gets the worker's pipeline from the app) -----------
@@ -5716,6 +6177,14 @@ class _Throttle:
         self.clients.pop(client, None)
 
 
+def _json(data: Any, status: int = 200) -> Any:
+    return _resp.json(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+def _error(status: int, message: str) -> Any:
+    return _resp.json({"error": message}, status=status)
+
+
 def _throttled(wait: float, page: bool = False) -> Any:
     """429 with Retry-After, for a client that tried too many wrong tokens."""
     seconds = math.ceil(wait)
@@ -5723,14 +6192,6 @@ def _throttled(wait: float, page: bool = False) -> Any:
     resp = _resp.text(text, status=429) if page else _error(429, text)
     resp.headers["retry-after"] = str(seconds)
     return resp
-
-
-def _json(data: Any, status: int = 200) -> Any:
-    return _resp.json(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
-
-
-def _error(status: int, message: str) -> Any:
-    return _resp.json({"error": message}, status=status)
 
 
 def _config(request: Any) -> Config:
@@ -5840,10 +6301,11 @@ async def _metrics(request: Any) -> Any:
 
 
 async def _healthz(request: Any) -> Any:
-    health = await request.app.ctx.telemetry.health()
+    health: _Health = await request.app.ctx.telemetry.health()
     if not _admitted(request, _config(request)):  # details (paths, errors) only to those admitted
-        health = {"ok": health["ok"], "reason": ", ".join(c.replace("_", " ") for c in health["problems"])}
-    return _json(health, status=200 if health["ok"] else 503)
+        brief = {"ok": health.ok, "reason": ", ".join(c.replace("_", " ") for c in health.problems)}
+        return _json(brief, status=200 if health.ok else 503)
+    return _json(asdict(health), status=200 if health.ok else 503)
 
 
 #: A request body that sends nothing for this long is cut (408), and one still arriving after
@@ -5944,6 +6406,27 @@ def _session_cookie(request: Any, resp: Any, value: str, max_age: int) -> None:
                     secure=secure, max_age=max_age)
 
 
+#: The largest login form body read (the token field and its name, URL-encoded, with room to spare).
+_LOGIN_BODY_MAX = 4096
+
+
+async def _login_form_token(request: Any) -> str | None:
+    """The token field of a login form (a streamed body, so no more than _LOGIN_BODY_MAX bytes are
+    ever held); '' when there is none, None when the body is too large or stalls."""
+    from urllib.parse import parse_qs
+    body = b""
+    try:
+        async for chunk in _body_chunks(request):
+            body += chunk
+            if len(body) > _LOGIN_BODY_MAX:
+                return None
+    except _BodyStalled:
+        _end_connection(request)
+        return None
+    fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
+    return (fields.get("token") or [""])[0]
+
+
 async def _login(request: Any) -> Any:
     config = _config(request)
     if not config.token:
@@ -5973,27 +6456,6 @@ async def _login(request: Any) -> Any:
     return resp
 
 
-#: The largest login form body read (the token field and its name, URL-encoded, with room to spare).
-_LOGIN_BODY_MAX = 4096
-
-
-async def _login_form_token(request: Any) -> str | None:
-    """The token field of a login form (a streamed body, so no more than _LOGIN_BODY_MAX bytes are
-    ever held); '' when there is none, None when the body is too large or stalls."""
-    from urllib.parse import parse_qs
-    body = b""
-    try:
-        async for chunk in _body_chunks(request):
-            body += chunk
-            if len(body) > _LOGIN_BODY_MAX:
-                return None
-    except _BodyStalled:
-        _end_connection(request)
-        return None
-    fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
-    return (fields.get("token") or [""])[0]
-
-
 async def _logout(request: Any) -> Any:
     resp = _resp.redirect(f"{_config(request).prefix}/login", status=303)
     _session_cookie(request, resp, "", 0)
@@ -6001,7 +6463,7 @@ async def _logout(request: Any) -> Any:
 
 
 async def _stylesheet(request: Any) -> Any:
-    return _resp.text(request.app.ctx.telemetry_css, content_type="text/css; charset=utf-8",
+    return _resp.text(_DASHBOARD_CSS, content_type="text/css; charset=utf-8",
                       headers={"cache-control": "max-age=300"})
 
 
@@ -6034,7 +6496,8 @@ def _bound_graceful_shutdown(app: Any) -> None:
     A value the app set itself is kept."""
     from sanic.config import DEFAULT_CONFIG
     default = DEFAULT_CONFIG.get("GRACEFUL_SHUTDOWN_TIMEOUT")
-    if app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") == default and default and default > _GRACEFUL_SHUTDOWN_S:
+    if app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") == default and isinstance(default, (int, float)) \
+            and default > _GRACEFUL_SHUTDOWN_S:
         app.config.GRACEFUL_SHUTDOWN_TIMEOUT = _GRACEFUL_SHUTDOWN_S
 
 
@@ -6103,7 +6566,6 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
     app.__class__ = _instrumented_class(app)
     app.ctx.telemetry = None  # this worker's _Pipeline while it serves
     app.ctx.telemetry_config = config
-    app.ctx.telemetry_css = _css()
     app.ctx.telemetry_logins = _Throttle()
     for path, handler, methods, name, stream in _ROUTES:
         app.route(f"{config.prefix}{path}", methods=methods, name=name, stream=stream,
@@ -6112,8 +6574,8 @@ def instrument(app: Any, config: Config | None = None, **settings: Any) -> Any:
 
     async def before_start(app: Any) -> None:
         _log_via_sanic()
-        tel = _Pipeline(config, app, reader=_is_reader_worker())
-        if _is_reader_worker():  # once per app, not per worker
+        tel = _Pipeline(config, app, reads_log=_reads_log())
+        if _reads_log():  # once per app, not per worker
             _log.info("telemetry: %s", _announcement(config, *_served_at(app, config)))
         await tel.start(app)
         app.ctx.telemetry = tel
@@ -6217,12 +6679,39 @@ def _check_port_free(host: str, port: int, setting: str) -> None:
             raise ConfigError(f"{setting}: cannot listen on {host}:{port} ({exc.strerror})") from None
 
 
+#: The Caddyfile of the demo's Caddy (and of compose's, which mounts the Caddyfile beside this file:
+#: the same text; a test fails the moment the two differ). Its settings come from the environment
+#: (_caddy_command()); access logs are on (`log`, JSON) and carry the request id.
+_CADDYFILE = """{
+	admin {$CADDY_ADMIN:localhost:2019}
+	auto_https off
+	persist_config off
+	grace_period {$CADDY_GRACE_PERIOD:5s}
+	default_bind {$CADDY_BIND:0.0.0.0}
+}
+
+{$CADDY_SITE::8080} {
+	request_header X-Request-Id {http.request.uuid}
+	reverse_proxy {$APP_UPSTREAM:127.0.0.1:8000}
+	log {
+		output {$CADDY_LOG_OUTPUT:stdout}
+		format json
+	}
+	log_append upstream_latency_ms {rp.upstream.latency_ms}
+	log_append request_id {http.request.uuid}
+}
+"""
+
+
 def _caddy_command(config: Config, caddy: str, state_dir: str) -> tuple[str, dict[str, str]]:
-    """The reader command that runs Caddy in front of the app, and the env it needs (Caddyfile)."""
+    """The reader command that runs Caddy in front of the app, and the env it needs; its Caddyfile
+    is written into its state folder (this file alone runs the whole demo)."""
     env = {"CADDY_SITE": f":{config.caddy_port}", "CADDY_BIND": config.host,
            "APP_UPSTREAM": f"{config.host}:{config.port}", "CADDY_ADMIN": "off",
            "XDG_DATA_HOME": state_dir, "XDG_CONFIG_HOME": state_dir}
-    cmd = f"{shlex.quote(caddy)} run --config {shlex.quote(str(_HERE / 'Caddyfile'))} --adapter caddyfile"
+    caddyfile = Path(state_dir) / "Caddyfile"
+    _write_private(caddyfile, _CADDYFILE.encode())
+    cmd = f"{shlex.quote(caddy)} run --config {shlex.quote(str(caddyfile))} --adapter caddyfile"
     return cmd, env
 
 
@@ -6232,9 +6721,6 @@ def _with_caddy(config: Config) -> tuple[Config, str]:
     if config.no_caddy or config.caddy_log_command or config.caddy_log_file:
         return config, ""
     caddy = _find_caddy()
-    if caddy and not (_HERE / "Caddyfile").is_file():
-        print(f"telemetry: no Caddyfile beside {__file__}; running without Caddy", file=sys.stderr)
-        caddy = None
     if not caddy:
         return config, ""
     _check_port_free(config.host, config.caddy_port, config.where("caddy_port"))
@@ -6270,6 +6756,7 @@ def _log_to_stderr() -> None:
 
 def _serve(config: Config) -> None:
     from functools import partial
+
     from sanic.worker.loader import AppLoader
     loader = AppLoader(factory=partial(create_app, config))
     app = loader.load()

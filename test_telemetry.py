@@ -476,7 +476,7 @@ def random_batches(now: int, seed: int = 11, n: int = 40) -> list[t._Batch]:
                 r.count += 1
                 r.dur_sum += seconds
                 r.dur_max = max(r.dur_max, seconds)
-                r.bytes_sum += rnd.randint(0, 5000)
+                r.nbytes += rnd.randint(0, 5000)
                 i = t._Histogram.index(seconds)
                 r.hist[i] = r.hist.get(i, 0) + 1
             rows[key] = r
@@ -542,9 +542,9 @@ def influx_env(fake: FakeInflux, spool: Path) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def influx_writer(fake: FakeInflux, tmp_path: Path, cap: int = 1 << 20, timeout_ms: int = 3000,
+async def influx_writer(fake: FakeInflux, tmp_path: Path, cap: int = 1 << 20, timeout_s: float = 3.0,
                         token: str | None = None, backoff_max: float = 0.4):
-    store = t._InfluxStore(fake.url, token or fake.token, fake.org, BUCKET, timeout_ms=timeout_ms)
+    store = t._InfluxStore(fake.url, token or fake.token, fake.org, BUCKET, timeout_s=timeout_s)
     await store.open()
     spool = t._Spool(str(tmp_path / "spool"), cap)
     w = t._Writer(store, spool=spool)
@@ -559,7 +559,7 @@ async def influx_writer(fake: FakeInflux, tmp_path: Path, cap: int = 1 << 20, ti
 
 def _done(w: t._Writer, n: int) -> bool:
     c = w.counters
-    return c["written"] + c["rejected"] + w.health()["dropped"] >= n and not w.queue
+    return c["written"] + c["rejected"] + w.health().dropped >= n and not w.queue
 
 
 def _batches_written(fake: FakeInflux, since: int = 0) -> list[float]:
@@ -1153,7 +1153,7 @@ def test_sanic_samples_collect_into_the_same_rollups_as_one_by_one(paths, method
     assert tel.aggregator.malformed == bad and (bad > 0) == (999 in statuses)
     for key, (count, total, top, nbytes, hist) in expected.items():
         r = got[key]
-        assert (r.count, r.bytes_sum, r.dur_max) == (count, nbytes, top)
+        assert (r.count, r.nbytes, r.dur_max) == (count, nbytes, top)
         assert r.dur_sum == pytest.approx(total, rel=1e-9)
         # a duration within rounding of a bucket edge may land on the other side of it
         assert sum(r.hist.values()) == count
@@ -1431,7 +1431,7 @@ def test_parser_block_equals_line_by_line_and_events_keep_their_lines():
         (ref.stats.lines, ref.stats.access, ref.stats.ignored, ref.stats.malformed) == (337, 325, 6, 6)
 
     def rows(a: t._Aggregator) -> dict:
-        return {(r.slot, r.route, r.method, r.status): (r.count, round(r.dur_sum, 9), r.dur_max, r.bytes_sum, r.hist)
+        return {(r.slot, r.route, r.method, r.status): (r.count, round(r.dur_sum, 9), r.dur_max, r.nbytes, r.hist)
                 for r in a.flush().rows}
     assert rows(agg) == rows(ref_agg)
     key = lambda e: (e.kind, e.path, e.request_id, e.status, e.method)  # noqa: E731
@@ -1452,9 +1452,9 @@ def test_parser_holds_lines_until_collected_and_line_blocks_cut_a_stream():
     now = time.time()
     line = access_line(now).encode()
     p.feed(b"\n".join([line] * 999))
-    assert p.pending == 999
+    assert p.uncollected == 999
     runs = p.collect()
-    assert p.pending == 0 and sum(len(r.durations) for r in runs) == 999 and p.collect() == []
+    assert p.uncollected == 0 and sum(len(r.durations) for r in runs) == 999 and p.collect() == []
     # a stream cut anywhere comes out as whole lines; an over-long line is dropped through its
     # newline (reads are smaller than the limit, as the reader's 64 KiB reads are against 1 MiB)
     stream = b"\n".join([b"a" * 5, b"b" * 40, b"c" * 3, b"", b"d" * 7]) + b"\n" + b"tail"
@@ -1575,7 +1575,7 @@ def test_log_file_a_crash_between_the_store_and_the_checkpoint_reads_no_line_twi
                       spool_dir=str(tmp_path / "spool"), **wire)
 
     async def run(crash: bool) -> int:
-        tel = t._Pipeline(config, reader=True)
+        tel = t._Pipeline(config, reads_log=True)
         await tel.store.open()
         await tel._resolve_pending(tel.reader)
         tel.reader.start()
@@ -1736,7 +1736,7 @@ def test_aggregator_adds_runs_into_rollups_and_bounds_routes():
     agg.add(t._SeriesRun(slot + 1, "sanic", "/r0", "GET", 999, [0.004, 0.001], 5))  # malformed: counted
     batch = agg.flush()
     rows = {(r.slot, r.route, r.status): r for r in batch.rows}
-    assert rows[(slot, "/r0", 200)].count == 2 and rows[(slot, "/r0", 200)].bytes_sum == 20
+    assert rows[(slot, "/r0", 200)].count == 2 and rows[(slot, "/r0", 200)].nbytes == 20
     assert rows[(slot + 1, "/r0", 500)].dur_max == 0.004
     assert agg.malformed == 2 and "999" in agg.last_malformed
     assert sum(r.count for r in batch.rows if r.route == t._OVERFLOW) == 4  # /r3, /r4 twice each
@@ -1757,9 +1757,9 @@ def test_memory_is_bounded_by_the_caps_not_by_what_comes(tmp_path):
     config = t.Config(db=str(tmp_path / "t.db"), spool_dir="off")
     tel = t._Pipeline(config)
     assert tel.has_room()
-    tel.parser.pending = t._PENDING_LINES
+    tel.parser.uncollected = t._PENDING_LINES
     assert not tel.has_room()
-    tel.parser.pending = 0
+    tel.parser.uncollected = 0
     now = int(time.time())
     for i in range(2 * t._CUT_ROLLUPS):
         tel.aggregator.add(t._SeriesRun(now - i // 100, "sanic", f"/r{i % 100}", "GET", 200, [0.001], 1))
@@ -1778,9 +1778,9 @@ def test_memory_is_bounded_by_the_caps_not_by_what_comes(tmp_path):
         return w, rooms
     w, rooms = asyncio.run(writer(None))
     assert rooms == [True, False, False, False, False, False]  # from 100 rollups held: wait
-    assert w.queued_rollups <= 200 and w.health()["dropped"] == 3  # past twice the cap: the oldest, counted
+    assert w.queued_rollups <= 200 and w.health().dropped == 3  # past twice the cap: the oldest, counted
     w, rooms = asyncio.run(writer(t._Spool(str(tmp_path / "spool"), 1 << 24)))
-    assert w._spill.is_set() and w.health()["dropped"] == 0  # to the spool (the spiller runs once started)
+    assert w._spill.is_set() and w.health().dropped == 0  # to the spool (the spiller runs once started)
 
 
 def test_writer_503_is_retried_and_written_once(tmp_path, fake):
@@ -1850,7 +1850,7 @@ def test_writer_batch_refused_for_what_it_holds_goes_to_dead_letter_and_never_bl
             for b in [*bad, good]:
                 w.put(b)
             await until(lambda: w.counters["written"] == 1, 10, "the good batch")
-            return dict(w.counters), w.health()
+            return dict(w.counters), t.asdict(w.health())
     c, h = asyncio.run(go())
     assert c["rejected"] == 3 and c["retried"] == 0 and c["written"] == 1
     assert fake.write_requests == 4  # never retried
@@ -1879,12 +1879,12 @@ def test_writer_store_refusing_every_write_keeps_the_batches_and_says_so(tmp_pat
             for b in batches:
                 w.put(b)
             await until(lambda: w.refused and spool.count() + (w.current is not None) >= 3, 10, "refused, kept")
-            h = w.health()
+            h = t.asdict(w.health())
             w.store.bucket, w.store.token = BUCKET, fake.token
             await w.store.close()
             await w.store.open()
             await until(lambda: w.counters["written"] == 3, 10, "all three written once the store takes them")
-            return dict(w.counters), h, w.health()
+            return dict(w.counters), h, t.asdict(w.health())
     c, refused, after = asyncio.run(go())
     assert c["rejected"] == 0 and c["written"] == 3 and c["retried"] >= 1
     assert kind[:3] in refused["refused"] and refused["lost_recently"] == 0
@@ -1978,10 +1978,10 @@ def test_writer_spool_cap_drops_oldest_and_counts(tmp_path, fake):
             await until(lambda: w.down_since is not None, 10, "the writer to see the store down")
             for b in batches[1:]:
                 w.put(b)
-            await until(lambda: spool.count() == 3 and w.health()["dropped"] == 5, 10, "3 spooled, 5 dropped")
+            await until(lambda: spool.count() == 3 and w.health().dropped == 5, 10, "3 spooled, 5 dropped")
             fake.up()
             await until(lambda: w.counters["written"] == 3 and spool.count() == 0, 10, "the rest written")
-            return w.health()
+            return t.asdict(w.health())
     h = asyncio.run(go(same))
     assert h["dropped"] == 5 and h["written"] == 3 and h["lost_recently"] == 5
     assert fake.counts()["status"] == expected_status(same)  # the last batch held the window's totals
@@ -1995,7 +1995,7 @@ def test_writer_timeout_is_retried_and_late_write_counts_once(tmp_path, fake):
     b = mk_batch(300, [mk_rollup(int(time.time()), count=4)])
 
     async def go():
-        async with influx_writer(fake, tmp_path, timeout_ms=400) as (w, _):
+        async with influx_writer(fake, tmp_path, timeout_s=0.4) as (w, _):
             fake.slow(1.2, times=1)  # past the client's timeout; the fake stores it late anyway
             w.put(b)
             await until(lambda: _done(w, 1), 10, "the batch written")
@@ -2088,7 +2088,7 @@ def test_sums_saturate_and_a_batch_the_store_cannot_hold_is_dead_lettered(tmp_pa
         now = int(time.time())
         near = t._Rollup(now, "caddy", "/a", "GET", 200, 1, 1.0, 1.0, t._INT64_MAX - 5, {t._Histogram.index(1.0): 1})
         await store.write(t._Batch("w", 1, [near]))
-        await store.write(t._Batch("w", 2, [t._Rollup(**{**t.asdict(near), "bytes_sum": 100})]))
+        await store.write(t._Batch("w", 2, [t._Rollup(**{**t.asdict(near), "nbytes": 100})]))
         totals = await store.read_totals()
         assert [s[6] for s in totals.series] == [t._INT64_MAX]  # saturated, not an OverflowError
         spool = t._Spool(str(tmp_path / "spool"), 1 << 20)
@@ -2096,11 +2096,11 @@ def test_sums_saturate_and_a_batch_the_store_cannot_hold_is_dead_lettered(tmp_pa
         w.start()
         # (sums saturate even past the door; a NaN duration sum, which the door refuses, is NULL to SQLite)
         huge = t._Batch("w", 3, [t._Rollup(**{**t.asdict(near), "route": "/huge", "dur_sum": float("nan")})])
-        after = t._Batch("w", 4, [t._Rollup(**{**t.asdict(near), "route": "/next", "bytes_sum": 7})])
+        after = t._Batch("w", 4, [t._Rollup(**{**t.asdict(near), "route": "/next", "nbytes": 7})])
         w.put(huge)
         w.put(after)
         await until(lambda: w.counters["written"] == 1, 10, "the next batch written")
-        h = w.health()
+        h = t.asdict(w.health())
         await w.close(timeout=2.0)
         routes = {s[1] for s in (await store.read_totals()).series}
         await store.close()
@@ -2233,7 +2233,7 @@ def test_sqlite_store_is_additive_idempotent_and_shared(tmp_path):
             seconds, tier = t._RANGES[rng]
             assert t._summarize(await a.read(seconds, tier, time.time()), rng, time.time())["sources"]["sanic"]["requests"] == 6
         assert sum(p["requests"] for p in s["timeseries"] if p["source"] == "sanic") == 6
-        assert (await a.health())["ok"]
+        assert (await a.health()).ok
         await a.close()
         await b.close()
     asyncio.run(go())
@@ -2475,7 +2475,7 @@ def test_influx_finer_tiers_are_trimmed_and_a_short_bucket_retention_is_reported
             b.cursor, b.created = {"dev": 1, "ino": 2, "pos": seq, "path": "/l"}, created
             await store.write(b)
         await store.trim(now)
-        health = await store.health()
+        health = t.asdict(await store.health())
         held = [await store.has_batch("wire-w0", seq, created) for seq, created in ((2, now - 3 * 86400), (3, recent))]
         await store.close()
         return store, health, held
@@ -2666,7 +2666,7 @@ def test_every_dropped_event_is_counted(tmp_path):
         ev = t._Event(time.time(), "error", "sanic", "GET", "/x", "/x", 500, 0.1)
         for seq in (1, 2, 3):
             w.put(t._Batch("w-w0", seq, [mk_rollup(int(time.time()))], events=[ev, ev]))
-        health = w.health()
+        health = t.asdict(w.health())
         await store.close()
         return health
     h = asyncio.run(writer_drops())
@@ -3034,6 +3034,32 @@ def test_e2e_through_real_caddy_exact_counts_and_clean_stop(tmp_path, sanic):
 
 
 @needs_caddy
+def _listening_inode(port: int) -> int:
+    """The socket inode of whatever listens on 127.0.0.1:port (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+            return int(f[9])
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@needs_caddy
+def test_the_caddy_child_holds_no_descriptor_of_the_app(tmp_path):
+    """Caddy, the app's child, gets none of the app's descriptors (it held the app's listening
+    socket for its whole life: the event loop's subprocesses pass on every inheritable one)."""
+    demo = Demo(tmp_path)
+    try:
+        (caddy,) = [int(p) for p in Path(f"/proc/{demo.proc.pid}/task/{demo.proc.pid}/children").read_text().split()]
+        held = {os.readlink(f"/proc/{caddy}/fd/{fd}") for fd in os.listdir(f"/proc/{caddy}/fd")}
+        app_socket = f"socket:[{_listening_inode(demo.port)}]"
+        assert app_socket in {os.readlink(f"/proc/{demo.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{demo.proc.pid}/fd")}
+        assert app_socket not in held, held
+        mine = {os.readlink(f"/proc/{demo.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{demo.proc.pid}/fd")}
+        assert not {h for h in held & mine if h.startswith("socket:")}, held & mine  # no socket of the app at all
+    finally:
+        assert demo.stop() == 0
+
+
 def test_e2e_two_workers_count_once(tmp_path):
     demo = Demo(tmp_path, "--workers", "2")
     # both workers up (each publishes its status): past Sanic's start-up acknowledgement window
@@ -3073,6 +3099,57 @@ def test_dashboard_and_ingest_without_caddy_refuse_bad_input(tmp_path):
             assert http("GET", f"{demo.app}/telemetry/?range={rng}")[0] == 200
     finally:
         assert demo.stop() == 0
+
+
+HEALTH_PARTS = {"ingest": t._IngestHealth, "writer": t._WriterHealth, "aggregator": t._AggregatorHealth,
+                "reader": t._ReaderHealth}
+
+
+def test_every_health_field_has_its_merge_rule_and_one_without_is_refused():
+    """Health is declared once: each part's record names the rule of every field beside it, and a
+    record with a field that has none does not load."""
+    for cls in (*HEALTH_PARTS.values(), t._StoreHealth):
+        for f in t.dataclasses.fields(cls):
+            assert f.metadata.get("merge") in t._MERGE_RULES, (cls.__name__, f.name)
+    with pytest.raises(TypeError, match="needs a merge rule"):
+        @t._health_record
+        @t.dataclass
+        class Careless:
+            counted: int = t._field("sum")
+            forgotten: int = 0
+
+
+def test_every_status_field_of_every_part_reaches_healthz_after_three_workers_merge():
+    """Three workers' statuses, each field of each part with its own value, published as the
+    workers do (JSON in the status folder) and merged: every field is in healthz, combined by its
+    rule. A field added to any part is in this test by that alone."""
+    def value(f, worker: int) -> Any:
+        kind = str(f.type)
+        if "str" in kind:
+            return f"{f.name}-{worker}" if worker else ""  # worker 0 leaves the texts empty: "first" skips it
+        if "float" in kind:
+            return 1000.0 + worker * 10.5
+        if "bool" in kind:
+            return True
+        return 7 * (worker + 1)
+    statuses = []
+    for worker in range(3):
+        parts = {name: cls(**{f.name: value(f, worker) for f in t.dataclasses.fields(cls)})
+                 for name, cls in HEALTH_PARTS.items()}
+        if worker != 1:  # one worker reads Caddy's log
+            parts["reader"] = None
+        status = t._WorkerStatus(f"w{worker}", 100 + worker, time.time(), parts["reader"], parts["ingest"],
+                                 parts["writer"], parts["aggregator"], {})
+        statuses.append(t._WorkerStatus.of(json.loads(json.dumps(t.asdict(status)))))  # as published and read
+    health = t.asdict(t._Health.of(t._StoreHealth(kind="sqlite"), statuses, "w0", True))
+    rules = {"sum": lambda v: sum(v), "max": max, "most": max, "latest": max, "earliest": min,
+             "first": lambda v: next((x for x in v if x), v[0])}
+    for name, cls in HEALTH_PARTS.items():
+        for f in t.dataclasses.fields(cls):
+            mine = [value(f, w) for w in range(3) if name != "reader" or w == 1]
+            want = rules[f.metadata["merge"]](mine)
+            assert health[name][f.name] == want, (name, f.name, health[name][f.name], want)
+    assert health["workers"] == 3 and health["reader"]["state"] == "state-1"
 
 
 def test_workers_publish_their_status_every_second_a_lone_process_less_often(monkeypatch):
@@ -3632,7 +3709,7 @@ def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_pa
             agg.add(run)
         batch = agg.flush()
         for r in batch.rows if batch else []:
-            assert t._valid_status(r.status) and 0 <= r.bytes_sum <= t._INT64_MAX and math.isfinite(r.dur_sum)
+            assert t._valid_status(r.status) and 0 <= r.nbytes <= t._INT64_MAX and math.isfinite(r.dur_sum)
             assert 0 <= r.dur_max < 86400 and r.count == sum(r.hist.values())
         if batch is not None:
             for w in writers:
@@ -3647,7 +3724,7 @@ def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_pa
             loop.run_until_complete(until(lambda w=w: not w.queue and w.current is None and not w.spool.count(),
                                           30, f"the {w.store.kind} writer to drain"))
         sums = loop.run_until_complete(sqlite_store.read_totals())
-        h = [w.health() for w in writers]
+        h = [t.asdict(w.health()) for w in writers]
     finally:
         for w in writers:
             loop.run_until_complete(w.close(timeout=2.0))
@@ -3811,12 +3888,50 @@ def test_script_block_declares_what_the_readme_installs():
     assert "uv run telemetry.py" in readme and "pipx run telemetry.py" in readme
 
 
+def test_the_stylesheet_and_the_caddyfile_have_one_text_each():
+    """The module carries the stylesheet and the Caddyfile it serves and runs (so it works alone);
+    dashboard.css and Caddyfile beside it are the same texts, to read and for compose to mount."""
+    assert (HERE / "dashboard.css").read_text() == t._DASHBOARD_CSS
+    assert (HERE / "Caddyfile").read_text() == t._CADDYFILE
+
+
+def test_the_file_alone_serves_the_whole_styled_page_with_caddy_in_front(tmp_path):
+    """telemetry.py copied into an empty folder, with only the packages: the page, its full
+    stylesheet, and Caddy in front (when a caddy binary is here), all from the one file."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(HERE / "telemetry.py", alone / "telemetry.py")
+    port, edge = free_port(), free_port()
+    log = open(tmp_path / "alone.log", "wb")
+    proc = subprocess.Popen([sys.executable, "telemetry.py", "--port", str(port), "--caddy-port", str(edge),
+                             *([] if CADDY else ["--no-caddy"])], cwd=alone, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=_clean_env())
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: get_json(base + "/telemetry/healthz")["ok"], 30, "the app")
+        status, css, headers = http("GET", base + "/telemetry/dashboard.css")
+        assert status == 200 and css.decode() == (HERE / "dashboard.css").read_text()
+        status, page, _ = http("GET", base + "/telemetry/?range=5m&refresh=0")
+        assert status == 200 and b'href="/telemetry/dashboard.css"' in page and b'class="card' in page
+        if CADDY:
+            wait_for(lambda: http("GET", f"http://127.0.0.1:{edge}/api/ping")[0] == 200, 30, "Caddy in front")
+            assert http("GET", f"http://127.0.0.1:{edge}/telemetry/dashboard.css")[1] == css
+        assert not {"dashboard.css", "Caddyfile"} & {p.name for p in alone.iterdir()}  # none was needed beside it
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+
+
 @pytest.mark.skipif(shutil.which("uv") is None, reason="no uv (pip install uv)")
 def test_uv_runs_the_file_with_no_install_step(tmp_path):
     """`uv run telemetry.py` builds an environment from the script block alone (none of this
     Python's packages) and starts the file."""
-    for name in ("telemetry.py", "Caddyfile", "dashboard.css"):
-        shutil.copy(HERE / name, tmp_path / name)
+    shutil.copy(HERE / "telemetry.py", tmp_path / "telemetry.py")  # (the file alone)
     r = subprocess.run(["uv", "run", "--no-project", "--script", "telemetry.py", "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600, env={**_clean_env(), "VIRTUAL_ENV": ""})
     assert r.returncode == 0 and "settings by environment variable only" in r.stdout, r.stdout + r.stderr
@@ -3839,7 +3954,8 @@ def test_readme_opens_with_title_pitch_and_the_two_commands_ci_runs():
     assert readme[2].count(". ") == 0 and not readme[3]
     commands = [line.strip() for line in readme[:12] if line.startswith("    pip install")]
     assert len(commands) == 2 and commands[0].endswith("&& python telemetry.py")
-    assert commands[1].endswith("python -m pytest -q test_telemetry.py")
+    assert commands[1].endswith("python -m pytest -q -rs test_telemetry.py")
+    assert "'ruff==0.17.6' 'mypy==2.4.1'" in commands[1]  # the checks' versions, pinned
     ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
     assert commands[1] in ci
     heads = [line for line in readme if line.startswith("## ")]
@@ -4073,6 +4189,48 @@ def test_each_section_of_the_module_uses_only_the_sections_above_it():
     rank = {name: i for i, name in enumerate(["(head)", *order])}
     upward = [(where, name, line) for where, name, line in uses if rank[defined[name]] > rank[where]]
     assert upward == [], upward
+
+
+def _uses_below() -> list[tuple[int, str, str]]:
+    """Every use of a top-level name inside a top-level definition above the name's own definition
+    (annotations too): (line, user, name). A use whose line says "(a cycle" is the point, and left out."""
+    import ast
+    text = (HERE / "telemetry.py").read_text()
+    lines, tree = text.splitlines(), ast.parse(text)
+    first: dict[str, int] = {}
+    for i, node in enumerate(tree.body):
+        names = [node.name] if hasattr(node, "name") else [
+            n.id for target in getattr(node, "targets", [getattr(node, "target", None)]) if target is not None
+            for n in ast.walk(target) if isinstance(n, ast.Name)]
+        for name in names:
+            first.setdefault(name, i)
+    out = []
+    for i, node in enumerate(tree.body):
+        own = getattr(node, "name", None)
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and n.id in first and first[n.id] > i and n.id != own \
+                    and "(a cycle" not in lines[n.lineno - 1]:
+                out.append((n.lineno, own or "(statement)", n.id))
+    return out
+
+
+def test_the_module_is_clean_for_ruff_and_mypy(tmp_path):
+    """ruff (pyflakes, pycodestyle at 120 columns, import order, bugbear) and mypy find nothing in
+    telemetry.py, at the versions the README's test command installs."""
+    ruff = shutil.which("ruff")
+    assert ruff, "no ruff: the README's test command installs it (pip install 'ruff==0.17.6')"
+    r = subprocess.run([ruff, "check", "--no-cache", "--select", "F,E,W,I,B", "--line-length", "120", "telemetry.py"],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy"), "--python-version", "3.11",
+                        "telemetry.py"], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Success" in r.stdout, r.stdout + r.stderr
+
+
+def test_nothing_runs_back_up_the_file():
+    """Each definition uses only what is defined above it, so the file reads top to bottom; where
+    a cycle is the point, the line says so."""
+    assert _uses_below() == []
 
 
 def test_the_module_docstring_lists_the_banners_and_the_public_surface_is_short():
