@@ -94,6 +94,15 @@ never asserts, and it exits 0.
               third client POSTs one valid line (status, latency), and again every 5 s until 40 s
               (--quick: 10 s): how many got 200 and 503, and whether and when the server closed the
               slow connections.
+13. alerts    Ten rules (error rate, p50, p95, p99, a rate, no traffic, edge minus app, the
+              pipeline, an SLO's two burn-rate alerts) over 200 routes x 2 sources of history
+              (SQLite: an hour; InfluxDB, the test file's wire server, which scans every point:
+              3 min), judged in-process a few times: a judgement's time, the longest stretch the
+              judge holds the event loop (each resumption of its coroutine timed; goal <= 1 ms),
+              that stretch less the collector's pauses in it, and the loop's longest lag meanwhile.
+              Then `python telemetry.py --alerts` judging every 5 s with a 10 s `for`: the app's
+              5xx until a loopback webhook has the firing, 5 times (--quick: 2): arrival - (first
+              5xx + for), in intervals (goal <= 2).
 --against REV|DIR compares this build with another in the same run: a git revision of this
 repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
 loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
@@ -2036,6 +2045,284 @@ def bench_slow(quick: bool, tmp: Path) -> None:
     SUMMARY["slow"] = "2 slow 10 MiB ingest bodies     " + " | ".join(figures)
 
 
+# ---------------------------------------------------------------------------------------------
+# 13. alerts: a judgement's cost on both stores, and how soon a receiver hears
+# ---------------------------------------------------------------------------------------------
+
+ALERT_ROUTES = 200
+#: Ten rules over every route: the README's kinds, and an SLO's two burn-rate alerts.
+ALERT_RULES = """
+interval = "15s"
+[[rule]]
+name = "errors"
+when = "error_rate"
+above = 0.05
+over = "1m"
+for = "30s"
+[[rule]]
+name = "p50"
+when = "p50"
+above = 0.5
+over = "5m"
+[[rule]]
+name = "p95"
+when = "p95"
+above = 1.0
+over = "5m"
+[[rule]]
+name = "p99"
+when = "p99"
+above = 2.0
+over = "5m"
+[[rule]]
+name = "quiet"
+when = "rate"
+below = 0.01
+over = "5m"
+[[rule]]
+name = "gone"
+when = "no_traffic"
+over = "10m"
+[[rule]]
+name = "edge"
+when = "edge_minus_app_p95"
+above = 0.1
+over = "5m"
+[[rule]]
+name = "pipeline"
+when = "pipeline"
+[[slo]]
+name = "fast"
+objective = 0.99
+latency = "300ms"
+"""
+
+
+def alert_rollups(slot: int, seconds: int) -> list[Any]:
+    """`seconds` of traffic of ALERT_ROUTES routes at `slot`, per source: 2 req/s each, 1 in 20 of
+    every tenth route a 5xx; latencies of a few buckets around a route's median (5-80 ms)."""
+    out = []
+    for i in range(ALERT_ROUTES):
+        median = 0.005 * (1 + i % 16)
+        for source in ("caddy", "sanic"):
+            for status, n in ((200, 2 * seconds), (500, seconds // 10 if i % 10 == 0 else 0)):
+                if not n:
+                    continue
+                hist: dict[int, int] = {}
+                for j, share in enumerate((0.5, 0.3, 0.15, 0.05)):
+                    b = T._Histogram.index(median * (1 + j) * (1.1 if source == "caddy" else 1.0))
+                    hist[b] = hist.get(b, 0) + max(1, round(n * share))
+                count = sum(hist.values())
+                out.append(T._Rollup(slot, source, f"/api/r{i}/<id:int>", "GET", status, count, median * count,
+                                     median * 4, 100 * count, hist))
+    return out
+
+
+async def alert_fill(store: Any, seconds: int, now: int) -> int:
+    """`seconds` of history ending now, in 10 s slots, a batch a minute, written as flushes would."""
+    rows = 0
+    for seq, b0 in enumerate(range(now - seconds, now, 60), 1):
+        batch = T._Batch("bench-w0", seq, [r for slot in range(b0, min(b0 + 60, now), 10) for r in alert_rollups(slot, 10)],
+                         created=min(b0 + 60, now))
+        rows += len(batch.rows)
+        store.prepare(batch)
+        await store.write(batch)
+    return rows
+
+
+async def alert_ticks(store: Any, rules: Any, now: float, ticks: int) -> dict[str, float]:
+    """`ticks` judgements of every rule from the store: each one's time, the longest stretch the
+    judge held the event loop (each resumption of its coroutine timed), the loop's longest lag
+    meanwhile (a 1 ms sleep, woken how late: the judge's threads included), the alerts found."""
+    import gc
+    import types
+    stretches: list[float] = []
+    own: list[float] = []  # the same, less the garbage collector's pauses within them
+    collector = {"total": 0.0, "longest": 0.0, "began": 0.0}
+
+    def collecting(phase: str, info: dict) -> None:
+        if phase == "start":
+            collector["began"] = time.perf_counter()
+        else:
+            took = time.perf_counter() - collector["began"]
+            collector["total"] += took
+            collector["longest"] = max(collector["longest"], took)
+
+    def stretch(t0: float, gc0: float) -> None:
+        stretches.append(time.perf_counter() - t0)
+        own.append(stretches[-1] - (collector["total"] - gc0))
+
+    @types.coroutine
+    def timed(coro: Any) -> Any:
+        value, exc = None, None
+        while True:
+            t0, gc0 = time.perf_counter(), collector["total"]
+            try:
+                future = coro.throw(exc) if exc is not None else coro.send(value)
+            except StopIteration as stop:
+                stretch(t0, gc0)
+                return stop.value
+            stretch(t0, gc0)
+            try:
+                value, exc = (yield future), None
+            except BaseException as e:
+                value, exc = None, e
+    lags: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - t0 - 0.001)
+
+    async def health() -> Any:
+        return await store.health()
+    judge = T._Alerts(rules, store, health, Path(os.devnull), "bench", "http://127.0.0.1/telemetry")
+    took = []
+    task = asyncio.get_running_loop().create_task(probe())
+    gc.callbacks.append(collecting)
+    try:
+        for i in range(ticks):
+            t0 = time.perf_counter()
+            await timed(judge.evaluate(now + i * rules.interval_s))
+            took.append(time.perf_counter() - t0)
+    finally:
+        gc.callbacks.remove(collecting)
+        task.cancel()
+    return {"median_s": statistics.median(took), "max_s": max(took), "first_s": took[0],
+            "longest_step_ms": max(stretches) * 1000, "steps": len(stretches), "lag_ms": max(lags) * 1000,
+            "loop_s": sum(stretches) / ticks, "own_ms": max(own) * 1000, "gc_ms": collector["longest"] * 1000,
+            "alerts": len(judge.states), "routes": ALERT_ROUTES}
+
+
+class AlertHook:
+    """A loopback webhook receiver: when each notification arrived (monotonic), and its status."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        got = self.got = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                got.append((time.monotonic(), body["status"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def alert_latency(tmp: Path, trials: int, interval: float = 5.0, hold: float = 10.0) -> list[float]:
+    """`python telemetry.py --alerts` (judged every `interval`): the app's 5xx from T0 at 10/s until the
+    receiver has the firing; per trial, (arrival - (T0 + for)) / interval; then the 5xx stop and the
+    resolve is awaited before the next trial."""
+    hook = AlertHook()
+    rules = tmp / "latency.toml"
+    rules.write_text(f'interval = "{interval:g}s"\n[[receiver]]\nname = "ops"\nurl = "{hook.url}"\n'
+                     f'[[rule]]\nname = "errors"\nwhen = "error_rate"\nabove = 0.5\nover = "10s"\nfor = "{hold:g}s"\n'
+                     'keep_firing_for = "0s"\nroute = "/api/error"\n')
+    port = free_port()
+    demo = Child(demo_argv(port, tmp / "latency.db", tmp, "--no-caddy", "--alerts", str(rules)), tmp / "latency.log",
+                 cwd=HERE)
+    out: list[float] = []
+    client = Client(port)
+    try:
+        wait_until(lambda: answers(port, "/telemetry/healthz"), 30)
+        for _ in range(trials):
+            seen = len(hook.got)
+            t0 = time.monotonic()
+            deadline = t0 + hold + 4 * interval + 10
+            while time.monotonic() < deadline and not [g for g in hook.got[seen:] if g[1] == "firing"]:
+                client.get("/api/error")
+                time.sleep(0.1)
+            fired = [g for g in hook.got[seen:] if g[1] == "firing"]
+            if not fired:
+                print(f"  ! no firing within {deadline - t0:.0f} s")
+                break
+            out.append((fired[0][0] - t0 - hold) / interval)
+            wait_until(lambda: [g for g in hook.got[seen:] if g[1] == "resolved"], 10 + 4 * interval + 20)
+    finally:
+        client.close()
+        demo.stop()
+        hook.stop()
+    return out
+
+
+WIRE_SRC = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import test_telemetry as W
+parent = os.getppid()
+fake = W.FakeInflux()
+print(fake.port, flush=True)
+while os.getppid() == parent:  # (ends with the bench, however the bench ends)
+    time.sleep(0.5)
+"""
+
+
+def wire_server(tmp: Path) -> tuple[Child, str]:
+    """The test file's InfluxDB wire server in a process of its own (its interpreter's threads
+    would otherwise share ours and hold up the event loop being measured); its URL."""
+    child = Child([sys.executable, "-c", WIRE_SRC, str(HERE)], tmp / "wire.log", cwd=HERE)
+    port = wait_until(lambda: (tmp / "wire.log").read_text().strip().isdigit() and
+                      int((tmp / "wire.log").read_text().strip()), 30)
+    return child, f"http://127.0.0.1:{port}"
+
+
+def bench_alerts(quick: bool, tmp: Path) -> None:
+    import test_telemetry as W  # the InfluxDB wire server lives in the test file
+    path = tmp / "alerts.toml"
+    path.write_text(ALERT_RULES)
+    rules = T._load_alert_rules(str(path))
+    judged = len(rules.all_rules())
+    now = int(time.time())
+    figures = {}
+    for kind in ("sqlite", "influxdb"):
+        seconds = (900 if quick else 3600) if kind == "sqlite" else 180  # (the wire server scans every point)
+        wire, url = wire_server(tmp) if kind == "influxdb" else (None, "")
+        try:
+            async def go() -> tuple[int, dict[str, float]]:
+                store = T._SQLiteStore(str(tmp / "alerts.db")) if wire is None else \
+                    T._InfluxStore(url, W.TOKEN, W.ORG, W.BUCKET, timeout_s=300.0)
+                await store.open()
+                rows = await alert_fill(store, seconds, now)
+                figures = await alert_ticks(store, rules, now, 2 if quick or wire else 6)
+                await store.close()
+                return rows, figures
+            rows, figures[kind] = asyncio.run(go())
+        finally:
+            if wire is not None:
+                wire.stop()
+        f = figures[kind]
+        print(f"  {kind}: {rows:,} rollups ({seconds // 60} min, {ALERT_ROUTES} routes x 2 sources); {judged} rules: "
+              f"a judgement {f['median_s'] * 1000:.0f} ms (median; the first {f['first_s'] * 1000:.0f} ms, "
+              f"the longest {f['max_s'] * 1000:.0f} ms; on the event loop {f['loop_s'] * 1000:.0f} ms), "
+              f"{f['alerts']} alerts pending or firing; the judge's "
+              f"longest step on the loop {f['longest_step_ms']:.2f} ms ({f['steps']} steps; "
+              f"{f['own_ms']:.2f} ms less the garbage collector's pauses in it, the longest of which "
+              f"{f['gc_ms']:.1f} ms), the loop's longest lag meanwhile {f['lag_ms']:.1f} ms")
+    late = alert_latency(tmp, 2 if quick else 5)
+    print(f"  condition held `for` -> the receiver's request, in evaluation intervals (5 s): "
+          f"{', '.join(f'{x:.2f}' for x in late)}")
+    sq, ix = figures["sqlite"], figures["influxdb"]
+    SUMMARY["alerts"] = (f"{judged} rules x {ALERT_ROUTES} routes: a judgement SQLite {sq['median_s'] * 1000:.0f} ms "
+                         f"({sq['loop_s'] * 1000:.0f} ms on the loop), InfluxDB {ix['loop_s'] * 1000:.0f} ms on the loop "
+                         f"(the wire server's own time aside); longest step on the loop "
+                         f"{max(sq['longest_step_ms'], ix['longest_step_ms']):.2f} ms, "
+                         f"{max(sq['own_ms'], ix['own_ms']):.2f} ms less the collector's pauses (goal <= 1 ms); condition "
+                         f"-> receiver {max(late, default=float('nan')):.2f} intervals at most (goal <= 2)")
+
+
 def against_build(spec: str, tmp: Path) -> Path:
     """--against's folder: spec itself when it is one, else the files of git revision spec."""
     if Path(spec).is_dir():
@@ -2056,7 +2343,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
     ap.add_argument("--only", action="append",
                     choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory", "influx",
-                             "crash", "burst", "backlog", "bodies", "slow"],
+                             "crash", "burst", "backlog", "bodies", "slow", "alerts"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--against", metavar="REV|DIR",
                     help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
@@ -2077,7 +2364,7 @@ def main() -> int:
              ("memory", lambda: bench_memory(quick, tmp)), ("influx", lambda: bench_influx(quick, tmp)),
              ("crash", lambda: bench_crash(quick, tmp)), ("burst", lambda: bench_burst(quick, tmp)),
              ("backlog", lambda: bench_backlog(quick, tmp)), ("bodies", lambda: bench_bodies(quick, tmp)),
-             ("slow", lambda: bench_slow(quick, tmp))]
+             ("slow", lambda: bench_slow(quick, tmp)), ("alerts", lambda: bench_alerts(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:

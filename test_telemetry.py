@@ -2534,8 +2534,12 @@ def test_flux_queries_pass_flux_check_and_the_checker_bites(tmp_path):
         for args in ((), ("--route", *hostile)):
             named = _flux_of("--range", rng, *args)
             base = set(t._flux_queries(BUCKET, *t._RANGES[rng], time.time(), route=hostile if args else None))
-            assert set(named) == base | {"as_of", "errors", "health", "bucket", "batch", "previous_slots",
-                                         "previous_slot_hist"} | (set() if args else {"slowest"}), named.keys()
+            alerts = {f"alerts_{t._span(span)}_{name}" for span in (300, 3600, 21600)
+                      for name in t._flux_sums(BUCKET, span, time.time())}
+            assert alerts >= {"alerts_5m_series_sum", "alerts_1h_route_hist", "alerts_6h_statuses"}, alerts
+            assert set(named) == base | alerts | {"as_of", "errors", "health", "bucket", "batch", "previous_slots",
+                                                  "previous_slot_hist", "alert_judges"} | \
+                (set() if args else {"slowest"}), named.keys()
             for name, text in named.items():
                 path = tmp_path / f"{rng}-{'route-' if args else ''}{name}.flux"
                 path.write_text(text)
@@ -2684,6 +2688,490 @@ def test_an_empty_store_gives_a_summary_of_the_same_shape(tmp_path):
     assert set(s["sources"]) == {"caddy", "sanic"}
     assert s["sources"]["caddy"]["latency_ms"]["p95"] is None and s["routes"] == []
     assert s["as_of"] is None and len(s["timeseries"]) in (2 * 90, 2 * 91)
+
+
+# =============================================================================================
+# === Alerts: the rules file, states, one sender, delivery (loopback receivers, a real Alertmanager)
+# =============================================================================================
+
+class Hook:
+    """A loopback receiver of notifications that records each one it answers 200. hang_until
+    (monotonic): until then it holds each request unanswered, then drops it (taken by nobody)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.got: list[dict] = []
+        self.hang_until = 0.0
+        self.hung = 0
+        self.lock = threading.Lock()
+        self.port, self.server = port or free_port(), None
+
+    def start(self) -> "Hook":
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                if time.monotonic() < hook.hang_until:
+                    hook.hung += 1
+                    time.sleep(max(hook.hang_until - time.monotonic(), 0))  # (a receiver that hangs)
+                    self.close_connection = True
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with hook.lock:
+                    hook.got.append({"path": self.path, "at": time.monotonic(), "body": json.loads(body)})
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def notices(self, status: str | None = None) -> list[dict]:
+        """The webhook payloads taken (status: of that status only)."""
+        with self.lock:
+            return [g["body"] for g in self.got if status is None or g["body"]["status"] == status]
+
+
+def rules_file(tmp_path: Path, receivers: list[tuple[str, str, str]], body: str, interval: str = "1s") -> Path:
+    """A rules file: its receivers (name, kind, url), then the rules and SLOs given."""
+    text = f'interval = "{interval}"\n' + "".join(
+        f'\n[[receiver]]\nname = "{name}"\nkind = "{kind}"\nurl = "{url}"\ntimeout = "3s"\n'
+        for name, kind, url in receivers) + textwrap.dedent(body)
+    path = tmp_path / "alerts.toml"
+    path.write_text(text)
+    return path
+
+
+#: A rule that fires on the app's 5xx (every route on its own) and resolves 3 s after they stop.
+ERRORS_RULE = """
+[[rule]]
+name = "errors"
+when = "error_rate"
+above = 0.05
+over = "10s"
+for = "1s"
+keep_firing_for = "3s"
+min_requests = 3
+"""
+
+
+def fire_errors(base: str, n: int = 10) -> None:
+    for _ in range(n):
+        assert http("GET", base + "/api/error")[0] == 500
+
+
+def wait_notices(hook: Hook, status: str, n: int, timeout: float) -> list[dict]:
+    return wait_for(lambda: (lambda got: got if len(got) >= n else None)(hook.notices(status)), timeout,
+                    f"{n} {status} notification(s) at {hook.url}")
+
+
+#: A complete rules file, as the README shows it: it must load.
+def _readme_rules() -> str:
+    text = README.read_text()
+    m = re.search(r"## Alerts.*?```toml\n(.*?)```", text, re.S)
+    assert m, "the README's Alerts section has a complete rules file"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("text, line, says", [
+    ('[[rule]]\nname = "x"\nwhen = "error_rate"\nabove = 0.1\nabov = 2\n', 5, "unknown key 'abov'"),
+    ('[[rule]]\nname = "x"\nwhen = "errors"\nabove = 0.1\n', 3, "when: 'errors' is not one of its values"),
+    ('[[rule]]\nname = "x"\nwhen = "p95"\n', 1, "give one of above = ... or below = ..."),
+    ('[[rule]]\nname = "x"\nwhen = "p95"\nabove = 0.3\nover = "5 minutes"\n', 5, "over: '5 minutes' is not a"),
+    ('[[rule]]\nwhen = "p95"\nabove = 0.3\nreceivers = ["pager"]\n', 4, "names a receiver this file does not"),
+    ('[[receiver]]\nname = "a"\nurl = "ftp://x"\n', 3, "url: 'ftp://x' is not an http(s) address"),
+    ('[[receiver]]\nname = "a"\nkind = "slack"\nurl = "http://x"\n', 3, "it takes webhook or alertmanager"),
+    ('[[slo]]\nname = "s"\nobjective = 99.9\n', 3, "objective: 99.9 is not a share"),
+    ('[[slo]]\nname = "s"\nobjective = 0.99\nlatancy = "300ms"\n', 4, "unknown key 'latancy'"),
+    ('interval = "0s"\n', 1, "interval: '0s' is out of range"),
+    ('[[rule]\nname = "x"\n', 1, "not TOML"),
+])
+def test_a_bad_rules_file_is_one_line_naming_the_file_the_line_and_the_key(tmp_path, text, line, says):
+    path = tmp_path / "alerts.toml"
+    path.write_text(text)
+    with pytest.raises(t.ConfigError) as err:
+        t._load_alert_rules(str(path))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}:{line}:") and says in message, message
+
+
+def test_a_rules_file_loads_with_its_defaults_and_the_readme_file_is_complete(tmp_path):
+    path = rules_file(tmp_path, [("ops", "webhook", "http://127.0.0.1:9/hook")], ERRORS_RULE + """
+        [[slo]]
+        name = "checkout"
+        route = "/api/checkout"
+        objective = 0.999
+        latency = "300ms"
+        """)
+    rules = t._load_alert_rules(str(path))
+    rule = rules.rules[0]
+    assert (rule.when, rule.above, rule.over_s, rule.for_s, rule.keep_s, rule.source, rule.receivers) == \
+        ("error_rate", 0.05, 10.0, 1.0, 3.0, "sanic", ("ops",))
+    burns = [(r.over_s, r.short_s, r.above, r.severity) for r in rules.all_rules() if r.when == "burn"]
+    assert burns == [(3600, 300, 14.4, "page"), (21600, 1800, 6.0, "ticket")]
+    assert rules.slos[0].latency_s == 0.3 and rules.slos[0].window_s == 30 * 86400
+    readme = tmp_path / "readme.toml"
+    readme.write_text(_readme_rules())
+    full = t._load_alert_rules(str(readme))
+    assert full.receivers and full.rules and full.slos
+    # the start stops on a bad file, in one line naming it
+    path.write_text(path.read_text() + "\n[[rule]]\nname = \"y\"\nwhen = \"p99\"\nabove = 1\nfro = \"1m\"\n")
+    run = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "--alerts", str(path), "--no-caddy",
+                          "--port", str(free_port()), "--db", str(tmp_path / "t.db")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and f"{path}:" in run.stderr \
+        and "unknown key 'fro'" in run.stderr, run.stderr
+
+
+def test_alerts_check_judges_each_rule_and_route_once_and_sends_nothing(tmp_path):
+    """`alerts --check FILE`: per rule and route the value now and the state it would be in,
+    from the store the settings name; no receiver is called."""
+    hook = Hook().start()
+    now = int(time.time())
+    db = str(tmp_path / "t.db")
+
+    async def fill():
+        store = t._SQLiteStore(db)
+        await store.open()
+        await store.write(mk_batch(1, [mk_rollup(now - 2, "/api/pay", 500, 8), mk_rollup(now - 2, "/api/pay", 200, 2),
+                                       mk_rollup(now - 2, "/api/ping", 200, 50, ms=2.0)]))
+        await store.close()
+    asyncio.run(fill())
+    path = rules_file(tmp_path, [("ops", "webhook", hook.url)], ERRORS_RULE + """
+        [[rule]]
+        name = "slow"
+        when = "p95"
+        above = 0.5
+        over = "1m"
+        for = "30s"
+        """)
+    try:
+        run = subprocess.run([sys.executable, str(HERE / "telemetry.py"), "alerts", "--check", str(path), "--db", db],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        rows = [line.split() for line in run.stdout.splitlines()[2:]]
+        assert ["errors", "sanic", "GET", "/api/pay", "10", "80%", "pending", "(fires", "after", "1s)"] in rows, \
+            run.stdout
+        assert ["errors", "sanic", "GET", "/api/ping", "50", "0%", "inactive"] in rows, run.stdout
+        p95 = f"{t._Histogram.value(t._Histogram.index(0.002)) * 1000:.4g}"  # 2 ms, as the histogram keeps it
+        assert ["slow", "sanic", "GET", "/api/ping", "50", p95, "ms", "inactive"] in rows, run.stdout
+        assert hook.notices() == []
+    finally:
+        hook.stop()
+
+
+def test_a_value_flapping_around_the_threshold_fires_once_and_resolves_once(tmp_path):
+    """The app's 5xx come and go every 10 s for 3 minutes, so the rule's 10 s window crosses its
+    threshold again and again: with keep_firing_for one firing and one resolved are queued, not
+    a storm (and without it, the storm the test would catch)."""
+    base = int(time.time()) // 10 * 10 - 600
+
+    async def run(keep: str) -> list[str]:
+        store = t._SQLiteStore(str(tmp_path / f"flap{keep}.db"))
+        await store.open()
+        path = rules_file(tmp_path, [("ops", "webhook", "http://127.0.0.1:9/hook")], f"""
+            [[rule]]
+            name = "errors"
+            when = "error_rate"
+            above = 0.05
+            over = "10s"
+            for = "2s"
+            keep_firing_for = "{keep}"
+            """, interval="2s")
+        judge = t._Alerts(t._load_alert_rules(str(path)), store, store.health, tmp_path / f"{keep}.alerts", "j", "")
+        seq, states = 0, []
+        for second in range(0, 300):
+            seq += 1
+            bad = second < 180 and (second // 10) % 2 == 0  # 10 s of 5xx, 10 s without, for 3 minutes
+            await store.write(mk_batch(seq, [mk_rollup(base + second, "/api/pay", 500 if bad else 200, 10)]))
+            if second % 2 == 1:
+                await judge.evaluate(base + second + 0.5)
+                states.append(next((s.state for s in judge.states.values()), "inactive"))
+        await store.close()
+        assert "firing" in states and states[-1] == "inactive", states
+        return [n.status for n in judge.queues["ops"]]
+    assert asyncio.run(run("15s")) == ["firing", "resolved"]
+    storm = asyncio.run(run("0s"))
+    assert storm.count("firing") >= 5 and storm.count("firing") == storm.count("resolved"), storm
+
+
+def test_alerts_keep_their_states_while_the_store_cannot_be_read(tmp_path):
+    """A judgement whose reads fail changes no state (a firing alert is neither resolved nor sent
+    again), and healthz's notes say judging fails until a judgement works."""
+    now = float(int(time.time()))
+
+    async def run() -> None:
+        store = t._SQLiteStore(str(tmp_path / "t.db"))
+        await store.open()
+        await store.write(mk_batch(1, [mk_rollup(int(now) - 3, "/api/pay", 500, 10)]))
+        path = rules_file(tmp_path, [("ops", "webhook", "http://127.0.0.1:9/hook")], ERRORS_RULE)
+        judge = t._Alerts(t._load_alert_rules(str(path)), store, store.health, tmp_path / "j.alerts", "j", "")
+        await judge.evaluate(now)
+        await judge.evaluate(now + 1.5)
+        assert [s.state for s in judge.states.values()] == ["firing"] and len(judge.queues["ops"]) == 1
+        judge.error = ""
+        reads = store.read_sums
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+        store.read_sums = failing  # type: ignore[method-assign]
+        loop = asyncio.create_task(judge._judge_loop())
+        await until(lambda: judge.error, 10, "a failed judgement said")
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        assert [s.state for s in judge.states.values()] == ["firing"] and len(judge.queues["ops"]) == 1
+        assert any("the last judgement failed" in n and "disk I/O error" in n for n in judge.report().notes())
+        store.read_sums = reads  # type: ignore[method-assign]
+        loop = asyncio.create_task(judge._judge_loop())
+        await until(lambda: not judge.error, 10, "a judgement that works clears the note")
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        assert not judge.report().notes()
+        await store.close()
+    asyncio.run(run())
+
+
+def test_slo_burn_rate_alerts_page_and_ticket_from_both_windows(tmp_path):
+    """An SLO of 99% on a route: an hour at 20% bad (5xx or slower than 300 ms) burns 20x in both
+    the 1 h and 5 min windows and in the 6 h and 30 min ones: the page and the ticket alerts fire.
+    Bad only in the last 5 minutes is a 5 min burn without a 1 h one: no page."""
+    now = float(int(time.time()))
+
+    async def run(bad_seconds: int) -> tuple[dict[str, str], list]:
+        store = t._SQLiteStore(str(tmp_path / f"slo{bad_seconds}.db"))
+        await store.open()
+        rows = []
+        for ago in range(3600, 0, -10):
+            bad = ago <= bad_seconds
+            rows += [mk_rollup(int(now) - ago, "/api/pay", 200, 8),
+                     mk_rollup(int(now) - ago, "/api/pay", 500, 1 if bad else 0),
+                     mk_rollup(int(now) - ago, "/api/pay", 200, 1, ms=900.0 if bad else 1.0)]
+        await store.write(mk_batch(1, [r for r in rows if r.count]))
+        path = rules_file(tmp_path, [("ops", "webhook", "http://127.0.0.1:9/hook")], """
+            [[slo]]
+            name = "pay"
+            route = "/api/pay"
+            objective = 0.99
+            latency = "300ms"
+            """)
+        judge = t._Alerts(t._load_alert_rules(str(path)), store, store.health, tmp_path / "s.alerts", "j", "")
+        await judge.evaluate(now)
+        await store.close()
+        return {s.labels["window"]: s.state for s in judge.states.values()}, judge.budgets
+    states, budgets = asyncio.run(run(3600))
+    assert states == {"1h/5m": "firing", "6h/30m": "firing"}, states
+    (budget,) = budgets
+    assert budget.route == "/api/pay" and budget.requests == 360 * 10 and budget.bad == 360 * 2
+    assert budget.left == pytest.approx(1 - 0.2 / 0.01)
+    states, _ = asyncio.run(run(300))
+    assert "1h/5m" not in states, states
+
+
+@needs_caddy
+def test_alerts_are_seen_on_the_page_the_route_page_json_metrics_and_in_a_browser(tmp_path, page):
+    """A firing alert: a banner at the top of the page and the route's page (rule, route, value,
+    since when, a link), the route's SLO budget left, /api/alerts, telemetry_alerts in /metrics."""
+    hook = Hook().start()
+    path = rules_file(tmp_path, [("ops", "webhook", hook.url)], ERRORS_RULE + """
+        [[slo]]
+        name = "errors-slo"
+        route = "/api/error"
+        objective = 0.99
+        min_requests = 1
+        """)
+    demo = Demo(tmp_path, "--alerts", str(path))
+    try:
+        fire_errors(demo.edge)
+        (firing,) = wait_notices(hook, "firing", 1, 20)[:1]
+        assert firing["alerts"][0]["labels"]["route"] == "/api/error"
+        doc = wait_for(lambda: (lambda d: d if len(d["alerts"]) >= 3 and d["budgets"] else None)(
+            get_json(demo.app + "/telemetry/api/alerts")), 20, "the rule's alert, the burn alerts, the budget")
+        names = {(a["name"], a["state"]) for a in doc["alerts"]}
+        assert ("errors", "firing") in names and ("errors-slo", "firing") in names, names
+        assert doc["budgets"][0]["left"] < 0 and doc["sends"] is True
+        metrics = http("GET", demo.app + "/telemetry/metrics")[1].decode()
+        assert 'telemetry_alerts{alertname="errors",route="/api/error",method="GET",source="sanic",' \
+               'alertstate="firing"} 1' in metrics
+        page.load(demo.edge + "/telemetry/?refresh=0")
+        banners = page.texts(".banner.alert")
+        assert any("firing" in b and "errors" in b and "/api/error" in b and "100%" in b and "since" in b
+                   for b in banners), banners
+        page.load(demo.edge + "/telemetry/route?route=/api/error&method=GET&refresh=0")
+        assert any("/api/error" in b for b in page.texts(".banner.alert"))
+        budget = " ".join(page.texts(".card.budget"))
+        assert "error budget" in budget and "errors-slo" in budget and "left" in budget, budget
+        page.load(demo.edge + "/telemetry/route?route=/api/ping&method=GET&refresh=0")
+        assert not [b for b in page.texts(".banner.alert") if "/api/error" in b]  # another route's page
+    finally:
+        assert demo.stop() == 0
+        hook.stop()
+
+
+def test_alerts_three_workers_one_judge_each_notification_once(tmp_path):
+    """Three workers: the first judges and sends; every worker's page and JSON show the alert;
+    the receiver gets one firing and, once the 5xx stop, one resolved."""
+    hook = Hook().start()
+    demo = Demo(tmp_path, "--workers", "3", "--alerts", str(rules_file(tmp_path, [("ops", "webhook", hook.url)],
+                                                                       ERRORS_RULE)), caddy=False)
+    try:
+        fire_errors(demo.app, 30)
+        wait_notices(hook, "firing", 1, 20)
+        judges = set()
+        for _ in range(12):  # each its own connection: the workers take turns (the judge's file: a judgement old)
+            doc = wait_for(lambda: (lambda d: d if [a["route"] for a in d["alerts"] if a["state"] == "firing"] ==
+                                    ["/api/error"] else None)(get_json(demo.app + "/telemetry/api/alerts")),
+                           3, "the firing alert on a worker's /api/alerts")
+            judges.add(doc["judge"])
+        assert len(judges) == 1, judges
+        wait_notices(hook, "resolved", 1, 30)
+        assert [n["status"] for n in hook.notices()] == ["firing", "resolved"]
+    finally:
+        assert demo.stop() == 0
+        hook.stop()
+
+
+def test_alerts_restart_while_firing_sends_no_second_firing_and_the_resolve_comes(tmp_path):
+    hook = Hook().start()
+    path = rules_file(tmp_path, [("ops", "webhook", hook.url)], ERRORS_RULE.replace('"3s"', '"8s"'))
+    demo = Demo(tmp_path, "--alerts", str(path), caddy=False)
+    try:
+        fire_errors(demo.app, 20)
+        wait_notices(hook, "firing", 1, 20)
+        assert demo.stop() == 0
+        demo = Demo(tmp_path, "--alerts", str(path), caddy=False)
+        fire_errors(demo.app, 5)  # still failing after the restart
+        wait_notices(hook, "resolved", 1, 40)
+        assert [n["status"] for n in hook.notices()] == ["firing", "resolved"]
+        firing, resolved = hook.notices()
+        assert firing["alerts"][0]["fingerprint"] == resolved["alerts"][0]["fingerprint"]
+        assert firing["alerts"][0]["startsAt"] == resolved["alerts"][0]["startsAt"]
+    finally:
+        assert demo.stop() == 0
+        hook.stop()
+
+
+def test_alerts_two_instances_on_one_influxdb_bucket_send_each_notification_once(tmp_path, fake):
+    """Two deployments' hosts write one bucket: each judges (its page shows the alert), the one
+    whose judge began first sends; the receiver gets one firing and one resolved."""
+    hook = Hook().start()
+    path = rules_file(tmp_path, [("ops", "webhook", hook.url)], ERRORS_RULE)
+    demos = []
+    try:
+        for name in ("host-a", "host-b"):
+            (tmp_path / name).mkdir()
+            demos.append(Demo(tmp_path / name, "--alerts", str(path), "--instance", name, caddy=False,
+                              env=influx_env(fake, tmp_path / name / "spool")))
+        for demo in demos:
+            fire_errors(demo.app, 10)
+        wait_notices(hook, "firing", 1, 30)
+        docs = [wait_for(lambda d=d: (lambda doc: doc if doc["alerts"] else None)(
+            get_json(d.app + "/telemetry/api/alerts")), 20, "the alert on each host") for d in demos]
+        assert sorted(doc["sends"] for doc in docs) == [False, True], docs
+        wait_notices(hook, "resolved", 1, 40)
+        time.sleep(3)  # (three more judgements of each: any second notification would be here by now)
+        assert [n["status"] for n in hook.notices()] == ["firing", "resolved"]
+        assert any(q.count("alert_judges") for q in fake.queries)
+    finally:
+        for demo in demos:
+            assert demo.stop() == 0
+        hook.stop()
+
+
+def test_receivers_down_30s_or_hanging_20s_hold_up_nothing_and_get_each_notification_once(tmp_path):
+    """Three receivers: one down for 30 s, one that hangs 20 s, one well. The well one gets its
+    firing at once; the app answers throughout; healthz notes the failing one after 30 s; each
+    of the other two gets the firing exactly once when it is back."""
+    well, hanging, down = Hook().start(), Hook(), Hook()
+    hanging.hang_until = time.monotonic() + 20
+    hanging.start()
+    path = rules_file(tmp_path, [("well", "webhook", well.url), ("hanging", "webhook", hanging.url),
+                                 ("down", "webhook", down.url)], ERRORS_RULE.replace('"3s"', '"10m"'))
+    demo = Demo(tmp_path, "--alerts", str(path), caddy=False)
+    began = time.monotonic()
+    try:
+        fire_errors(demo.app, 10)
+        wait_notices(well, "firing", 1, 20)
+        wait_for(lambda: hanging.hung >= 1, 10, "the hanging receiver holding a request")
+        assert not hanging.notices()
+        slowest = 0.0
+        while time.monotonic() - began < 31:
+            t0 = time.monotonic()
+            assert http("GET", demo.app + "/api/ping")[0] == 200
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.1)
+        assert slowest < 1.0, slowest
+        wait_for(lambda: any("receiver 'down' failing since" in n for n in demo.health()["notes"]), 15,
+                 "healthz noting the receiver that is down")
+        down.start()
+        wait_notices(down, "firing", 1, 30)
+        wait_notices(hanging, "firing", 1, 5)
+        time.sleep(2)
+        assert [len(h.notices()) for h in (well, hanging, down)] == [1, 1, 1]
+        wait_for(lambda: not any("receiver 'down'" in n for n in demo.health()["notes"]), 10,
+                 "the note gone once the receiver took its notification")
+    finally:
+        assert demo.stop() == 0
+        for h in (well, hanging, down):
+            h.stop()
+
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+@pytest.mark.skipif(ALERTMANAGER is None, reason="no Alertmanager (apt-get install -y prometheus-alertmanager)")
+def test_a_real_alertmanager_takes_our_alert_with_our_labels_and_shows_it_resolved(tmp_path):
+    """Debian's Alertmanager, started here on loopback: our firing alert is on its /api/v2/alerts
+    with our labels and fingerprint, its own webhook notifies it; our resolve ends it there."""
+    am_hook = Hook().start()
+    port = free_port()
+    work = tmp_path / "am"
+    (work / "data").mkdir(parents=True)
+    (work / "am.yml").write_text(
+        "route:\n  receiver: hook\n  group_by: [alertname]\n  group_wait: 1s\n  group_interval: 1s\n"
+        f"receivers:\n  - name: hook\n    webhook_configs:\n      - url: {json.dumps(am_hook.url)}\n"
+        "        send_resolved: true\n")
+    am = subprocess.Popen([ALERTMANAGER, f"--config.file={work / 'am.yml'}", f"--storage.path={work / 'data'}",
+                           f"--web.listen-address=127.0.0.1:{port}", f"--web.external-url=http://127.0.0.1:{port}",
+                           "--cluster.listen-address="], stdout=open(work / "am.log", "wb"), stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api/v2/alerts"
+    demo = None
+    try:
+        wait_for(lambda: http("GET", f"http://127.0.0.1:{port}/-/ready")[0] == 200, 20, "Alertmanager ready")
+        path = rules_file(tmp_path, [("am", "alertmanager", f"http://127.0.0.1:{port}")], ERRORS_RULE)
+        demo = Demo(tmp_path, "--alerts", str(path), caddy=False)
+        fire_errors(demo.app, 10)
+        def on_alertmanager() -> list[dict]:
+            return [a for a in json.loads(http("GET", api)[1]) if a["labels"].get("alertname") == "errors"]
+        ours = wait_for(on_alertmanager, 20, "our alert on Alertmanager")
+        labels = ours[0]["labels"]
+        assert labels == {"alertname": "errors", "severity": "warning", "source": "sanic", "route": "/api/error",
+                          "method": "GET"}
+        assert ours[0]["fingerprint"] == t._fingerprint(labels) and ours[0]["status"]["state"] == "active"
+        assert "/telemetry/route?route=%2Fapi%2Ferror&method=GET" in ours[0]["annotations"]["link"]
+        wait_notices(am_hook, "firing", 1, 20)
+        wait_for(lambda: not on_alertmanager(), 30, "our alert resolved on Alertmanager")
+        resolved = wait_notices(am_hook, "resolved", 1, 20)
+        assert resolved[0]["alerts"][0]["labels"] == labels
+    finally:
+        if demo is not None:
+            assert demo.stop() == 0
+        am.terminate()
+        am.wait(10)
+        am_hook.stop()
 
 
 # =============================================================================================
@@ -4184,7 +4672,7 @@ def test_each_section_of_the_module_uses_only_the_sections_above_it():
     """telemetry.py reads top to bottom in the order data flows: a definition uses only names
     defined in its own section or above (type annotations aside: they are not run)."""
     order, defined, uses = _module_sections()
-    assert order == ["Config", "Model", "Sources", "Aggregator", "Writer", "Stores", "Queries", "Views",
+    assert order == ["Config", "Model", "Sources", "Aggregator", "Writer", "Stores", "Queries", "Alerts", "Views",
                      "Wiring", "Command line"]
     rank = {name: i for i, name in enumerate(["(head)", *order])}
     upward = [(where, name, line) for where, name, line in uses if rank[defined[name]] > rank[where]]
