@@ -3772,7 +3772,7 @@ def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, No
     hists: dict[tuple, int] = {}
     tiers = list(tiers)
     for i, r in enumerate(rows):
-        if i % 64 == 63:
+        if i % 16 == 15:
             yield
         lanes = _Histogram.from_counts(r.hist)
         for tier in tiers:
@@ -3783,12 +3783,21 @@ def _tier_steps(rows: list[_Rollup], tiers: Iterable[int]) -> Generator[None, No
             hists[hkey] = hists.get(hkey, 0) + lanes
     blobs: dict[int, bytes] = {}  # a batch's tiers mostly hold the same lanes: compress each once
     for i, lanes in enumerate(hists.values()):
-        if i % 64 == 63:
+        if i % 16 == 15:
             yield
         if lanes not in blobs:
             blobs[lanes] = _Histogram.encode(lanes)
-    yield
-    return [(*k, *v) for k, v in rollups.items()], [(*k, blobs[v]) for k, v in hists.items()]
+    out: list[tuple] = []
+    for i, (k, v) in enumerate(rollups.items()):
+        if i % 256 == 255:
+            yield
+        out.append((*k, *v))
+    hist_rows: list[tuple] = []
+    for i, (k, h) in enumerate(hists.items()):
+        if i % 256 == 255:
+            yield
+        hist_rows.append((*k, blobs[h]))
+    return out, hist_rows
 
 
 def _tier_rows(rows: list[_Rollup], tiers: Iterable[int]) -> tuple[list[tuple], list[tuple]]:
@@ -3826,7 +3835,7 @@ def _sums_steps(fetched: _FetchedSums) -> Generator[None, None, _RangeData]:
     """A fetched window as _RangeData (series, statuses, route histograms), in steps."""
     lanes: dict[tuple[str, str, str], int] = {}
     for i, (source, route, method, h) in enumerate(fetched.hists):
-        if i % 64 == 63:
+        if i % 16 == 15:
             yield
         key = (source, route, method)
         lanes[key] = lanes.get(key, 0) + _Histogram.decode(h)
