@@ -4795,11 +4795,17 @@ class _InfluxStore:
             fields = sums.setdefault(route(r), {})
             fields[r["_field"]] = fields.get(r["_field"], 0) + float(r["_value"] or 0)
         maxes: dict[tuple, float] = {}
-        for r in results["series_max"]:
-            maxes[route(r)] = max(maxes.get(route(r), 0.0), float(r["_value"] or 0))
-        yield
-        series = [_SeriesSums(k[0], k[1], k[2], int(v.get("count", 0)), v.get("dur_sum", 0.0), maxes.get(k, 0.0),
-                              int(v.get("bytes", 0))) for k, v in sums.items()]
+        for i, r in enumerate(results["series_max"]):
+            if i % 64 == 63:
+                yield
+            k = route(r)
+            maxes[k] = max(maxes.get(k, 0.0), float(r["_value"] or 0))
+        series = []
+        for i, (k, v) in enumerate(sums.items()):
+            if i % 64 == 63:
+                yield
+            series.append(_SeriesSums(k[0], k[1], k[2], int(v.get("count", 0)), v.get("dur_sum", 0.0),
+                                      maxes.get(k, 0.0), int(v.get("bytes", 0))))
         statuses = []
         for i, r in enumerate(results["statuses"]):
             if i % 64 == 63:
