@@ -230,6 +230,20 @@ def access_line(ts: float, method: str = "GET", uri: str = "/api/ping", status: 
     return json.dumps(obj, separators=(",", ":"))
 
 
+def stop_process(proc: subprocess.Popen, log: Any) -> int | None:
+    """Stop a child this test started (by its PID): SIGINT and 20 s to finish, then SIGKILL to its
+    session; its log closed; its exit status."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    log.close()
+    return proc.returncode
+
+
 class Demo:
     """`python telemetry.py ...` as a child process on loopback ports; stopped by PID."""
 
@@ -256,16 +270,8 @@ class Demo:
     def summary(self, rng: str = "5m") -> dict:
         return get_json(f"{self.app}/telemetry/api/summary?range={rng}")
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.log.close()
-        return self.proc.returncode
+    def stop(self) -> int | None:
+        return stop_process(self.proc, self.log)
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -4155,13 +4161,7 @@ def test_slow_senders_hold_no_ingest_budget_and_a_stalled_body_is_cut(tmp_path):
     finally:
         for c in slow:
             c.close()
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
+        stop_process(proc, log)
 
 
 def test_fuzz_lines_through_parser_aggregator_and_writer_into_both_stores(tmp_path, fake):
@@ -4342,13 +4342,7 @@ def test_instrument_logs_one_line_per_app_and_its_lines_reach_sanics_handlers(tm
         wait_for(lambda: json.loads(http("GET", f"http://127.0.0.1:{port}/telemetry/healthz")[1])["workers"] == workers,
                  10, "every worker serving")
     finally:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
+        stop_process(proc, log)
     out = text()
     (line,) = [x for x in out.splitlines() if "telemetry: dashboard" in x]
     assert f"dashboard http://127.0.0.1:{port}/telemetry/" in line and f"store SQLite {tmp_path / 't.db'}" in line
@@ -4406,13 +4400,7 @@ def test_the_file_alone_serves_the_whole_styled_page_with_caddy_in_front(tmp_pat
             assert http("GET", f"http://127.0.0.1:{edge}/telemetry/dashboard.css")[1] == css
         assert not {"dashboard.css", "Caddyfile"} & {p.name for p in alone.iterdir()}  # none was needed beside it
     finally:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
+        stop_process(proc, log)
 
 
 @pytest.mark.skipif(shutil.which("uv") is None, reason="no uv (pip install uv)")
