@@ -4410,7 +4410,10 @@ def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: in
     start_ts = _range_start(now, seconds, tier) if start_ts is None else start_ts
     hour = -(-start_ts // _HOUR_TIER) * _HOUR_TIER  # the first whole hour of the range
     split = tier in _INFLUX_SOURCE_TIERS and tier >= 600 and hour < now and stop_ts is None
-    head = f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start_ts, stop_ts)}\n'
+    # A window's point is stamped up to 0.9 s after the window's start (_InfluxWindows._point()),
+    # so a range up to now would miss the current window for that long: it reads 1 s past now.
+    stop: float = now + 1 if stop_ts is None else stop_ts
+    head = f'from(bucket: {_flux_string(bucket)})\n  |> {_flux_range(start_ts, stop)}\n'
     every = f"{tier}s"
     per_route = '  |> group(columns: ["source", "route", "method", "_field"])\n  |> sum()\n'
     per_slot = ('  |> group(columns: ["source", "_field"])\n'
@@ -4427,12 +4430,12 @@ def _flux_queries(bucket: str, seconds: int, tier: int, now: float, start_ts: in
             "statuses": src + ' and r._field =~ /^s[0-9]+$/)\n' + per_route,
             "route_hist": src + ' and r._field =~ /^b[0-9]+$/)\n' + per_route}
     if split:
-        queries = routes(_INFLUX_TIERS[_HOUR_TIER], hour, None)
+        queries = routes(_INFLUX_TIERS[_HOUR_TIER], hour, stop)
         if hour > start_ts:
             queries |= {f"{name}_edge": text for name, text in routes(_INFLUX_TIERS[tier], start_ts, hour).items()}
     else:
         queries = routes(_INFLUX_TIERS[tier] if tier in _INFLUX_TIERS else _INFLUX_TIERS[_HOUR_TIER], start_ts,
-                         stop_ts)
+                         stop)
     if tier not in _INFLUX_SOURCE_TIERS:  # (/metrics: the routes only)
         return queries
     if route:
