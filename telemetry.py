@@ -935,18 +935,19 @@ def _slowest_row(x: _SlowestList) -> list:
 def _batch_json_steps(batch: _Batch) -> Generator[None, None, bytes]:
     """A batch as the spool keeps it (format _BATCH_FORMAT), in steps: its head (ids, events, the
     log file cursor, how many rollups), then its rollups, windows and slowest lists in parts, one
-    JSON line each."""
+    JSON line each. Each part's rows are built in its own step and dropped there: a burst's batch
+    built as lists at once would be tens of thousands of objects for the collector to walk."""
     dumps = functools.partial(json.dumps, separators=(",", ":"))
     lines = [dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
                     "events": [astuple(e) for e in batch.events], "cursor": batch.cursor, "rows": len(batch.rows),
                     "windows": batch.windows is not None, "slowest": batch.slowest is not None})]
-    parts: tuple[tuple[str, list[list]], ...] = (
-        ("rows", [_rollup_row(r) for r in batch.rows]), ("windows", [list(w) for w in batch.windows or ()]),
-        ("slowest", [_slowest_row(x) for x in batch.slowest or ()]))
-    for key, rows in parts:
-        for i in range(0, len(rows), _BATCH_PART):
+    parts: tuple[tuple[str, Sequence[Any], Callable[[Any], list]], ...] = (
+        ("rows", batch.rows, _rollup_row), ("windows", batch.windows or (), list),
+        ("slowest", batch.slowest or (), _slowest_row))
+    for key, items, row in parts:
+        for i in range(0, len(items), _BATCH_PART):
             yield
-            lines.append(dumps({key: rows[i:i + _BATCH_PART]}))
+            lines.append(dumps({key: [row(x) for x in items[i:i + _BATCH_PART]]}))
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -984,24 +985,36 @@ def _event_row(e: list, unit: float) -> _Event:
     return _Event(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7] * unit, e[8] if len(e) > 8 else "")
 
 
+def _rollup_of(r: list, unit: float) -> _Rollup:
+    """A rollup from its stored row (_rollup_row()); unit: seconds per stored duration unit."""
+    return _Rollup(r[0], r[1], r[2], r[3], r[4], r[5], r[6] * unit, r[7] * unit, r[8], _hist_of(r[9]))
+
+
+def _window_of(w: list) -> _WindowTotals:
+    return _WindowTotals._make([*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]])
+
+
+def _slowest_of(x: list) -> _SlowestList:
+    return _SlowestList(x[0], x[1], x[2], x[3], [_event_row(e, 1.0) for e in x[4]])
+
+
 def _batch_from_doc_steps(obj: dict[str, Any], unit: float) -> Generator[None, None, _Batch]:
-    """A batch from its parts as JSON gave them, in steps; unit: seconds per stored duration unit."""
+    """A batch from one JSON document (formats 1 and 2, a dead letter), in steps; unit: seconds per
+    stored duration unit."""
     rows: list[_Rollup] = []
     for at in range(0, len(obj["rows"]), _BATCH_PART):
         yield
-        rows += [_Rollup(r[0], r[1], r[2], r[3], r[4], r[5], r[6] * unit, r[7] * unit, r[8], _hist_of(r[9]))
-                 for r in obj["rows"][at:at + _BATCH_PART]]
+        rows += [_rollup_of(r, unit) for r in obj["rows"][at:at + _BATCH_PART]]
     events = [_event_row(e, unit) for e in obj.get("events") or ()]
     windows = None
     if obj.get("windows") is not None:
         windows = []
         for at in range(0, len(obj["windows"]), _BATCH_PART):
             yield
-            windows += [_WindowTotals._make([*w[:10], [tuple(x) for x in w[10]], [tuple(x) for x in w[11]]])
-                        for w in obj["windows"][at:at + _BATCH_PART]]
+            windows += [_window_of(w) for w in obj["windows"][at:at + _BATCH_PART]]
     slowest = obj.get("slowest")
     if slowest is not None:
-        slowest = [_SlowestList(x[0], x[1], x[2], x[3], [_event_row(e, 1.0) for e in x[4]]) for x in slowest]
+        slowest = [_slowest_of(x) for x in slowest]
     return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"], events, obj.get("cursor"), windows, slowest)
 
 
@@ -1010,20 +1023,29 @@ def _batch_from_doc(obj: dict[str, Any], unit: float) -> _Batch:
 
 
 def _batch_from_json_steps(data: bytes) -> Generator[None, None, _Batch]:
-    """A batch from its stored form, of any version (see _BATCH_FORMAT), in steps."""
+    """A batch from its stored form, of any version (see _BATCH_FORMAT), in steps. A part's rows
+    become rollups, windows or slowest lists in the step that reads them, so the lists JSON gives
+    never outlive it (see _batch_json_steps())."""
     head, _, rest = data.partition(b"\n")
     obj = json.loads(head)
     if obj.get("v") != _BATCH_FORMAT:  # one document: 2 in seconds, 1 (no "v") in milliseconds
         return _batch_from_doc(obj, 1.0 if obj.get("v") == 2 else 0.001)
-    parts: dict[str, list] = {"rows": [], "windows": [], "slowest": []}
+    rows: list[_Rollup] = []
+    windows: list[_WindowTotals] = []
+    slowest: list[_SlowestList] = []
     for line in rest.splitlines():
         if line:
             yield
             for key, items in json.loads(line).items():
-                parts[key] += items
-    doc = {**obj, "rows": parts["rows"], "windows": parts["windows"] if obj["windows"] else None,
-           "slowest": parts["slowest"] if obj["slowest"] else None}
-    return (yield from _batch_from_doc_steps(doc, 1.0))
+                if key == "rows":
+                    rows += [_rollup_of(r, 1.0) for r in items]
+                elif key == "windows":
+                    windows += [_window_of(w) for w in items]
+                else:
+                    slowest += [_slowest_of(x) for x in items]
+    return _Batch(obj["instance"], int(obj["seq"]), rows, obj["created"],
+                  [_event_row(e, 1.0) for e in obj.get("events") or ()], obj.get("cursor"),
+                  windows if obj["windows"] else None, slowest if obj["slowest"] else None)
 
 
 def _batch_from_json(data: bytes) -> _Batch:
@@ -7171,30 +7193,45 @@ class _Pipeline:
         return runs
 
     async def collect_stepwise(self) -> None:
-        """collect(), in steps (_steps()). A cancellation (the stop) between steps loses nothing:
-        what is not yet added is added then (the app's samples stay in the hook's list, the
-        parser's runs are added here)."""
+        """collect(), in steps (_steps()). A collection that takes the aggregator to _CUT_ROLLUPS
+        hands a batch over on the way (a burst's body holds tens of thousands of series-seconds,
+        and every rollup is an object the collector walks while its batch is in memory): such a
+        batch carries the cursor of the collection before, as this one's lines are not all in it.
+        A cancellation (the stop) between steps loses nothing: what is not yet added is added
+        then (the app's samples stay in the hook's list, the parser's runs are added here)."""
+        before = self._cursor
         runs = self._take_parser()
         try:
-            await _steps(self._collect_steps(runs))
+            await _steps(self._collect_app_steps())
+            while await _steps(self._collect_steps(runs)):
+                batch = self.aggregator.flush()
+                if batch is not None:
+                    batch.cursor = before
+                    await self._hand_over(batch)
         finally:
             for run in runs:
                 self.aggregator.add(run)
 
-    def _collect_steps(self, runs: Iterator[_SeriesRun]) -> Generator[None, None, None]:
+    def _collect_app_steps(self) -> Generator[None, None, None]:
         add, todo = self.aggregator.add, self.sanic.uncollected()
         while todo > 0:
             for run in self.sanic.collect(_STEP_SAMPLES):
                 add(run)
             todo -= _STEP_SAMPLES
             yield
-        step = 0
+
+    def _collect_steps(self, runs: Iterator[_SeriesRun]) -> Generator[None, None, bool]:
+        """The parser's runs into the aggregator: True when it stopped at _CUT_ROLLUPS with runs left."""
+        add, rollups, step = self.aggregator.add, self.aggregator.rollups, 0
         for run in runs:
             add(run)
             step += len(run.durations)
             if step >= 64:
                 step = 0
                 yield
+            if len(rollups) >= _CUT_ROLLUPS:
+                return True
+        return False
 
     def tick(self, now: float) -> bool:
         """What the flush policy does on the event loop once per tick, after collect_stepwise()
@@ -7237,8 +7274,11 @@ class _Pipeline:
         over then, or its samples are in the aggregator for the last flush."""
         await self.collect_stepwise()
         batch = self._cut()
-        if batch is None:
-            return
+        if batch is not None:
+            await self._hand_over(batch)
+
+    async def _hand_over(self, batch: _Batch) -> None:
+        """A cut batch prepared for the store in steps, then the writer's, even when cancelled."""
         steps = self.store.prepare_steps(batch)
         try:
             await _steps(steps)

@@ -1789,6 +1789,29 @@ def test_memory_is_bounded_by_the_caps_not_by_what_comes(tmp_path):
     assert w._spill.is_set() and w.health().dropped == 0  # to the spool (the spiller runs once started)
 
 
+def test_a_large_collection_is_cut_into_batches_on_the_way(tmp_path):
+    """A body or a backlog of many series-seconds is handed over in batches of about _CUT_ROLLUPS
+    rollups while it is collected (what the collector walks stays small); those carry the
+    cursor of the collection before; nothing is lost or counted twice."""
+    tel = t._Pipeline(t.Config(db=str(tmp_path / "t.db"), spool_dir="off"))
+    now = int(time.time())
+    tel.parser.resolve = lambda method, path: path  # (no app: each path is its own route)
+    n = 2 * t._CUT_ROLLUPS + 500  # each line a series-second of its own
+    tel.parser.feed("\n".join(access_line(now - 90 + i % 60, uri=f"/r{i // 60 % 100}", status=200 + i // 6000)
+                               for i in range(n)))
+    tel._cursor = before = {"mark": "the collection before"}
+
+    async def go():
+        await tel.collect_stepwise()
+    asyncio.run(go())
+    cut = list(tel.writer.queue)
+    assert len(cut) == 2 and all(len(b.rows) <= t._CUT_ROLLUPS for b in cut)
+    assert all(b.cursor is before for b in cut)
+    assert sum(r.count for b in cut for r in b.rows) + tel.aggregator.uncollected() == n
+    assert {(r.slot, r.route, r.status) for b in cut for r in b.rows}.isdisjoint(
+        {(r.slot, r.route, r.status) for r in tel.aggregator.rollups.values()})
+
+
 def test_writer_503_is_retried_and_written_once(tmp_path, fake):
     now = int(time.time())
     b = mk_batch(1, [mk_rollup(now, count=3), mk_rollup(now, status=500, source="caddy")])
