@@ -1075,39 +1075,127 @@ def _batch_from_json(data: bytes) -> _Batch:
 # cardinality stays bounded.
 
 
+def _compiled_finder(router: Any) -> Callable[..., tuple[Any, Any]] | None:
+    """The router's own generated find_route(), compiled once more with each `raise NotFound`
+    made `return None, basket`: the same routes in the same order, with the same casts and host
+    checks, and no exception for a path no route takes (a scan of random paths raised and
+    caught three per line through Sanic's layers). None where the router has no such source
+    (another router, another version): the resolver then asks router.get()."""
+    import ast
+    src = getattr(router, "find_route_src", None)
+    found = getattr(router, "find_route", None)
+    if not isinstance(src, str) or found is None or not hasattr(found, "__globals__"):
+        return None
+
+    class NotFoundIsNone(ast.NodeTransformer):
+        changed = 0
+
+        def visit_Raise(self, node: ast.Raise) -> Any:
+            if isinstance(node.exc, ast.Name) and node.exc.id == "NotFound":
+                self.changed += 1
+                return ast.Return(ast.Tuple([ast.Constant(None), ast.Name("basket", ast.Load())], ast.Load()))
+            return node
+    try:
+        tree = ast.parse(src)
+        fix = NotFoundIsNone()
+        tree = ast.fix_missing_locations(fix.visit(tree))
+        ctx: dict[str, Any] = {}
+        exec(compile(tree, "<telemetry: the app's routes>", "exec"), found.__globals__, ctx)  # noqa: S102
+    except Exception:  # a source this version cannot read: router.get() it is
+        return None
+    finder = ctx.get("find_route")
+    return finder if fix.changed and callable(finder) else None
+
+
+class _RouteShape(NamedTuple):
+    """What _RouteResolver checks of a route after the router found it (Router.resolve()'s steps)."""
+
+    template: str  # '/api/items/<id:int>'
+    strict: bool
+    last: str  # its path's last character ('' for the root)
+    methods: frozenset[str]
+    params: tuple[Any, ...]  # (index, ParamInfo): a match that is a tuple (ext) has its extension checked
+
+
 class _RouteResolver:
     """Raw path + method -> the app's route template ('/api/items/<id:int>') or _UNMATCHED.
 
-    Results are cached per (method, path) in a bounded dict (cleared when full), so a scan of
-    random paths costs router lookups, never memory.
+    A path goes through the router's own matcher, compiled once without its exceptions
+    (_compiled_finder()), and then the rules Router.resolve() applies after it (strict_slashes,
+    a route group's methods, an ext parameter's extensions): the template Sanic would route the
+    request to, without building a NotFound for each path it does not know. A test holds the two
+    to the same answers on every route shape, on each Sanic line. Not cached here: the parser
+    keeps its answers per raw path (_CaddyParser.SERIES_CACHE).
     """
-
-    CACHE = 8192
 
     def __init__(self, router: Any | None) -> None:
         self.router = router
-        self.cache: dict[tuple[str, str], str] = {}
+        self._finder: Callable[..., tuple[Any, Any]] | None = None
+        self._compiled_from: Any = None  # the router's find_route the finder was made from
+        self._shapes: dict[int, tuple[Any, _RouteShape]] = {}  # id(route) -> (the route, its shape)
 
     def __call__(self, method: str, path: str) -> str:
-        key = (method, path)
-        route = self.cache.get(key)
-        if route is None:
-            route = self._resolve(method, path)
-            if len(self.cache) >= self.CACHE:
-                self.cache.clear()
-            self.cache[key] = route
-        return route
-
-    def _resolve(self, method: str, path: str) -> str:
-        if self.router is None:
+        router = self.router
+        if router is None:
             return _UNMATCHED
+        found = getattr(router, "find_route", None)
+        if found is not self._compiled_from:  # finalized (again) since: its routes may differ
+            self._compiled_from, self._finder = found, _compiled_finder(router) if found is not None else None
+            self._shapes.clear()
+        if self._finder is None:
+            return self._resolve_by_get(method, path)
         try:
-            route = self.router.get(path, method, None)[0]
-        except Exception as exc:  # NotFound, MethodNotAllowed, bad input: no route for it
-            route = None
-            allowed = getattr(exc, "allowed_methods", None)
-            if allowed:  # a 405: same row as Sanic's, which also has no route for it
+            return self._match(method, path)
+        except Exception:  # a cast or a check of the router's that raised something else: its own answer
+            return self._resolve_by_get(method, path)
+
+    def _match(self, method: str, path: str) -> str:
+        """Router.resolve()'s steps around find_route (sanic-routing 0.7 to 23.x): a path that
+        is not found is tried without its trailing slash, then the strict_slashes check and the
+        route's methods (a 405 has no route, as in Sanic)."""
+        find, router, orig = self._finder, self.router, None
+        assert find is not None
+        while True:
+            route, basket = find(path, method, router, {"__params__": {}, "__matches__": {}}, None)
+            if route is not None:
+                break
+            if path[-1:] != "/":
                 return _UNMATCHED
+            path, orig = path[:-1], path
+        known = self._shapes.get(id(route))
+        shape = known[1] if known is not None and known[0] is route else self._shape(route)
+        if shape is None:  # a route group: the route for this method
+            route = route.methods_index.get(method)
+            if route is None:
+                return _UNMATCHED
+            shape = self._shape(route)
+            assert shape is not None
+        for idx, param in shape.params:  # an ext parameter's allowed extensions
+            value = basket["__matches__"].get(idx)
+            if isinstance(value, tuple):
+                try:
+                    param.process({}, value)
+                except Exception:
+                    return _UNMATCHED
+        if shape.strict and orig and orig[-1] != shape.last or method not in shape.methods:
+            return _UNMATCHED
+        return shape.template
+
+    def _shape(self, route: Any) -> _RouteShape | None:
+        """A route's shape, kept per route object; None for a route group."""
+        if getattr(route, "methods_index", None) is not None:
+            return None
+        shape = _RouteShape(f"/{route.path}", bool(route.strict), route.path[-1:], frozenset(route.methods),
+                            tuple(route.params.items()))
+        self._shapes[id(route)] = (route, shape)
+        return shape
+
+    def _resolve_by_get(self, method: str, path: str) -> str:
+        """Sanic's router.get(), which raises for a path it does not route."""
+        try:
+            route = self.router.get(path, method, None)[0]  # type: ignore[union-attr]
+        except Exception:  # NotFound, MethodNotAllowed (a 405 has no route either), bad input
+            return _UNMATCHED
         return f"/{route.path}" if route is not None else _UNMATCHED
 
 
@@ -1516,6 +1604,10 @@ class _CaddyParser:
     tuple, grouped when collected. 5xx and slow requests go to on_event as they are read.
     """
 
+    #: Raw method + host + path bytes resolved, kept (cleared when full): a scan of random paths
+    #: costs resolutions, never memory.
+    SERIES_CACHE = 8192
+
     def __init__(self, resolve: Callable[[str, str], str], on_event: Callable[[_Event], None] | None = None,
                  slow_s: float = 0.5, max_age: float = 7 * 86400.0) -> None:
         self.resolve = resolve
@@ -1645,7 +1737,7 @@ class _CaddyParser:
         out: tuple[str, str] | bool = False
         if method is not None and text is not None:
             out = (method, self.resolve(method, text))
-        if len(self._series) >= _RouteResolver.CACHE:
+        if len(self._series) >= self.SERIES_CACHE:
             self._series.clear()
         self._series[key] = out
         return out

@@ -1318,6 +1318,94 @@ def test_hook_error_is_counted_never_raised(tmp_path):
     assert seen == [(1, "RuntimeError: boom", 1)]
 
 
+#: An app with every route shape the suite's apps have, and more (static, typed: int, float, str,
+#: alpha, slug, uuid, ymd, ext; path and regex parameters, strict_slashes, a host, versions, a
+#: blueprint with a prefix, several methods on one path, the root, telemetry's own routes), and
+#: odd paths to each: what _RouteResolver's compiled matcher answers, against Sanic's router.get().
+#: Run by the Sanic under test (argv: the folder of telemetry.py); prints its findings as JSON.
+ROUTE_SHAPES_SRC = r"""
+import json, random, sys
+sys.path.insert(0, sys.argv[1])
+import telemetry as t
+from sanic import Blueprint, Sanic, response
+
+async def h(request, **kw):
+    return response.text("")
+
+def shapes(name, strict):
+    app = Sanic(name, strict_slashes=strict)
+    paths = ["/", "/api/ping", "/api/items/<id:int>", "/api/items/<name:str>", "/api/items/new", "/f/<x:float>",
+             "/a/<w:alpha>", "/s/<w:slug>/edit", "/u/<u:uuid>", "/d/<d:ymd>", "/files/<name:ext=txt>",
+             "/p/<rest:path>", "/re/<code:[a-z]{3}>", "/re2/<n:^\\d{2,4}$>/x", "/t/", "/deep/<a:int>/<b:str>/end",
+             "/deep/<a:str>/<b:int>", "/multi"]
+    for i, path in enumerate(paths):
+        app.add_route(h, path, name=f"r{i}", methods=["GET", "HEAD"])
+    app.add_route(h, "/multi", name="multi_post", methods=["POST"])
+    app.add_route(h, "/strict/", name="strict", strict_slashes=True)
+    app.add_route(h, "/loose/", name="loose", strict_slashes=False)
+    app.add_route(h, "/hosted", name="hosted", host="example.com")
+    app.add_route(h, "/v", name="v1", version=1)
+    app.add_route(h, "/v/<id:int>", name="v2", version="2.1")
+    bp = Blueprint(f"{name}_bp", url_prefix="/bp", version=3)
+    bp.add_route(h, "/items/<id:int>", name="bp_items")
+    app.blueprint(bp)
+    t.instrument(app, t.Config(db=":memory:"))
+    app.router.finalize()
+    return app
+
+each = ["/", "/api/ping", "/api/items/5", "/api/items/-5", "/api/items/abc", "/api/items/new", "/f/2.5", "/f/x",
+        "/a/abc", "/a/ab1", "/s/a-b_c/edit", "/s/A B/edit", "/u/9f0c8e1a-2b3c-4d5e-8f90-1a2b3c4d5e6f", "/u/1",
+        "/d/2024-02-28", "/d/2024-02-30", "/files/readme.txt", "/files/readme.md", "/p/a/b/c", "/p/", "/re/abc",
+        "/re/abcd", "/re2/123/x", "/re2/1/x", "/deep/1/a/end", "/deep/a/1", "/deep/1/1", "/multi", "/hosted",
+        "/strict", "/strict/", "/loose", "/loose/", "/t", "/t/", "/v1/v", "/v2.1/v/7", "/v3/bp/items/5",
+        "/bp/items/5", "/telemetry/", "/telemetry/healthz", "/telemetry/api/summary", "/telemetry/route"]
+words = ["api", "ping", "items", "new", "f", "a", "s", "edit", "u", "d", "files", "p", "re", "re2", "x", "t", "deep",
+         "end", "multi", "strict", "loose", "hosted", "v", "v1", "v2.1", "v3", "bp", "telemetry", "healthz",
+         "summary", "wp-login.php", ".env", "", "12", "-3", "+4", " 5", "1_000", "\u0661\u0662", "2.5", "1e3", "abc",
+         "ABC", "a-b_c", "9f0c8e1a-2b3c-4d5e-8f90-1a2b3c4d5e6f", "2024-02-30", "readme.txt", "readme.md", "ab",
+         "abcd", "12345", "%2F", "\u00e9", "a%20b"]
+rng = random.Random(7)
+tried = [p + tail for p in each for tail in ("", "/", "//")] + [p + "?q=1" for p in each]
+tried += ["/" + "/".join(rng.choice(words) for _ in range(rng.randint(1, 5))) + rng.choice(["", "", "/"])
+          for _ in range(3000)]
+out = {"checked": 0, "routed": [], "by_get": 0, "differ": [], "compiled": []}
+for strict in (False, True):
+    app = shapes(f"shapes_{int(strict)}", strict)
+    resolver = t._RouteResolver(app.router)
+    by_get = []
+    resolver._resolve_by_get = lambda method, path: by_get.append(path) or t._UNMATCHED
+    routed = set()
+    for path in tried:
+        for method in ("GET", "HEAD", "POST", "PUT"):
+            want = t._RouteResolver._resolve_by_get(resolver, method, path)
+            got = resolver(method, path)
+            out["checked"] += 1
+            routed.add(want)
+            if got != want:
+                out["differ"].append([strict, method, path, got, want])
+    out["routed"].append(len(routed))
+    out["by_get"] += len(by_get)
+    out["compiled"].append(resolver._finder is not None)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("sanic", ["installed", *SANIC_LINES])
+def test_route_resolution_without_exceptions_agrees_with_sanics_router(tmp_path, sanic):
+    """_RouteResolver's compiled matcher (the router's own find_route without its NotFound) gives
+    the route Sanic's router.get() gives, for every route shape, method and odd path tried, with
+    strict_slashes off and on, on each Sanic line; and it never asks router.get() to do so."""
+    python = sys.executable if sanic == "installed" else sanic_python(sanic)
+    script = tmp_path / "shapes.py"
+    script.write_text(ROUTE_SHAPES_SRC)
+    run = subprocess.run([python, str(script), str(HERE)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["differ"] == [], out["differ"][:10]
+    assert out["compiled"] == [True, True] and out["by_get"] == 0
+    assert out["checked"] == 2 * 4 * (4 * 43 + 3000) and min(out["routed"]) >= 25  # every shape, and no route
+
+
 def test_parser_access_runtime_and_malformed():
     p = t._CaddyParser(lambda m, path: f"route:{path}")
     now = time.time()
@@ -1484,9 +1572,11 @@ def test_route_resolver_maps_raw_paths_to_app_routes():
     assert r("GET", "/api/items/x") == t._UNMATCHED
     assert r("GET", "/nope") == t._UNMATCHED
     assert r("GET", "/api/ping") == "/api/ping"
-    for i in range(t._RouteResolver.CACHE + 10):  # random scans never grow the cache past its cap
-        r("GET", f"/scan/{i}")
-    assert len(r.cache) <= t._RouteResolver.CACHE
+    parser = t._CaddyParser(r)
+    now = time.time()
+    for i in range(0, t._CaddyParser.SERIES_CACHE + 10, 500):  # random scans never grow the cache past its cap
+        assert parser.feed("\n".join(access_line(now, uri=f"/scan/{j}") for j in range(i, i + 500))) == 500
+    assert 0 < len(parser._series) <= t._CaddyParser.SERIES_CACHE
 
 
 def test_reader_command_counts_bad_lines_and_finishes_with_its_file(tmp_path):
