@@ -27,14 +27,19 @@ never asserts, and it exits 0.
               >= 0.95, median over sets) and requests per CPU-second (in case the CPU was not shared
               evenly); each instrumented app's /telemetry/api/summary count against what wrk
               completed (wrk does not count requests in flight when it stops; the app may).
-2. ingest     N Caddy 2.11 compact access-log lines (~50 path shapes against the demo app's router:
-              int ids, query strings, 404s, a 500, lognormal durations), as the reader gets them
-              from a pipe with a backlog: 64 KiB reads, cut anywhere. Times what the reader does with
-              them (LineBlocks cuts each read at its last newline, parser.feed() parses the block)
-              + the runs into the aggregator + agg.flush() on one core (goal >= 300,000 lines/s), and json.loads
-              of the same lines for comparison (each result dropped at once); with valgrind, the
-              instructions per line of parse + aggregate (callgrind), which do not drift with the
-              machine.
+2. ingest     Lines as users' logs have them: N Caddy 2.11 compact access-log lines (--quick: fewer)
+              against the demo app's routes, item ids up to 1,000,000, query strings on a third,
+              a fifth of them 404 scans of random paths (so most paths are new to the route cache),
+              a 500 now and then, lognormal durations, ending now. Parser alone: what the reader
+              does with 64 KiB reads of them (LineBlocks cuts each at its last newline,
+              parser.feed() parses the block) + the runs into the aggregator + agg.flush(), on one
+              core, this build and --against's in turns (goal >= 500,000 lines/s); json.loads of the
+              same lines for comparison; with valgrind, the instructions per line (callgrind).
+              End to end: the lines in a file, `python telemetry.py --caddy-log-command "cat FILE"`
+              (the command waits for a go, given once the app answers), timed until the summary
+              shows every line (goal >= 350,000 lines/s), each build; and GoAccess
+              (`goaccess FILE --log-format=CADDY`, when installed) on the same file in the same run,
+              its ratio (goal: end to end >= 5x GoAccess).
 3. freshness  `python telemetry.py` with a real Caddy in front. K times, after a random pause (so
               requests do not lock onto the flush tick): read both counts, send one GET /api/ping
               through Caddy, poll the summary every 5 ms until both counts went up by one; time
@@ -132,6 +137,7 @@ import shutil
 import signal
 import socket
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -295,7 +301,8 @@ async def ping(request):
 if mode in ("instrumented", "hookonly", "against"):  # "bare" and "control" run the app as it is
     sys.path.insert(0, here)
     import telemetry
-    telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool"))
+    telemetry.instrument(app, telemetry.Config(db=db, spool_dir=db + "-spool",
+                                               caddy_log_file=os.environ.get("BENCH_LOG", "")))
     if mode == "hookonly":  # callgrind: the per-request work only (see callgrind_per_request)
         async def _collect_only(self):  # collects batches of 1,024 samples, as the tick does at ~4,000 req/s
             while True:
@@ -488,6 +495,81 @@ def bench_hot_path(quick: bool, tmp: Path) -> None:
                            + f"; counted {counted:,} of {sent:,}")
 
 
+#: Appends the lines of a file (argv 1) to a log (argv 2) at a rate (argv 3, lines/s) in 50 ms
+#: batches, each line's ts made the moment it is written; until killed or the lines run out.
+FOLLOW_WRITER_SRC = """
+import re, sys, time
+lines, rate = open(sys.argv[1], "rb").read().splitlines(keepends=True), float(sys.argv[3])
+ts = re.compile(rb'"ts":[0-9.]+,')
+with open(sys.argv[2], "ab", buffering=0) as out:
+    i, t0, done = 0, time.monotonic(), 0
+    while i < len(lines):
+        due = int((time.monotonic() - t0) * rate) - done
+        if due > 0:
+            now = b'"ts":%.6f,' % time.time()
+            out.write(b"".join(ts.sub(now, line, count=1) for line in lines[i:i + due]))
+            i, done = i + due, done + due
+        time.sleep(0.05)
+"""
+
+
+def follow_set(tmp: Path, n: int, rounds: int, secs: int, rate: int, lines_file: Path) -> dict[str, Any]:
+    """Two instrumented servers of this build on CPU 0, one following a log file that a writer on
+    the other CPU appends `rate` lines/s to, loaded together by wrk on the other CPU: the median
+    throughput ratio (following / not), per CPU-second too, and the lines it read."""
+    ports = {m: free_port() for m in ("plain", "following")}
+    log = tmp / f"follow-{n}.log"
+    log.write_bytes(b"")
+    seed = {"PYTHONHASHSEED": str(n + 1)}
+    servers = {m: Child(same_layout(pinned(0, [sys.executable, str(tmp / "server.py"), "instrumented", str(p),
+                                               str(tmp / f"follow-{n}-{m}.db"), str(HERE)])),
+                        tmp / f"follow-{m}-{n}.log", env={**seed, **({"BENCH_LOG": str(log)} if m == "following" else {})})
+               for m, p in ports.items()}
+    writer = None
+    try:
+        for m, p in ports.items():
+            if not answers(p, "/api/ping"):
+                raise RuntimeError(f"{m} server did not answer in 30 s:\n{servers[m].tail()}")
+        writer = Child(pinned(1, [sys.executable, str(tmp / "follow_writer.py"), str(lines_file), str(log), str(rate)]),
+                       tmp / f"follow-writer-{n}.log")
+        wrk_both(ports, 1, 1)  # warm-up
+        ratio, per_cpu = [], []
+        for _ in range(rounds):
+            c0 = {m: cpu_seconds(s.proc.pid) for m, s in servers.items()}
+            res = wrk_both(ports, secs, 1)
+            cpu = {m: cpu_seconds(s.proc.pid) - c0[m] for m, s in servers.items()}
+            ratio.append(res["following"][0] / res["plain"][0])
+            per_cpu.append((res["following"][1] / cpu["following"]) / (res["plain"][1] / cpu["plain"]))
+        health = json.loads(Client(ports["following"]).get("/telemetry/healthz")[1])
+        return {"ratio": statistics.median(ratio), "per_cpu": statistics.median(per_cpu),
+                "lines": (health.get("reader") or {}).get("lines", 0), "plain_rps": res["plain"][0]}
+    finally:
+        if writer is not None:
+            writer.stop()
+        for s in servers.values():
+            s.stop()
+
+
+def bench_follow(quick: bool, tmp: Path) -> None:
+    sets, rounds, secs, rate = (2, 1, 3, 20_000) if quick else (5, 2, 5, 20_000)
+    (tmp / "server.py").write_text(SERVER_SRC)
+    (tmp / "follow_writer.py").write_text(FOLLOW_WRITER_SRC)
+    lines_file = tmp / "follow-lines.log"
+    lines_file.write_bytes(b"".join(diverse_lines(rate * (rounds * secs + 12))))
+    results = []
+    for n in range(sets):
+        r = follow_set(tmp, n, rounds, secs, rate, lines_file)
+        results.append(r)
+        print(f"  set {n + 1}/{sets}: following {rate:,} lines/s / not, app throughput {r['ratio']:.3f} (per "
+              f"CPU-second {r['per_cpu']:.3f}); {r['lines']:,} lines read; plain {r['plain_rps']:,.0f} req/s")
+    med = statistics.median(r["ratio"] for r in results)
+    print(f"  median of {sets} sets: {med:.3f} (sets {min(r['ratio'] for r in results):.3f}.."
+          f"{max(r['ratio'] for r in results):.3f}); drop {100 * (1 - med):.1f}% (goal <= 10%)")
+    lines_file.unlink()
+    SUMMARY["follow"] = (f"app throughput, reader following {rate:,} lines/s / none: {med:.3f} (drop "
+                         f"{100 * (1 - med):.1f}%, goal <= 10%), median of {sets} sets")
+
+
 def callgrind_per_request(mode: str, tmp: Path, n1: int, n2: int) -> float:
     """Main-thread instructions per request of the bench server under valgrind's callgrind: the
     difference between a run of n2 and one of n1 requests, divided by n2 - n1 (start-up cancels).
@@ -570,6 +652,44 @@ def caddy_lines(n: int, seed: int = 1, rate: float = 2000.0) -> list[bytes]:
     return out
 
 
+#: Scanners' paths: every {tok} a random token, so hardly a path comes twice.
+SCANS = ["/wp-admin/{tok}.php", "/.env", "/.git/config", "/{tok}", "/{tok}/{tok}", "/cgi-bin/{tok}.cgi",
+         "/static/{hex}.js?v={n}", "/api/v{n}/{tok}/{id}", "/api/items/{tok}", "/vendor/phpunit/{tok}/eval-stdin.php",
+         "/{tok}.{ext}", "/index.php?s={tok}", "/%2e%2e/{tok}", "/api/{tok}?id={id}"]
+#: (weight, method, uri template, status) of the demo app's routes as its users call them.
+USER_PATHS = [(28, "GET", "/api/ping", 200), (25, "GET", "/api/items/{id}", 200),
+              (8, "GET", "/api/items/{id}?fields=name&page={n}", 200), (3, "HEAD", "/api/items/{id}", 200),
+              (4, "GET", "/api/slow?ms={ms}", 200), (2, "GET", "/api/error", 500), (3, "GET", "/?utm_source={tok}", 302),
+              (1, "POST", "/api/ping", 405), (1, "PUT", "/api/items/{id}", 405)]  # (the dashboard's own are not kept)
+
+
+def diverse_lines(n: int, seed: int = 3, rate: float = 2500.0) -> list[bytes]:
+    """n lines as a busy service's log has them (see bench_ingest): 80% the app's routes with item
+    ids up to 10^6 and query strings, 20% 404 scans of random paths; `rate` lines/s ending now."""
+    rng = random.Random(seed)
+    alnum = string.ascii_lowercase + string.digits
+
+    def tok() -> str:
+        return "".join(rng.choices(alnum, k=rng.randint(4, 12)))
+    ts, out = time.time() - n / rate, []
+    weights = [p[0] for p in USER_PATHS]
+    for _ in range(n):
+        if rng.random() < 0.2:
+            method, template, status = rng.choice(["GET", "GET", "GET", "POST", "HEAD"]), rng.choice(SCANS), 404
+        else:
+            _, method, template, status = rng.choices(USER_PATHS, weights)[0]
+        uri = template.replace("{tok}", tok(), 1).replace("{tok}", tok()).format(
+            id=rng.randint(1, 1_000_000), n=rng.randint(1, 50), ms=rng.choice([10, 50, 100, 250]),
+            hex=f"{rng.getrandbits(64):016x}", ext=rng.choice(["php", "asp", "bak", "sql", "zip"]))
+        ts += rng.expovariate(rate)
+        dur = min(rng.lognormvariate(math.log(0.004), 0.9), 0.45)  # (slower ones are events: another path)
+        rid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        size = 0 if method == "HEAD" else rng.randint(20, 4000)
+        out.append(LINE.format(ts=ts, port=rng.randint(30000, 60999), method=method, uri=uri, ua=rng.choice(UAS),
+                               rid=rid, read=0, dur=dur, size=size, status=status, up=dur * 800).encode())
+    return out
+
+
 INGEST_SRC = """
 import bisect, itertools, sys
 sys.path.insert(0, sys.argv[1])
@@ -644,10 +764,12 @@ def against_module() -> Any:
 
 
 def bench_ingest(quick: bool, tmp: Path) -> None:
-    n, rounds = (25_000, 3) if quick else (200_000, 5)
+    n, rounds = (100_000, 3) if quick else (300_000, 5)
     t0 = time.perf_counter()
-    lines = caddy_lines(n)
-    print(f"  {n:,} lines ({sum(map(len, lines)) / n:.0f} bytes avg) built in {time.perf_counter() - t0:.1f} s")
+    lines = diverse_lines(n)
+    uris = len({line.split(b'"uri":"', 1)[1].split(b'"', 1)[0] for line in lines})
+    print(f"  {n:,} lines ({sum(map(len, lines)) / n:.0f} bytes avg; item ids up to 10^6, a fifth 404 scans; "
+          f"{uris:,} distinct URIs) built in {time.perf_counter() - t0:.1f} s")
     chunks = reader_chunks(lines)
     bare = [line.rstrip(b"\n") for line in lines]
     total, loads, other = [], [], []
@@ -664,10 +786,11 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
         # each object dropped as soon as it is made, as a parser would: a list of 200,000 dicts
         # would make the collector, not json.loads, most of the time
         loads.append(timed(lambda: collections.deque(map(json.loads, bare), 0)))
+    bare.clear()
     tot, j = statistics.median(total), statistics.median(loads)
-    print(f"  median of {rounds}, {len(chunks):,} reads of 64 KiB ({n / len(chunks):.0f} lines each): cut into lines + "
-          f"parse + aggregate {n / tot:,.0f} lines/s ({tot * 1e6 / n:.2f} us/line); json.loads alone {n / j:,.0f} "
-          f"lines/s (pipeline is {j / tot:.2f}x json.loads)")
+    print(f"  parser alone, median of {rounds}, {len(chunks):,} reads of 64 KiB ({n / len(chunks):.0f} lines each): "
+          f"cut into lines + parse + aggregate {n / tot:,.0f} lines/s ({tot * 1e6 / n:.2f} us/line); json.loads "
+          f"alone {n / j:,.0f} lines/s (pipeline is {j / tot:.2f}x json.loads)")
     vs = ""
     if other:
         o = statistics.median(other)
@@ -678,8 +801,84 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
         n1, n2 = (1_000, 3_000) if quick else (2_000, 12_000)
         per_line = f"; {callgrind_per_line(tmp, n1, n2):,.0f} instructions/line (callgrind)"
         print(f"  instructions per line, cut + parse + aggregate: {per_line[2:]}")
-    SUMMARY["ingest"] = (f"cut+parse+aggregate            {n / tot:,.0f} lines/s (goal >= 300,000)  "
-                         f"json.loads alone: {n / j:,.0f} lines/s ({j / tot:.1f}x slower){per_line}{vs}")
+    # end to end: a log file through the reader into the store, until the summary shows every line
+    e2e_n = 300_000 if quick else 1_500_000
+    log = tmp / "diverse.log"
+    with open(log, "wb") as f:
+        f.writelines(lines)
+        if e2e_n > n:
+            f.writelines(diverse_lines(e2e_n - n, seed=4, rate=2500.0 * (e2e_n - n) / e2e_n))
+    lines.clear()
+    chunks.clear()
+    mb = log.stat().st_size / 1e6
+    print(f"  end to end: {e2e_n:,} lines ({mb:.0f} MB) in {log.name}")
+    e2e = {label: ingest_e2e(build, log, e2e_n, tmp, label.split()[0]) for label, build in builds_here()}
+    for label, r in e2e.items():
+        print(f"  {label}: `--caddy-log-command \"cat FILE\"`: the summary shows "
+              f"{r['counted'] if r['counted'] is not None else '?':,} of {e2e_n:,} after {r['seconds']:.1f} s: "
+              f"{r['rate']:,.0f} lines/s ({'exact' if r['counted'] == e2e_n else 'NOT exact'}); peak RSS {r['peak']:.0f} MB")
+    ga = goaccess_rate(log, e2e_n, tmp)
+    mine = e2e["this build"]["rate"]
+    if ga is not None:
+        print(f"  GoAccess {ga['version']} (--log-format=CADDY) on the same file: {ga['seconds']:.1f} s, "
+              f"{ga['rate']:,.0f} lines/s; end to end / GoAccess: {mine / ga['rate']:.1f}x (goal >= 5x)")
+    else:
+        print("  GoAccess: not installed (apt-get install goaccess)")
+    log.unlink()
+    others = [f"{label} {r['rate']:,.0f} lines/s" for label, r in e2e.items() if label != "this build"]
+    SUMMARY["ingest"] = (f"parser alone {n / tot:,.0f} lines/s (goal >= 500,000){vs}{per_line}; end to end "
+                         f"{mine:,.0f} lines/s (goal >= 350,000)" + (f", {'; '.join(others)}" if others else "")
+                         + (f"; GoAccess {ga['rate']:,.0f} lines/s, ratio {mine / ga['rate']:.1f}x (goal >= 5x)"
+                            if ga else "; GoAccess not installed"))
+
+
+def ingest_e2e(build: Path, log: Path, n: int, tmp: Path, tag: str) -> dict[str, Any]:
+    """One build's `--caddy-log-command "cat FILE"` (started once the app answers) until the
+    summary shows n caddy requests (bounded: 300 s): lines/s, the count, peak RSS."""
+    go = tmp / f"go-{tag}"
+    go.unlink(missing_ok=True)
+    command = f"sh -c 'while [ ! -e {go} ]; do sleep 0.01; done; exec cat {log}'"
+    port = free_port()
+    app = Child(demo_argv(port, tmp / f"e2e-{tag}.db", tmp, "--no-caddy", "--caddy-log-command", command),
+                tmp / f"e2e-{tag}.log", cwd=build)
+    client = Client(port, timeout=60)
+    try:
+        if not answers(port, "/telemetry/healthz"):
+            raise RuntimeError(f"the app did not answer in 30 s:\n{app.tail()}")
+        go.touch()
+        t0, counted = time.perf_counter(), None
+        while time.perf_counter() - t0 < 300:
+            with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
+                counted = caddy_count(client)
+                if counted >= n:
+                    break
+            time.sleep(0.25)  # (each read flushes and reads: not too often)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "rate": (counted or 0) / seconds, "counted": counted,
+                "peak": rss_mb(app.proc.pid, "VmHWM")}
+    finally:
+        client.close()
+        app.stop()
+        go.unlink(missing_ok=True)
+
+
+def goaccess_rate(log: Path, n: int, tmp: Path) -> dict[str, Any] | None:
+    """GoAccess on the same file (its CADDY log format, a JSON report), or None without it."""
+    exe = shutil.which("goaccess")
+    if exe is None:
+        return None
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    t0 = time.perf_counter()
+    run = subprocess.run([exe, str(log), "--log-format=CADDY", "-o", str(tmp / "goaccess.json"), "--no-progress"],
+                         capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - t0
+    if run.returncode != 0:
+        print(f"  ! goaccess exited {run.returncode}: {run.stderr[-500:]}")
+        return None
+    total = json.loads((tmp / "goaccess.json").read_text())["general"].get("total_requests")
+    if total != n:
+        print(f"  ! goaccess counted {total} requests of {n}")
+    return {"seconds": seconds, "rate": n / seconds, "version": version.split()[-1].rstrip(".")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2350,7 +2549,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs for a CI smoke test (< ~60 s)")
     ap.add_argument("--only", action="append",
                     choices=["hot", "tail", "instructions", "ingest", "freshness", "render", "memory", "influx",
-                             "crash", "burst", "backlog", "bodies", "slow", "alerts"],
+                             "crash", "burst", "backlog", "bodies", "slow", "alerts", "follow"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--against", metavar="REV|DIR",
                     help="compare with another build in the same run (hot path: a fourth server; ingest: in turns): "
@@ -2371,7 +2570,8 @@ def main() -> int:
              ("memory", lambda: bench_memory(quick, tmp)), ("influx", lambda: bench_influx(quick, tmp)),
              ("crash", lambda: bench_crash(quick, tmp)), ("burst", lambda: bench_burst(quick, tmp)),
              ("backlog", lambda: bench_backlog(quick, tmp)), ("bodies", lambda: bench_bodies(quick, tmp)),
-             ("slow", lambda: bench_slow(quick, tmp)), ("alerts", lambda: bench_alerts(quick, tmp))]
+             ("slow", lambda: bench_slow(quick, tmp)), ("alerts", lambda: bench_alerts(quick, tmp)),
+             ("follow", lambda: bench_follow(quick, tmp))]
     if args.only:
         parts = [p for p in parts if p[0].split()[0] in args.only]
     for name, run in parts:

@@ -793,16 +793,20 @@ class _Gate:
     loop runs about one of them and the app's requests are served between; and together they take
     at most SHARE of the loop's time (a credit earned at that rate, up to BURST, spent by each
     step): under a burst telemetry slows down, and says so (ingest answers 503, a log backlog is
-    read later), rather than slow the app down. The share holds on an idle loop too: letting
-    telemetry run on whenever a pass through the loop found nothing else to do halved a page's
-    time on an idle app but took the app's ping p99 under a burst from 5 to 38 ms (a sparse
-    client's requests look like an idle loop until they arrive)."""
+    read later), rather than slow the app down. The share is waived only while the app has served
+    none of its own requests for _APP_QUIET_S (busy(), the app's source's word): then telemetry's
+    steps run back to back, a log backlog is read and a page is built at full speed, and a request
+    that arrives waits at most one step. An idle loop is not enough: letting telemetry run on
+    whenever a pass through the loop found nothing else to do took the app's ping p99 under a
+    burst from 5 to 38 ms (a sparse client's requests look like an idle loop until they arrive)."""
 
     SHARE, BURST = 0.5, 0.005
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.credit, self.at = self.BURST, time.perf_counter()
+        #: Whether the app has served its own requests lately (perf_counter() now -> bool); None: always.
+        self.busy: Callable[[float], bool] | None = None
 
     @contextlib.asynccontextmanager
     async def turn(self) -> Any:
@@ -812,7 +816,8 @@ class _Gate:
             self.credit = min(self.BURST, self.credit + (now - self.at) * self.SHARE)
             self.at = now
             if self.credit < 0:
-                await asyncio.sleep(-self.credit / self.SHARE)
+                if self.busy is None or self.busy(now):
+                    await asyncio.sleep(-self.credit / self.SHARE)
                 self.credit, self.at = 0.0, time.perf_counter()
             try:
                 yield
@@ -820,6 +825,9 @@ class _Gate:
                 self.credit -= time.perf_counter() - self.at
                 self.at = time.perf_counter()
 
+
+#: The gate's share is waived while the app has served none of its own requests this long (s).
+_APP_QUIET_S = 1.0
 
 #: One gate per event loop (tests and tools run several loops, one after another).
 _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gate] = weakref.WeakKeyDictionary()
@@ -1288,7 +1296,8 @@ class _SanicSource:
     does handle_exception for requests that never reach handle_request (malformed 400s, timeouts).
     """
 
-    __slots__ = ("raw", "slow_s", "on_event", "route_names", "errors", "last_error", "last_error_at")
+    __slots__ = ("raw", "slow_s", "on_event", "route_names", "errors", "last_error", "last_error_at", "own",
+                 "served_at")
 
     def __init__(self, slow_s: float, on_event: Callable[[_Event], None]) -> None:
         #: The hook's samples, _RAW_WIDTH values each; collect() takes the list and leaves a new one.
@@ -1297,6 +1306,19 @@ class _SanicSource:
         self.on_event = on_event
         self.route_names: dict[str | None, str] = {None: _UNMATCHED}  # Route.path -> route value
         self.errors, self.last_error, self.last_error_at = 0, "", 0.0  # requests that could not be recorded
+        self.own: frozenset[str] = frozenset()  # Route.path of telemetry's own routes (set at start)
+        self.served_at = -math.inf  # perf_counter() at the end of the app's newest request collected
+
+    def served_lately(self, now: float, within: float) -> bool:
+        """Whether the app served a request of its own (not telemetry's) in the last `within`
+        seconds: the newest samples not yet collected, newest first, then what collect() saw."""
+        raw, own, i = self.raw, self.own, len(self.raw) - _RAW_WIDTH
+        while i >= 0 and now - raw[i] < within:
+            route = raw[i + 2]
+            if route is None or route.path not in own:
+                return True
+            i -= _RAW_WIDTH
+        return now - self.served_at < within
 
     def hook(self, base_handle: Callable[..., Any]) -> Callable[..., Any]:
         """handle_request while this source runs, every request coming over Sanic's HTTP/1
@@ -1439,6 +1461,8 @@ class _SanicSource:
                     raw[i] = raw[i] if _valid_status(raw[i]) else -1
                 groups = _group_raw(raw, start, end)
             for (path, method, status), (durations, sizes) in groups.items():
+                if path not in self.own:
+                    self.served_at = max(self.served_at, ends[end - 1])
                 nbytes, method = sum(sizes), _norm_method(method)
                 if method == "HEAD":  # a HEAD response carries no body
                     nbytes = 0
@@ -7212,8 +7236,10 @@ class _Pipeline:
         alerts (link: the dashboard's address, for theirs), then put this worker's hook on the
         app's class (from now on requests are recorded)."""
         other = _other_transport(app)  # first: it may refuse (ASGI on Sanic < 24.6)
-        self.aggregator.skip = frozenset(f"/{r.path}" for r in app.router.routes
-                                         if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
+        self.sanic.own = frozenset(r.path for r in app.router.routes
+                                   if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
+        self.aggregator.skip = frozenset(f"/{path}" for path in self.sanic.own)
+        _gate().busy = lambda now: self.sanic.served_lately(now, _APP_QUIET_S)
         await self.store.open()
         self.writer.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-flush")

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from types import SimpleNamespace
 import time
 import types
 import urllib.error
@@ -1102,6 +1103,45 @@ def test_long_work_runs_in_steps_and_the_app_goes_between():
     switches = sum(x != y for x, y in zip(done, done[1:]))
     assert switches > 20, switches  # the two runs took turns
     assert t._at_once(work_of(7)) == 7
+
+
+def test_the_gate_waives_its_share_only_while_the_app_serves_nothing_of_its_own(monkeypatch):
+    """Past its share, a step waits for credit while the app has served its own requests within
+    _APP_QUIET_S; with none (telemetry's own routes do not count), steps run back to back: a log
+    backlog or a page on an idle app takes its whole time, and a request waits one step."""
+    source = t._SanicSource(0.5, lambda e: None)
+    own, app_route = SimpleNamespace(path="telemetry/healthz"), SimpleNamespace(path="api/ping")
+    source.own = frozenset({own.path})
+    now = time.perf_counter()
+    assert not source.served_lately(now, 1.0)
+    source.raw += (now - 0.1, 0.001, own, "GET", 200, 10)
+    assert not source.served_lately(now, 1.0)  # telemetry's own request
+    source.raw += (now - 2.0, 0.001, app_route, "GET", 200, 10)  # (out of order: older than the window)
+    assert not source.served_lately(now, 1.0)
+    source.raw += (now - 0.5, 0.001, None, "GET", 404, 10)  # a path no route takes is the app's
+    assert source.served_lately(now, 1.0)
+    source.collect()
+    assert source.raw == [] and source.served_lately(time.perf_counter(), 1.0)
+    assert not source.served_lately(time.perf_counter() + 5.0, 1.0)
+
+    async def go(busy: bool) -> int:
+        waits = []
+        real_sleep = asyncio.sleep
+
+        async def sleep(delay, *a):
+            if delay > 0:
+                waits.append(delay)
+            return await real_sleep(delay, *a)
+        monkeypatch.setattr(asyncio, "sleep", sleep)
+        gate = t._gate()
+        gate.busy = lambda now: busy
+        for _ in range(40):
+            async with gate.turn():
+                sum(range(30_000))  # (a step of some hundreds of microseconds)
+        monkeypatch.setattr(asyncio, "sleep", real_sleep)
+        return len(waits)
+    assert asyncio.run(go(True)) > 10  # the app serves: telemetry waits for its share
+    assert asyncio.run(go(False)) == 0  # it does not: no wait
 
 
 def work_of(n: int):
