@@ -110,11 +110,16 @@ never asserts, and it exits 0.
               Then `python telemetry.py --alerts` judging every 5 s with a 10 s `for`: the app's
               5xx until a loopback webhook has the firing, 5 times (--quick: 2): arrival - (first
               5xx + for), in intervals (goal <= 2).
+14. follow    The app keeps its CPU: two instrumented servers of this build on one CPU, one of them
+              following a log file that a writer on the other CPU appends 20,000 of the ingest
+              part's lines a second to (each stamped as written), loaded together by wrk on the
+              other CPU, several sets of fresh processes: throughput following / not (goal: a drop
+              of at most 10%), per CPU-second too, and the lines it read.
 --against REV|DIR compares this build with another in the same run: a git revision of this
 repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
 loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
-times the two builds in turns; memory, crash, burst, backlog, bodies and slow run both, one after
-the other.
+times the two builds in turns, and runs each end to end; memory, crash, burst, backlog, bodies and
+slow run both, one after the other.
 """
 
 
