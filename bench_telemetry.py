@@ -518,16 +518,18 @@ with open(sys.argv[2], "ab", buffering=0) as out:
 """
 
 
-def follow_set(tmp: Path, n: int, rounds: int, secs: int, rate: int, lines_file: Path) -> dict[str, Any]:
-    """Two instrumented servers of this build on CPU 0, one following a log file that a writer on
+def follow_set(tmp: Path, n: int, rounds: int, secs: int, rate: int, lines_file: Path,
+               build: Path = HERE) -> dict[str, Any]:
+    """Two instrumented servers of a build on CPU 0, one following a log file that a writer on
     the other CPU appends `rate` lines/s to, loaded together by wrk on the other CPU: the median
-    throughput ratio (following / not), per CPU-second too, and the lines it read."""
+    throughput ratio (following / not), per CPU-second too, the lines it read, and its parse
+    process's CPU per line and memory (when it has one)."""
     ports = {m: free_port() for m in ("plain", "following")}
     log = tmp / f"follow-{n}.log"
     log.write_bytes(b"")
     seed = {"PYTHONHASHSEED": str(n + 1)}
     servers = {m: Child(same_layout(pinned(0, [sys.executable, str(tmp / "server.py"), "instrumented", str(p),
-                                               str(tmp / f"follow-{n}-{m}.db"), str(HERE)])),
+                                               str(tmp / f"follow-{n}-{m}.db"), str(build)])),
                         tmp / f"follow-{m}-{n}.log", env={**seed, **({"BENCH_LOG": str(log)} if m == "following" else {})})
                for m, p in ports.items()}
     writer = None
@@ -538,21 +540,48 @@ def follow_set(tmp: Path, n: int, rounds: int, secs: int, rate: int, lines_file:
         writer = Child(pinned(1, [sys.executable, str(tmp / "follow_writer.py"), str(lines_file), str(log), str(rate)]),
                        tmp / f"follow-writer-{n}.log")
         wrk_both(ports, 1, 1)  # warm-up
-        ratio, per_cpu = [], []
+        parser_pid = parse_process_pid(ports["following"])
+        ratio, per_cpu, parse_cpu, lines0 = [], [], 0.0, reader_lines(ports["following"])
         for _ in range(rounds):
             c0 = {m: cpu_seconds(s.proc.pid) for m, s in servers.items()}
+            p0 = cpu_seconds(parser_pid) if parser_pid else 0.0
             res = wrk_both(ports, secs, 1)
             cpu = {m: cpu_seconds(s.proc.pid) - c0[m] for m, s in servers.items()}
+            parse_cpu += (cpu_seconds(parser_pid) - p0) if parser_pid else 0.0
             ratio.append(res["following"][0] / res["plain"][0])
             per_cpu.append((res["following"][1] / cpu["following"]) / (res["plain"][1] / cpu["plain"]))
-        health = json.loads(Client(ports["following"]).get("/telemetry/healthz")[1])
-        return {"ratio": statistics.median(ratio), "per_cpu": statistics.median(per_cpu),
-                "lines": (health.get("reader") or {}).get("lines", 0), "plain_rps": res["plain"][0]}
+        lines = reader_lines(ports["following"])
+        return {"ratio": statistics.median(ratio), "per_cpu": statistics.median(per_cpu), "lines": lines,
+                "plain_rps": res["plain"][0], "parser_pid": parser_pid,
+                "parse_us": 1e6 * parse_cpu / max(lines - lines0, 1) if parser_pid else None,
+                "parser_mem": smaps_mb(parser_pid) if parser_pid else None}
     finally:
         if writer is not None:
             writer.stop()
         for s in servers.values():
             s.stop()
+
+
+def reader_lines(port: int) -> int:
+    return (json.loads(Client(port).get("/telemetry/healthz")[1]).get("reader") or {}).get("lines", 0)
+
+
+def parse_process_pid(port: int) -> int | None:
+    """The pid of the app's parse process, from healthz (None: builds without one, or off)."""
+    reader = json.loads(Client(port).get("/telemetry/healthz")[1]).get("reader") or {}
+    m = re.search(r"running \(pid (\d+)\)", str(reader.get("parse_process", "")))
+    return int(m.group(1)) if m else None
+
+
+def smaps_mb(pid: int) -> dict[str, float]:
+    """A process's memory from /proc/PID/smaps_rollup (MB): Rss, Pss, and its own (Private_*)."""
+    kb = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            kb[parts[0].rstrip(":")] = int(parts[1])
+    return {"rss": kb.get("Rss", 0) / 1024, "pss": kb.get("Pss", 0) / 1024,
+            "own": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
 
 
 def bench_follow(quick: bool, tmp: Path) -> None:
@@ -561,18 +590,26 @@ def bench_follow(quick: bool, tmp: Path) -> None:
     (tmp / "follow_writer.py").write_text(FOLLOW_WRITER_SRC)
     lines_file = tmp / "follow-lines.log"
     lines_file.write_bytes(b"".join(diverse_lines(rate * (rounds * secs + 12))))
-    results = []
+    builds = [("this build", HERE)] + ([(f"against {AGAINST.name}", AGAINST)] if AGAINST is not None else [])
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in builds}
     for n in range(sets):
-        r = follow_set(tmp, n, rounds, secs, rate, lines_file)
-        results.append(r)
-        print(f"  set {n + 1}/{sets}: following {rate:,} lines/s / not, app throughput {r['ratio']:.3f} (per "
-              f"CPU-second {r['per_cpu']:.3f}); {r['lines']:,} lines read; plain {r['plain_rps']:,.0f} req/s")
-    med = statistics.median(r["ratio"] for r in results)
-    print(f"  median of {sets} sets: {med:.3f} (sets {min(r['ratio'] for r in results):.3f}.."
-          f"{max(r['ratio'] for r in results):.3f}); drop {100 * (1 - med):.1f}% (goal <= 10%)")
+        for name, build in builds:  # in turns, one pair at a time
+            r = follow_set(tmp, n, rounds, secs, rate, lines_file, build)
+            results[name].append(r)
+            mem = r["parser_mem"]
+            print(f"  set {n + 1}/{sets} [{name}]: following {rate:,} lines/s / not, app throughput {r['ratio']:.3f} "
+                  f"(per CPU-second {r['per_cpu']:.3f}); {r['lines']:,} lines read; plain {r['plain_rps']:,.0f} req/s"
+                  + (f"; parse process {r['parse_us']:.1f} us CPU/line, memory {mem['own']:.1f} MB own "
+                     f"(RSS {mem['rss']:.0f} MB, PSS {mem['pss']:.1f} MB)" if mem else "; parsed in the worker"))
+    line = []
+    for name, rs in results.items():
+        med, cpu = statistics.median(r["ratio"] for r in rs), statistics.median(r["per_cpu"] for r in rs)
+        print(f"  [{name}] median of {sets} sets: {med:.3f} (sets {min(r['ratio'] for r in rs):.3f}.."
+              f"{max(r['ratio'] for r in rs):.3f}), per CPU-second {cpu:.3f}; drop {100 * (1 - med):.1f}% (goal <= 10%)")
+        line.append(f"{name} {med:.3f} (drop {100 * (1 - med):.1f}%), per CPU-second {cpu:.3f}")
     lines_file.unlink()
-    SUMMARY["follow"] = (f"app throughput, reader following {rate:,} lines/s / none: {med:.3f} (drop "
-                         f"{100 * (1 - med):.1f}%, goal <= 10%), median of {sets} sets")
+    SUMMARY["follow"] = (f"app throughput, reader following {rate:,} lines/s / none (goal: drop <= 10%), median of "
+                         f"{sets} sets: " + "; ".join(line))
 
 
 def callgrind_per_request(mode: str, tmp: Path, n1: int, n2: int) -> float:

@@ -69,6 +69,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import gc
 import glob
 import gzip
 import hashlib
@@ -77,6 +78,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import marshal
 import math
 import operator
 import os
@@ -91,6 +93,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 import zlib
 from array import array
@@ -226,6 +229,9 @@ _SETTINGS: tuple[_Setting, ...] = (
              "command whose stdout is Caddy JSON log lines (caddy run ..., tail -F FILE, cat FILE)"),
     _Setting("caddy_log_file", "TELEMETRY_CADDY_LOG_FILE", "--caddy-log-file", str,
              "Caddy's access log file, followed across rotations and restarts (checkpoint beside --db)"),
+    _Setting("parse_in_worker", "TELEMETRY_PARSE_IN_WORKER", "--parse-in-worker", _parse_bool,
+             "parse Caddy's log in the app's worker, not in a process of its own",
+             valid="1/0, true/false, yes/no, on/off"),
     _Setting("flush_interval", "TELEMETRY_FLUSH_INTERVAL", "--flush-interval", _parse_duration,
              "seconds between aggregator flushes", lambda v: 0.05 <= v <= 1.0, "0.05..1 (seconds)", "1"),
     _Setting("retention", "TELEMETRY_RETENTION", "--retention", _parse_duration,
@@ -312,6 +318,7 @@ class Config:
     db: str = "telemetry.db"
     caddy_log_command: str = ""
     caddy_log_file: str = ""
+    parse_in_worker: bool = False
     flush_interval: float = 1.0
     retention: float = 7 * 86400.0
     max_routes: int = 200
@@ -1607,6 +1614,16 @@ class _ParseStats:
     last_malformed: str = ""
 
 
+class _HandOff(NamedTuple):
+    """What a parser read, as the parse process sends it (marshal: plain values only)."""
+
+    groups: dict[tuple, list]  # _CaddyParser._groups
+    samples: list[tuple]  # _CaddyParser._samples
+    events: list[tuple]  # _Event's fields
+    stats: tuple  # _ParseStats' fields: what these lines added
+    uncollected: int
+
+
 class _CaddyParser:
     """Caddy JSON log lines -> series runs and events. Non-access lines are ignored, bad ones counted.
 
@@ -1943,23 +1960,38 @@ class _CaddyParser:
     def absorb(self, other: "_CaddyParser") -> None:
         """Take in what another parser read and has not drained (lines, counters): POST /ingest
         parses a body apart and adds it only once the whole body was read."""
-        groups = self._groups
-        for key, g in other._groups.items():
-            mine = groups.get(key)
-            if mine is None:
-                groups[key] = g
-            else:
-                mine += g
-        self._samples += other._samples
-        self.uncollected += other.uncollected
-        st, o = self.stats, other.stats
-        st.lines += o.lines
-        st.access += o.access
-        st.ignored += o.ignored
-        st.malformed += o.malformed
-        st.last_line_at = max(st.last_line_at, o.last_line_at)
-        st.last_malformed = o.last_malformed or st.last_malformed
+        self.add_parts(other._groups, other._samples, other.stats, other.uncollected)
         other._groups, other._samples, other.uncollected = {}, [], 0
+
+    def add_parts(self, groups: dict[tuple, list], samples: list[tuple], stats: _ParseStats, uncollected: int) -> None:
+        """Add what another parser read (its groups, samples, counters: absorb(), or a hand_off()
+        of the parse process's parser)."""
+        mine = self._groups
+        for key, g in groups.items():
+            have = mine.get(key)
+            if have is None:
+                mine[key] = g
+            else:
+                have += g
+        self._samples += samples
+        self.uncollected += uncollected
+        st = self.stats
+        st.lines += stats.lines
+        st.access += stats.access
+        st.ignored += stats.ignored
+        st.malformed += stats.malformed
+        st.last_line_at = max(st.last_line_at, stats.last_line_at)
+        st.last_malformed = stats.last_malformed or st.last_malformed
+
+    def hand_off(self, events: list[_Event]) -> _HandOff:
+        """What this parser read since the last call, with the events it made (and clears), as
+        plain values that marshal carries (the parse process's answer, _ParseProcess); its
+        counters start again from zero."""
+        parts = _HandOff(self._groups, self._samples, [astuple(e) for e in events], astuple(self.stats),
+                         self.uncollected)
+        self._groups, self._samples, self.uncollected, self.stats = {}, [], 0, _ParseStats()
+        events.clear()
+        return parts
 
     async def absorb_steps(self, other: "_CaddyParser", step: int = 1024) -> None:
         """absorb(), its groups moved `step` at a time with a yield to the event loop between: a
@@ -2058,6 +2090,7 @@ class _ReaderHealth:
     behind_bytes: int = _field("first")  # what the file holds beyond what was read
     eta_s: float | None = _field("first", None)
     catching_up: str = _field("first", "")  # the line the page shows while a backlog is read
+    parse_process: str = _field("first", "")  # where lines are parsed: the parse process's state, or the worker
 
 
 @_health_record
@@ -2090,6 +2123,264 @@ def _signal_pid(pid: int, sig: int) -> None:
         pass
 
 
+async def _stream(pipe: Any) -> asyncio.StreamReader:
+    """An asyncio reader of a child's pipe (subprocess's), read on the event loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    return reader
+
+
+# --- the parse process: Caddy's log parsed beside the app's worker, not in it ----------------------
+
+def _open_fds() -> list[int]:
+    """This process's open descriptors (Linux's /proc; elsewhere the first 1,024 numbers)."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(1024))
+
+
+def _frame(data: bytes) -> bytes:
+    """A message on the parse process's pipes: its length (8 bytes), then itself."""
+    return len(data).to_bytes(8, "little") + data
+
+
+def _parse_child(worker: _CaddyParser, inp: int, out: int) -> None:  # pragma: no cover - the forked child
+    """The parse process's life: blocks of lines in, what a parser of its own (the worker's
+    settings and routes; not what the worker's holds) read out (a _HandOff, by marshal), one
+    answer per block in their order, until the worker closes its pipe. It holds no descriptor of
+    the app's (its listening socket, its database) and runs none of its handlers."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the worker ends it, by closing its pipe
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    for fd in _open_fds():
+        if fd > 2 and fd not in (inp, out):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    gc.freeze()  # the worker's objects stay shared pages: this process's collector never walks (writes) them
+    events: list[_Event] = []
+    parser = _CaddyParser(worker.resolve, events.append, worker.slow_s, worker.max_age)
+    src = os.fdopen(inp, "rb")
+    while True:
+        head = src.read(8)
+        if len(head) < 8:
+            return
+        parser.feed(src.read(int.from_bytes(head, "little")))
+        view = memoryview(_frame(marshal.dumps(tuple(parser.hand_off(events)))))
+        while view:
+            view = view[os.write(out, view):]
+
+
+class _Sent(NamedTuple):
+    """A block sent to the parse process and not yet answered."""
+
+    block: bytes
+    mark: Any  # the reader's position before it (a log file's cursor; None for a command's output)
+
+
+class _ParseProcess:
+    """Caddy's log parsed in a process of its own, so that the app's worker keeps its CPU.
+
+    Forked by the worker that reads the log when its reader starts (it has the app's routes, and
+    this module, as they are then), it parses each block of lines the reader hands to feed() with
+    a _CaddyParser of its own and answers with what that parser read: series-second groups,
+    samples, events and counts, which are added to the worker's parser as they come, in steps.
+    The worker's cost per line is that addition (a dict update per series-second), not the parse.
+    Blocks are answered in their order; mark() is the reader's position before the oldest one
+    not yet answered, so that a log file's checkpoint never runs ahead of what was added. At
+    most MAX_OUT bytes are out at once (room()).
+
+    If the process ends unasked (killed, out of memory), the blocks it had not answered are parsed
+    in the worker, and so is every block until a new process is forked RESTART_S later: no line is
+    lost, none counted twice; healthz says so (reader.parse_process). stop() closes its pipe: it
+    answers what it holds and exits (killed if it has not by the timeout, and the rest is parsed
+    in the worker). On Linux it also gets SIGTERM when the worker dies. Its memory is the
+    worker's pages, shared until written (its collector is kept off them: gc.freeze()), plus its
+    parser's route cache and one block's groups.
+    """
+
+    MAX_OUT = 4 << 20
+    RESTART_S = 5.0
+
+    def __init__(self, parser: _CaddyParser) -> None:
+        self.parser = parser
+        self.pid: int | None = None
+        self.state = "not started"
+        self.ended = 0  # times it ended unasked
+        self._sent: collections.deque[_Sent] = collections.deque()
+        self._out = 0  # bytes of the blocks in _sent
+        self._writer: asyncio.WriteTransport | None = None
+        self._task: asyncio.Task | None = None
+        self._room: asyncio.Event | None = None
+        self._retry_at = 0.0
+        self._closing = False
+
+    def start(self) -> None:
+        """Fork the process (on the event loop, with the routes as they are now); on failure the
+        worker parses, and says why."""
+        inp_r = inp_w = out_r = out_w = -1
+        try:
+            inp_r, inp_w = os.pipe()
+            out_r, out_w = os.pipe()
+            with warnings.catch_warnings():  # (3.12+ warns of fork() beside threads: the child runs none of theirs)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError as exc:
+            for fd in (inp_r, inp_w, out_r, out_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.state = f"not started ({exc.strerror or exc}): parsing in the app's worker"
+            self._retry_at = time.monotonic() + self.RESTART_S
+            return
+        if pid == 0:  # pragma: no cover - the child never returns into the app
+            code = 0
+            try:
+                _parse_child(self.parser, inp_r, out_w)
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(inp_r)
+        os.close(out_w)
+        self.pid, self.state = pid, f"running (pid {pid})"
+        self._task = asyncio.get_running_loop().create_task(self._answers(pid, inp_w, out_r),
+                                                            name="telemetry-parse-process")
+
+    def feed(self, block: bytes, mark: Any = None) -> None:
+        """A block of whole lines to parse: sent to the process, or parsed here while there is none."""
+        if self.pid is None and self._task is None and not self._closing and time.monotonic() >= self._retry_at:
+            self.start()
+        if self.pid is None:
+            self.parser.feed(block)
+            return
+        self._sent.append(_Sent(block, mark))
+        self._out += len(block)
+        if self._writer is not None:
+            self._writer.write(_frame(block))
+        if self._out >= self.MAX_OUT and self._room is not None:
+            self._room.clear()
+
+    def mark(self) -> Any:
+        """The reader's position before the oldest block not yet added (None: all are)."""
+        return self._sent[0].mark if self._sent else None
+
+    def room(self) -> bool:
+        return self._out < self.MAX_OUT
+
+    async def wait_room(self) -> None:
+        """Until room() (the process answers, or ends and the worker parses what it held)."""
+        if self._room is None:
+            self._room = asyncio.Event()
+        while not self.room():
+            self._room.clear()
+            await self._room.wait()
+
+    def _freed(self) -> None:
+        if self._room is not None and self.room():
+            self._room.set()
+
+    async def _answers(self, pid: int, inp_w: int, out_r: int) -> None:
+        """The worker's side: the pipes opened on the event loop, each answer added to the parser in
+        a step; at the end (the process exited, or the pipe broke) it is reaped and what it had not
+        answered is parsed here."""
+        loop = asyncio.get_running_loop()
+        why = ""
+        try:
+            try:
+                self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(inp_w, "wb", buffering=0))
+            except BaseException:
+                os.close(out_r)
+                raise
+            for sent in self._sent:  # fed before the pipe was open
+                self._writer.write(_frame(sent.block))
+            if self._closing:  # stop() came first
+                self._writer.close()
+            answers = await _stream(os.fdopen(out_r, "rb", buffering=0))
+            while True:
+                head = await answers.readexactly(8)
+                parts = _HandOff(*marshal.loads(await answers.readexactly(int.from_bytes(head, "little"))))
+                async with _step():
+                    self._add(parts)
+        except asyncio.IncompleteReadError:  # it exited: asked to (stop()), or not
+            why = "" if self._closing and not self._sent else "ended"
+        except (OSError, ValueError, EOFError, TypeError) as exc:  # a broken pipe, an answer it could not have sent
+            why = f"ended ({type(exc).__name__}: {exc})"
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        how = await self._reap(pid, kill=bool(why))
+        if why:
+            self.ended += 1
+            self.state = (f"{why}, {how}, at {datetime.now(timezone.utc):%H:%M:%S} UTC: parsing in the app's worker; "
+                          f"a new one in {self.RESTART_S:.0f} s")
+            _log.warning("telemetry: the parse process %s", self.state)
+        else:
+            self.state = "stopped"
+        self.pid, self._retry_at = None, time.monotonic() + self.RESTART_S
+        await self._take_back()
+        self._task = None
+
+    def _add(self, parts: _HandOff) -> None:
+        sent = self._sent.popleft()
+        self._out -= len(sent.block)
+        self.parser.add_parts(parts.groups, parts.samples, _ParseStats(*parts.stats), parts.uncollected)
+        on_event = self.parser.on_event
+        if on_event is not None:
+            for fields in parts.events:
+                on_event(_Event(*fields))
+        self._freed()
+
+    async def _take_back(self) -> None:
+        """The blocks the process did not answer, parsed here, a block a step."""
+        while self._sent:
+            async with _step():
+                sent = self._sent.popleft()
+                self._out -= len(sent.block)
+                self.parser.feed(sent.block)
+        self._freed()
+
+    @staticmethod
+    async def _reap(pid: int, kill: bool) -> str:
+        """Wait for the process (bounded; killed first when kill, or when it lingers): how it ended."""
+        for sig in ((signal.SIGKILL,) if kill else ()) + (0, signal.SIGKILL):
+            if sig:
+                _signal_pid(pid, sig)
+            try:
+                _, status = await asyncio.wait_for(asyncio.to_thread(os.waitpid, pid, 0), 3.0)
+            except asyncio.TimeoutError:
+                continue
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored)
+                return "its exit status unknown"
+            code = os.waitstatus_to_exitcode(status)
+            return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return "not reaped"
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close the pipe: the process answers what it holds and exits; what it has not answered by
+        timeout is parsed here (and it is killed)."""
+        self._closing = True
+        task = self._task
+        if task is None:
+            return
+        if self._writer is not None:
+            self._writer.close()  # (what is buffered is written first)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            if self.pid is not None:
+                _signal_pid(self.pid, signal.SIGKILL)
+            await task
+
+
+def _parse_state(offload: _ParseProcess | None) -> str:
+    """healthz's word on where a reader's lines are parsed."""
+    return offload.state if offload is not None else "off: lines are parsed in the app's worker"
+
+
 class _LogSource(Protocol):
     """What the pipeline needs of a Caddy log reader: _CaddyReader (a command's output) or
     _CaddyLogFile (a file followed across rotations and restarts, from a checkpoint)."""
@@ -2120,14 +2411,6 @@ class _LogSource(Protocol):
         """A batch is stored or spooled."""
 
 
-async def _stream(pipe: Any) -> asyncio.StreamReader:
-    """An asyncio reader of a child's pipe (subprocess's), read on the event loop."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
-    return reader
-
-
 class _CaddyReader:
     """Runs one command whose stdout is Caddy JSON log lines and feeds them to the parser.
 
@@ -2140,9 +2423,11 @@ class _CaddyReader:
 
     LINE_LIMIT = 1 << 20  # longer lines are counted as malformed and skipped (asyncio's default is 64 KiB)
 
-    def __init__(self, command: str, parser: _CaddyParser, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: str, parser: _CaddyParser, env: dict[str, str] | None = None,
+                 offload: _ParseProcess | None = None) -> None:
         self.argv = shlex.split(command)
         self.parser = parser
+        self.offload = offload  # the parse process; None: lines are parsed in this worker
         self.env = env
         self.state = "idle"
         self.pid: int | None = None
@@ -2154,6 +2439,8 @@ class _CaddyReader:
         self._stopping = False
 
     def start(self) -> None:
+        if self.offload is not None:
+            self.offload.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-reader")
 
     async def _run(self) -> None:
@@ -2211,10 +2498,13 @@ class _CaddyReader:
                 self.take(blocks, chunk, access)
             if not chunk:
                 return
+            if self.offload is not None:
+                await self.offload.wait_room()
 
     def take(self, blocks: _LineBlocks, chunk: bytes, access: bool = True) -> None:
         """One read (b"" at the end of the stream) -> its whole lines parsed (see _feed_chunk())."""
-        _feed_chunk(self.parser, blocks, chunk, None if access else self._stderr_lines)
+        _feed_chunk(self.parser, blocks, chunk, (self.offload.feed if self.offload is not None else None) if access
+                    else self._stderr_lines)
 
     def _stderr_lines(self, block: bytes) -> None:
         access_lines = []  # stderr: Caddy's runtime log, unless someone logs access lines there
@@ -2245,12 +2535,14 @@ class _CaddyReader:
                 await asyncio.wait_for(asyncio.shield(self._task), 2.0)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.offload is not None:
+            await self.offload.stop(timeout)
         self.state = "stopped"
 
     def health(self) -> _ReaderHealth:
         st = self.parser.stats
         return _ReaderHealth(self.state, self.pid, self.restarts, self.last_exit, self.last_error, st.lines, st.access,
-                             st.malformed, st.last_line_at or None)
+                             st.malformed, st.last_line_at or None, parse_process=_parse_state(self.offload))
 
     # --- positions: a command's output has none to resume from ------------------------------------
     def cursor(self) -> dict[str, Any] | None:
@@ -2332,9 +2624,10 @@ class _CaddyLogFile:
     STOP_READ_S = 1.0
 
     def __init__(self, path: str, parser: _CaddyParser, checkpoint: Path,
-                 room: Callable[[], bool] = lambda: True) -> None:
+                 room: Callable[[], bool] = lambda: True, offload: _ParseProcess | None = None) -> None:
         self.path = path
         self.parser = parser
+        self.offload = offload  # the parse process; None: lines are parsed in this worker
         self.checkpoint = checkpoint
         #: Whether the pipeline takes more lines now (its memory caps): a backlog is read no faster.
         self.room = room
@@ -2357,12 +2650,30 @@ class _CaddyLogFile:
 
     def start(self) -> None:
         self._resume()
+        if self.offload is not None:
+            self.offload.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-log-file")
 
     def cursor(self) -> dict[str, Any]:
-        """Where a restart may resume: after the last whole line handed to the parser."""
+        """Where a restart may resume: after the last whole line added to the parser (a block the
+        parse process has not answered yet is not)."""
+        held = self.offload.mark() if self.offload is not None else None
+        return held if held is not None else self._read_to()
+
+    def _read_to(self) -> dict[str, Any]:
+        """After the last whole line read."""
         pos = self._read - (0 if self._blocks.skipping else len(self._blocks.rest))
         return {"dev": self._ident[0], "ino": self._ident[1], "pos": pos, "path": self.path}
+
+    def _feed(self, chunk: bytes, mark: dict[str, Any]) -> None:
+        """A read (b"": the file's end) -> its whole lines to the parser, or to the parse process
+        with mark, the position before the read (its lines start there or later)."""
+        offload = self.offload
+        _feed_chunk(self.parser, self._blocks, chunk,
+                    None if offload is None else functools.partial(offload.feed, mark=mark))
+
+    def _has_room(self) -> bool:
+        return self.room() and (self.offload is None or self.offload.room())
 
     def on_pending(self, batch: _Batch) -> None:
         """A batch is about to go to the store or the spool: named in the checkpoint with its cursor."""
@@ -2501,7 +2812,7 @@ class _CaddyLogFile:
             if not more:
                 await asyncio.sleep(self.POLL_S)
                 continue
-            while not self.room():
+            while not self._has_room():
                 await asyncio.sleep(self.WAIT_S)
 
     def poll(self) -> None:
@@ -2547,13 +2858,14 @@ class _CaddyLogFile:
             chunk = os.read(self._fd, 1 << 16)
             if not chunk:
                 return True
+            mark = self._read_to()
             self._read += len(chunk)
             self._read_total += len(chunk)
             now = time.monotonic()
             self._timed.append((now, len(chunk)))
             while now - self._timed[0][0] > 5.0:  # the pace of the last 5 s is all behind() needs
                 self._timed.popleft()
-            _feed_chunk(self.parser, self._blocks, chunk)
+            self._feed(chunk, mark)
             if chunks is not None:
                 chunks -= 1
         return False
@@ -2576,7 +2888,7 @@ class _CaddyLogFile:
 
     def _finish_file(self) -> None:
         """The open file will get no more lines: its last one, if it has no newline, is whole."""
-        _feed_chunk(self.parser, self._blocks, b"")
+        self._feed(b"", self._read_to())
 
     def _next_file(self) -> bool:
         """The open file is done: on to the file at the path, from its start (read by the next
@@ -2591,15 +2903,24 @@ class _CaddyLogFile:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Read on towards the file's current end, for STOP_READ_S at most (what is left then is
-        read at the next start, from the checkpoint), then stop following it."""
+        read at the next start, from the checkpoint), then stop following it; the parse process
+        answers what it was sent (what it cannot by the timeout is parsed here)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        deadline = time.monotonic() + min(self.STOP_READ_S, timeout)
+        began = time.monotonic()
+        deadline = began + min(self.STOP_READ_S, timeout)
         with contextlib.suppress(OSError):
-            while self.step(16) and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                if self.offload is not None and not self.offload.room():
+                    await asyncio.sleep(self.WAIT_S)
+                    continue
+                if not self.step(16):
+                    break
                 await asyncio.sleep(0)
         self._close()
+        if self.offload is not None:
+            await self.offload.stop(max(timeout - (time.monotonic() - began), 1.0))
         self.state = "stopped"
 
     #: A reader this far behind the file's end (bytes) is catching up: the page and healthz say so.
@@ -2617,7 +2938,7 @@ class _CaddyLogFile:
         return _ReaderHealth(self.state, None, 0, None, self.last_error, st.lines, st.access, st.malformed,
                              st.last_line_at or None, self.path, self.lost, self.checkpoint_error, self.rotations,
                              self.truncations, self.cursor()["pos"], left, None if eta is None else round(eta, 1),
-                             catching_up)
+                             catching_up, _parse_state(self.offload))
 
 
 # ================================================================================================
@@ -7204,10 +7525,11 @@ class _Pipeline:
         self.reader: _LogSource | None = None  # in the one worker that reads Caddy's log
         self._cursor: dict[str, Any] | None = None  # the log file's position as of the last collection
         if reads_log and config.caddy_log_command:
-            self.reader = _CaddyReader(config.caddy_log_command, self.parser)
+            self.reader = _CaddyReader(config.caddy_log_command, self.parser, offload=self._offload())
         elif reads_log and config.caddy_log_file:
             self.reader = _CaddyLogFile(config.caddy_log_file, self.parser,
-                                        _status_dir(config.db) / "caddy-log.checkpoint", room=self.has_room)
+                                        _status_dir(config.db) / "caddy-log.checkpoint", room=self.has_room,
+                                        offload=self._offload())
         if self.reader is not None:
             self.writer.on_durable = self.reader.on_durable
             self.writer.on_pending = self.reader.on_pending
@@ -7229,6 +7551,10 @@ class _Pipeline:
         #: The judge of the alerts, in the worker that reads the log (the others read its file)
         self.alerts: _Alerts | None = None
         self._judges = reads_log
+
+    def _offload(self) -> _ParseProcess | None:
+        """The reader's parse process, where fork() is (not with --parse-in-worker)."""
+        return None if self.config.parse_in_worker or not hasattr(os, "fork") else _ParseProcess(self.parser)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self, app: Any, link: str = "") -> None:

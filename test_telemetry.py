@@ -1619,6 +1619,105 @@ def test_route_resolver_maps_raw_paths_to_app_routes():
     assert 0 < len(parser._series) <= t._CaddyParser.SERIES_CACHE
 
 
+def _parsed(parser: Any, events: list) -> tuple:
+    """What a parser read, comparable: its runs (durations sorted), counters and events."""
+    runs = sorted((r.slot, r.route, r.method, r.status, tuple(sorted(r.durations)), r.nbytes) for r in parser.collect())
+    st = parser.stats
+    return runs, (st.lines, st.access, st.ignored, st.malformed), sorted((e.ts, e.path, e.kind) for e in events)
+
+
+def test_the_parse_process_adds_what_the_worker_would_and_a_kill_loses_nothing(tmp_path):
+    """Caddy's log parsed in a process of its own adds exactly what the worker's own parse would:
+    the same series-second groups, samples, events (5xx, slow) and counts. Killed midway, it loses
+    nothing and counts nothing twice (the blocks it had not answered are parsed in the worker, and
+    a new process is forked for the next); healthz's word names how it ended; it holds none of
+    the app's descriptors; stop() ends it and reaps it."""
+    app = t.create_app(t.Config(db=":memory:"), name="parse_process_test")
+    app.router.finalize()
+    rng, now = random.Random(7), time.time()
+    lines = [access_line(now - rng.random() * 120, rng.choice(["GET", "GET", "POST"]),
+                         rng.choice(["/api/ping", f"/api/items/{rng.randint(1, 10 ** 6)}", f"/scan/{rng.random()}",
+                                     f"/api/items/{rng.randint(1, 9)}?q=1"]),
+                         rng.choice([200, 200, 404, 503]), rng.choice([0.002, 0.004, 0.9]), rng.randint(0, 999))
+             for _ in range(6000)]
+    lines[::97] = ["{broken"] * len(lines[::97])
+    blocks = ["\n".join(lines[i:i + 60]).encode() for i in range(0, len(lines), 60)]
+    events_here: list = []
+    here = t._CaddyParser(t._RouteResolver(app.router), events_here.append)
+    for block in blocks:
+        here.feed(block)
+    listening = socket.create_server(("127.0.0.1", 0))  # the app's: the process must not hold it
+
+    async def offloaded() -> tuple:
+        events: list = []
+        parser = t._CaddyParser(t._RouteResolver(app.router), events.append)
+        proc = t._ParseProcess(parser)
+        proc.RESTART_S = 0.0
+        proc.start()
+        first = proc.pid
+        for block in blocks[:40]:
+            proc.feed(block)
+        await until(lambda: not proc._sent, 20, "the first 40 blocks answered")
+        assert parser.stats.lines == sum(b.count(b"\n") + 1 for b in blocks[:40])  # added, not parsed here
+        fds = set(os.listdir(f"/proc/{first}/fd"))
+        assert str(listening.fileno()) not in fds and len(fds) <= 5, fds
+        os.kill(first, signal.SIGKILL)
+        for block in blocks[40:70]:  # to the dead process (taken back), or here once it is known dead
+            proc.feed(block)
+        ended = await until(lambda: proc.pid is None and proc.state, 10, "the kill noticed")
+        await until(lambda: proc._task is None, 10, "the blocks it held parsed here")
+        for block in blocks[70:]:
+            proc.feed(block)
+        second = proc.pid
+        await proc.stop(10)
+        return parser, events, ended, first, second, proc.state, proc.ended
+
+    try:
+        parser, events, ended, first, second, state, times = asyncio.run(offloaded())
+    finally:
+        listening.close()
+    assert "killed by SIGKILL" in ended and "parsing in the app's worker" in ended and times == 1, ended
+    assert second not in (None, first) and state == "stopped"
+    assert not pid_alive(first) and not pid_alive(second)
+    mine, theirs = _parsed(here, events_here), _parsed(parser, events)
+    assert mine[1] == theirs[1] and mine[1][0] == len(lines) and mine[1][3] == len(lines[::97])
+    assert mine[2] == theirs[2] and len(mine[2]) > 1000  # every 5xx and slow request, once
+    assert mine[0] == theirs[0]
+
+
+def test_the_log_files_checkpoint_never_runs_ahead_of_what_the_parse_process_answered(tmp_path):
+    """--caddy-log-file with the parse process: while a block is out (the process stopped with
+    SIGSTOP), the position a batch would carry stays before its lines; once answered, it moves to
+    the end of what was read, and every line is counted."""
+    app = t.create_app(t.Config(db=":memory:"), name="parse_process_cursor")
+    app.router.finalize()
+    log_ = tmp_path / "access.log"
+    log_.write_bytes(b"")
+
+    async def run() -> None:
+        parser = t._CaddyParser(t._RouteResolver(app.router))
+        proc = t._ParseProcess(parser)
+        src = t._CaddyLogFile(str(log_), parser, tmp_path / "checkpoint", offload=proc)
+        src.start()
+        try:
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGSTOP)
+            now = time.time()
+            with open(log_, "ab") as f:
+                f.write("".join(access_line(now, uri=f"/api/items/{i}") + "\n" for i in range(500)).encode())
+            size = log_.stat().st_size
+            await until(lambda: src._read == size, 10, "the lines read and sent")
+            assert src.cursor()["pos"] == 0 and parser.stats.lines == 0 and src.health().position == 0
+            os.kill(proc.pid, signal.SIGCONT)
+            await until(lambda: parser.stats.lines == 500, 10, "the lines answered")
+            assert src.cursor()["pos"] == size and parser.stats.access == 500
+        finally:
+            await src.stop(5)
+        assert proc.state == "stopped" and proc.pid is None
+
+    asyncio.run(run())
+
+
 def test_reader_command_counts_bad_lines_and_finishes_with_its_file(tmp_path):
     now = time.time()
     log_file = tmp_path / "access.log"
@@ -1708,7 +1807,7 @@ def test_log_file_a_crash_between_the_store_and_the_checkpoint_reads_no_line_twi
         wire = {"influxdb_url": fake.url, "influxdb_token": fake.token, "influxdb_org": fake.org,
                 "influxdb_bucket": BUCKET}
     config = t.Config(db=str(tmp_path / "telemetry.db"), caddy_log_file=str(log_.path),
-                      spool_dir=str(tmp_path / "spool"), **wire)
+                      spool_dir=str(tmp_path / "spool"), parse_in_worker=True, **wire)  # (poll() parses at once)
 
     async def run(crash: bool) -> int:
         tel = t._Pipeline(config, reads_log=True)
@@ -3510,8 +3609,8 @@ def test_browser_login_form_without_js(page, tmp_path):
 
         def summary():
             return json.loads(http("GET", demo.app + "/telemetry/api/summary?range=5m", headers=auth)[1])
-        s = wait_for(lambda: (lambda s: s if s["sources"]["sanic"]["requests"] == 5 else None)(summary()), 2.0,
-                     "5 requests (4 + the readiness probe)")
+        s = wait_for(lambda: (lambda s: s if s["sources"]["sanic"]["requests"] == s["sources"]["caddy"]["requests"]
+                              == 5 else None)(summary()), 2.0, "5 requests (4 + the readiness probe) from each source")
         since = page.load(demo.app + "/telemetry/?range=5m&refresh=0")
         assert page.query("form.login") and page.query("script") == [], "no login form"
         (field,) = page.query("input#token")
@@ -3691,20 +3790,27 @@ def _listening_inode(port: int) -> int:
 
 
 @needs_caddy
-def test_the_caddy_child_holds_no_descriptor_of_the_app(tmp_path):
+def test_the_caddy_child_and_the_parse_process_hold_no_descriptor_of_the_app(tmp_path):
     """Caddy, the app's child, gets none of the app's descriptors (it held the app's listening
-    socket for its whole life: the event loop's subprocesses pass on every inheritable one)."""
+    socket for its whole life: the event loop's subprocesses pass on every inheritable one); nor
+    does the parse process, forked from the app (it closes them first); and each ends with it."""
     demo = Demo(tmp_path)
     try:
-        (caddy,) = [int(p) for p in Path(f"/proc/{demo.proc.pid}/task/{demo.proc.pid}/children").read_text().split()]
-        held = {os.readlink(f"/proc/{caddy}/fd/{fd}") for fd in os.listdir(f"/proc/{caddy}/fd")}
+        parser = int(re.fullmatch(r"running \(pid (\d+)\)", demo.health()["reader"]["parse_process"]).group(1))
+        children = [int(p) for p in Path(f"/proc/{demo.proc.pid}/task/{demo.proc.pid}/children").read_text().split()]
+        assert parser in children and len(children) == 2, children
         app_socket = f"socket:[{_listening_inode(demo.port)}]"
-        assert app_socket in {os.readlink(f"/proc/{demo.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{demo.proc.pid}/fd")}
-        assert app_socket not in held, held
         mine = {os.readlink(f"/proc/{demo.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{demo.proc.pid}/fd")}
-        assert not {h for h in held & mine if h.startswith("socket:")}, held & mine  # no socket of the app at all
+        assert app_socket in mine
+        for child in children:
+            held = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
+            assert app_socket not in held, held
+            assert not {h for h in held & mine if h.startswith("socket:")}, held & mine  # no socket of the app at all
+            if child == parser:  # stdin, stdout, stderr and its two pipes
+                assert len(held) <= 5 and not any(h.endswith((".db", ".db-wal")) for h in held), held
     finally:
         assert demo.stop() == 0
+    assert not any(pid_alive(child) for child in children)
 
 
 def test_e2e_two_workers_count_once(tmp_path):
