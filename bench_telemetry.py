@@ -114,7 +114,10 @@ never asserts, and it exits 0.
               following a log file that a writer on the other CPU appends 20,000 of the ingest
               part's lines a second to (each stamped as written), loaded together by wrk on the
               other CPU, several sets of fresh processes: throughput following / not (goal: a drop
-              of at most 10%), per CPU-second too, and the lines it read.
+              of at most 10%), per CPU-second too, and the lines it read; the parse process's CPU
+              per line and its memory (its own pages, RSS, PSS). Its parse process runs on CPU 0
+              (it inherits the server's CPU), then on CPU 1 (a machine with a core to spare); with
+              --against, that build's pair in the same sets.
 --against REV|DIR compares this build with another in the same run: a git revision of this
 repository (its telemetry.py, dashboard.css and Caddyfile) or a folder holding them. The hot path
 loads a fourth server, instrumented with that build, in every set (figures paired per set); ingest
@@ -519,11 +522,12 @@ with open(sys.argv[2], "ab", buffering=0) as out:
 
 
 def follow_set(tmp: Path, n: int, rounds: int, secs: int, rate: int, lines_file: Path,
-               build: Path = HERE) -> dict[str, Any]:
+               build: Path = HERE, parser_cpu: int | None = None) -> dict[str, Any]:
     """Two instrumented servers of a build on CPU 0, one following a log file that a writer on
     the other CPU appends `rate` lines/s to, loaded together by wrk on the other CPU: the median
     throughput ratio (following / not), per CPU-second too, the lines it read, and its parse
-    process's CPU per line and memory (when it has one)."""
+    process's CPU per line and memory (when it has one). The parse process runs where the server
+    runs (it inherits its CPU), or on parser_cpu: a machine with a core to spare."""
     ports = {m: free_port() for m in ("plain", "following")}
     log = tmp / f"follow-{n}.log"
     log.write_bytes(b"")
@@ -541,6 +545,8 @@ def follow_set(tmp: Path, n: int, rounds: int, secs: int, rate: int, lines_file:
                        tmp / f"follow-writer-{n}.log")
         wrk_both(ports, 1, 1)  # warm-up
         parser_pid = parse_process_pid(ports["following"])
+        if parser_pid and parser_cpu is not None:
+            os.sched_setaffinity(parser_pid, {parser_cpu})
         ratio, per_cpu, parse_cpu, lines0 = [], [], 0.0, reader_lines(ports["following"])
         for _ in range(rounds):
             c0 = {m: cpu_seconds(s.proc.pid) for m, s in servers.items()}
@@ -590,11 +596,12 @@ def bench_follow(quick: bool, tmp: Path) -> None:
     (tmp / "follow_writer.py").write_text(FOLLOW_WRITER_SRC)
     lines_file = tmp / "follow-lines.log"
     lines_file.write_bytes(b"".join(diverse_lines(rate * (rounds * secs + 12))))
-    builds = [("this build", HERE)] + ([(f"against {AGAINST.name}", AGAINST)] if AGAINST is not None else [])
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in builds}
+    builds = [("this build", HERE, None), ("this build, its parse process on CPU 1", HERE, 1)] \
+        + ([(f"against {AGAINST.name}", AGAINST, None)] if AGAINST is not None else [])
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in builds}
     for n in range(sets):
-        for name, build in builds:  # in turns, one pair at a time
-            r = follow_set(tmp, n, rounds, secs, rate, lines_file, build)
+        for name, build, parser_cpu in builds:  # in turns, one pair at a time
+            r = follow_set(tmp, n, rounds, secs, rate, lines_file, build, parser_cpu)
             results[name].append(r)
             mem = r["parser_mem"]
             print(f"  set {n + 1}/{sets} [{name}]: following {rate:,} lines/s / not, app throughput {r['ratio']:.3f} "

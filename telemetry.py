@@ -68,6 +68,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import functools
 import gc
 import glob
@@ -835,6 +836,18 @@ class _Gate:
 
 #: The gate's share is waived while the app has served none of its own requests this long (s).
 _APP_QUIET_S = 1.0
+
+@functools.cache  # once per process
+def _freeze_start_up() -> None:
+    """As the first pipeline starts (before the server serves): what the start-up made and keeps
+    (the app's modules, routes and handlers, Sanic's, this module's; some 50,000 objects in the
+    demo) is moved out of the cyclic collector's way (gc.collect(), then gc.freeze()). CPython's
+    full collection walks every tracked object, on the event loop, and a burst of telemetry's
+    work brings them more often: those objects were two thirds of what each walked, and the walk
+    was the app's longest wait in a burst (45-63 ms). They are never freed by the collector after
+    this (they live as long as the app does anyway); what is made later is collected as before."""
+    gc.collect()
+    gc.freeze()
 
 #: One gate per event loop (tests and tools run several loops, one after another).
 _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gate] = weakref.WeakKeyDictionary()
@@ -1983,6 +1996,20 @@ class _CaddyParser:
         st.last_line_at = max(st.last_line_at, stats.last_line_at)
         st.last_malformed = stats.last_malformed or st.last_malformed
 
+    def pack(self) -> bytes:
+        """What this parser read since the last call (its groups and samples; not its counters),
+        taken out of it and packed by marshal: bytes, which CPython's collector never walks. POST
+        /ingest packs a body's pieces as it reads them, and adds them once the whole body is in
+        (add_packed()): a burst's bodies held tens of thousands of lists meanwhile, and every full
+        collection walked them all, on the event loop."""
+        data = marshal.dumps((self._groups, self._samples, self.uncollected))
+        self._groups, self._samples, self.uncollected = {}, [], 0
+        return data
+
+    def add_packed(self, data: bytes) -> None:
+        groups, samples, uncollected = marshal.loads(data)
+        self.add_parts(groups, samples, _ParseStats(), uncollected)
+
     def hand_off(self, events: list[_Event]) -> _HandOff:
         """What this parser read since the last call, with the events it made (and clears), as
         plain values that marshal carries (the parse process's answer, _ParseProcess); its
@@ -2141,9 +2168,9 @@ def _open_fds() -> list[int]:
         return list(range(1024))
 
 
-def _frame(data: bytes) -> bytes:
+def _frame(data: bytes) -> tuple[bytes, bytes]:
     """A message on the parse process's pipes: its length (8 bytes), then itself."""
-    return len(data).to_bytes(8, "little") + data
+    return len(data).to_bytes(8, "little"), data
 
 
 def _parse_child(worker: _CaddyParser, inp: int, out: int) -> None:  # pragma: no cover - the forked child
@@ -2169,7 +2196,7 @@ def _parse_child(worker: _CaddyParser, inp: int, out: int) -> None:  # pragma: n
         if len(head) < 8:
             return
         parser.feed(src.read(int.from_bytes(head, "little")))
-        view = memoryview(_frame(marshal.dumps(tuple(parser.hand_off(events)))))
+        view = memoryview(b"".join(_frame(marshal.dumps(tuple(parser.hand_off(events))))))
         while view:
             view = view[os.write(out, view):]
 
@@ -2204,6 +2231,11 @@ class _ParseProcess:
 
     MAX_OUT = 4 << 20
     RESTART_S = 5.0
+    #: A reader's read while the process parses (bytes): the worker's cost is per read (a step, a
+    #: copy, a write to the pipe, an answer), and a read's answer is added in one step (~0.2 ms).
+    READ = 1 << 18
+    #: Its pipes' size (Linux: F_SETPIPE_SZ, up to fs.pipe-max-size): a read fits in one write.
+    PIPE = 1 << 20
 
     def __init__(self, parser: _CaddyParser) -> None:
         self.parser = parser
@@ -2225,6 +2257,9 @@ class _ParseProcess:
         try:
             inp_r, inp_w = os.pipe()
             out_r, out_w = os.pipe()
+            for fd in (inp_w, out_w):
+                with contextlib.suppress(OSError, AttributeError):  # (a smaller pipe only costs more writes)
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, self.PIPE)
             with warnings.catch_warnings():  # (3.12+ warns of fork() beside threads: the child runs none of theirs)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
@@ -2259,7 +2294,7 @@ class _ParseProcess:
         self._sent.append(_Sent(block, mark))
         self._out += len(block)
         if self._writer is not None:
-            self._writer.write(_frame(block))
+            self._writer.writelines(_frame(block))
         if self._out >= self.MAX_OUT and self._room is not None:
             self._room.clear()
 
@@ -2295,7 +2330,7 @@ class _ParseProcess:
                 os.close(out_r)
                 raise
             for sent in self._sent:  # fed before the pipe was open
-                self._writer.write(_frame(sent.block))
+                self._writer.writelines(_frame(sent.block))
             if self._closing:  # stop() came first
                 self._writer.close()
             answers = await _stream(os.fdopen(out_r, "rb", buffering=0))
@@ -2486,14 +2521,15 @@ class _CaddyReader:
             _log.warning("telemetry: %s; restarting", self.last_error)
 
     async def _pump(self, stream: asyncio.StreamReader | None, access: bool) -> None:
-        """Read in chunks (whatever is there, up to 64 KiB: no wait for a full chunk) and parse the
-        complete lines of each chunk in one call: a readline() per line would cost more than the
-        parse. A line longer than LINE_LIMIT is skipped through its newline and counted."""
+        """Read in chunks (whatever is there, up to 64 KiB, or _ParseProcess.READ for the parse
+        process: no wait for a full chunk) and parse the complete lines of each chunk in one call: a
+        readline() per line would cost more than the parse. A line longer than LINE_LIMIT is
+        skipped through its newline and counted."""
         if stream is None:
             return
         blocks = _LineBlocks(self.LINE_LIMIT)
         while True:
-            chunk = await stream.read(1 << 16)
+            chunk = await stream.read(_ParseProcess.READ if self.offload is not None and access else 1 << 16)
             async with _step():
                 self.take(blocks, chunk, access)
             if not chunk:
@@ -2799,9 +2835,10 @@ class _CaddyLogFile:
             self._fd = None
 
     async def _run(self) -> None:
-        """Follow the file: a read of 64 KiB is a step, with a yield to the event loop after each
-        (a backlog of millions of lines is read while the app answers its requests); while the
-        pipeline has no room for more (room()), wait for it; at the file's end, poll every POLL_S."""
+        """Follow the file: a read of 64 KiB (_ParseProcess.READ for the parse process) is a
+        step, with a yield to the event loop after each (a backlog of millions of lines is read
+        while the app answers its requests); while the pipeline has no room for more (room()), wait
+        for it; at the file's end, poll every POLL_S."""
         while True:
             try:
                 async with _step():
@@ -2821,7 +2858,7 @@ class _CaddyLogFile:
             pass
 
     def step(self, chunks: int | None) -> bool:
-        """Read on (at most `chunks` reads of 64 KiB, None: to the end); at the open file's end,
+        """Read on (at most `chunks` reads, None: to the end); at the open file's end,
         follow a rotation or a truncation. True when there is more to read now."""
         if self._fd is None:
             if _file_ident(self.path) is None:
@@ -2855,7 +2892,7 @@ class _CaddyLogFile:
         if self._fd is None:
             return True
         while chunks is None or chunks > 0:
-            chunk = os.read(self._fd, 1 << 16)
+            chunk = os.read(self._fd, 1 << 16 if self.offload is None else _ParseProcess.READ)
             if not chunk:
                 return True
             mark = self._read_to()
@@ -2915,7 +2952,7 @@ class _CaddyLogFile:
                 if self.offload is not None and not self.offload.room():
                     await asyncio.sleep(self.WAIT_S)
                     continue
-                if not self.step(16):
+                if not self.step(16 if self.offload is None else 1):
                     break
                 await asyncio.sleep(0)
         self._close()
@@ -7580,6 +7617,7 @@ class _Pipeline:
         cls = type(app)
         base = cls.base_handle()
         cls.install(self.sanic, self.sanic.timed_hook(base) if other else self.sanic.hook(base))
+        _freeze_start_up()
 
     async def _resolve_pending(self, reader: _LogSource) -> None:
         """The batch the log file's checkpoint names as pending when the last run ended: if the
@@ -8240,7 +8278,7 @@ async def _ingest(request: Any) -> Any:
         else:
             overflow[0] += 1
     parser = _CaddyParser(tel.parser.resolve, keep, tel.parser.slow_s, max_age=tel.parser.max_age)
-    blocks, held = _LineBlocks(_CaddyReader.LINE_LIMIT), 0
+    blocks, held, packed = _LineBlocks(_CaddyReader.LINE_LIMIT), 0, []
     try:
         async for chunk in _body_chunks(request):
             if held + len(chunk) > limit:
@@ -8254,6 +8292,7 @@ async def _ingest(request: Any) -> Any:
             held += len(chunk)
             async with _step():  # a piece parsed is a step: the app's requests go between
                 _feed_chunk(parser, blocks, chunk)
+                packed.append(parser.pack())
         _feed_chunk(parser, blocks, b"")
     except _BodyStalled:
         _end_connection(request)
@@ -8262,6 +8301,9 @@ async def _ingest(request: Any) -> Any:
     finally:
         tel.ingest_held -= held
     st = parser.stats
+    for data in packed:  # a piece a step
+        async with _step():
+            tel.parser.add_packed(data)
     await tel.parser.absorb_steps(parser)
     tel.aggregator.events_dropped += overflow[0]
     for e in events:

@@ -14,6 +14,7 @@ import base64
 import bisect
 import contextlib
 import csv
+import gc
 import gzip
 import html as htmlmod
 import itertools
@@ -1683,6 +1684,55 @@ def test_the_parse_process_adds_what_the_worker_would_and_a_kill_loses_nothing(t
     assert mine[1] == theirs[1] and mine[1][0] == len(lines) and mine[1][3] == len(lines[::97])
     assert mine[2] == theirs[2] and len(mine[2]) > 1000  # every 5xx and slow request, once
     assert mine[0] == theirs[0]
+
+
+def test_a_bodys_reads_held_packed_add_what_they_read_and_hold_no_list_meanwhile():
+    """POST /ingest packs each piece of a body as it is parsed (pack(): marshal bytes) and adds the
+    pieces once the body is whole: the same runs and counts as the parser's own, and no list or
+    dict held meanwhile for the collector to walk (a burst's bodies held tens of thousands)."""
+    app = t.create_app(t.Config(db=":memory:"), name="packed_test")
+    app.router.finalize()
+    rng, now = random.Random(3), time.time()
+    pieces = ["\n".join(access_line(now - rng.random() * 90, uri=f"/api/items/{rng.randint(1, 10 ** 6)}",
+                                     status=rng.choice([200, 404]), duration=rng.random() / 10) for _ in range(200))
+              for _ in range(20)]
+    whole, reader = t._CaddyParser(t._RouteResolver(app.router)), t._CaddyParser(t._RouteResolver(app.router))
+    packed = []
+    for piece in pieces:
+        whole.feed(piece)
+        reader.feed(piece)
+        packed.append(reader.pack())
+        assert reader._groups == {} and reader.uncollected == 0
+    assert all(not gc.is_tracked(data) for data in packed)
+    into = t._CaddyParser(t._RouteResolver(app.router))
+    for data in packed:
+        into.add_packed(data)
+    into.absorb(reader)  # the counters, and what the last piece left
+    assert into.uncollected == whole.uncollected == 4000
+    assert _parsed(into, [])[:2] == _parsed(whole, [])[:2]  # the runs; lines, access, ignored, malformed
+
+
+def test_the_start_ups_objects_are_frozen_out_of_full_collections_and_later_garbage_is_still_collected():
+    """As the first pipeline starts, what the start-up made (the app, its routes, Sanic) leaves the
+    collector's generations (a full collection walks each of them, on the event loop, and a burst
+    brings them more often); a cycle made afterwards is still collected."""
+    script = textwrap.dedent("""
+        import gc, sys, weakref
+        sys.path.insert(0, sys.argv[1])
+        import telemetry as t
+        app = t.create_app(t.Config(db=":memory:"), name="frozen")
+        app.router.finalize()
+        walked = len(gc.get_objects())
+        t._freeze_start_up()
+        t._freeze_start_up()  # once per process
+        class Node: pass
+        node = Node(); node.me = node; ref = weakref.ref(node); del node
+        gc.collect()
+        print(gc.get_freeze_count() > 20000, any(o is app.router for o in gc.get_objects()), ref() is None,
+              len(gc.get_objects()) < walked / 10)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(HERE)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "False", "True", "True"], out.stdout + out.stderr
 
 
 def test_the_log_files_checkpoint_never_runs_ahead_of_what_the_parse_process_answered(tmp_path):
