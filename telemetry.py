@@ -41,7 +41,8 @@ with no install step.
 Sections, in the order data flows; each uses only those above it (grep for the banner):
     # === Config          settings, validation, the dashboard's ranges
     # === Model           units (seconds), the log-scale histogram, series runs, rollups, events, batches
-    # === Sources         the Sanic hook (_SanicSource), Caddy's log: parser, command reader, file follower
+    # === Sources         the Sanic hook (_SanicSource), Caddy's log: parser, the parse process,
+    #                     command reader, file follower
     # === Aggregator      series runs -> rollups per second and series -> one batch per flush
     # === Writer          disk spool and dead-letter file, failure classes, the bounded writer
     # === Stores          the _Store protocol; _SQLiteStore (embedded), _InfluxStore (line protocol, Flux)
@@ -53,7 +54,8 @@ Sections, in the order data flows; each uses only those above it (grep for the b
     # === Command line    main(), `flux`, `alerts --check`
 
 Where to start reading: instrument() (Wiring) attaches everything; _Pipeline runs one worker's
-share; _SanicSource.hook() is what a request pays; _CaddyParser.feed() is the reader's work;
+share; _SanicSource.hook() is what a request pays; _CaddyParser.feed() is the reader's work,
+done in a process of its own forked by the reading worker (_ParseProcess; --parse-in-worker: not);
 _Aggregator.add() makes rollups; _Writer._run() moves batches to a store. Durations are seconds
 everywhere inside and in the stores; only the JSON (latency_ms) and the page show milliseconds.
 """
@@ -840,13 +842,14 @@ _APP_QUIET_S = 1.0
 @functools.cache  # once per process
 def _freeze_start_up() -> None:
     """As the first pipeline starts (before the server serves): what the start-up made and keeps
-    (the app's modules, routes and handlers, Sanic's, this module's; some 50,000 objects in the
-    demo) is moved out of the cyclic collector's way (gc.collect(), then gc.freeze()). CPython's
+    (the app's modules, routes and handlers, Sanic's, this module's; some 36,000 objects in the
+    demo) is moved out of the cyclic collector's way (gc.freeze(), a fraction of a ms). CPython's
     full collection walks every tracked object, on the event loop, and a burst of telemetry's
     work brings them more often: those objects were two thirds of what each walked, and the walk
-    was the app's longest wait in a burst (45-63 ms). They are never freed by the collector after
-    this (they live as long as the app does anyway); what is made later is collected as before."""
-    gc.collect()
+    was the app's longest wait in a burst (39-59 ms). They are never freed by the collector after
+    this (they live as long as the app does anyway; a collection first found no garbage among
+    them, and would delay the first request by 11-15 ms); what is made later is collected as
+    before."""
     gc.freeze()
 
 #: One gate per event loop (tests and tools run several loops, one after another).
@@ -1979,13 +1982,7 @@ class _CaddyParser:
     def add_parts(self, groups: dict[tuple, list], samples: list[tuple], stats: _ParseStats, uncollected: int) -> None:
         """Add what another parser read (its groups, samples, counters: absorb(), or a hand_off()
         of the parse process's parser)."""
-        mine = self._groups
-        for key, g in groups.items():
-            have = mine.get(key)
-            if have is None:
-                mine[key] = g
-            else:
-                have += g
+        self._merge(groups)
         self._samples += samples
         self.uncollected += uncollected
         st = self.stats
@@ -2028,14 +2025,18 @@ class _CaddyParser:
                 part = dict(itertools.islice(other._groups.items(), step))
                 for key in part:
                     del other._groups[key]
-                groups = self._groups
-                for key, g in part.items():
-                    mine = groups.get(key)
-                    if mine is None:
-                        groups[key] = g
-                    else:
-                        mine += g
+                self._merge(part)
         self.absorb(other)
+
+    def _merge(self, groups: dict[tuple, list]) -> None:
+        """Another parser's groups into this one's (a series-second both have: its lists joined)."""
+        mine = self._groups
+        for key, g in groups.items():
+            have = mine.get(key)
+            if have is None:
+                mine[key] = g
+            else:
+                have += g
 
     def too_long(self, limit: int) -> None:
         """A line longer than limit was skipped before it reached feed(): one malformed line."""
