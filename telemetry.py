@@ -1165,14 +1165,20 @@ class _RouteResolver:
         self._compiled_from: Any = None  # the router's find_route the finder was made from
         self._shapes: dict[int, tuple[Any, _RouteShape]] = {}  # id(route) -> (the route, its shape)
 
-    def __call__(self, method: str, path: str) -> str:
+    def ready(self) -> None:
+        """The finder compiled from the router as it is now, if it is not yet: the pipeline's start
+        calls it before the server serves (200 routes took 48 ms, which the first line to arrive
+        waited for, on the event loop; the parse process, forked later, inherits it too)."""
         router = self.router
-        if router is None:
-            return _UNMATCHED
         found = getattr(router, "find_route", None)
         if found is not self._compiled_from:  # finalized (again) since: its routes may differ
             self._compiled_from, self._finder = found, _compiled_finder(router) if found is not None else None
             self._shapes.clear()
+
+    def __call__(self, method: str, path: str) -> str:
+        if self.router is None:
+            return _UNMATCHED
+        self.ready()
         if self._finder is None:
             return self._resolve_by_get(method, path)
         try:
@@ -7554,7 +7560,8 @@ class _Pipeline:
         self.instance = _worker_instance(config.instance)
         self.aggregator = _Aggregator(self.instance, config.max_routes)
         self.sanic = _SanicSource(config.slow_ms / 1000.0, self.aggregator.event)
-        self.parser = _CaddyParser(_RouteResolver(app.router if app is not None else None), self.aggregator.event,
+        self.resolver = _RouteResolver(app.router if app is not None else None)
+        self.parser = _CaddyParser(self.resolver, self.aggregator.event,
                                    config.slow_ms / 1000.0, max_age=config.retention)
         self.store = _make_store(config)
         spool = _Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir != "off" else _NoSpool()
@@ -7604,6 +7611,7 @@ class _Pipeline:
                                    if r.name.rsplit(".", 1)[-1].startswith("telemetry_"))
         self.aggregator.skip = frozenset(f"/{path}" for path in self.sanic.own)
         _gate().busy = lambda now: self.sanic.served_lately(now, _APP_QUIET_S)
+        self.resolver.ready()
         await self.store.open()
         self.writer.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-flush")
