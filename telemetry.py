@@ -2377,13 +2377,25 @@ class _ParseProcess:
         self._freed()
 
     async def _take_back(self) -> None:
-        """The blocks the process did not answer, parsed here, a block a step."""
+        """The blocks the process did not answer, parsed here, 64 KiB of lines a step (a block is
+        READ long: parsed whole, a step of several ms). A block leaves _sent (and mark()) once all
+        its lines are in."""
         while self._sent:
-            async with _step():
-                sent = self._sent.popleft()
-                self._out -= len(sent.block)
-                self.parser.feed(sent.block)
+            sent = self._sent[0]
+            block, start = sent.block, 0
+            while start < len(block):
+                cut = block.find(b"\n", start + (1 << 16))
+                end = len(block) if cut < 0 else cut
+                async with _step():
+                    self.parser.feed(block[start:end])
+                start = end + 1
+            self._sent.popleft()
+            self._out -= len(block)
         self._freed()
+
+    def read_size(self) -> int:
+        """What a reader reads at a time: READ while a process parses, 64 KiB while the worker does."""
+        return self.READ if self.pid is not None else 1 << 16
 
     @staticmethod
     async def _reap(pid: int, kill: bool) -> str:
@@ -2528,15 +2540,15 @@ class _CaddyReader:
             _log.warning("telemetry: %s; restarting", self.last_error)
 
     async def _pump(self, stream: asyncio.StreamReader | None, access: bool) -> None:
-        """Read in chunks (whatever is there, up to 64 KiB, or _ParseProcess.READ for the parse
-        process: no wait for a full chunk) and parse the complete lines of each chunk in one call: a
+        """Read in chunks (whatever is there, up to 64 KiB, or _ParseProcess.READ while the parse
+        process runs: no wait for a full chunk) and parse the complete lines of each chunk in one call: a
         readline() per line would cost more than the parse. A line longer than LINE_LIMIT is
         skipped through its newline and counted."""
         if stream is None:
             return
         blocks = _LineBlocks(self.LINE_LIMIT)
         while True:
-            chunk = await stream.read(_ParseProcess.READ if self.offload is not None and access else 1 << 16)
+            chunk = await stream.read(self.offload.read_size() if self.offload is not None and access else 1 << 16)
             async with _step():
                 self.take(blocks, chunk, access)
             if not chunk:
@@ -2842,7 +2854,7 @@ class _CaddyLogFile:
             self._fd = None
 
     async def _run(self) -> None:
-        """Follow the file: a read of 64 KiB (_ParseProcess.READ for the parse process) is a
+        """Follow the file: a read of 64 KiB (_ParseProcess.READ while the parse process runs) is a
         step, with a yield to the event loop after each (a backlog of millions of lines is read
         while the app answers its requests); while the pipeline has no room for more (room()), wait
         for it; at the file's end, poll every POLL_S."""
@@ -2899,7 +2911,7 @@ class _CaddyLogFile:
         if self._fd is None:
             return True
         while chunks is None or chunks > 0:
-            chunk = os.read(self._fd, 1 << 16 if self.offload is None else _ParseProcess.READ)
+            chunk = os.read(self._fd, 1 << 16 if self.offload is None else self.offload.read_size())
             if not chunk:
                 return True
             mark = self._read_to()
