@@ -55,9 +55,10 @@ Sections, in the order data flows; each uses only those above it (grep for the b
 
 Where to start reading: instrument() (Wiring) attaches everything; _Pipeline runs one worker's
 share; _SanicSource.hook() is what a request pays; _CaddyParser.feed() is the reader's work,
-done in a process of its own forked by the reading worker (_ParseProcess; --parse-in-worker: not);
-_Aggregator.add() makes rollups; _Writer._run() moves batches to a store. Durations are seconds
-everywhere inside and in the stores; only the JSON (latency_ms) and the page show milliseconds.
+done in a process of its own forked by the reading worker, at nice 19, which answers with sums
+per series-second (_ParseProcess; --parse-in-worker: not); _Aggregator.add() makes rollups;
+_Writer._run() moves batches to a store. Durations are seconds everywhere inside and in the
+stores; only the JSON (latency_ms) and the page show milliseconds.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ import gzip
 import hashlib
 import hmac
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -87,6 +89,7 @@ import operator
 import os
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -619,6 +622,16 @@ class _Histogram:
 _Histogram.BOUNDS = [_Histogram.MIN_S * _Histogram.G ** (i + 1) for i in range(_Histogram.BUCKETS - 1)]
 
 
+class _Summed(NamedTuple):
+    """A run's durations, summed where they were read (the parse process): what a rollup keeps
+    of them. A few buckets cross to the app's worker, not one float per request."""
+
+    requests: int
+    dur_sum: float
+    dur_max: float
+    hist: dict[int, int]  # {bucket: n}
+
+
 @dataclass(slots=True)
 class _SeriesRun:
     """What a source hands the aggregator: one series' requests in one second (slot)."""
@@ -628,8 +641,13 @@ class _SeriesRun:
     route: str
     method: str
     status: int
-    durations: list[float]  # seconds, in any order (the aggregator sorts them)
+    durations: list[float]  # seconds, in any order (the aggregator sorts them); [] when summed
     nbytes: int  # the response bytes of them all
+    summed: _Summed | None = None  # the durations, already summed
+
+    def size(self) -> int:
+        """What adding it costs, in values: its durations, or its summed histogram's buckets."""
+        return len(self.durations) if self.summed is None else len(self.summed.hist)
 
 
 @dataclass(slots=True)
@@ -655,6 +673,24 @@ class _Rollup:
     def totals(self) -> _Totals:
         return _Totals(self.count, self.dur_sum, self.dur_max, self.nbytes)
 
+    def add_run(self, run: _SeriesRun) -> int:
+        """A run of this series and slot: its durations sorted once (in place), so that sum, max
+        and histogram come from the sorted list and no bucket is computed per request; or its
+        summed form added. How many requests it held."""
+        s = run.summed
+        if s is not None:
+            self.add(s.requests, s.dur_sum, s.dur_max, run.nbytes)
+            hist = self.hist
+            for b, n in s.hist.items():
+                hist[b] = hist.get(b, 0) + n
+            return s.requests
+        durations = run.durations
+        if durations:
+            durations.sort()
+            self.add(len(durations), sum(durations), durations[-1], run.nbytes)
+            _Histogram.add_sorted(durations, self.hist)
+        return len(durations)
+
 
 @dataclass
 class _Event:
@@ -673,6 +709,11 @@ class _Event:
     status: int
     seconds: float
     request_id: str = ""
+
+
+#: An event's fields as a plain tuple, in their order: astuple() without its deep copy of each
+#: field (the parse process hands on thousands a second; they are plain values).
+_event_fields: Callable[[_Event], tuple] = operator.attrgetter(*(f.name for f in dataclasses.fields(_Event)))
 
 
 class _WindowTotals(NamedTuple):
@@ -973,7 +1014,7 @@ def _rollup_row(r: _Rollup) -> list:
 
 
 def _slowest_row(x: _SlowestList) -> list:
-    return [x.tier, x.start, x.source, x.point, [astuple(e) for e in x.top]]
+    return [x.tier, x.start, x.source, x.point, [_event_fields(e) for e in x.top]]
 
 
 def _batch_json_steps(batch: _Batch) -> Generator[None, None, bytes]:
@@ -983,7 +1024,7 @@ def _batch_json_steps(batch: _Batch) -> Generator[None, None, bytes]:
     built as lists at once would be tens of thousands of objects for the collector to walk."""
     dumps = functools.partial(json.dumps, separators=(",", ":"))
     lines = [dumps({"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-                    "events": [astuple(e) for e in batch.events], "cursor": batch.cursor, "rows": len(batch.rows),
+                    "events": [_event_fields(e) for e in batch.events], "cursor": batch.cursor, "rows": len(batch.rows),
                     "windows": batch.windows is not None, "slowest": batch.slowest is not None})]
     parts: tuple[tuple[str, Sequence[Any], Callable[[Any], list]], ...] = (
         ("rows", batch.rows, _rollup_row), ("windows", batch.windows or (), list),
@@ -1003,7 +1044,7 @@ def _batch_to_json(batch: _Batch) -> bytes:
 def _batch_doc(batch: _Batch) -> dict[str, Any]:
     """A batch as one JSON object (a dead-letter line holds one; _batch_from_doc() reads it)."""
     return {"v": _BATCH_FORMAT, "instance": batch.instance, "seq": batch.seq, "created": batch.created,
-            "events": [astuple(e) for e in batch.events], "cursor": batch.cursor,
+            "events": [_event_fields(e) for e in batch.events], "cursor": batch.cursor,
             "rows": [_rollup_row(r) for r in batch.rows],
             "windows": None if batch.windows is None else [list(w) for w in batch.windows],
             "slowest": None if batch.slowest is None else [_slowest_row(x) for x in batch.slowest]}
@@ -1025,7 +1066,7 @@ def _hist_of(stored: list) -> dict[int, int]:
 
 
 def _event_row(e: list, unit: float) -> _Event:
-    """An event from its stored row (astuple()); unit: seconds per stored duration unit."""
+    """An event from its stored row (_event_fields()); unit: seconds per stored duration unit."""
     return _Event(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7] * unit, e[8] if len(e) > 8 else "")
 
 
@@ -1636,11 +1677,25 @@ class _ParseStats:
     last_malformed: str = ""
 
 
+class _SummedWire(NamedTuple):
+    """One series-second as the parse process sends it: a _Rollup's fields, in a plain tuple."""
+
+    slot: int
+    route: str
+    method: str
+    status: int
+    requests: int
+    dur_sum: float
+    dur_max: float
+    nbytes: int
+    hist: dict[int, int]
+
+
 class _HandOff(NamedTuple):
     """What a parser read, as the parse process sends it (marshal: plain values only)."""
 
-    groups: dict[tuple, list]  # _CaddyParser._groups
-    samples: list[tuple]  # _CaddyParser._samples
+    blocks: int  # the blocks it answers, the oldest not yet answered first
+    summed: list[tuple]  # _SummedWire's fields
     events: list[tuple]  # _Event's fields
     stats: tuple  # _ParseStats' fields: what these lines added
     uncollected: int
@@ -1688,6 +1743,8 @@ class _CaddyParser:
         #: (seconds bytes, (method, route), status bytes) -> [duration s, size bytes, duration, ...]
         self._groups: dict[tuple, list] = {}
         self._samples: list[tuple] = []  # the lines _line() read: (ts, route, method, status, s, bytes)
+        #: what the parse process read and summed: _SummedWire tuples, made into runs by take()
+        self._summed: list[tuple] = []
         self.uncollected = 0  # lines read and not yet collected
 
     def parse(self, line: str | bytes) -> tuple | None:
@@ -1704,16 +1761,17 @@ class _CaddyParser:
             self._groups, self._samples, self.uncollected = saved
         return out[0] if out else None
 
-    def feed(self, data: bytes | str) -> int:
+    def feed(self, data: bytes | bytearray | str) -> int:
         """Parse a block of lines (separated by newlines; blank lines are skipped, not counted).
         Returns how many were access lines. Counters are kept once per call, not per line.
+        (A bytearray is read as it is: the parse process reads its blocks into one.)
 
         One findall() of _RX_BLOCK reads the whole block: a line in Caddy's layout that needs no
         event comes back as its fields, and costs, in Python, one float(), two dict lookups and an
         append; no match object, no JSON object, no sample tuple. Every other line (a 5xx or slow
         request, another layout, a runtime line, garbage) goes through _line()."""
-        if data.__class__ is not bytes:
-            data = self._utf8(data)  # type: ignore[arg-type]
+        if isinstance(data, str):
+            data = self._utf8(data)
         rows = _RX_BLOCK.findall(data)
         now = time.time()
         self._ts_lo, self._ts_hi = int(now - self.max_age), int(now + _TS_AHEAD_S)
@@ -1755,9 +1813,10 @@ class _CaddyParser:
             self.uncollected += fast + accepted
         return fast + accepted
 
-    def _long_way(self, data: bytes, rows: list[tuple], redo: list[tuple], rest: list[bytes]) -> tuple[int, int]:
+    def _long_way(self, data: bytes | bytearray, rows: list[tuple], redo: list[tuple],
+                  rest: list[bytes]) -> tuple[int, int]:
         """The lines feed()'s loop left, through _line(): (lines counted, samples kept)."""
-        lines = [line for line in rest if line]
+        lines: list[bytes | bytearray] = [line for line in rest if line]
         if redo:  # the i-th match is the i-th line: take those lines out of the block
             want, split = {id(row) for row in redo}, data.split(b"\n")
             lines += [split[i] for i, row in enumerate(rows) if id(row) in want]
@@ -1816,12 +1875,16 @@ class _CaddyParser:
         """collect(), as the runs are made: what feed() has read is taken at once (lines read
         later are the next call's), the runs made one at a time, so that a caller can add them to
         the aggregator in steps."""
-        groups, samples = self._groups, self._samples
-        self._groups, self._samples, self.uncollected = {}, [], 0
-        return self._runs(groups, samples, int(time.time()))
+        groups, samples, summed = self._groups, self._samples, self._summed
+        self._groups, self._samples, self._summed, self.uncollected = {}, [], [], 0
+        return self._runs(groups, samples, summed, int(time.time()))
 
     @staticmethod
-    def _runs(groups: dict[tuple, list], samples: list[tuple], now: int) -> Iterator[_SeriesRun]:
+    def _runs(groups: dict[tuple, list], samples: list[tuple], summed: list[tuple], now: int) -> Iterator[_SeriesRun]:
+        for wire in summed:
+            w = _SummedWire(*wire)
+            yield _SeriesRun(min(w.slot, now), "caddy", w.route, w.method, w.status, [], w.nbytes,
+                             _Summed(w.requests, w.dur_sum, w.dur_max, w.hist))
         for (ts, (method, route), status), g in groups.items():
             yield _SeriesRun(min(int(ts), now), "caddy", route, method, int(status), g[0::2], sum(map(int, g[1::2])))
         keyed: dict[tuple, _SeriesRun] = {}
@@ -1834,7 +1897,7 @@ class _CaddyParser:
             run.nbytes += size
         yield from keyed.values()
 
-    def _line(self, raw: bytes) -> tuple | None | bool:
+    def _line(self, raw: bytes | bytearray) -> tuple | None | bool:
         """One line the regex did not take -> a sample, None (ignored or malformed, both
         counted), or False for a blank line (not counted)."""
         try:
@@ -1986,10 +2049,26 @@ class _CaddyParser:
         other._groups, other._samples, other.uncollected = {}, [], 0
 
     def add_parts(self, groups: dict[tuple, list], samples: list[tuple], stats: _ParseStats, uncollected: int) -> None:
-        """Add what another parser read (its groups, samples, counters: absorb(), or a hand_off()
-        of the parse process's parser)."""
+        """Add what another parser read (its groups, samples, counters: absorb(), add_packed())."""
         self._merge(groups)
         self._samples += samples
+        self._count(stats, uncollected)
+
+    @staticmethod
+    def _wire(run: _SeriesRun) -> tuple:
+        """A run, summed (its durations sorted once, in place), as a plain _SummedWire tuple."""
+        durations, hist = run.durations, dict[int, int]()
+        durations.sort()
+        _Histogram.add_sorted(durations, hist)
+        return tuple(_SummedWire(run.slot, run.route, run.method, run.status, len(durations), sum(durations),
+                                 durations[-1], run.nbytes, hist))
+
+    def add_summed(self, parts: _HandOff) -> None:
+        """Add what the parse process's parser read and summed (its hand_off())."""
+        self._summed += parts.summed
+        self._count(_ParseStats(*parts.stats), parts.uncollected)
+
+    def _count(self, stats: _ParseStats, uncollected: int) -> None:
         self.uncollected += uncollected
         st = self.stats
         st.lines += stats.lines
@@ -2013,13 +2092,21 @@ class _CaddyParser:
         groups, samples, uncollected = marshal.loads(data)
         self.add_parts(groups, samples, _ParseStats(), uncollected)
 
-    def hand_off(self, events: list[_Event]) -> _HandOff:
-        """What this parser read since the last call, with the events it made (and clears), as
-        plain values that marshal carries (the parse process's answer, _ParseProcess); its
-        counters start again from zero."""
-        parts = _HandOff(self._groups, self._samples, [astuple(e) for e in events], astuple(self.stats),
-                         self.uncollected)
-        self._groups, self._samples, self.uncollected, self.stats = {}, [], 0, _ParseStats()
+    def hand_off(self, events: list[_Event], blocks: int) -> _HandOff:
+        """What this parser read since the last call (`blocks` blocks), summed per series-second,
+        with the events it made (and clears), as plain values that marshal carries (the parse
+        process's answer, _ParseProcess); its counters start again from zero."""
+        uncollected, stats = self.uncollected, astuple(self.stats)
+        runs: dict[tuple, _SeriesRun] = {}
+        for run in self.take():  # a group and the samples of one series-second (5xx, slow, queries) go as one
+            key = (run.slot, run.route, run.method, run.status)
+            have = runs.setdefault(key, run)
+            if have is not run:
+                have.durations += run.durations
+                have.nbytes += run.nbytes
+        parts = _HandOff(blocks, [self._wire(run) for run in runs.values()], [_event_fields(e) for e in events],
+                         stats, uncollected)
+        self.stats = _ParseStats()
         events.clear()
         return parts
 
@@ -2050,6 +2137,22 @@ class _CaddyParser:
         self._malformed(f"<line over {limit} bytes>", "too long")
 
 
+class _Block(NamedTuple):
+    """A block of whole lines, in two pieces: the unfinished line a read ended with, and the next
+    read up to its last newline (a view of it). The parse process is sent the pieces as they are:
+    joining them copied each read once more, and a fresh MiB (a read's size) cost more than the
+    read itself."""
+
+    head: bytes
+    body: bytes | memoryview
+
+    def size(self) -> int:
+        return len(self.head) + len(self.body)
+
+    def join(self) -> bytes:
+        return self.head + self.body if self.head else bytes(self.body)
+
+
 class _LineBlocks:
     """A byte stream, chunk by chunk -> blocks of whole lines (the newline after the last one cut
     off), for _CaddyParser.feed(). A line longer than limit is dropped through its newline and
@@ -2062,15 +2165,20 @@ class _LineBlocks:
         self.dropped = 0
 
     def push(self, chunk: bytes) -> bytes:
-        buf = self.rest + chunk if self.rest else chunk
+        return self.parts(chunk).join()
+
+    def parts(self, chunk: bytes) -> _Block:
+        """push(), unjoined (see _Block)."""
         if self.skipping:
-            nl = buf.find(b"\n")
+            nl = chunk.find(b"\n")
             if nl < 0:
-                self.rest = b""
-                return b""
-            buf, self.skipping = buf[nl + 1:], False
-        cut = buf.rfind(b"\n")
-        block, self.rest = (buf[:cut], buf[cut + 1:]) if cut >= 0 else (b"", buf)
+                return _Block(b"", b"")
+            chunk, self.skipping = chunk[nl + 1:], False
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            block, self.rest = _Block(self.rest, memoryview(chunk)[:cut]), chunk[cut + 1:]
+        else:
+            block, self.rest = _Block(b"", b""), self.rest + chunk
         if len(self.rest) > self.limit:
             self.rest, self.skipping = b"", True
             self.dropped += 1
@@ -2083,16 +2191,19 @@ class _LineBlocks:
 
 
 def _feed_chunk(parser: _CaddyParser, blocks: _LineBlocks, chunk: bytes,
-               feed: Callable[[bytes], Any] | None = None) -> None:
+               feed: Callable[[_Block], Any] | None = None) -> None:
     """One read of a stream (b"" at its end) -> its whole lines to feed (parser.feed by default);
     an over-long line counted as malformed. The reader, the log file source and POST /ingest all
     read this way."""
-    block = blocks.push(chunk) if chunk else blocks.end()
+    block = blocks.parts(chunk) if chunk else _Block(blocks.end(), b"")
     for _ in range(blocks.dropped):
         parser.too_long(blocks.limit)
     blocks.dropped = 0
-    if block:
-        (feed or parser.feed)(block)
+    if block.size():
+        if feed is None:
+            parser.feed(block.join())
+        else:
+            feed(block)
 
 
 #: Reader states that are not a fault ("finished": a command like `cat FILE` ended with code 0;
@@ -2180,11 +2291,30 @@ def _frame(data: bytes) -> tuple[bytes, bytes]:
     return len(data).to_bytes(8, "little"), data
 
 
-def _parse_child(worker: _CaddyParser, inp: int, out: int) -> None:  # pragma: no cover - the forked child
+def _read_into(src: io.RawIOBase, buf: bytearray) -> bytearray | None:
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = src.readinto(view[got:])
+        if not n:
+            return None
+        got += n
+    return buf
+
+
+def _read_frame(src: io.RawIOBase) -> bytearray | None:
+    """The next message on a parse process's pipe, read into one buffer (no copy of a MiB: see
+    _Block), or None: the pipe closed."""
+    head = _read_into(src, bytearray(8))
+    return _read_into(src, bytearray(int.from_bytes(head, "little"))) if head is not None else None
+
+
+def _parse_child(worker: _CaddyParser, inp: int, out: int, most: int) -> None:  # pragma: no cover - the forked child
     """The parse process's life: blocks of lines in, what a parser of its own (the worker's
-    settings and routes; not what the worker's holds) read out (a _HandOff, by marshal), one
-    answer per block in their order, until the worker closes its pipe. It holds no descriptor of
-    the app's (its listening socket, its database) and runs none of its handlers."""
+    settings and routes; not what the worker's holds) read out, summed (a _HandOff, by marshal),
+    until the worker closes its pipe. An answer covers the blocks that were waiting when it began
+    (up to `most` bytes of them), in their order: the worker's cost is per answer and per
+    series-second in it, not per line. It holds no descriptor of the app's (its listening socket,
+    its database), runs none of its handlers, and runs at the lowest priority (see _ParseProcess)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the worker ends it, by closing its pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -2194,24 +2324,44 @@ def _parse_child(worker: _CaddyParser, inp: int, out: int) -> None:  # pragma: n
         if fd > 2 and fd not in (inp, out):
             with contextlib.suppress(OSError):
                 os.close(fd)
+    with contextlib.suppress(OSError):
+        os.nice(19)
     gc.freeze()  # the worker's objects stay shared pages: this process's collector never walks (writes) them
     events: list[_Event] = []
     parser = _CaddyParser(worker.resolve, events.append, worker.slow_s, worker.max_age)
-    src = os.fdopen(inp, "rb")
-    while True:
-        head = src.read(8)
-        if len(head) < 8:
-            return
-        parser.feed(src.read(int.from_bytes(head, "little")))
-        view = memoryview(b"".join(_frame(marshal.dumps(tuple(parser.hand_off(events))))))
-        while view:
-            view = view[os.write(out, view):]
+    src = os.fdopen(inp, "rb", buffering=0)  # (unbuffered: poll() then says whether a block waits)
+    waiting = select.poll()
+    waiting.register(inp, select.POLLIN)
+    blocks = size = 0
+    more = True
+    while more:
+        block = _read_frame(src)
+        more = block is not None
+        if block is not None:
+            parser.feed(block)
+            blocks, size = blocks + 1, size + len(block)
+        if blocks and (not more or size >= most or not waiting.poll(0)):
+            view = memoryview(b"".join(_frame(marshal.dumps(tuple(parser.hand_off(events, blocks))))))
+            while view:
+                view = view[os.write(out, view):]
+            blocks = size = 0
+
+
+#: The parse process's pipes, and a command reader's (Linux: F_SETPIPE_SZ, up to fs.pipe-max-size):
+#: a read fits in one write, and Caddy may write this much while a read waits for room.
+_PIPE_BYTES = 1 << 20
+
+
+def _widen_pipe(fd: int) -> None:
+    """A pipe's buffer to _PIPE_BYTES (where it cannot be, a smaller pipe only costs more writes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 class _Sent(NamedTuple):
     """A block sent to the parse process and not yet answered."""
 
-    block: bytes
+    block: _Block
     mark: Any  # the reader's position before it (a log file's cursor; None for a command's output)
 
 
@@ -2220,12 +2370,20 @@ class _ParseProcess:
 
     Forked by the worker that reads the log when its reader starts (it has the app's routes, and
     this module, as they are then), it parses each block of lines the reader hands to feed() with
-    a _CaddyParser of its own and answers with what that parser read: series-second groups,
-    samples, events and counts, which are added to the worker's parser as they come, in steps.
-    The worker's cost per line is that addition (a dict update per series-second), not the parse.
-    Blocks are answered in their order; mark() is the reader's position before the oldest one
-    not yet answered, so that a log file's checkpoint never runs ahead of what was added. At
-    most MAX_OUT bytes are out at once (room()).
+    a _CaddyParser of its own and answers with what that parser read, summed per series-second
+    (count, sum, longest, histogram buckets: what a rollup keeps), with the events and counts.
+    The worker adds each answer in a step: a list extended, then a few buckets per series-second
+    when the tick collects them, not a value per line (the parse, and the sort and bucketing of
+    each request's duration, are the process's). Blocks are answered in their order, those that
+    wait together in one answer; mark() is the reader's position before the oldest one not yet
+    answered, so that a log file's checkpoint never runs ahead of what was added. At most MAX_OUT
+    bytes are out at once (room()); a block fed with no room is parsed here (a command's reader
+    waits ROOM_WAIT_S at most: a reader that waited longer would hold Caddy's log writes up).
+
+    It runs at nice 19: where the app's own core is busy the app comes first, and a log file is
+    read when there is time (healthz says it is catching up). The worker cannot lend it a share:
+    with Linux's autogroups a forked child shares its parent's group, whose one weight is split
+    across the CPUs it runs on, so at nice 0 it took the app's share even from another core.
 
     If the process ends unasked (killed, out of memory), the blocks it had not answered are parsed
     in the worker, and so is every block until a new process is forked RESTART_S later: no line is
@@ -2238,17 +2396,21 @@ class _ParseProcess:
 
     MAX_OUT = 4 << 20
     RESTART_S = 5.0
-    #: A reader's read while the process parses (bytes): the worker's cost is per read (a step, a
-    #: copy, a write to the pipe, an answer), and a read's answer is added in one step (~0.2 ms).
-    READ = 1 << 18
-    #: Its pipes' size (Linux: F_SETPIPE_SZ, up to fs.pipe-max-size): a read fits in one write.
-    PIPE = 1 << 20
+    #: An answer covers blocks until they hold this many bytes (the worker adds one in a step).
+    ANSWER_BYTES = 1 << 20
+    #: The longest a command's reader waits for room (s): Caddy's pipe holds about as much.
+    ROOM_WAIT_S = 0.05
+    #: A reader's read while the process parses (bytes; the pipe's size): the worker's cost is per
+    #: read (a step, a write to the pipe, part of an answer), ~0.3 ms on the loop for a MiB read and
+    #: sent, about 13 a second for a log written at 20,000 lines/s.
+    READ = _PIPE_BYTES
 
     def __init__(self, parser: _CaddyParser) -> None:
         self.parser = parser
         self.pid: int | None = None
         self.state = "not started"
         self.ended = 0  # times it ended unasked
+        self.here = 0  # blocks it was running for and had no room for: parsed in the worker
         self._sent: collections.deque[_Sent] = collections.deque()
         self._out = 0  # bytes of the blocks in _sent
         self._writer: asyncio.WriteTransport | None = None
@@ -2265,8 +2427,7 @@ class _ParseProcess:
             inp_r, inp_w = os.pipe()
             out_r, out_w = os.pipe()
             for fd in (inp_w, out_w):
-                with contextlib.suppress(OSError, AttributeError):  # (a smaller pipe only costs more writes)
-                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, self.PIPE)
+                _widen_pipe(fd)
             with warnings.catch_warnings():  # (3.12+ warns of fork() beside threads: the child runs none of theirs)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
@@ -2280,7 +2441,7 @@ class _ParseProcess:
         if pid == 0:  # pragma: no cover - the child never returns into the app
             code = 0
             try:
-                _parse_child(self.parser, inp_r, out_w)
+                _parse_child(self.parser, inp_r, out_w, self.ANSWER_BYTES)
             except BaseException:
                 code = 70
             finally:
@@ -2291,19 +2452,25 @@ class _ParseProcess:
         self._task = asyncio.get_running_loop().create_task(self._answers(pid, inp_w, out_r),
                                                             name="telemetry-parse-process")
 
-    def feed(self, block: bytes, mark: Any = None) -> None:
+    def feed(self, block: _Block, mark: Any = None) -> None:
         """A block of whole lines to parse: sent to the process, or parsed here while there is none."""
         if self.pid is None and self._task is None and not self._closing and time.monotonic() >= self._retry_at:
             self.start()
-        if self.pid is None:
-            self.parser.feed(block)
+        if self.pid is None or not self.room():
+            self.here += self.pid is not None
+            self.parser.feed(block.join())
             return
         self._sent.append(_Sent(block, mark))
-        self._out += len(block)
+        self._out += block.size()
         if self._writer is not None:
-            self._writer.writelines(_frame(block))
+            self._send(block)
         if self._out >= self.MAX_OUT and self._room is not None:
             self._room.clear()
+
+    def _send(self, block: _Block) -> None:
+        """A block's frame (see _frame()), its pieces as they are."""
+        assert self._writer is not None
+        self._writer.writelines((block.size().to_bytes(8, "little"), block.head, block.body))
 
     def mark(self) -> Any:
         """The reader's position before the oldest block not yet added (None: all are)."""
@@ -2312,13 +2479,14 @@ class _ParseProcess:
     def room(self) -> bool:
         return self._out < self.MAX_OUT
 
-    async def wait_room(self) -> None:
-        """Until room() (the process answers, or ends and the worker parses what it held)."""
+    async def wait_room(self, timeout: float) -> None:
+        """Until room() (the process answers, or ends and the worker parses what it held), or timeout."""
         if self._room is None:
             self._room = asyncio.Event()
-        while not self.room():
+        if not self.room():
             self._room.clear()
-            await self._room.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout)
 
     def _freed(self) -> None:
         if self._room is not None and self.room():
@@ -2337,7 +2505,7 @@ class _ParseProcess:
                 os.close(out_r)
                 raise
             for sent in self._sent:  # fed before the pipe was open
-                self._writer.writelines(_frame(sent.block))
+                self._send(sent.block)
             if self._closing:  # stop() came first
                 self._writer.close()
             answers = await _stream(os.fdopen(out_r, "rb", buffering=0))
@@ -2367,9 +2535,9 @@ class _ParseProcess:
         self._task = None
 
     def _add(self, parts: _HandOff) -> None:
-        sent = self._sent.popleft()
-        self._out -= len(sent.block)
-        self.parser.add_parts(parts.groups, parts.samples, _ParseStats(*parts.stats), parts.uncollected)
+        for _ in range(parts.blocks):
+            self._out -= self._sent.popleft().block.size()
+        self.parser.add_summed(parts)
         on_event = self.parser.on_event
         if on_event is not None:
             for fields in parts.events:
@@ -2382,7 +2550,7 @@ class _ParseProcess:
         its lines are in."""
         while self._sent:
             sent = self._sent[0]
-            block, start = sent.block, 0
+            block, start = sent.block.join(), 0
             while start < len(block):
                 cut = block.find(b"\n", start + (1 << 16))
                 end = len(block) if cut < 0 else cut
@@ -2395,7 +2563,7 @@ class _ParseProcess:
 
     def read_size(self) -> int:
         """What a reader reads at a time: READ while a process parses, 64 KiB while the worker does."""
-        return self.READ if self.pid is not None else 1 << 16
+        return self.READ if self.pid is not None and self.room() else 1 << 16
 
     @staticmethod
     async def _reap(pid: int, kill: bool) -> str:
@@ -2432,7 +2600,10 @@ class _ParseProcess:
 
 def _parse_state(offload: _ParseProcess | None) -> str:
     """healthz's word on where a reader's lines are parsed."""
-    return offload.state if offload is not None else "off: lines are parsed in the app's worker"
+    if offload is None:
+        return "off: lines are parsed in the app's worker"
+    return offload.state + (f"; {offload.here:,} reads parsed in the app's worker, the process having no room"
+                            if offload.here else "")
 
 
 class _LogSource(Protocol):
@@ -2528,6 +2699,8 @@ class _CaddyReader:
                                              start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = proc.pid
         self.state = "running"
+        if proc.stdout is not None:  # what Caddy may write while a read waits (see _ParseProcess.ROOM_WAIT_S)
+            _widen_pipe(proc.stdout.fileno())
         await asyncio.gather(self._pump(await _stream(proc.stdout), access=True),
                              self._pump(await _stream(proc.stderr), access=False))
         self.last_exit = await asyncio.to_thread(proc.wait)
@@ -2547,23 +2720,24 @@ class _CaddyReader:
         if stream is None:
             return
         blocks = _LineBlocks(self.LINE_LIMIT)
+        offload = self.offload if access else None
         while True:
-            chunk = await stream.read(self.offload.read_size() if self.offload is not None and access else 1 << 16)
+            if offload is not None:  # (still none after the wait: the next read is parsed here)
+                await offload.wait_room(offload.ROOM_WAIT_S)
+            chunk = await stream.read(offload.read_size() if offload is not None else 1 << 16)
             async with _step():
                 self.take(blocks, chunk, access)
             if not chunk:
                 return
-            if self.offload is not None:
-                await self.offload.wait_room()
 
     def take(self, blocks: _LineBlocks, chunk: bytes, access: bool = True) -> None:
         """One read (b"" at the end of the stream) -> its whole lines parsed (see _feed_chunk())."""
         _feed_chunk(self.parser, blocks, chunk, (self.offload.feed if self.offload is not None else None) if access
                     else self._stderr_lines)
 
-    def _stderr_lines(self, block: bytes) -> None:
+    def _stderr_lines(self, block: _Block) -> None:
         access_lines = []  # stderr: Caddy's runtime log, unless someone logs access lines there
-        for line in block.split(b"\n"):
+        for line in block.join().split(b"\n"):
             if b'"logger":"http.log.access' in line:
                 access_lines.append(line)
             elif line.strip():  # Caddy's errors are shown, its chatter only when debugging
@@ -3019,8 +3193,7 @@ class _AggregatorHealth:
 class _Aggregator:
     """Series runs -> rollups per slot and series; flush() hands them over as one _Batch.
 
-    A run's durations are sorted once: sum, max and the log-scale histogram come from the sorted
-    list, so no bucket is computed per request. Routes are bounded per source (max_routes; the
+    A run's durations are sorted once (_Rollup.add_run()). Routes are bounded per source (max_routes; the
     rest collapse into _OVERFLOW, counted); the dashboard's own routes (skip) are never kept.
     """
 
@@ -3060,8 +3233,7 @@ class _Aggregator:
 
     def add(self, run: _SeriesRun) -> None:
         """One series' requests in one slot into its rollup (durations sorted here, in place)."""
-        durations = run.durations
-        n = len(durations)
+        n = len(run.durations) if run.summed is None else run.summed.requests
         if not _valid_status(run.status):  # a handler's odd status: counted, never stored
             self.malformed += n
             self.last_malformed = (f"{run.source} {run.method} {run.route}: status {str(run.status)[:40]!r}"
@@ -3070,10 +3242,7 @@ class _Aggregator:
         r = self._rollup(run, n)
         if r is None or not n:
             return
-        durations.sort()
-        r.add(n, sum(durations), durations[-1], run.nbytes)
-        _Histogram.add_sorted(durations, r.hist)
-        self.samples += n
+        self.samples += r.add_run(run)
 
     def _rollup(self, run: _SeriesRun, size: int) -> _Rollup | None:
         """The rollup of a run's series in its slot; None for a skipped route. A route beyond
@@ -4537,7 +4706,7 @@ class _SQLiteStore:
                                  " ON CONFLICT DO UPDATE SET version = version + 1",
                                  list({(r[0], r[1]) for r in rollups}))
                 conn.executemany("INSERT INTO event VALUES (?,?,?,?,?,?,?,?,?)",
-                                 [astuple(e) for e in batch.events])
+                                 [_event_fields(e) for e in batch.events])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -7741,7 +7910,7 @@ class _Pipeline:
         add, rollups, step = self.aggregator.add, self.aggregator.rollups, 0
         for run in runs:
             add(run)
-            step += len(run.durations)
+            step += run.size()
             if step >= 64:
                 step = 0
                 yield

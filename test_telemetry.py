@@ -1603,6 +1603,11 @@ def test_parser_holds_lines_until_collected_and_line_blocks_cut_a_stream():
         assert [x for x in got if x] == [b"a" * 5, b"c" * 3, b"d" * 7, b"tail"] and cut.dropped == 1, size
     cut = t._LineBlocks(limit=4)
     assert cut.push(b"abcdefgh") == b"" and cut.dropped == 1 and cut.end() == b""  # no newline ever came
+    cut, read = t._LineBlocks(limit=16), b"cd\nef\ngh"
+    cut.push(b"ab")
+    block = cut.parts(read)  # a read's lines are not copied out of it: the parse process is sent a view
+    assert block.head == b"ab" and isinstance(block.body, memoryview) and block.body.obj is read
+    assert block.join() == b"abcd\nef" and cut.end() == b"gh"
 
 
 def test_route_resolver_maps_raw_paths_to_app_routes():
@@ -1621,10 +1626,22 @@ def test_route_resolver_maps_raw_paths_to_app_routes():
 
 
 def _parsed(parser: Any, events: list) -> tuple:
-    """What a parser read, comparable: its runs (durations sorted), counters and events."""
-    runs = sorted((r.slot, r.route, r.method, r.status, tuple(sorted(r.durations)), r.nbytes) for r in parser.collect())
+    """What a parser read, comparable: the rollups its runs make (requests, longest, bytes and
+    histogram), its counters, its events, and the rollups' sums of durations (in the runs'
+    order: the order of addition moves their last bits, see _same_sums())."""
+    agg = t._Aggregator("x", max_routes=10 ** 6)
+    for run in parser.collect():
+        agg.add(run)
+    rollups = sorted(agg.rollups.values(), key=lambda r: (r.slot, r.route, r.method, r.status))
+    runs = [(r.slot, r.route, r.method, r.status, r.count, r.dur_max, r.nbytes, sorted(r.hist.items()))
+            for r in rollups]
     st = parser.stats
-    return runs, (st.lines, st.access, st.ignored, st.malformed), sorted((e.ts, e.path, e.kind) for e in events)
+    return (runs, (st.lines, st.access, st.ignored, st.malformed), sorted((e.ts, e.path, e.kind) for e in events),
+            [r.dur_sum for r in rollups])
+
+
+def _same_sums(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(a, b, strict=True))
 
 
 def test_the_parse_process_adds_what_the_worker_would_and_a_kill_loses_nothing(tmp_path):
@@ -1658,18 +1675,19 @@ def test_the_parse_process_adds_what_the_worker_would_and_a_kill_loses_nothing(t
         proc.start()
         first = proc.pid
         for block in blocks[:5]:
-            proc.feed(block)
+            proc.feed(t._Block(b"", block))
         await until(lambda: not proc._sent, 20, "the first 5 blocks answered")
         assert parser.stats.lines == sum(b.count(b"\n") + 1 for b in blocks[:5])  # added, not parsed here
+        assert first is not None and os.getpriority(os.PRIO_PROCESS, first) == 19  # the app comes first
         fds = set(os.listdir(f"/proc/{first}/fd"))
         assert str(listening.fileno()) not in fds and len(fds) <= 5, fds
         os.kill(first, signal.SIGKILL)
         for block in blocks[5:10]:  # to the dead process (taken back), or here once it is known dead
-            proc.feed(block)
+            proc.feed(t._Block(b"", block))
         ended = await until(lambda: proc.pid is None and proc.state, 10, "the kill noticed")
         await until(lambda: proc._task is None, 10, "the blocks it held parsed here")
         for block in blocks[10:]:
-            proc.feed(block)
+            proc.feed(t._Block(b"", block))
         second = proc.pid
         await proc.stop(10)
         return parser, events, ended, first, second, proc.state, proc.ended
@@ -1684,7 +1702,7 @@ def test_the_parse_process_adds_what_the_worker_would_and_a_kill_loses_nothing(t
     mine, theirs = _parsed(here, events_here), _parsed(parser, events)
     assert mine[1] == theirs[1] and mine[1][0] == len(lines) and mine[1][3] == len(lines[::97])
     assert mine[2] == theirs[2] and len(mine[2]) > 1000  # every 5xx and slow request, once
-    assert mine[0] == theirs[0]
+    assert mine[0] == theirs[0] and _same_sums(mine[3], theirs[3])
 
 
 def test_a_bodys_reads_held_packed_add_what_they_read_and_hold_no_list_meanwhile():
@@ -1710,7 +1728,8 @@ def test_a_bodys_reads_held_packed_add_what_they_read_and_hold_no_list_meanwhile
         into.add_packed(data)
     into.absorb(reader)  # the counters, and what the last piece left
     assert into.uncollected == whole.uncollected == 4000
-    assert _parsed(into, [])[:2] == _parsed(whole, [])[:2]  # the runs; lines, access, ignored, malformed
+    mine, theirs = _parsed(into, []), _parsed(whole, [])
+    assert mine[:2] == theirs[:2] and _same_sums(mine[3], theirs[3])  # the runs; lines, access, ignored, malformed
 
 
 def test_the_start_ups_objects_are_frozen_out_of_full_collections_and_later_garbage_is_still_collected():
@@ -1791,6 +1810,43 @@ def test_the_log_files_checkpoint_never_runs_ahead_of_what_the_parse_process_ans
         assert proc.state == "stopped" and proc.pid is None
 
     asyncio.run(run())
+
+
+def test_a_command_reader_never_waits_long_on_a_stalled_parse_process(tmp_path):
+    """--caddy-log-command with the parse process stopped (SIGSTOP): the command's output is still
+    read to its end (a reader that waited for the process would block Caddy's log writes, and with
+    them Caddy), what finds no room is parsed in the worker and healthz says so, and once the
+    process goes on every line is counted once."""
+    app = t.create_app(t.Config(db=":memory:"), name="parse_process_stalled")
+    app.router.finalize()
+    now, n = time.time(), 24000
+    log_ = tmp_path / "access.log"
+    log_.write_text("".join(access_line(now, uri=f"/api/items/{i}") + "\n" for i in range(n)))
+    assert log_.stat().st_size > 2 * t._ParseProcess.MAX_OUT  # more than the process and the pipes hold
+
+    async def run() -> tuple:
+        parser = t._CaddyParser(t._RouteResolver(app.router))
+        proc = t._ParseProcess(parser)
+        reader = t._CaddyReader(f"cat {log_}", parser, offload=proc)
+        reader.start()
+        pid = proc.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await until(lambda: reader.state == "finished", 30, "the command read to its end")
+            held, state = parser.stats.lines, t._parse_state(proc)
+            os.kill(pid, signal.SIGCONT)
+            await until(lambda: parser.stats.lines == n, 30, "every line answered")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            await reader.stop(5)
+        counted = sum(r.summed.requests if r.summed else len(r.durations) for r in parser.collect())
+        return held, state, proc.here, counted
+
+    held, state, here, counted = asyncio.run(run())
+    assert here > 0 and held < n and "reads parsed in the app's worker, the process having no room" in state, state
+    assert counted == n
 
 
 def test_reader_command_counts_bad_lines_and_finishes_with_its_file(tmp_path):
