@@ -2234,7 +2234,8 @@ class _ReaderHealth:
     position: int = _field("first")
     behind_bytes: int = _field("first")  # what the file holds beyond what was read
     eta_s: float | None = _field("first", None)
-    catching_up: str = _field("first", "")  # the line the page shows while a backlog is read
+    #: the line the page shows while a backlog is read, or while the parse process holds lines unanswered
+    catching_up: str = _field("first", "")
     parse_process: str = _field("first", "")  # where lines are parsed: the parse process's state, or the worker
 
 
@@ -2363,6 +2364,7 @@ class _Sent(NamedTuple):
 
     block: _Block
     mark: Any  # the reader's position before it (a log file's cursor; None for a command's output)
+    at: float  # when it was sent (time.monotonic())
 
 
 class _ParseProcess:
@@ -2400,6 +2402,8 @@ class _ParseProcess:
     ANSWER_BYTES = 1 << 20
     #: The longest a command's reader waits for room (s): Caddy's pipe holds about as much.
     ROOM_WAIT_S = 0.05
+    #: A block unanswered this long (s) is said on healthz (waiting()).
+    STALL_S = 10.0
     #: A reader's read while the process parses (bytes; the pipe's size): the worker's cost is per
     #: read (a step, a write to the pipe, part of an answer), ~0.3 ms on the loop for a MiB read and
     #: sent, about 13 a second for a log written at 20,000 lines/s.
@@ -2460,7 +2464,7 @@ class _ParseProcess:
             self.here += self.pid is not None
             self.parser.feed(block.join())
             return
-        self._sent.append(_Sent(block, mark))
+        self._sent.append(_Sent(block, mark, time.monotonic()))
         self._out += block.size()
         if self._writer is not None:
             self._send(block)
@@ -2475,6 +2479,15 @@ class _ParseProcess:
     def mark(self) -> Any:
         """The reader's position before the oldest block not yet added (None: all are)."""
         return self._sent[0].mark if self._sent else None
+
+    def waiting(self) -> str:
+        """healthz's word (a note) when the oldest block out has waited STALL_S for its answer:
+        its lines are read and not counted (the process yields to a busy core, or is stopped)."""
+        waited = time.monotonic() - self._sent[0].at if self._sent else 0.0
+        if waited < self.STALL_S:
+            return ""
+        return (f"the parse process has not answered for {waited:.0f} s ({self._out / 1e6:.1f} MB of Caddy's lines "
+                "read and not counted yet): it yields to a busy core, or it is stopped")
 
     def room(self) -> bool:
         return self._out < self.MAX_OUT
@@ -2771,7 +2784,8 @@ class _CaddyReader:
     def health(self) -> _ReaderHealth:
         st = self.parser.stats
         return _ReaderHealth(self.state, self.pid, self.restarts, self.last_exit, self.last_error, st.lines, st.access,
-                             st.malformed, st.last_line_at or None, parse_process=_parse_state(self.offload))
+                             st.malformed, st.last_line_at or None, parse_process=_parse_state(self.offload),
+                             catching_up=self.offload.waiting() if self.offload is not None else "")
 
     # --- positions: a command's output has none to resume from ------------------------------------
     def cursor(self) -> dict[str, Any] | None:
@@ -3165,6 +3179,8 @@ class _CaddyLogFile:
             catching_up = (f"catching up on Caddy's log: about {round(left / per_line):,} lines behind"
                            + (f", about {eta:.0f} s to go" if eta is not None else "")
                            + f" (reading {sum(n for _, n in self._timed) / 5 / 1e6:.1f} MB/s)")
+        waiting = self.offload.waiting() if self.offload is not None else ""
+        catching_up = "; ".join(text for text in (catching_up, waiting) if text)
         return _ReaderHealth(self.state, None, 0, None, self.last_error, st.lines, st.access, st.malformed,
                              st.last_line_at or None, self.path, self.lost, self.checkpoint_error, self.rotations,
                              self.truncations, self.cursor()["pos"], left, None if eta is None else round(eta, 1),

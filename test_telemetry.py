@@ -1781,8 +1781,8 @@ def test_the_route_finder_is_compiled_before_the_server_serves(tmp_path):
 
 def test_the_log_files_checkpoint_never_runs_ahead_of_what_the_parse_process_answered(tmp_path):
     """--caddy-log-file with the parse process: while a block is out (the process stopped with
-    SIGSTOP), the position a batch would carry stays before its lines; once answered, it moves to
-    the end of what was read, and every line is counted."""
+    SIGSTOP), the position a batch would carry stays before its lines, and healthz says they wait;
+    once answered, it moves to the end of what was read, and every line is counted."""
     app = t.create_app(t.Config(db=":memory:"), name="parse_process_cursor")
     app.router.finalize()
     log_ = tmp_path / "access.log"
@@ -1791,6 +1791,7 @@ def test_the_log_files_checkpoint_never_runs_ahead_of_what_the_parse_process_ans
     async def run() -> None:
         parser = t._CaddyParser(t._RouteResolver(app.router))
         proc = t._ParseProcess(parser)
+        proc.STALL_S = 0.5
         src = t._CaddyLogFile(str(log_), parser, tmp_path / "checkpoint", offload=proc)
         src.start()
         try:
@@ -1802,9 +1803,12 @@ def test_the_log_files_checkpoint_never_runs_ahead_of_what_the_parse_process_ans
             size = log_.stat().st_size
             await until(lambda: src._read == size, 10, "the lines read and sent")
             assert src.cursor()["pos"] == 0 and parser.stats.lines == 0 and src.health().position == 0
+            # healthz says the lines are read and not counted (a note: the page shows it too)
+            said = await until(lambda: src.health().catching_up, 10, "healthz to say the process has not answered")
+            assert said.startswith("the parse process has not answered for") and "not counted yet" in said, said
             os.kill(proc.pid, signal.SIGCONT)
             await until(lambda: parser.stats.lines == 500, 10, "the lines answered")
-            assert src.cursor()["pos"] == size and parser.stats.access == 500
+            assert src.cursor()["pos"] == size and parser.stats.access == 500 and src.health().catching_up == ""
         finally:
             await src.stop(5)
         assert proc.state == "stopped" and proc.pid is None
