@@ -2287,9 +2287,9 @@ def _open_fds() -> list[int]:
         return list(range(1024))
 
 
-def _frame(data: bytes) -> tuple[bytes, bytes]:
-    """A message on the parse process's pipes: its length (8 bytes), then itself."""
-    return len(data).to_bytes(8, "little"), data
+def _frame(*pieces: bytes | memoryview) -> tuple[bytes | memoryview, ...]:
+    """A message on the parse process's pipes: its length (8 bytes), then its pieces as they are."""
+    return (sum(map(len, pieces)).to_bytes(8, "little"), *pieces)
 
 
 def _read_into(src: io.RawIOBase, buf: bytearray) -> bytearray | None:
@@ -2383,9 +2383,10 @@ class _ParseProcess:
     waits ROOM_WAIT_S at most: a reader that waited longer would hold Caddy's log writes up).
 
     It runs at nice 19: where the app's own core is busy the app comes first, and a log file is
-    read when there is time (healthz says it is catching up). The worker cannot lend it a share:
-    with Linux's autogroups a forked child shares its parent's group, whose one weight is split
-    across the CPUs it runs on, so at nice 0 it took the app's share even from another core.
+    read when there is time (healthz notes a block unanswered for STALL_S: waiting()). The
+    worker cannot lend it a share: with Linux's autogroups a forked child shares its parent's
+    group, whose one weight is split across the CPUs it runs on, so at nice 0 it took the app's
+    share even from another core.
 
     If the process ends unasked (killed, out of memory), the blocks it had not answered are parsed
     in the worker, and so is every block until a new process is forked RESTART_S later: no line is
@@ -2472,9 +2473,8 @@ class _ParseProcess:
             self._room.clear()
 
     def _send(self, block: _Block) -> None:
-        """A block's frame (see _frame()), its pieces as they are."""
         assert self._writer is not None
-        self._writer.writelines((block.size().to_bytes(8, "little"), block.head, block.body))
+        self._writer.writelines(_frame(block.head, block.body))
 
     def mark(self) -> Any:
         """The reader's position before the oldest block not yet added (None: all are)."""
